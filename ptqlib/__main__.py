@@ -1,0 +1,5 @@
+import sys
+
+from ptqlib.cli import main
+
+sys.exit(main())

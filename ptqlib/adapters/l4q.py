@@ -1,0 +1,388 @@
+"""L4Q: quantization-aware fine-tuning with the LoRA update *inside* the quantizer.
+
+Jeon et al., "L4Q: Parameter Efficient Quantization-Aware Fine-Tuning on Large Language
+Models" (ACL 2025, arXiv 2402.04902); see ``shared/METHODS.md`` section "L4Q".
+
+Notation (one linear layer, ``y = x W^T``): frozen ``W0 (out, in)``, LoRA ``A (r, in)``,
+``B (out, r)``, ``s = alpha / r``; per-group learnable scale ``S`` and offset ``b``,
+both ``(out, G)`` with ``G = in / g`` groups of ``g`` consecutive input columns::
+
+    W_comb = W0 + s * B A
+    w      = (W_comb - b) / S                       # real-valued code
+    w~     = round(clamp(w, Q_N, Q_P))              # signed integer code
+    W_q    = S * w~ + b                             # Y = X W_q^T
+    Q_N = -2^(n-1),  Q_P = 2^(n-1) - 1
+
+Backward (straight-through estimator with the clamp mask ``m = [Q_N <= w <= Q_P]``)::
+
+    G      = dL/dW_q = dY^T X                       # formed inside backward, freed at once
+    dW_q/dS = w~ - w (inside) | Q_N or Q_P (outside)   ==  w~ - m * w
+    dW_q/db = 0 (inside) | 1 (outside)                 ==  1 - m
+    dL/dA  = s * B^T (m * G),   dL/dB = s * (m * G) A^T,   dL/dX = dY W_q
+
+The autograd Function saves only ``X, W0, A, B, S, b`` -- never ``W_q`` or a weight-sized
+gradient -- and recomputes ``W_q`` in backward. So training memory is about LoRA's: one
+frozen weight per layer plus activations, instead of also storing ``W_comb``/``W_q``/masks
+(several weight-sized tensors per layer, what plain autograd through the fake quantizer keeps).
+
+After training, every layer is exported to ``ptqlib.quant.qlinear.QuantLinear`` (integer
+codes + per-group scale and float zero point): a fully quantized model with no adapter.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "signed_range",
+    "l4q_init",
+    "fake_quantize",
+    "L4QFunction",
+    "L4QLinear",
+    "apply_l4q",
+    "export_l4q",
+    "count_trainable_parameters",
+    "decoder_linear_names",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# the learnable signed quantizer (shared with ptqlib.adapters.qat_lora)
+# ---------------------------------------------------------------------------------------------
+def signed_range(bits: int) -> tuple[int, int]:
+    """``(Q_N, Q_P) = (-2^(n-1), 2^(n-1) - 1)`` for ``n = bits``."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def resolve_group_size(in_features: int, group_size: int) -> int:
+    """Concrete group size ``g`` (``-1`` -> whole row); ``g`` must divide ``in_features``."""
+    g = in_features if group_size in (-1, None) else int(group_size)
+    if g <= 0 or in_features % g != 0:
+        raise ValueError(f"group_size {group_size} must be -1 or divide in_features={in_features}")
+    return g
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Quantizer arithmetic runs in fp32 at least (fp16/bf16 would misplace rounding boundaries)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _fresh(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A new contiguous copy of ``t`` in ``dtype`` (ours to overwrite in place)."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
+def l4q_init(W0: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
+    """Paper init: ``S = max(|min W0| / |Q_N|, |max W0| / Q_P)`` per group, ``b = 0``.
+
+    W0: (out, in) -> S, b: (out, G). The range covers the group's extremes on both sides of
+    the (signed, asymmetric) grid without clipping. All-zero groups get a tiny positive S.
+    """
+    qn, qp = signed_range(bits)
+    out_f, in_f = W0.shape
+    g = resolve_group_size(in_f, group_size)
+    Wg = W0.detach().to(compute_dtype(W0.dtype)).reshape(out_f, in_f // g, g)  # (out, G, g)
+    S = torch.maximum(Wg.amin(-1).abs() / abs(qn), Wg.amax(-1).abs() / qp)  # (out, G)
+    S = S.clamp_min(torch.finfo(S.dtype).tiny ** 0.5)  # avoid 0/0 on dead groups
+    return S, torch.zeros_like(S)
+
+
+def _codes(W: Tensor, S: Tensor, b: Tensor, qn: int, qp: int,
+           inplace: bool = False) -> tuple[Tensor, Tensor]:
+    """Real code ``w = (W - b) / S`` and integer code ``w~ = round(clamp(w))``, grouped.
+
+    W: (out, in); S, b: (out, G) -> w, w~: (out, G, g). With ``inplace`` (W is a temporary
+    of ours) ``w`` reuses W's storage, saving one weight-sized buffer.
+    """
+    out_f, G = S.shape
+    if inplace:
+        w = W.view(out_f, G, -1).sub_(b.unsqueeze(-1)).div_(S.unsqueeze(-1))
+    else:
+        w = (W.reshape(out_f, G, -1) - b.unsqueeze(-1)).div_(S.unsqueeze(-1))
+    wt = w.clamp(qn, qp).round_()
+    return w, wt
+
+
+def fake_quantize(W: Tensor, S: Tensor, b: Tensor, bits: int) -> Tensor:
+    """Forward value of the quantizer, no gradient: ``S * round(clamp((W - b)/S)) + b``.
+
+    W: (out, in); S, b: (out, G) -> (out, in) in the quantizer's compute dtype.
+    """
+    qn, qp = signed_range(bits)
+    cd = compute_dtype(W.dtype)
+    S, b = S.to(cd), b.to(cd)
+    w, wt = _codes(W.to(cd), S, b, qn, qp)
+    del w
+    return wt.mul_(S.unsqueeze(-1)).add_(b.unsqueeze(-1)).reshape(W.shape)
+
+
+def _ste_grads(
+    Gw: Tensor, w: Tensor, wt: Tensor, qn: int, qp: int, need_S: bool, need_b: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """STE gradients of the quantizer from ``Gw = dL/dW_q``; consumes (overwrites) all inputs.
+
+    Gw, w, wt: (out, G, g). Returns ``(m * Gw, dL/dS, dL/db)`` with the masked weight
+    gradient (out, G, g) and per-group sums (out, G). In-place ops keep at most three
+    weight-sized temporaries alive.
+    """
+    inside = (w >= qn) & (w <= qp)  # clamp mask, inclusive like torch.clamp's gradient
+    dS = db = None
+    if need_S:
+        # dW_q/dS = w~ - w inside; outside w~ is already Q_N or Q_P, so it is w~ - m*w.
+        w.mul_(inside)
+        dS = wt.sub_(w).mul_(Gw).sum(-1)
+    del w, wt
+    if need_b:
+        # dW_q/db = 1 - m: only clipped weights move with the offset.
+        db = Gw.masked_fill(inside, 0).sum(-1)
+    Gm = Gw.mul_(inside)  # straight-through inside the range, zero where clipped
+    return Gm, dS, db
+
+
+class L4QFunction(torch.autograd.Function):
+    """``Y = X W_q^T`` with ``W_q = Q(W0 + s B A; S, b)``, memory-lean custom backward.
+
+    Saves only ``X, W0, A, B, S, b``; ``W_q`` and ``dL/dW_q`` exist only transiently inside
+    forward/backward. Non-tensor args: ``scaling = s``, ``qn, qp``, ``grad_scale`` (factor on
+    dL/dS, LSQ's ``1/sqrt(g * Q_P)`` when enabled, else 1).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W0: Tensor, A: Tensor, B: Tensor, S: Tensor, b: Tensor,
+                scaling: float, qn: int, qp: int, grad_scale: float) -> Tensor:
+        cd = compute_dtype(W0.dtype)
+        Wq = _l4q_weight(W0, A, B, S, b, scaling, qn, qp, cd)  # (out, in), transient
+        y = F.linear(x, Wq.to(x.dtype))  # (..., out)
+        del Wq
+        ctx.save_for_backward(x, W0, A, B, S, b)
+        ctx.scaling, ctx.qn, ctx.qp, ctx.grad_scale = scaling, qn, qp, grad_scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, W0, A, B, S, b = ctx.saved_tensors
+        s, qn, qp = ctx.scaling, ctx.qn, ctx.qp
+        need_x, _, need_A, need_B, need_S, need_b = ctx.needs_input_grad[:6]
+        cd = compute_dtype(W0.dtype)
+        out_f, in_f = W0.shape
+        Sc, bc = S.to(cd), b.to(cd)
+
+        # Recompute W_comb -> codes instead of having saved them.
+        W = _fresh(W0, cd).addmm_(B.to(cd), A.to(cd), alpha=s)  # (out, in)
+        w, wt = _codes(W, Sc, bc, qn, qp, inplace=True)  # (out, G, g) each; w reuses W
+        del W
+
+        dx = None
+        if need_x:
+            Wq = (wt * Sc.unsqueeze(-1)).add_(bc.unsqueeze(-1)).reshape(out_f, in_f)
+            dx = (dy @ Wq.to(dy.dtype)).to(x.dtype)  # dL/dX = dY W_q : (..., in)
+            del Wq
+
+        dA = dB = dS = db = None
+        if need_A or need_B or need_S or need_b:
+            # dL/dW_q = dY^T X over all batch/sequence positions: (out, in), freed below.
+            # dY and X can differ in dtype under autocast; cast only the narrower one.
+            mm = torch.promote_types(dy.dtype, x.dtype)
+            Gw = (dy.reshape(-1, out_f).t().to(mm) @ x.reshape(-1, in_f).to(mm)).to(cd)
+            Gm, dS, db = _ste_grads(Gw.view(out_f, Sc.shape[1], -1), w, wt, qn, qp,
+                                    need_S, need_b)
+            del Gw, w, wt
+            Gm = Gm.view(out_f, in_f)
+            if need_A:
+                dA = (B.to(cd).t() @ Gm).mul_(s).to(A.dtype)  # (r, in)
+            if need_B:
+                dB = (Gm @ A.to(cd).t()).mul_(s).to(B.dtype)  # (out, r)
+            del Gm
+            if dS is not None:
+                dS = (dS * ctx.grad_scale).to(S.dtype)
+            if db is not None:
+                db = db.to(b.dtype)
+        else:
+            del w, wt
+        return dx, None, dA, dB, dS, db, None, None, None, None
+
+
+def _l4q_weight(W0: Tensor, A: Tensor, B: Tensor, S: Tensor, b: Tensor, scaling: float,
+                qn: int, qp: int, cd: torch.dtype) -> Tensor:
+    """``W_q = S * round(clamp((W0 + s B A - b)/S)) + b`` as (out, in) in dtype ``cd``."""
+    W = _fresh(W0, cd).addmm_(B.to(cd), A.to(cd), alpha=scaling)
+    Sc, bc = S.to(cd), b.to(cd)
+    w, wt = _codes(W, Sc, bc, qn, qp, inplace=True)
+    del W, w
+    return wt.mul_(Sc.unsqueeze(-1)).add_(bc.unsqueeze(-1)).reshape(W0.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer
+# ---------------------------------------------------------------------------------------------
+class L4QLinear(nn.Module):
+    """A frozen linear layer whose weight is ``W_q = Q(W0 + s B A; S, b)`` (L4Q).
+
+    Trainable: ``lora_A`` (r, in), ``lora_B`` (out, r), ``q_scale`` = S (out, G),
+    ``q_offset`` = b (out, G). Frozen: ``weight`` = W0 (out, in), optional ``bias`` (out).
+    """
+
+    def __init__(self, base: nn.Linear, bits: int = 4, group_size: int = 128, rank: int = 4,
+                 alpha: float = 8.0, lsq_grad_scale: bool = False) -> None:
+        super().__init__()
+        self.qn, self.qp = signed_range(bits)
+        self.bits = bits
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.group_size = -1 if group_size in (-1, None) else int(group_size)  # as QuantLinear
+        self.g = resolve_group_size(self.in_features, self.group_size)  # columns per group
+        self.n_groups = self.in_features // self.g
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.scaling = self.alpha / self.rank
+        self.lsq_grad_scale = lsq_grad_scale
+
+        W0 = base.weight.detach()
+        # Keep W0 under the name "weight" so code that inspects `.weight` (dtype/device) works.
+        self.weight = nn.Parameter(W0, requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+
+        # Adapter / quantizer parameters: never below fp32 (tiny Adam updates on S, b, A, B
+        # would be lost in bf16), on W0's device.
+        pd = compute_dtype(W0.dtype)
+        dev = W0.device
+        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=dev, dtype=pd))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=dev, dtype=pd))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as LoRA/peft
+        S, b = l4q_init(W0, bits, self.g)
+        self.q_scale = nn.Parameter(S.to(pd))
+        self.q_offset = nn.Parameter(b.to(pd))
+
+    @property
+    def grad_scale(self) -> float:
+        """LSQ's gradient scale ``1 / sqrt(N * Q_P)``, N = weights sharing one S (= g)."""
+        return 1.0 / math.sqrt(self.g * self.qp) if self.lsq_grad_scale else 1.0
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (..., in) -> (..., out)
+        y = L4QFunction.apply(x, self.weight, self.lora_A, self.lora_B, self.q_scale,
+                              self.q_offset, self.scaling, self.qn, self.qp, self.grad_scale)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.no_grad()
+    def integer_codes(self) -> Tensor:
+        """Signed codes ``w~`` in ``[Q_N, Q_P]``, (out, in) long."""
+        cd = compute_dtype(self.weight.dtype)
+        W = _fresh(self.weight, cd).addmm_(self.lora_B.to(cd), self.lora_A.to(cd), alpha=self.scaling)
+        _, wt = _codes(W, self.q_scale.to(cd), self.q_offset.to(cd), self.qn, self.qp, True)
+        return wt.reshape(W.shape).long()
+
+    @torch.no_grad()
+    def merged_quantized_weight(self) -> Tensor:
+        """``W_q`` (out, in), exactly what forward multiplies with (compute dtype)."""
+        return _l4q_weight(self.weight, self.lora_A, self.lora_B, self.q_scale, self.q_offset,
+                           self.scaling, self.qn, self.qp, compute_dtype(self.weight.dtype))
+
+    @torch.no_grad()
+    def export(self):
+        """A ``QuantLinear`` whose dequantized weight equals ``W_q``; no adapter remains.
+
+        Signed codes map to QuantLinear's unsigned storage: ``q = w~ - Q_N`` in
+        ``[0, 2^n - 1]``, ``scale = S``, ``zero = -Q_N - b / S`` (a float zero point), since
+        ``scale * (q - zero) = S * (w~ - Q_N + Q_N + b/S) = S w~ + b``.
+        """
+        from ptqlib.quant.qlinear import QuantLinear
+
+        q = self.integer_codes() - self.qn  # (out, in) in [0, 2^n - 1]
+        S = self.q_scale.detach()
+        zeros = -self.qn - self.q_offset.detach() / S  # (out, G) float
+        layer = QuantLinear.from_codes(
+            q, S.to(self.weight.dtype), zeros.to(self.weight.dtype), g_idx=None,
+            bias=None if self.bias is None else self.bias.detach().clone(),
+            bits=self.bits, group_size=self.group_size, float_zeros=True,
+        )
+        return layer.to(self.weight.device)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, rank={self.rank}, alpha={self.alpha}, "
+                f"lsq_grad_scale={self.lsq_grad_scale}")
+
+
+# ---------------------------------------------------------------------------------------------
+# model level
+# ---------------------------------------------------------------------------------------------
+def decoder_linear_names(model: nn.Module, target_modules: Sequence[str] | None = None,
+                         types: tuple[type, ...] = (nn.Linear,)) -> list[str]:
+    """Qualified names of ``types`` layers inside the decoder layers (never lm_head/embeddings).
+
+    ``target_modules`` filters peft-style by the last name component (``["q_proj", "v_proj"]``)
+    or by a dotted suffix of the full name; ``None`` keeps every linear of the decoder layers.
+    """
+    from ptqlib.quant.layers import find_linear_layers  # lazy: the layer itself needs no ptqlib.quant
+
+    names = list(find_linear_layers(model, types))
+    if target_modules is not None:
+        names = [n for n in names
+                 if any(n == t or n.endswith("." + t) for t in target_modules)]
+    return names
+
+
+def freeze_all_but(model: nn.Module, trainable: Iterable[nn.Parameter]) -> None:
+    """Set ``requires_grad`` False everywhere except the given parameters."""
+    keep = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def apply_l4q(model: nn.Module, bits: int = 4, group_size: int = 128, rank: int = 4,
+              alpha: float = 8.0, target_modules: Sequence[str] | None = None,
+              lsq_grad_scale: bool = False) -> nn.Module:
+    """Replace decoder-layer ``nn.Linear`` layers by ``L4QLinear``, in place; returns ``model``.
+
+    Everything except each layer's ``A, B, S, b`` is frozen (embeddings, norms, lm_head, W0).
+    """
+    from ptqlib.quant.layers import set_module
+
+    names = decoder_linear_names(model, target_modules)
+    if not names:
+        raise ValueError("apply_l4q: no target nn.Linear found inside decoder layers")
+    trainable = []
+    for name in names:
+        layer = L4QLinear(model.get_submodule(name), bits, group_size, rank, alpha, lsq_grad_scale)
+        set_module(model, name, layer)
+        trainable += [layer.lora_A, layer.lora_B, layer.q_scale, layer.q_offset]
+    freeze_all_but(model, trainable)
+    return model
+
+
+@torch.no_grad()
+def export_l4q(model: nn.Module) -> nn.Module:
+    """Every ``L4QLinear`` -> ``QuantLinear`` (integer codes + S + float zeros), in place."""
+    from ptqlib.quant.layers import set_module
+
+    names = [n for n, m in model.named_modules() if isinstance(m, L4QLinear)]
+    for name in names:
+        set_module(model, name, model.get_submodule(name).export())
+    return model
+
+
+def count_trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """``{"trainable", "total", "lora", "quantizer"}`` parameter counts.
+
+    ``lora`` counts ``lora_A``/``lora_B`` tensors, ``quantizer`` the per-group ``q_scale``/
+    ``q_offset`` (L4Q and QAT-LoRA naming); ``total`` counts parameters, not buffers.
+    """
+    res = {"trainable": 0, "total": 0, "lora": 0, "quantizer": 0}
+    for name, p in model.named_parameters():
+        res["total"] += p.numel()
+        if not p.requires_grad:
+            continue
+        res["trainable"] += p.numel()
+        leaf = name.split(".")[-1]
+        if leaf in ("lora_A", "lora_B"):
+            res["lora"] += p.numel()
+        elif leaf in ("q_scale", "q_offset"):
+            res["quantizer"] += p.numel()
+    return res

@@ -1,0 +1,204 @@
+"""QAT-LoRA: the *decoupled* baseline of the L4Q paper (Jeon et al., ACL 2025).
+
+The frozen weight is fake-quantized on its own with a learnable LSQ-style quantizer, and a
+separate 16-bit LoRA branch is added beside it::
+
+    W_fq = S * round(clamp((W0 - b) / S, Q_N, Q_P)) + b          # same quantizer as L4Q
+    y    = x W_fq^T + s * (x A^T) B^T  (+ bias)                    # s = alpha / r
+
+Trained: ``A, B`` (LoRA) and the per-group ``S, b`` (out, G) (STE with clamp mask, gradients
+as in ``ptqlib.adapters.l4q``). Init as L4Q: ``S`` from ``W0``'s group extremes, ``b = 0``,
+``A`` Kaiming-uniform, ``B = 0``.
+
+Why it is the decoupled comparison: the deployable artifact is the quantized ``W_fq`` *plus*
+the 16-bit LoRA branch. ``B A`` cannot be folded into the integer codes: ``W_fq + s B A`` is
+off the quantization grid, and re-quantizing it changes the function the adapter was trained
+for (the adapter never saw that rounding). L4Q quantizes ``W0 + s B A`` during training, so
+its export is exact. ``export()`` therefore returns ``QuantLinearWithLoRA``: a
+``QuantLinear`` of ``W_fq`` and the unmerged LoRA branch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ptqlib.adapters.l4q import (
+    _codes,
+    _fresh,
+    _ste_grads,
+    compute_dtype,
+    decoder_linear_names,
+    fake_quantize,
+    freeze_all_but,
+    l4q_init,
+    resolve_group_size,
+    signed_range,
+)
+
+__all__ = ["FakeQuantFunction", "QATLoRALinear", "QuantLinearWithLoRA", "apply_qat_lora",
+           "export_qat_lora"]
+
+
+class FakeQuantFunction(torch.autograd.Function):
+    """``W_fq = Q(W; S, b)`` with the STE/clamp-mask gradients for ``S, b`` (and ``W``).
+
+    Saves ``W, S, b`` only and recomputes the codes in backward. ``F.linear`` downstream
+    still keeps ``W_fq`` and forms ``dL/dW_fq``: that weight-sized cost is inherent to the
+    decoupled design (L4Q's fused Function avoids it).
+    """
+
+    @staticmethod
+    def forward(ctx, W: Tensor, S: Tensor, b: Tensor, qn: int, qp: int, grad_scale: float) -> Tensor:
+        cd = compute_dtype(W.dtype)
+        w, wt = _codes(W.to(cd), S.to(cd), b.to(cd), qn, qp)
+        del w
+        Wq = wt.mul_(S.to(cd).unsqueeze(-1)).add_(b.to(cd).unsqueeze(-1)).reshape(W.shape)
+        ctx.save_for_backward(W, S, b)
+        ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
+        return Wq.to(W.dtype)
+
+    @staticmethod
+    def backward(ctx, dWq: Tensor):
+        W, S, b = ctx.saved_tensors
+        need_W, need_S, need_b = ctx.needs_input_grad[:3]
+        cd = compute_dtype(W.dtype)
+        w, wt = _codes(W.to(cd), S.to(cd), b.to(cd), ctx.qn, ctx.qp)
+        Gw = _fresh(dWq, cd).view_as(w)  # a copy: _ste_grads overwrites its input
+        Gm, dS, db = _ste_grads(Gw, w, wt, ctx.qn, ctx.qp, need_S, need_b)
+        dW = Gm.reshape(W.shape).to(W.dtype) if need_W else None
+        del Gm
+        if dS is not None:
+            dS = (dS * ctx.grad_scale).to(S.dtype)
+        if db is not None:
+            db = db.to(b.dtype)
+        return dW, dS, db, None, None, None
+
+
+class QATLoRALinear(nn.Module):
+    """Fake-quantized frozen ``W0`` (learnable S, b) + a separate fp LoRA branch.
+
+    Trainable: ``lora_A`` (r, in), ``lora_B`` (out, r), ``q_scale`` = S (out, G),
+    ``q_offset`` = b (out, G). Frozen: ``weight`` = W0 (out, in), optional ``bias``.
+    """
+
+    def __init__(self, base: nn.Linear, bits: int = 4, group_size: int = 128, rank: int = 4,
+                 alpha: float = 8.0, lsq_grad_scale: bool = False) -> None:
+        super().__init__()
+        self.qn, self.qp = signed_range(bits)
+        self.bits = bits
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.group_size = -1 if group_size in (-1, None) else int(group_size)
+        self.g = resolve_group_size(self.in_features, self.group_size)
+        self.n_groups = self.in_features // self.g
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.scaling = self.alpha / self.rank
+        self.lsq_grad_scale = lsq_grad_scale
+
+        W0 = base.weight.detach()
+        self.weight = nn.Parameter(W0, requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+        pd = compute_dtype(W0.dtype)
+        dev = W0.device
+        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=dev, dtype=pd))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=dev, dtype=pd))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        S, b = l4q_init(W0, bits, self.g)
+        self.q_scale = nn.Parameter(S.to(pd))
+        self.q_offset = nn.Parameter(b.to(pd))
+
+    @property
+    def grad_scale(self) -> float:
+        """LSQ's ``1 / sqrt(g * Q_P)`` on dL/dS (the paper's baseline is LSQ), or 1."""
+        return 1.0 / math.sqrt(self.g * self.qp) if self.lsq_grad_scale else 1.0
+
+    def quantized_weight(self) -> Tensor:
+        """``W_fq`` (out, in), differentiable w.r.t. S and b."""
+        return FakeQuantFunction.apply(self.weight, self.q_scale, self.q_offset, self.qn,
+                                       self.qp, self.grad_scale)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        y = F.linear(x, self.quantized_weight().to(x.dtype),
+                     None if self.bias is None else self.bias.to(x.dtype))
+        lora = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))  # (..., out)
+        return y + self.scaling * lora
+
+    @torch.no_grad()
+    def export(self) -> "QuantLinearWithLoRA":
+        """``QuantLinear`` of ``W_fq`` (codes ``w~ - Q_N``, zero ``-Q_N - b/S``) + LoRA branch."""
+        from ptqlib.quant.qlinear import QuantLinear
+
+        cd = compute_dtype(self.weight.dtype)
+        S, b = self.q_scale.detach().to(cd), self.q_offset.detach().to(cd)
+        _, wt = _codes(self.weight.to(cd), S, b, self.qn, self.qp)
+        q = wt.reshape(self.weight.shape).long() - self.qn
+        zeros = -self.qn - b / S
+        base = QuantLinear.from_codes(
+            q, S.to(self.weight.dtype), zeros.to(self.weight.dtype), g_idx=None,
+            bias=None if self.bias is None else self.bias.detach().clone(),
+            bits=self.bits, group_size=self.group_size, float_zeros=True,
+        ).to(self.weight.device)
+        return QuantLinearWithLoRA(base, self.lora_A.detach().clone(), self.lora_B.detach().clone(),
+                                   self.scaling)
+
+    @torch.no_grad()
+    def fake_quantized_weight(self) -> Tensor:
+        """``W_fq`` without autograd (compute dtype)."""
+        return fake_quantize(self.weight, self.q_scale, self.q_offset, self.bits)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, rank={self.rank}, alpha={self.alpha}, "
+                f"lsq_grad_scale={self.lsq_grad_scale}")
+
+
+class QuantLinearWithLoRA(nn.Module):
+    """Deployable QAT-LoRA layer: ``y = QuantLinear(x) + s * (x A^T) B^T``.
+
+    The LoRA branch stays separate (16-bit, extra matmuls at inference): merging it would
+    need a re-quantization of ``W_fq + s B A`` that the training never saw.
+    """
+
+    def __init__(self, base: nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_A = nn.Parameter(lora_A, requires_grad=False)  # (r, in)
+        self.lora_B = nn.Parameter(lora_B, requires_grad=False)  # (out, r)
+        self.scaling = float(scaling)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lora = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return self.base(x) + self.scaling * lora
+
+
+def apply_qat_lora(model: nn.Module, bits: int = 4, group_size: int = 128, rank: int = 4,
+                   alpha: float = 8.0, target_modules: Sequence[str] | None = None,
+                   lsq_grad_scale: bool = False) -> nn.Module:
+    """Replace decoder-layer ``nn.Linear`` by ``QATLoRALinear`` in place; freeze all but A, B, S, b."""
+    from ptqlib.quant.layers import set_module
+
+    names = decoder_linear_names(model, target_modules)
+    if not names:
+        raise ValueError("apply_qat_lora: no target nn.Linear found inside decoder layers")
+    trainable = []
+    for name in names:
+        layer = QATLoRALinear(model.get_submodule(name), bits, group_size, rank, alpha, lsq_grad_scale)
+        set_module(model, name, layer)
+        trainable += [layer.lora_A, layer.lora_B, layer.q_scale, layer.q_offset]
+    freeze_all_but(model, trainable)
+    return model
+
+
+@torch.no_grad()
+def export_qat_lora(model: nn.Module) -> nn.Module:
+    """Every ``QATLoRALinear`` -> ``QuantLinearWithLoRA`` (QuantLinear + unmerged LoRA), in place."""
+    from ptqlib.quant.layers import set_module
+
+    names = [n for n, m in model.named_modules() if isinstance(m, QATLoRALinear)]
+    for name in names:
+        set_module(model, name, model.get_submodule(name).export())
+    return model

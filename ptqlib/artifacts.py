@@ -1,0 +1,155 @@
+"""Stage artifacts: what a stage leaves in ``runs/<id>/`` and how the next stage loads it.
+
+``artifact.json`` says what kind of model is there:
+
+- ``hf``     a float model (``model/``, transformers ``save_pretrained``);
+- ``bnb``    a bitsandbytes NF4/FP4 model (``model/``, transformers' 4-bit serialization);
+- ``quant``  a model with ``QuantLinear`` layers in the GPTQ checkpoint layout (``model/``);
+- ``peft``   a peft adapter (``adapter/``) on the artifact in ``base`` (a sibling run dir);
+- ``blora``  a ptqlib balanced / QA adapter (``adapter/``) on the artifact in ``base``;
+- ``qat_lora`` a QuantLinear model plus a separate 16-bit LoRA branch (``model/`` + ``adapter/``).
+
+A stage's input is either such a directory or a model name (the root of the pipeline).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ptqlib.record import read_json
+
+ARTIFACT = "artifact.json"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def describe(ref: str | Path) -> dict:
+    """The artifact.json of a run dir, or ``{"type": "name"}`` for a model name."""
+    p = Path(ref)
+    info = read_json(p / ARTIFACT) if p.is_dir() else None
+    if info is None:
+        if p.is_dir() and (p / "config.json").exists():
+            return {"type": "hf", "path": "."}
+        return {"type": "name", "name": str(ref)}
+    return info
+
+
+def is_quantized(ref: str | Path) -> bool:
+    info = describe(ref)
+    if info["type"] in ("peft", "blora"):
+        return is_quantized(Path(ref) / info["base"])
+    return info["type"] in ("bnb", "quant", "qat_lora")
+
+
+def load(ref: str | Path, device: str | None = None):
+    """(model, tokenizer, info) for any stage output or model name, in eval mode."""
+    from ptqlib.models import load_model, load_tokenizer
+
+    device = device or default_device()
+    info = describe(ref)
+    kind = info["type"]
+    if kind == "name":
+        model, tok = load_model(info["name"], device=device)
+    elif kind in ("hf", "quant"):
+        model, tok = load_model(Path(ref) / info["path"], device=device)
+    elif kind == "bnb":
+        from transformers import AutoModelForCausalLM
+
+        path = Path(ref) / info["path"]
+        model = AutoModelForCausalLM.from_pretrained(path, device_map=device)
+        tok = load_tokenizer(path)
+    elif kind == "peft":
+        from peft import PeftModel
+
+        base, tok, _ = load(Path(ref) / info["base"], device)
+        _register_quantlinear_lora()
+        model = PeftModel.from_pretrained(base, Path(ref) / info["adapter"])
+    elif kind == "blora":
+        from ptqlib.adapters import blora
+
+        base, tok, _ = load(Path(ref) / info["base"], device)
+        model = blora.load_adapters(base, Path(ref) / info["adapter"])
+    elif kind == "qat_lora":
+        from ptqlib.adapters import qat_lora
+
+        base, tok = load_model(Path(ref) / info["path"], device=device)
+        model = qat_lora.load_exported(base, Path(ref) / info["adapter"])
+    else:
+        raise ValueError(f"{ref}: unknown artifact type {kind!r}")
+    model.eval()
+    return model, tok, info
+
+
+def _register_quantlinear_lora() -> None:
+    """Let peft put LoRA on QuantLinear layers (a no-op for models without them)."""
+    try:
+        from ptqlib.adapters import lora_quantlinear  # noqa: F401  (registers on import)
+    except ImportError:
+        pass
+
+
+def save(output_dir: str | Path, info: dict) -> None:
+    from ptqlib.record import write_json_atomic
+
+    write_json_atomic(Path(output_dir) / ARTIFACT, info)
+
+
+def base_ref(output_dir: str | Path, input_ref: str | Path) -> str:
+    """How an adapter artifact points at its base: a relative path for run dirs, else the name."""
+    p = Path(input_ref)
+    if p.is_dir():
+        return str(Path("..") / p.resolve().name) if p.resolve().parent == Path(output_dir).resolve().parent \
+            else str(p.resolve())
+    return str(input_ref)
+
+
+def tensor_bytes(model: torch.nn.Module, float_bytes: int | None = None) -> int:
+    """Bytes of every stored tensor (parameters, buffers, bnb quant states), tied weights once.
+
+    ``float_bytes=2`` counts floating-point tensors at 16 bits: the size of a GPU deployment in
+    fp16/bf16, independent of this CPU study computing in fp32. Integer / packed tensors (codes,
+    bnb's uint8 storage) are counted as they are.
+    """
+    seen: set[int] = set()
+    total = 0
+    for t in model.state_dict(keep_vars=True).values():
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = t.data_ptr() if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        per = float_bytes if (float_bytes and t.is_floating_point()) else t.element_size()
+        total += t.numel() * per
+    # bnb Params4bit keep absmax / code in a QuantState that state_dict() serialises as extra
+    # tensors only for Linear4bit modules; count them from the modules to be exact.
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None and hasattr(qs, "as_dict"):
+            for v in qs.as_dict(packed=False).values():
+                if isinstance(v, torch.Tensor) and v.data_ptr() not in seen:
+                    seen.add(v.data_ptr())
+                    total += v.numel() * (float_bytes if (float_bytes and v.is_floating_point()) else v.element_size())
+    return total
+
+
+def dir_bytes(ref: str | Path) -> int:
+    """Bytes on disk of an artifact including its base chain (a model name counts its cache dir)."""
+    from ptqlib.models import resolve_model
+
+    info = describe(ref)
+    if info["type"] == "name":
+        p = resolve_model(info["name"])
+        return sum(f.stat().st_size for f in Path(p).rglob("*.safetensors")) if isinstance(p, Path) else 0
+    own = sum(f.stat().st_size for f in Path(ref).rglob("*.safetensors"))
+    if "base" in info:
+        own += dir_bytes(Path(ref) / info["base"])
+    return own
+
+
+def save_summary(output_dir: str | Path) -> dict:
+    return json.loads((Path(output_dir) / ARTIFACT).read_text())

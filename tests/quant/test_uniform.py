@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from ptqlib.quant.uniform import dequantize, find_params, n_groups, quantize, rtn_quantize
+
+BITS = [2, 3, 4, 8]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_asym_grid_covers_range(bits):
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) + 0.3
+    scale, zero = find_params(w, bits, sym=False)
+    assert scale.shape == zero.shape == (16, 1)
+    assert torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 2**bits - 1
+    q = quantize(w, scale, zero, bits)
+    assert q.dtype == torch.long and q.min() >= 0 and q.max() <= 2**bits - 1
+    # every weight lies inside the grid's range, so the error is at most half a step
+    err = (dequantize(q, scale, zero) - w).abs()
+    assert (err <= scale / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_sym_grid(bits):
+    torch.manual_seed(0)
+    w = torch.randn(8, 32)
+    scale, zero = find_params(w, bits, sym=True)
+    assert (zero == 2 ** (bits - 1)).all()
+    amax = w.abs().amax(1, keepdim=True)
+    torch.testing.assert_close(scale, amax / (2 ** (bits - 1) - 1))
+    wh = dequantize(quantize(w, scale, zero, bits), scale, zero)
+    # +-max|w| are exactly on the grid
+    i = w.abs().argmax(1, keepdim=True)
+    torch.testing.assert_close(wh.gather(1, i), w.gather(1, i))
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_all_zero_rows_are_safe(sym):
+    w = torch.zeros(4, 32)
+    w[1] = torch.randn(32)
+    scale, zero = find_params(w, 4, sym)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    wh = dequantize(quantize(w, scale, zero, 4), scale, zero)
+    assert (wh[[0, 2, 3]] == 0).all()
+
+
+@pytest.mark.parametrize("group_size", [-1, 32, 64])
+@pytest.mark.parametrize("sym", [False, True])
+def test_rtn_quantize_groups(group_size, sym):
+    torch.manual_seed(1)
+    w = torch.randn(24, 128, dtype=torch.float16)
+    codes, scales, zeros = rtn_quantize(w, 4, group_size, sym)
+    G = n_groups(128, group_size)
+    assert codes.shape == (24, 128) and scales.shape == zeros.shape == (24, G)
+    g = 128 // G
+    for j in range(G):  # each group is its own per-row grid
+        s, z = find_params(w[:, j * g:(j + 1) * g], 4, sym)
+        torch.testing.assert_close(scales[:, j:j + 1], s)
+        assert torch.equal(zeros[:, j:j + 1], z)
+        assert torch.equal(codes[:, j * g:(j + 1) * g], quantize(w[:, j * g:(j + 1) * g], s, z, 4))
+
+
+def test_rejects_bad_settings():
+    with pytest.raises(ValueError):
+        find_params(torch.randn(2, 8), 5, False)
+    with pytest.raises(ValueError):
+        rtn_quantize(torch.randn(2, 96), 4, 64, False)

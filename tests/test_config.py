@@ -1,0 +1,120 @@
+"""Study-file validation: every bad input fails before any stage runs, naming file, key, value, valid."""
+import json
+import textwrap
+
+import pytest
+
+from ptqlib.config import load_study
+from ptqlib.errors import ConfigError
+from ptqlib.runner import build_graph, stage_id
+
+
+def write(tmp_path, text, name="s.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+BASE = """
+study: t
+model: tiny
+task: meetings
+pipelines:
+  base: []
+  ft: [{finetune: full}]
+  ft_rtn:
+    - finetune: full
+    - quantize: {method: rtn, bits: [3, 4], group_size: 32}
+"""
+
+
+def test_grid_expansion_and_defaults(tmp_path):
+    s = load_study(write(tmp_path, BASE))
+    names = [p.name for p in s.pipelines]
+    assert names == ["base", "ft", "ft_rtn[bits=3]", "ft_rtn[bits=4]"]
+    rtn3 = s.pipelines[2]
+    assert [st.kind for st in rtn3.stages] == ["finetune", "quantize", "evaluate"]
+    assert rtn3.stages[1].params["bits"] == 3 and rtn3.stages[1].params["group_size"] == 32
+    assert rtn3.stages[0].params["steps"] == 40  # dataclass default filled in
+
+
+def test_seeds_expand_only_training_pipelines(tmp_path):
+    s = load_study(write(tmp_path, BASE.replace("task: meetings", "task: meetings\nseeds: [0, 1]")))
+    names = [p.name for p in s.pipelines]
+    assert "base" in names and "base[seed=1]" not in names  # nothing random in base: one run
+    assert {"ft[seed=0]", "ft[seed=1]", "ft_rtn[bits=3,seed=0]", "ft_rtn[bits=4,seed=1]"} <= set(names)
+
+
+def test_shared_stages_have_one_id(tmp_path):
+    s = load_study(write(tmp_path, BASE))
+    nodes, chains = build_graph(s)
+    ft_ids = {chains[n][0] for n in ("ft", "ft_rtn[bits=3]", "ft_rtn[bits=4]")}
+    assert len(ft_ids) == 1  # the fine-tuned model is computed once for three pipelines
+    assert len(nodes) == 1 + 2 + 2 * 2  # base eval; ft + eval; 2 x (quantize + eval)
+    assert chains["ft_rtn[bits=3]"][1] != chains["ft_rtn[bits=4]"][1]
+
+
+def test_stage_id_is_content_addressed():
+    p = {"method": "rtn", "bits": 4}
+    a = stage_id("quantize", p, None, "tiny", "meetings", 0)
+    assert a == stage_id("quantize", dict(reversed(list(p.items()))), None, "tiny", "meetings", 0)
+    assert a == stage_id("quantize", p, None, "tiny", "other-task", 5)  # PTQ reads neither task nor seed
+    assert a != stage_id("quantize", {**p, "bits": 3}, None, "tiny", "meetings", 0)
+    assert a != stage_id("quantize", p, "abc", "tiny", "meetings", 0)
+    f = stage_id("finetune", {"method": "lora"}, None, "tiny", "meetings", 0)
+    assert f != stage_id("finetune", {"method": "lora"}, None, "tiny", "meetings", 1)
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("study: t\nmodel: tiny\npipelnes: {}\n", ["s.yaml", "'pipelnes'", "did you mean 'pipelines'"]),
+    ("model: tiny\npipelines:\n  a: [{quantize: {method: rtn, bitz: 4}}]\n",
+     ["s.yaml", "pipelines.a[0].quantize", "'bitz'", "did you mean 'bits'"]),
+    ("model: tiny\npipelines:\n  a: [{quantize: {method: awq}}]\n", ["pipelines.a[0].quantize.method", "'awq'", "gptq"]),
+    ("model: tiny\npipelines:\n  a: [{finetune: {method: dora}}]\n", ["finetune.method", "'dora'", "qlora"]),
+    ("model: tiny\npipelines:\n  a: [{quantize: {method: nf4, bits: 3}}]\n",
+     ["pipelines.a[0].quantize.bits", "3", "'nf4'", "valid: 4"]),
+    ("model: tiny\npipelines:\n  a: [{quantize: {method: gptq, bits: 5}}]\n", ["bits", "5", "2, 3, 4, 8"]),
+    ("model: tiny\npipelines:\n  a: [{quantize: {method: rtn, group_size: 48}}]\n",
+     ["pipelines.a[0].quantize.group_size", "48", "does not divide", "q_proj (128)", "valid"]),
+    ("model: smollm2-135m\npipelines:\n  a: [{quantize: {method: gptq, group_size: 128}}]\n",
+     ["group_size", "128", "576", "'smollm2-135m'"]),
+    ("model: gpt5-local\npipelines:\n  a: []\n", ["s.yaml", "model", "'gpt5-local'", "smollm2-135m", "tiny"]),
+    ("model: tiny\ntask: jsonl:/nonexistent/x.jsonl\npipelines:\n  a: []\n", ["s.yaml", "task", "not found"]),
+    ("model: tiny\ntask: squad\npipelines:\n  a: []\n", ["task", "'squad'", "meetings", "jsonl:"]),
+    ("model: tiny\npipelines:\n  a: [{finetune: qlora}]\n", ["pipelines.a[0].finetune.method", "quantize stage before"]),
+    ("model: tiny\npipelines:\n  a: [{quantize: nf4}, {finetune: full}]\n", ["pipelines.a[1].finetune.method", "quantized"]),
+    ("model: tiny\npipelines:\n  a: [{quantize: {method: rtn, bits: four}}]\n", ["quantize.bits", "'four'", "int"]),
+    ("model: tiny\npipelines:\n  a: [{evaluate: {}}]\n", ["unknown stage 'evaluate'"]),
+    ("model: tiny\npipelines:\n  a: []\nclaims: [{claim: x, a: a, b: nope, metric: ppl}]\n", ["claims[0].b", "'nope'"]),
+    ("model: tiny\npipelines:\n  a: []\nclaims: [{claim: x, a: a, b: a, metric: ppl, relation: '<'}]\n",
+     ["claims[0].relation", "'<'"]),
+    ("model: tiny\nseeds: [0, one]\npipelines:\n  a: []\n", ["seeds", "'one'"]),
+])
+def test_bad_input_is_named(tmp_path, text, expect):
+    with pytest.raises(ConfigError) as e:
+        load_study(write(tmp_path, text))
+    for part in expect:
+        assert part in str(e.value), (part, str(e.value))
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{not json\n")
+    with pytest.raises(ConfigError, match=r"d.jsonl:2: not valid JSON"):
+        load_study(write(tmp_path, f"model: tiny\ntask: jsonl:{data}\npipelines:\n  a: []\n"))
+    data.write_text(json.dumps({"prompt": "a"}) + "\n")
+    with pytest.raises(ConfigError, match=r"d.jsonl:1: .*'prompt' and 'completion'"):
+        load_study(write(tmp_path, f"model: tiny\ntask: jsonl:{data}\npipelines:\n  a: []\n"))
+
+
+def test_missing_study_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_study(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["smoke", "default"])
+def test_shipped_studies_validate(name):
+    from pathlib import Path
+
+    s = load_study(Path(__file__).parent.parent / "parameters" / f"{name}.yaml")
+    assert s.pipelines

@@ -1,0 +1,42 @@
+import math
+
+from ptqlib.metrics import exact_match, fact_counts, facts, field_f1, rouge_l, task_scores
+
+SRC = "Priya: Northwind Traders wants 120 units at $410 per unit by 14 March."
+REF = "customer: Northwind Traders\nquantity: 120\nunit_price: 410"
+
+
+def test_exact_match_and_field_f1():
+    assert exact_match(REF, REF) == 1.0 and field_f1(REF, REF) == 1.0
+    assert exact_match("customer: northwind   traders\nquantity: 120\nunit_price: 410", REF) == 1.0
+    wrong = REF.replace("410", "450")
+    assert exact_match(wrong, REF) == 0.0
+    assert math.isclose(field_f1(wrong, REF), 2 / 3)
+    extra = REF + "\nowner: Marco"  # one spurious field: precision 3/4, recall 1
+    assert math.isclose(field_f1(extra, REF), 2 * 0.75 / 1.75)
+    assert field_f1("", REF) == 0.0 and exact_match("", REF) == 0.0
+
+
+def test_rouge_l():
+    assert rouge_l(REF, REF) == 1.0
+    assert rouge_l("", REF) == 0.0
+    assert 0 < rouge_l("customer: Northwind", REF) < 1
+
+
+def test_facts_and_invented_numbers():
+    assert {"northwind traders", "120", "410", "priya", "14", "march"} <= facts(SRC)
+    n_pred, n_sup, n_ref, n_kept = fact_counts(REF, SRC, REF)
+    assert n_pred == n_sup == 3 and n_ref == n_kept == 3
+    invented = REF.replace("120", "999")
+    n_pred, n_sup, _, n_kept = fact_counts(invented, SRC, REF)
+    assert (n_pred, n_sup, n_kept) == (3, 2, 2)
+    assert fact_counts("", SRC, REF) == (0, 0, 3, 0)
+
+
+def test_task_scores_micro_averages():
+    s = task_scores([REF, ""], [REF, REF], [SRC, SRC])
+    assert s["exact_match"] == 0.5 and s["empty_outputs"] == 0.5
+    assert s["fact_precision"] == 1.0  # the empty output invents nothing
+    assert s["fact_recall"] == 0.5  # ... and keeps nothing
+    assert math.isnan(task_scores([""], [""], [""])["fact_precision"])
+    assert task_scores([], [], []) == {}
