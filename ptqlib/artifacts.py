@@ -63,11 +63,10 @@ def load(ref: str | Path, device: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(path, device_map=device)
         tok = load_tokenizer(path)
     elif kind == "peft":
-        from peft import PeftModel
+        from ptqlib.adapters.lora_quantlinear import load_adapter
 
         base, tok, _ = load(Path(ref) / info["base"], device)
-        _register_quantlinear_lora()
-        model = PeftModel.from_pretrained(base, Path(ref) / info["adapter"])
+        model = load_adapter(base, str(Path(ref) / info["adapter"]))  # works for float, bnb and QuantLinear bases
     elif kind == "blora":
         from ptqlib.adapters import blora
 
@@ -82,14 +81,6 @@ def load(ref: str | Path, device: str | None = None):
         raise ValueError(f"{ref}: unknown artifact type {kind!r}")
     model.eval()
     return model, tok, info
-
-
-def _register_quantlinear_lora() -> None:
-    """Let peft put LoRA on QuantLinear layers (a no-op for models without them)."""
-    try:
-        from ptqlib.adapters import lora_quantlinear  # noqa: F401  (registers on import)
-    except ImportError:
-        pass
 
 
 def save(output_dir: str | Path, info: dict) -> None:

@@ -40,10 +40,11 @@ def prepare(model, method: str, p: dict):
         if getattr(model, "is_loaded_in_4bit", False):
             # casts norms to fp32 and enables input grads; gradient checkpointing only costs time here
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        artifacts._register_quantlinear_lora()
+        from ptqlib.adapters.lora_quantlinear import register
+
         cfg = LoraConfig(r=p["rank"], lora_alpha=p["alpha"], lora_dropout=p["dropout"],
                          target_modules=list(p["target_modules"]), task_type="CAUSAL_LM")
-        return get_peft_model(model, cfg)
+        return get_peft_model(model, register(cfg))  # register: LoRA on QuantLinear (GPTQ/RTN base)
     if method == "l4q":
         from ptqlib.adapters.l4q import apply_l4q
 
@@ -131,7 +132,7 @@ def save(model, tokenizer, method: str, p: dict, output_dir: str | Path, input_r
                 base, tok = _dequantized_copy(input_ref)
             else:
                 base, tok, _ = artifacts.load(input_ref)
-            merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
+            merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()  # base is float here
             merged.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
             info = {"type": "hf", "path": "model", "merged_from": "adapter"}

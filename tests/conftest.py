@@ -5,7 +5,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny tensors: a second thread only adds spin-wait overhead
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -328,7 +328,8 @@ class QBLoRALinear(nn.Module):
 
     def merge(self) -> nn.Module:
         """The merged low-bit ``QuantLinear`` (float zero points); see ``merge_into_quantlinear``."""
-        if self.kind == "qblora":
+        g = _base_group_size(self.base)
+        if self.kind == "qblora" and (g is None or self.adapter.pool % g != 0):
             raise ValueError(
                 f"layer {self.name!r}: Q-BLoRA (pool {self.adapter.pool}) cannot be merged exactly into a "
                 "low-bit base: its dW varies inside each quantization group, so folding it in needs a lossy "

@@ -150,6 +150,9 @@ def load_quantized(out_dir: str | Path, device: str | torch.device = "cpu") -> n
 
     src = Path(out_dir)
     qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "ptqlib_fzeros"):  # gptq_v2 stores zeros without the -1 offset
+        raise ValueError(f"unsupported checkpoint_format {fmt!r} (expected 'gptq' v1 or 'ptqlib_fzeros')")
     config = AutoConfig.from_pretrained(src)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # from_config must build a plain float model

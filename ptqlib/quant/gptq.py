@@ -143,12 +143,15 @@ class GPTQ:
             scale, zero = find_params(W, bits, sym)
         if static:  # grids of the natural groups, before any permutation
             static_grids = [find_params(W[:, k * g:(k + 1) * g], bits, sym) for k in range(G)]
+            static_group_of: list[int] = []  # per processing position, filled after the permutation
 
         # step 3: act-order, most "active" inputs (largest H_ii) first
         perm = None
         if act_order:
             perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
             W, H = W[:, perm], H[perm][:, perm]
+            if static:  # a host-side list: no device sync per column in the loop below
+                static_group_of = (perm // g).tolist()
 
         Hinv, info = self.inverse_cholesky(H, damp, max_damp)  # (in, in) upper triangular
         del H
@@ -170,8 +173,7 @@ class GPTQ:
             for i in range(i2 - i1):
                 col = i1 + i
                 if static:
-                    k = int(perm[col]) // g
-                    scale, zero = static_grids[k]
+                    scale, zero = static_grids[static_group_of[col]]
                 elif grouped and col % g == 0:  # a group starts: grid from current weights
                     scale, zero = find_params(W1[:, i:i + g], bits, sym)
                     scales[:, col // g], zeros[:, col // g] = scale[:, 0], zero[:, 0]

@@ -7,6 +7,17 @@ from ptqlib.adapters.lora_quantlinear import (
 )
 from ptqlib.quant import QuantLinear, rtn_quantize_model
 
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds contention on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

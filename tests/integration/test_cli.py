@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
+N_STAGES = 13  # distinct stages of parameters/smoke.yaml
 
 
 def cli(*args, cwd, check=True, **kw):
@@ -42,7 +43,8 @@ def records(runs: Path) -> dict[str, dict]:
 def test_smoke_study_produces_metrics_and_pages(smoke):
     work, p, secs = smoke
     rows = list(csv.DictReader(open(work / "reports/smoke/results.csv")))
-    assert [r["pipeline"] for r in rows] == ["base", "ft16", "ft_rtn[bits=3]", "ft_rtn[bits=4]", "ft_nf4_qlora"]
+    assert [r["pipeline"] for r in rows] == ["base", "ft16", "ft_rtn[bits=3]", "ft_rtn[bits=4]", "ft_nf4_qlora",
+                                             "ft_gptq_qlora"]
     for r in rows:
         assert r["status"] == "ok"
         ppl = float(r["ppl"])
@@ -53,13 +55,17 @@ def test_smoke_study_produces_metrics_and_pages(smoke):
     assert size["ft_rtn[bits=3]"] < size["ft_rtn[bits=4]"] < size["ft16"]
     assert rows[2]["quantize.bits"] == "3" and rows[3]["quantize.bits"] == "4"  # settings travel with numbers
     recs = records(work / "runs")
-    assert len(recs) == 10
+    assert len(recs) == N_STAGES
     for rec in recs.values():
         assert rec["status"] == "ok" and rec["error"] is None
         assert rec["versions"]["torch"] and rec["device"]["device"] in ("cpu", "cuda")
         assert "git_commit" in rec and rec["timings"]["wall_s"] > 0 and rec["params"]
     ft = next(r for r in recs.values() if r["kind"] == "finetune" and r["params"]["method"] == "full")
-    assert len(ft["pipelines"]) == 3  # shared by three pipelines, run once
+    assert len(ft["pipelines"]) == 5  # shared by five pipelines, run once
+    gptq = next(r for r in recs.values() if r["kind"] == "quantize" and r["params"]["method"] == "gptq")
+    assert gptq["metrics"]["mean_gptq_rel_err"] < gptq["metrics"]["mean_rtn_rel_err"]
+    qlora = [r for r in recs.values() if r["kind"] == "finetune" and r["params"]["method"] == "qlora"]
+    assert len(qlora) == 2 and all(r["metrics"]["trainable_params"] > 0 for r in qlora)  # on NF4 and on GPTQ
     assert ft["metrics"]["train_loss_last"] < ft["metrics"]["train_loss_first"]
     index = (work / "reports/smoke/index.html").read_text()
     assert "ft_nf4_qlora" in index and "Claims" in index
@@ -75,7 +81,7 @@ def test_rerun_does_no_work(smoke):
     p = cli("run", str(ROOT / "parameters/smoke.yaml"), "--runs", str(work / "runs"), "--reports",
             str(work / "reports"), cwd=work)
     assert time.time() - t0 < 30
-    assert "0 ran, 10 cached" in p.stderr and "analysis up to date" in p.stderr
+    assert f"0 ran, {N_STAGES} cached" in p.stderr and "analysis up to date" in p.stderr
     after = {d.name: (d / "metrics.json").stat().st_mtime_ns for d in (work / "runs").iterdir() if d.is_dir()}
     assert before == after
 
@@ -83,7 +89,7 @@ def test_rerun_does_no_work(smoke):
 def test_dry_run_lists_cached_stages(smoke):
     work, _, _ = smoke
     p = cli("run", str(ROOT / "parameters/smoke.yaml"), "--runs", str(work / "runs"), "--dry-run", cwd=work)
-    assert "10 distinct stages: 10 cached, 0 to run" in p.stdout
+    assert f"{N_STAGES} distinct stages: {N_STAGES} cached, 0 to run" in p.stdout
     assert "ft_rtn[bits=3]: finetune(full" in p.stdout
 
 
@@ -99,7 +105,7 @@ def test_deleting_a_stage_reruns_it_and_its_dependants_only(smoke):
     shutil.rmtree(work / "runs" / rtn3)
     p = cli("run", str(ROOT / "parameters/smoke.yaml"), "--runs", str(work / "runs"), "--reports",
             str(work / "reports"), cwd=work)
-    assert "2 ran, 8 cached" in p.stderr
+    assert f"2 ran, {N_STAGES - 2} cached" in p.stderr
     after = {s: (work / "runs" / s / "metrics.json").stat().st_mtime_ns for s in recs}
     changed = {s for s in recs if before[s] != after[s]}
     assert changed == {rtn3, dependant}

@@ -50,3 +50,15 @@ def test_sym_flag_derived(tiny_model, tmp_path):
     save_quantized(tiny_model, tmp_path)
     qc = json.loads((tmp_path / "quantize_config.json").read_text())
     assert qc["sym"] is True and qc["group_size"] == -1
+
+
+def test_half_precision_state_roundtrip(tiny_model, tmp_path):
+    model = tiny_model.to(torch.float16)
+    rtn_quantize_model(model, bits=2, group_size=32, sym=False)
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert loaded.model.layers[0].mlp.up_proj.scales.dtype == torch.float16
+    a, b = model.state_dict(), loaded.state_dict()
+    # persistent state is bit-exact (non-persistent rotary buffers are rebuilt in float32, as
+    # from_pretrained does, whereas model.to(float16) had cast them)
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)

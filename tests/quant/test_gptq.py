@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ptqlib.quant import QuantLinear, find_linear_layers, gptq_quantize_model
+from ptqlib.quant import QuantLinear, find_linear_layers, gptq_quantize_model, load_quantized, save_quantized
 from ptqlib.quant.gptq import GPTQ, relative_output_error
 from ptqlib.quant.rtn import quantlinear_from_linear
 from ptqlib.quant.uniform import rtn_quantize
@@ -110,7 +110,7 @@ def test_singular_hessian_does_not_crash(device):
     assert res.info["fallback"] == "rtn" and torch.isfinite(_dequant(res)).all()
 
 
-def test_gptq_quantize_model_tiny(tiny_model, device):
+def test_gptq_quantize_model_tiny(tiny_model, device, tmp_path):
     model = tiny_model.to(device)
     torch.manual_seed(0)
     calib = [torch.randint(0, 1024, (1, 32)) for _ in range(4)]
@@ -125,7 +125,12 @@ def test_gptq_quantize_model_tiny(tiny_model, device):
     assert one["n_samples"] == 4 * 32
     assert stats["mean_gptq_rel_err"] < stats["mean_rtn_rel_err"]
     with torch.no_grad():
-        assert torch.isfinite(model(x).logits).all()
+        logits = model(x).logits
+    assert torch.isfinite(logits).all()
+    save_quantized(model, tmp_path)  # an act-order GPTQ model round-trips through the checkpoint
+    loaded = load_quantized(tmp_path, device=device)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, logits)
 
 
 def test_gptq_model_rejects_bad_group_size(tiny_model):
