@@ -256,6 +256,7 @@ class Runner:
                          "seed": pl.seed, **{f"grid.{k}": v for k, v in pl.grid.items()},
                          "stages": " -> ".join(self.nodes[s].label() for s in chain), "eval_stage": chain[-1]}
             statuses = []
+            seen_kinds: dict[str, int] = {}
             for sid in chain:
                 rec = self.record(sid)
                 statuses.append((rec or {}).get("status", "missing"))
@@ -265,7 +266,9 @@ class Runner:
                 if node.kind == "evaluate":
                     row.update({k: v for k, v in rec["metrics"].items()})
                 else:
-                    prefix = node.kind
+                    # finetune, finetune2, ...: a pipeline such as FT -> PTQ -> QLoRA trains twice
+                    seen_kinds[node.kind] = seen_kinds.get(node.kind, 0) + 1
+                    prefix = node.kind + (str(seen_kinds[node.kind]) if seen_kinds[node.kind] > 1 else "")
                     for k, v in rec["metrics"].items():
                         row[f"{prefix}.{k}"] = v
                     for k, v in node.params.items():
@@ -302,6 +305,7 @@ class Runner:
         write_json_atomic(self.reports / "stages.json", stages)
         write_json_atomic(self.reports / "study.json", {
             "name": self.study.name, "file": str(self.study.path), "description": self.study.description,
+            "runs_dir": str(self.runs.resolve()),
             "claims": self.study.claims, "pipelines": {p.name: self.chains[p.name] for p in self.study.pipelines}})
         return path
 
