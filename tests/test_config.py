@@ -112,9 +112,29 @@ def test_missing_study_file(tmp_path):
         load_study(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("name", ["smoke", "default"])
+@pytest.mark.parametrize("name", ["smoke", "default", "ptq-qlora", "ptq-qlora-7b"])
 def test_shipped_studies_validate(name):
     from pathlib import Path
 
     s = load_study(Path(__file__).parent.parent / "parameters" / f"{name}.yaml")
     assert s.pipelines
+
+
+def test_7b_study_dry_run_offline(tmp_path, monkeypatch, capsys):
+    """The paper's 7B setting validates and prints its graph with no network and no GPU."""
+    from pathlib import Path
+
+    from ptqlib.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    study = Path(__file__).parent.parent / "parameters" / "ptq-qlora-7b.yaml"
+    assert main(["run", str(study), "--dry-run", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ft_gptq_qlora[model=mistralai/Mistral-7B-v0.1,seed=1]" in out
+    assert "quantize(gptq, 4b, g128)" in out
+
+
+def test_hub_model_group_size_checked_offline(tmp_path):
+    text = "model: meta-llama/Llama-2-7b-hf\npipelines:\n  a: [{quantize: {method: gptq, group_size: 96}}]\n"
+    with pytest.raises(ConfigError, match="down_proj \\(11008\\)"):
+        load_study(write(tmp_path, text))
