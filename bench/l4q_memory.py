@@ -20,7 +20,7 @@ peak; where that is not allowed, the delta falls back to ``ru_maxrss`` after the
 
 Usage::
 
-    python bench/l4q_memory.py                       # SmolLM2-135M, 4 bits, 5 steps
+    python bench/l4q_memory.py                       # SmolLM2-135M, 4 bits, 3 steps
     python bench/l4q_memory.py --model tiny --steps 3
     python bench/l4q_memory.py --bits 3 --methods l4q,qat_lora,lora,qlora
 """
@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="ptqlib model name (smollm2-135m, tiny, a path)")
-    p.add_argument("--steps", type=int, default=5, help="training steps per method (the first is warm-up)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="training steps per method (the first is warm-up; ~1 min/step for SmolLM2 on 2 CPU cores)")
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="L4Q / QAT-LoRA bits (QLoRA is NF4)")
     p.add_argument("--group-size", type=int, default=64,
                    help="L4Q quantizer group (64 divides SmolLM2's 576; bnb NF4 block is 64 too)")
@@ -145,6 +146,18 @@ def _build(method: str, args, device, dtype):
     return model, n_trainable
 
 
+def _make_resident(model) -> None:
+    """Touch every parameter and buffer: transformers maps safetensors files lazily, so
+    untouched weights would not count in RSS until the first forward (they would land in
+    the training delta instead of the model memory)."""
+    import torch
+
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.device.type == "cpu" and t.numel():
+                t.view(-1)[:: max(1, 4096 // t.element_size())].sum()  # one read per page is enough
+
+
 def worker(args) -> dict:
     import torch
     import bitsandbytes  # noqa: F401  imported by every worker so the baseline RSS is comparable
@@ -165,6 +178,7 @@ def worker(args) -> dict:
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
+    _make_resident(model)
     setup_s = time.perf_counter() - t0
 
     gc.collect()
@@ -211,7 +225,11 @@ def worker(args) -> dict:
 # driver
 # ---------------------------------------------------------------------------------------------
 def _run_worker(method: str, argv: list[str]) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    # A fixed glibc mmap threshold: without it glibc raises the threshold after the first
+    # large free and serves later tensors from the heap, whose freed pages stay in RSS; the
+    # peak RSS would then measure allocator history rather than what training needs.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
+               MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", method],
                           capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
@@ -231,7 +249,8 @@ def _table(results: list[dict], args) -> str:
         f"random tokens, LoRA rank {args.rank} alpha {args.alpha:g}, targets {args.targets}, "
         f"L4Q/QAT-LoRA {args.bits} bits group {args.group_size}, QLoRA NF4 (block 64, double quant), "
         f"AdamW lr {args.lr:g}, no gradient checkpointing, {args.steps} steps (median over steps 2..N), "
-        f"one fresh process per method; memory probe: {probe}.",
+        f"one fresh process per method; memory probe: {probe}"
+        + ("" if cuda else ", glibc MALLOC_MMAP_THRESHOLD_=128 KiB") + ".",
         "",
         "| method | trainable params | model+adapter memory (MiB) | training delta, peak (MiB) | "
         "peak (MiB) | median step (s) | tokens/s | loss first -> last |",

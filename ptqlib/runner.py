@@ -166,8 +166,7 @@ class Runner:
         failed = [s for s, v in status.items() if v == "failed"]
         skipped = [s for s, v in status.items() if v == "skipped"]
         self.write_results()
-        if not failed:
-            self.analyse()
+        self.analyse()  # also with failures: the report shows what finished and marks the rest
         log.info("done in %.0f s: %d ran, %d cached, %d failed, %d skipped", time.time() - t_all,
                  sum(v == "ok" for v in status.values()), sum(v == "cached" for v in status.values()),
                  len(failed), len(skipped))
