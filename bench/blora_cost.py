@@ -11,9 +11,10 @@ Methods (all rank ``--rank``, alpha ``--alpha``, every q/k/v/o/gate/up/down of e
   the 4-bit base + the 16/32-bit adapter (peft cannot merge into the 4-bit base exactly).
 * ``qblora-nf4``: Q-BLoRA (pool 2, repeat 2, rank 2r) on the same NF4 base; not mergeable
   into the low-bit base, so deployed as base + adapter too.
-* ``qblora-rtn``, ``qalora-rtn``, ``qablora-rtn``: on an RTN ``--bits`` / ``--group-size``
-  ``QuantLinear`` base; QA-LoRA and QA-BLoRA are deployed *merged* (zero points folded,
-  float zeros), i.e. a pure low-bit model with no adapter.
+* ``qlora-rtn``, ``qblora-rtn``, ``qalora-rtn``, ``qablora-rtn``: on an RTN ``--bits`` /
+  ``--group-size`` ``QuantLinear`` base (peft LoRA through ``ptqlib.adapters.lora_quantlinear``);
+  QA-LoRA and QA-BLoRA are deployed *merged* (zero points folded, float zeros), i.e. a pure
+  low-bit model with no adapter; the other two as base + adapter.
 
 Measures: trainable parameters; seconds per train step (forward + backward + AdamW, batch
 ``--batch`` x ``--seq`` random tokens, after one warm-up step; no gradient checkpointing for
@@ -42,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ["qlora-nf4", "qblora-nf4", "qblora-rtn", "qalora-rtn", "qablora-rtn"]
+METHODS = ["qlora-nf4", "qblora-nf4", "qlora-rtn", "qblora-rtn", "qalora-rtn", "qablora-rtn"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _MARK = "BLORA_COST_RESULT "
 
@@ -108,8 +109,14 @@ def _build(method: str, args):
 
         for p in model.parameters():
             p.requires_grad_(False)
-        cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none",
-                         target_modules=TARGETS, task_type="CAUSAL_LM")
+        kw = dict(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none",
+                  target_modules=TARGETS, task_type="CAUSAL_LM")
+        if base == "nf4":
+            cfg = LoraConfig(**kw)
+        else:  # peft does not know QuantLinear: ptqlib registers it as a custom module
+            from ptqlib.adapters.lora_quantlinear import lora_config
+
+            cfg = lora_config(**kw)
         model = get_peft_model(model, cfg)
         factors = f"r={args.rank}"
     else:
@@ -157,11 +164,12 @@ def _train(model, args) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    out = {
+    out = {  # median: robust to the odd step slowed down by other processes
         "trainable": sum(p.numel() for p in params),
-        "step_s": statistics.mean(times),
-        "step_s_sd": statistics.stdev(times) if len(times) > 1 else 0.0,
-        "train_tok_s": args.batch * args.seq / statistics.mean(times),
+        "step_s": statistics.median(times),
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "train_tok_s": args.batch * args.seq / statistics.median(times),
     }
     if dev.type == "cuda":
         out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -236,7 +244,7 @@ def worker(method: str, args) -> dict:
 
 # ---- driver -------------------------------------------------------------------------------------
 def _fmt_table(rows: list[dict]) -> str:
-    head = ("| method | adapter | trainable | step s | train tok/s | peak MB | rise MB | deployable | "
+    head = ("| method | adapter | trainable | step s, median (min-max) | train tok/s | peak MB | rise MB | deployable | "
             "size MB | size MB excl. emb. | gen tok/s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -244,7 +252,8 @@ def _fmt_table(rows: list[dict]) -> str:
             lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 9)
             continue
         lines.append(
-            f"| {r['method']} | {r['factors']} | {r['trainable']:,} | {r['step_s']:.3f} ± {r['step_s_sd']:.3f} | "
+            f"| {r['method']} | {r['factors']} | {r['trainable']:,} | "
+            f"{r['step_s']:.3f} ({r['step_s_min']:.3f}-{r['step_s_max']:.3f}) | "
             f"{r['train_tok_s']:.0f} | {r['peak_mb']:.0f} | {r['peak_rise_mb']:.0f} | {r['deployable']} | "
             f"{r['size_bytes'] / 2**20:.2f} | {r['size_bytes_excl_embed'] / 2**20:.2f} | {r['gen_tok_s']:.1f} |"
         )
@@ -261,7 +270,7 @@ def _settings(args) -> str:
     return (
         f"model `{args.model}`, device {args.device} ({platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, {threads} torch threads), fp32 compute; batch {args.batch} x {args.seq} random "
-        f"tokens, {args.steps} timed steps after 1 warm-up, AdamW lr 1e-4, no gradient checkpointing; rank "
+        f"tokens, median of {args.steps} timed steps after 1 warm-up, AdamW lr 1e-4, no gradient checkpointing; rank "
         f"{args.rank}, alpha {args.alpha}, targets {'/'.join(t.split('_')[0] for t in TARGETS)}; NF4 base: "
         f"bitsandbytes {bitsandbytes.__version__} Linear4bit nf4, blocksize 64, double quant; RTN base: "
         f"{args.bits}-bit, group {args.group_size}, asymmetric, QuantLinear (dequantize per call); generation: "
@@ -283,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default); on a loaded machine 1 gives far steadier timings")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows and settings here")

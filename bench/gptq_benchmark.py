@@ -254,7 +254,7 @@ def kernel_bench(model, calib, RefGPTQ, Quantizer, bits, group_size, names, repe
         H = ours[n].H.clone()
         W0 = lin.weight.detach().clone()
         t_ours, t_ref = [], []
-        for _ in range(repeats):
+        for rep in range(repeats):
             # reference, on a scratch copy of the layer (fasterquant overwrites the weight)
             scratch = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
             scratch.weight.data = W0.clone()
@@ -263,17 +263,29 @@ def kernel_bench(model, calib, RefGPTQ, Quantizer, bits, group_size, names, repe
             rg.nsamples = ours[n].nsamples
             rg.quantizer = Quantizer()
             rg.quantizer.configure(bits, perchannel=True, sym=False, mse=False)
-            sync()
-            t0 = time.perf_counter()
-            with reference_env():
-                rg.fasterquant(blocksize=block_size, percdamp=damp, groupsize=group_size, actorder=False)
-            sync()
-            t_ref.append(time.perf_counter() - t0)
+
+            def run_ref():
+                sync()
+                t0 = time.perf_counter()
+                with reference_env():
+                    rg.fasterquant(blocksize=block_size, percdamp=damp, groupsize=group_size, actorder=False)
+                sync()
+                t_ref.append(time.perf_counter() - t0)
+
+            def run_ours():
+                t0 = time.perf_counter()
+                r = ours[n].quantize(bits, group_size, False, False, True, damp, block_size)
+                sync()
+                t_ours.append(time.perf_counter() - t0)
+                return r
+
+            if rep % 2 == 0:  # alternate the order: the shared CPU's load drifts
+                run_ref()
+                res = run_ours()
+            else:
+                res = run_ours()
+                run_ref()
             w_ref = scratch.weight.detach().float()
-            t0 = time.perf_counter()
-            res = ours[n].quantize(bits, group_size, False, False, True, damp, block_size)
-            sync()
-            t_ours.append(time.perf_counter() - t0)
         gi = res.g_idx.long()
         w_ours = res.scales[:, gi] * (res.codes.float() - res.zeros[:, gi])
         rows[n] = {
@@ -411,6 +423,7 @@ def main(argv=None) -> int:
             model, _ = load_model(a.model, device="cpu")
             gc.collect()
             log(f"{method} bits={bits} ...")
+            c0 = time.process_time()
             if method == "gptq":
                 t0 = time.perf_counter()
                 st = gptq_quantize_model(model, calib, bits=bits, group_size=a.group_size, sym=False,
@@ -420,12 +433,14 @@ def main(argv=None) -> int:
                 rtn_errs[bits] = st["mean_rtn_rel_err"]
                 evaluate("gptq", bits, model, wall, st["mean_gptq_rel_err"], st["mean_rtn_rel_err"], {
                     "sum_layer_quantize_s": sum(v["time_s"] for v in st["layers"].values()),
-                    "total_damp_retries": st["total_damp_retries"], "n_fallback": st["n_fallback"]})
+                    "total_damp_retries": st["total_damp_retries"], "n_fallback": st["n_fallback"],
+                    "process_cpu_s": time.process_time() - c0})
             else:
                 st = reference_quantize_model(model, calib, RefGPTQ, Quantizer, bits, a.group_size, a.damp,
                                               a.block_size)
                 evaluate("gptq-ref", bits, model, st["time_s"], st["mean_gptq_rel_err"], extra={
-                    "sum_layer_quantize_s": st["fasterquant_s"], "sum_reference_losses": st["sum_reference_losses"]})
+                    "sum_layer_quantize_s": st["fasterquant_s"], "sum_reference_losses": st["sum_reference_losses"],
+                    "process_cpu_s": time.process_time() - c0})
             del model
             gc.collect()
     for r in results:  # RTN output error measured by ptqlib's GPTQ on its (sequential) calibration inputs
@@ -463,6 +478,7 @@ def main(argv=None) -> int:
                            "time_ours_s": o["quant_time_s"], "time_ref_s": f["quant_time_s"], "time_ratio": tr,
                            "layer_quantize_ours_s": o["sum_layer_quantize_s"],
                            "layer_quantize_ref_s": f["sum_layer_quantize_s"],
+                           "cpu_ours_s": o["process_cpu_s"], "cpu_ref_s": f["process_cpu_s"],
                            "rel_err_ours": o["mean_rel_output_err"], "rel_err_ref": f["mean_rel_output_err"]})
         targets.append({"target": f"{bits}-bit: our GPTQ ppl within {REF_PPL_TOL:.0%} of the reference's",
                         "value": f"{o['ppl']:.3f} vs {f['ppl']:.3f} ({dppl:+.2%})", "met": abs(dppl) <= REF_PPL_TOL})
@@ -493,12 +509,13 @@ def main(argv=None) -> int:
                      f"{fmt(r['mean_rel_weight_err'], '.4f')} |")
     if comparison:
         lines += ["", "| bits | ppl ours | ppl ref | diff | time ours (s) | time ref (s) | ours / ref | "
-                      "per-linear GPTQ ours (s) | per-linear GPTQ ref (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                      "per-linear GPTQ ours (s) | per-linear GPTQ ref (s) | CPU time ours (s) | CPU time ref (s) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in comparison:
             lines.append(f"| {c['bits']} | {c['ppl_ours']:.3f} | {c['ppl_ref']:.3f} | {c['ppl_rel_diff']:+.2%} | "
                          f"{c['time_ours_s']:.1f} | {c['time_ref_s']:.1f} | {c['time_ratio']:.2f} | "
-                         f"{c['layer_quantize_ours_s']:.1f} | {c['layer_quantize_ref_s']:.1f} |")
+                         f"{c['layer_quantize_ours_s']:.1f} | {c['layer_quantize_ref_s']:.1f} | {c['cpu_ours_s']:.1f} | "
+                         f"{c['cpu_ref_s']:.1f} |")
     if kb:
         lines += ["", "Per-layer GPTQ only (decoder layer 0, same H and W, best of "
                       f"{a.kernel_repeats}):", "",
@@ -516,7 +533,8 @@ def main(argv=None) -> int:
     lines += ["", "Notes: quant time of GPTQ = whole-model wall time (layer-0 capture, calibration forwards, "
                   "GPTQ); ours includes its per-linear diagnostics (RTN comparison, two output errors, packing), "
                   "the reference's excludes the output-error bookkeeping done by this script. 'per-linear GPTQ' = "
-                  "time inside GPTQ.quantize (+ its diagnostics) / fasterquant. RTN output error: computed by "
+                  "time inside GPTQ.quantize (+ its diagnostics) / fasterquant; CPU time = process CPU seconds of the whole "
+                  "GPTQ call (both incl. diagnostics). RTN output error: computed by "
                   "ptqlib's GPTQ on the same sequential inputs. NF4 time: load + quantize. "
                   "Weight error: ||W - W_hat||_F / ||W||_F."]
     table = "\n".join(lines)

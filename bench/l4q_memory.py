@@ -212,8 +212,10 @@ def worker(args) -> dict:
         res.update(model_mib=setup_mem, peak_mib=peak, train_delta_mib=peak - setup_mem)
     else:
         peak = _maxrss_mib()
-        res.update(model_mib=setup_mem - rss_before, process_before_load_mib=rss_before, peak_mib=peak,
-                   train_delta_mib=(peak - setup_mem) if reset_ok else (peak - maxrss_setup))
+        delta = (peak - setup_mem) if reset_ok else (peak - maxrss_setup)
+        res.update(model_mib=setup_mem - rss_before, process_before_load_mib=rss_before,
+                   process_peak_rss_mib=peak, train_delta_mib=delta,
+                   peak_mib=setup_mem - rss_before + delta)  # model + training, libraries excluded
     timed = times[1:] or times  # the first step pays one-off costs (allocations, lazy init)
     res.update(median_step_s=statistics.median(timed), step_times_s=times,
                tokens_per_s=args.batch * args.seq / statistics.median(timed),
@@ -253,7 +255,7 @@ def _table(results: list[dict], args) -> str:
         + ("" if cuda else ", glibc MALLOC_MMAP_THRESHOLD_=128 KiB") + ".",
         "",
         "| method | trainable params | model+adapter memory (MiB) | training delta, peak (MiB) | "
-        "peak (MiB) | median step (s) | tokens/s | loss first -> last |",
+        "model + training peak (MiB) | median step (s) | tokens/s | loss first -> last |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
@@ -266,9 +268,10 @@ def _table(results: list[dict], args) -> str:
             f"{r['peak_mib']:.0f} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
             f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
     if not cuda:
+        before = [f"{r['process_before_load_mib']:.0f}" for r in results if "process_before_load_mib" in r]
         lines += ["", "CPU: 'model+adapter memory' = RSS after setup minus RSS before loading "
-                      f"({next((r['process_before_load_mib'] for r in results if 'process_before_load_mib' in r), 0):.0f} MiB "
-                      "of imported libraries); 'peak' is the whole process's peak RSS during training."]
+                      f"({'/'.join(before)} MiB of imported libraries, per method); 'training delta' = peak RSS "
+                      "during the steps minus RSS after setup; step times on a shared CPU are noisy."]
     return "\n".join(lines)
 
 

@@ -140,8 +140,16 @@ class EvaluateParams:
     task_samples: int = 32  # held-out task examples generated greedily
     max_new_tokens: int = 64  # generation length limit
     batch_size: int = 8  # generation / perplexity batch size
+    lm_eval_tasks: list = field(default_factory=list)  # lm-eval tasks or presets (mmlu, commonsense); needs the lmeval extra
+    lm_eval_fewshot: int = -1  # lm-eval few-shot examples (-1: the task's default; MMLU is usually 5)
+    lm_eval_limit: int = 0  # lm-eval examples per task (0: all)
+    lm_eval_include: str = ""  # a directory of local lm-eval task YAML files
 
     def __post_init__(self) -> None:
+        if not isinstance(self.lm_eval_tasks, list) or not all(isinstance(t, str) for t in self.lm_eval_tasks):
+            raise ConfigError(f"lm_eval_tasks: {self.lm_eval_tasks!r} must be a list of task names")
+        if self.lm_eval_include and not Path(self.lm_eval_include).expanduser().is_dir():
+            raise ConfigError(f"lm_eval_include: {self.lm_eval_include!r} is not a directory")
         for k in ("ppl_samples", "ppl_seq_len", "max_new_tokens", "batch_size"):
             _positive(k, getattr(self, k))
         if not isinstance(self.task_samples, int) or self.task_samples < 0:
@@ -149,7 +157,7 @@ class EvaluateParams:
 
 
 STAGE_PARAMS = {"quantize": QuantizeParams, "finetune": FinetuneParams, "evaluate": EvaluateParams}
-LIST_KEYS = {"target_modules"}  # list-valued by nature: never a grid axis
+LIST_KEYS = {"target_modules", "lm_eval_tasks"}  # list-valued by nature: never a grid axis
 TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims"}
 CLAIM_KEYS = {"claim", "a", "b", "metric", "relation"}
 

@@ -49,7 +49,8 @@ its QA-HiRA uses input pool 4 and output repeat 8 with a single matrix (no B) an
 align with any GPTQ group size, so the zero-point fold above is impossible there. Its Q-BaRA
 and QA-HiRA variants share one layer file in which the second assignment overwrites the first
 (``AvgPool1d(2)`` then ``AvgPool1d(4)``; Q-BaRA's ``lora_A`` then QA-HiRA's), so running the code
-as released mixes the two; its merge scripts also omit the ``1/p`` of the average pool. Here
+as released mixes the two; its merge script also appears to omit the ``1/p`` of the average pool
+(``dW = 0.25 * repeat(B A)`` with ``alpha / r = 16 / 64 = 0.25`` but an ``AvgPool1d`` forward). Here
 the factors are explicit parameters, QA-BLoRA pools whole quantization groups (p = g) so the
 merge is exact in the low-bit format, and the rank is raised to LoRA-r's parameter count.
 The QA-LoRA reference merge subtracts from the int32-*packed* qzeros; we unpack first and
