@@ -28,8 +28,38 @@ from .pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from .uniform import check_bits, n_groups
 
 
+class _DequantMatmul(torch.autograd.Function):
+    """``y = x @ W_hat.T`` that keeps only ``x`` for backward and de-quantizes again there.
+
+    The codes are frozen, so only ``dL/dx = dL/dy @ W_hat`` is needed; keeping the de-quantized
+    weight alive between forward and backward would cost the float size of every layer (what
+    QLoRA on a 4-bit base is meant to save). Recomputing it is one more de-quantization per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: "QuantLinear") -> Tensor:
+        ctx.layer = layer
+        return torch.matmul(x, layer.dequantize_weight_t(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        w_t = ctx.layer.dequantize_weight_t(grad_y.dtype)  # (in, out)
+        return torch.matmul(grad_y, w_t.t()), None
+
+
 class QuantLinear(nn.Module):
-    """Weight-only quantized ``nn.Linear`` replacement (GPTQ layout, dequantizing forward)."""
+    """Weight-only quantized ``nn.Linear`` replacement (GPTQ layout, dequantizing forward).
+
+    Without gradients (evaluation, generation) the de-quantized weight is cached per layer,
+    keyed on the buffers' version counters, so in-place edits or new zero points invalidate it:
+    CPUs have no fused low-bit matmul, and de-quantizing the whole model for every generated
+    token would make generation 10x slower than the matmuls. Set ``cache_dequantized = False``
+    (class or instance) to trade that speed for memory.
+    """
+
+    cache_dequantized: bool = True
 
     def __init__(
         self,
@@ -143,10 +173,29 @@ class QuantLinear(nn.Module):
         """``W_hat.T (in, out)`` (storage orientation, so ``x @ W_hat.T`` needs no transpose)."""
         dtype = dtype or self.scales.dtype
         q = unpack_qweight(self.qweight, self.bits)  # (in, out) int32
-        g = self.g_idx.long()
-        zeros = self._zeros_storage().to(dtype)[g]  # (in, out)
-        scales = self.scales.to(dtype)[g]  # (in, out)
-        return (q.to(dtype) - zeros) * scales
+        G = self.n_groups
+        g = self.in_features // G
+        if torch.equal(self.g_idx, self._contiguous_g_idx()):
+            # groups are runs of g consecutive columns: broadcast (G, 1, out) over (G, g, out)
+            zeros = self._zeros_storage().to(dtype).unsqueeze(1)
+            scales = self.scales.to(dtype).unsqueeze(1)
+            return ((q.view(G, g, self.out_features).to(dtype) - zeros) * scales).view(self.in_features, -1)
+        gi = self.g_idx.long()  # act-order: any column may belong to any group
+        return (q.to(dtype) - self._zeros_storage().to(dtype)[gi]) * self.scales.to(dtype)[gi]
+
+    def _contiguous_g_idx(self) -> Tensor:
+        g = self.in_features // self.n_groups
+        return torch.arange(self.in_features, device=self.g_idx.device, dtype=torch.int32) // g
+
+    def _cached_weight_t(self, dtype: torch.dtype) -> Tensor:
+        zeros = self.fzeros if self.float_zeros else self.qzeros
+        key = (dtype, self.qweight.device, self.float_zeros,
+               *((t.data_ptr(), t._version) for t in (self.qweight, zeros, self.scales, self.g_idx)))
+        cache = getattr(self, "_w_cache", None)
+        if cache is None or cache[0] != key:
+            cache = (key, self.dequantize_weight_t(dtype))
+            self._w_cache = cache
+        return cache[1]
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """``W_hat (out, in)`` in ``dtype`` (default: the scales' dtype)."""
@@ -154,8 +203,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., in) -> (..., out); dequantize in x's dtype so autocast / bf16 inputs just work
-        w_t = self.dequantize_weight_t(x.dtype)
-        y = torch.matmul(x, w_t)
+        if torch.is_grad_enabled():
+            self._w_cache = None  # training: never hold a float copy of the weight
+            y = _DequantMatmul.apply(x, self)
+        elif self.cache_dequantized:
+            y = torch.matmul(x, self._cached_weight_t(x.dtype))
+        else:
+            y = torch.matmul(x, self.dequantize_weight_t(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y

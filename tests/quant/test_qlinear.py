@@ -85,3 +85,40 @@ def test_invalid_shapes():
         QuantLinear(100, 64, 4, 32)  # group size must divide in_features
     with pytest.raises(ValueError):
         QuantLinear(64, 64, 5, 32)
+
+
+def _random_layer(bits=4, group=32, in_f=128, out_f=64, act_order=False):
+    from ptqlib.quant import QuantLinear, rtn_quantize
+
+    torch.manual_seed(0)
+    codes, scales, zeros = rtn_quantize(torch.randn(out_f, in_f), bits, group, sym=False)
+    g_idx = torch.randperm(in_f) // group if act_order else None
+    return QuantLinear.from_codes(codes, scales.float(), zeros, g_idx=g_idx, bits=bits)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_inference_cache_follows_buffer_edits(act_order):
+    layer = _random_layer(act_order=act_order)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y0 = layer(x)
+        assert torch.allclose(y0, x @ layer.dequantize_weight(torch.float32).t(), atol=1e-5)
+        layer.scales.mul_(2)  # in place: the cached weight must not be reused
+        assert torch.allclose(layer(x), 2 * y0, atol=1e-4)
+        layer.set_float_zeros(layer.zero_points() + 0.5)
+        assert torch.allclose(layer(x), x @ layer.dequantize_weight(torch.float32).t(), atol=1e-5)
+
+
+def test_training_forward_saves_no_weight_and_matches_dense():
+    layer = _random_layer()
+    dense = layer.dequantize_weight(torch.float32).clone()
+    x = torch.randn(5, 128, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = layer(x)
+    assert all(s.numel() < dense.numel() for s in map(torch.Size, saved)), saved  # only x is kept
+    assert getattr(layer, "_w_cache", None) is None
+    (y ** 2).sum().backward()
+    ((x_ref @ dense.t()) ** 2).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-4)
