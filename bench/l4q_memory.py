@@ -16,7 +16,11 @@ RSS after model + adapter + optimizer are built, minus the RSS of the process be
 (``ru_maxrss``) is reset after setup by writing 5 to ``/proc/self/clear_refs`` so that a
 transient peak while loading (QLoRA quantizes an fp model on load) cannot hide the training
 peak; where that is not allowed, the delta falls back to ``ru_maxrss`` after the steps minus
-``ru_maxrss`` after setup, and the table says so.
+``ru_maxrss`` after setup, and the table says so. Two CPU-specific corrections keep RSS
+honest: every tensor is copied out of the safetensors mapping after setup (see
+``_own_memory``), and workers run with a fixed glibc mmap threshold so freed tensors leave
+RSS. Step times on CPU are for orientation only (shared cores, no fused kernels: bnb's CPU
+NF4 path and L4Q's per-step re-quantization are both plain PyTorch/C++ ops).
 
 Usage::
 
@@ -146,16 +150,21 @@ def _build(method: str, args, device, dtype):
     return model, n_trainable
 
 
-def _make_resident(model) -> None:
-    """Touch every parameter and buffer: transformers maps safetensors files lazily, so
-    untouched weights would not count in RSS until the first forward (they would land in
-    the training delta instead of the model memory)."""
+def _own_memory(model) -> None:
+    """Copy every parameter and buffer into the process's own (anonymous) memory.
+
+    transformers maps safetensors files and keeps weights as views of that mapping: untouched
+    fp weights would count in RSS only at the first forward (inflating the training delta),
+    and after QLoRA's load-time quantization the still-mapped fp file (pulled in while
+    quantizing) would count as model memory although no tensor of the NF4 model needs it.
+    """
     import torch
 
     with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t.device.type == "cpu" and t.numel():
-                t.view(-1)[:: max(1, 4096 // t.element_size())].sum()  # one read per page is enough
+        for t in list(model.parameters()) + list(model.buffers()):  # tied weights listed once
+            if t.device.type == "cpu":
+                t.data = t.data.clone()
+    gc.collect()  # drops the last references to the mapping, which unmaps it
 
 
 def worker(args) -> dict:
@@ -178,7 +187,7 @@ def worker(args) -> dict:
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
-    _make_resident(model)
+    _own_memory(model)
     setup_s = time.perf_counter() - t0
 
     gc.collect()

@@ -25,6 +25,13 @@ gradient -- and recomputes ``W_q`` in backward. So training memory is about LoRA
 frozen weight per layer plus activations, instead of also storing ``W_comb``/``W_q``/masks
 (several weight-sized tensors per layer, what plain autograd through the fake quantizer keeps).
 
+Numerics: the clamp mask is inclusive (``Q_N <= w <= Q_P``, as torch.clamp's gradient), which
+matters because the paper's init puts each group's extreme exactly on ``Q_N`` or ``Q_P``
+(there ``dW_q/dS = w~ - w ~ 0`` and the weight gradient passes). ``round`` is half-to-even.
+The quantizer runs in fp32 at least, and ``A, B, S, b`` are fp32 parameters even for a
+bf16/fp16 ``W0`` (Adam's small updates to S, b would vanish in bf16). Nothing keeps ``S``
+positive; with sane learning rates it stays far from 0 (the paper adds no constraint).
+
 After training, every layer is exported to ``ptqlib.quant.qlinear.QuantLinear`` (integer
 codes + per-group scale and float zero point): a fully quantized model with no adapter.
 """
