@@ -20,6 +20,7 @@ its export is exact. ``export()`` therefore returns ``QuantLinearWithLoRA``: a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -201,4 +202,51 @@ def export_qat_lora(model: nn.Module) -> nn.Module:
     names = [n for n, m in model.named_modules() if isinstance(m, QATLoRALinear)]
     for name in names:
         set_module(model, name, model.get_submodule(name).export())
+    return model
+
+
+def save_exported(model: nn.Module, model_dir: str | Path, adapter_dir: str | Path, tokenizer=None) -> None:
+    """Export (if needed) and save: the quantized base in the GPTQ layout, the LoRA branch apart.
+
+    The base goes through ``save_quantized`` like any RTN / GPTQ model; the branch is a
+    safetensors file of ``<layer>.lora_A / .lora_B`` plus the scaling of each layer.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from ptqlib.quant import save_quantized
+    from ptqlib.quant.layers import set_module
+
+    export_qat_lora(model)
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinearWithLoRA)}
+    tensors, scaling = {}, {}
+    for name, m in wrapped.items():
+        tensors[f"{name}.lora_A"] = m.lora_A.detach().float().contiguous().cpu()
+        tensors[f"{name}.lora_B"] = m.lora_B.detach().float().contiguous().cpu()
+        scaling[name] = m.scaling
+        set_module(model, name, m.base)  # unwrap: the checkpoint holds plain QuantLinear layers
+    Path(adapter_dir).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(Path(adapter_dir) / "qat_lora.safetensors"))
+    (Path(adapter_dir) / "qat_lora.json").write_text(json.dumps({"scaling": scaling}, indent=1))
+    save_quantized(model, model_dir, tokenizer=tokenizer)
+    for name, m in wrapped.items():  # re-wrap, so the caller's model is unchanged
+        set_module(model, name, m)
+
+
+def load_exported(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Wrap the ``QuantLinear`` layers of a loaded base with their saved LoRA branches."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ptqlib.quant.layers import set_module
+
+    tensors = load_file(str(Path(adapter_dir) / "qat_lora.safetensors"))
+    scaling = json.loads((Path(adapter_dir) / "qat_lora.json").read_text())["scaling"]
+    for name, s in scaling.items():
+        base = model.get_submodule(name)
+        dev = base.qweight.device
+        set_module(model, name, QuantLinearWithLoRA(base, tensors[f"{name}.lora_A"].to(dev),
+                                                    tensors[f"{name}.lora_B"].to(dev), s))
     return model

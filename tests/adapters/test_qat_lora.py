@@ -121,3 +121,23 @@ def test_tiny_model_trains_and_exports(device):
     assert not any(isinstance(m, QATLoRALinear) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_save_exported_and_load_give_identical_outputs(tmp_path):
+    """The deployable QAT-LoRA artifact (GPTQ-layout base + LoRA branch) reloads to the same logits."""
+    from ptqlib.adapters.qat_lora import QuantLinearWithLoRA, apply_qat_lora, load_exported, save_exported
+    from ptqlib.quant import load_quantized
+    from ptqlib.tiny import build_tiny_model
+
+    model = apply_qat_lora(build_tiny_model(seed=0), bits=4, group_size=32, rank=4, alpha=8.0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)  # a non-zero branch, as after training
+    x = torch.randint(0, 1024, (2, 12))
+    with torch.no_grad():
+        before = model(x).logits
+    save_exported(model, tmp_path / "model", tmp_path / "adapter")
+    loaded = load_exported(load_quantized(tmp_path / "model"), tmp_path / "adapter").eval()
+    assert sum(isinstance(m, QuantLinearWithLoRA) for m in loaded.modules()) == 14
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, before, atol=1e-4)

@@ -1,0 +1,56 @@
+"""Every fine-tuning method of the study runs through the runner on the tiny model and evaluates."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STUDY = """
+study: methods
+model: tiny
+task: meetings
+defaults:
+  finetune: {steps: 3, batch_size: 2, train_samples: 8, max_length: 160, lr: 1.0e-3, rank: 4, alpha: 8, group_size: 32}
+  quantize: {group_size: 32, calib_samples: 4, calib_seq_len: 64}
+  evaluate: {ppl_samples: 2, ppl_seq_len: 64, task_samples: 2, max_new_tokens: 8, batch_size: 2}
+pipelines:
+  l4q_w3: [{finetune: {method: l4q, bits: 3}}]
+  qat_lora_w4: [{finetune: {method: qat_lora, bits: 4}}]
+  qblora_nf4: [{quantize: nf4}, {finetune: qblora}]
+  qalora_gptq: [{quantize: {method: gptq, bits: 4}}, {finetune: qalora}]
+  qablora_gptq: [{quantize: {method: gptq, bits: 4}}, {finetune: qablora}]
+  merge_gptq: [{quantize: nf4}, {finetune: {method: qlora, merge: true}}, {quantize: {method: gptq, bits: 3}}]
+"""
+
+
+def test_all_methods_run_and_deploy(tmp_path):
+    (tmp_path / "m.yaml").write_text(textwrap.dedent(STUDY))
+    p = subprocess.run([sys.executable, "-m", "ptqlib", "run", str(tmp_path / "m.yaml"), "--runs",
+                        str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")], cwd=tmp_path,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-5000:]
+    rows = {r["pipeline"]: r for r in csv.DictReader(open(tmp_path / "reports/methods/results.csv"))}
+    assert set(rows) == {"l4q_w3", "qat_lora_w4", "qblora_nf4", "qalora_gptq", "qablora_gptq", "merge_gptq"}
+    for name, r in rows.items():
+        assert r["status"] == "ok", name
+        assert float(r["ppl"]) > 1
+    artifacts = {}
+    for d in (tmp_path / "runs").iterdir():
+        rec = json.loads((d / "metrics.json").read_text())
+        if rec["kind"] == "finetune":
+            artifacts[rec["params"]["method"]] = json.loads((d / "artifact.json").read_text())
+    # L4Q and the QA-* merges leave a fully quantized model (no adapter); Q-BLoRA keeps its adapter
+    assert artifacts["l4q"]["type"] == "quant"
+    assert artifacts["qalora"]["type"] == "quant" and artifacts["qablora"]["type"] == "quant"
+    assert artifacts["qblora"]["type"] == "blora" and artifacts["qat_lora"]["type"] == "qat_lora"
+    assert artifacts["qlora"]["type"] == "hf"  # merged into the de-quantized weights
+    # equal trainable parameters for Q-BLoRA and LoRA-r: r*(in+out) summed over the 14 target layers
+    r = 4
+    lora = 2 * sum(r * (i + o) for i, o in [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256), (128, 256),
+                                            (256, 128)])
+    assert int(rows["qblora_nf4"]["finetune.trainable_params"]) == lora
