@@ -51,6 +51,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# OpenMP threads that spin while waiting are pathological on a shared, oversubscribed CPU: with 2
+# threads on 2 busy cores a 576x576 Cholesky took 0.1-0.9 s instead of 0.01 s, and GPTQ's many small
+# per-column ops suffer the same. Passive waiting must be chosen before torch (libgomp) loads; it
+# applies to ptqlib and the reference alike. Set OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -371,8 +377,10 @@ def main(argv=None) -> int:
         "damp": a.damp, "block_size": a.block_size,
         "calib": f"{a.calib_n} x {a.calib_len} tokens (pydoc train, seed {a.seed})",
         "ppl": f"{a.ppl_n} x {a.ppl_len} tokens (pydoc held-out)",
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "torch": torch.__version__,
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "device": "cpu",
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
         "ptqlib_git": git_rev(), "reference": "IST-DASLab/gptq", "reference_commit": ref_commit,
         "reference_dir": str(a.reference_dir),
     }
@@ -486,12 +494,14 @@ def main(argv=None) -> int:
                         "value": f"{o['quant_time_s']:.1f} s vs {f['quant_time_s']:.1f} s (x{tr:.2f})",
                         "met": tr <= TIME_TOL})
 
+    settings["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
     # ---- report -----------------------------------------------------------------------------------
     fp = find("fp32", 32)
     lines = ["## GPTQ benchmark", ""]
     lines += ["| setting | value |", "|---|---|"]
     for k in ("model", "bits", "group_size", "sym", "act_order", "true_sequential", "damp", "block_size", "calib",
-              "ppl", "torch_threads", "cpu_count", "torch", "ptqlib_git", "reference_commit"):
+              "ppl", "torch_threads", "omp_wait_policy", "cpu_count", "load_avg_at_start", "load_avg_at_end", "torch", "ptqlib_git", "reference_commit"):
         v = settings[k]
         if k == "model":
             v = f"{v} ({n_params / 1e6:.1f} M params, {len(fp_weights)} decoder linears)"

@@ -58,8 +58,13 @@ def prepare(model, method: str, p: dict):
     if method in BLORA_METHODS:
         from ptqlib.adapters.blora import apply_adapter
 
-        return apply_adapter(model, method, rank=p["rank"], alpha=p["alpha"], pool=p["pool"] or None,
-                             repeat=p["repeat"] or None, target_modules=list(p["target_modules"]))
+        model = apply_adapter(model, method, rank=p["rank"], alpha=p["alpha"], pool=p["pool"] or None,
+                              repeat=p["repeat"] or None, target_modules=list(p["target_modules"]))
+        if getattr(model, "is_quantized", False):
+            # transformers' Trainer refuses a bnb-quantized model unless it knows adapters are
+            # attached; this flag is how its own adapter integration says so
+            model._hf_peft_config_loaded = True
+        return model
     raise ValueError(f"unknown fine-tuning method {method!r}")
 
 
@@ -106,9 +111,11 @@ def _dequantized_copy(input_ref: str):
     Used to merge a QLoRA adapter: peft would re-quantize a bnb layer on merge, and a GPTQ
     layer cannot absorb it; a float model is what a later PTQ stage needs anyway.
     """
+    from ptqlib.models import plain_copy
+
     model, tok, _ = artifacts.load(input_ref)
     if getattr(model, "is_loaded_in_4bit", False):
-        model = model.dequantize()
+        model = plain_copy(model.dequantize())
     else:
         from ptqlib.ptq import dequantize_model
 

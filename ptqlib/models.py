@@ -81,20 +81,33 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def plain_copy(model):
+    """The same weights in a fresh model built from the config, without quantization metadata.
+
+    transformers tags models loaded through a quantizer (GGUF, bitsandbytes) with loading-time
+    weight conversions, and refuses to save them even once their weights are plain floats
+    (after GGUF de-quantization or ``model.dequantize()``).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    fresh = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    fresh.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    fresh.generation_config = model.generation_config
+    return fresh.to(next(model.parameters()).device)
+
+
 def _build_smollm2(out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gg = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The loaded model is tagged as "gguf-quantized" and refuses save_pretrained; its weights are
-    # already de-quantized fp32, so move them into a plain model built from the same config.
-    cfg = gg.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.load_state_dict(gg.state_dict())
+    # de-quantized to fp32 on load, but tagged "gguf-quantized": save a plain copy
+    model = plain_copy(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32))
     model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)

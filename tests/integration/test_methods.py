@@ -40,8 +40,9 @@ def test_all_methods_run_and_deploy(tmp_path):
         assert r["status"] == "ok", name
         assert float(r["ppl"]) > 1
     artifacts = {}
-    for d in (tmp_path / "runs").iterdir():
-        rec = json.loads((d / "metrics.json").read_text())
+    for rec_file in (tmp_path / "runs").glob("*/metrics.json"):
+        d = rec_file.parent
+        rec = json.loads(rec_file.read_text())
         if rec["kind"] == "finetune":
             artifacts[rec["params"]["method"]] = json.loads((d / "artifact.json").read_text())
     # L4Q and the QA-* merges leave a fully quantized model (no adapter); Q-BLoRA keeps its adapter
