@@ -343,21 +343,17 @@ def freeze_all_but(model: nn.Module, trainable: Iterable[nn.Parameter]) -> None:
         p.requires_grad_(id(p) in keep)
 
 
-def apply_l4q(model: nn.Module, bits: int = 4, group_size: int = 128, rank: int = 4,
-              alpha: float = 8.0, target_modules: Sequence[str] | None = None,
-              lsq_grad_scale: bool = False) -> nn.Module:
-    """Replace decoder-layer ``nn.Linear`` layers by ``L4QLinear``, in place; returns ``model``.
-
-    Everything except each layer's ``A, B, S, b`` is frozen (embeddings, norms, lm_head, W0).
-    """
+def wrap_linears(model: nn.Module, layer_cls: type, target_modules: Sequence[str] | None, **kw) -> nn.Module:
+    """Replace decoder-layer ``nn.Linear`` by ``layer_cls(linear, **kw)`` in place and freeze
+    everything except each new layer's ``A, B, S, b`` (shared by L4Q and QAT-LoRA)."""
     from ptqlib.quant.layers import set_module
 
     names = decoder_linear_names(model, target_modules)
     if not names:
-        raise ValueError("apply_l4q: no target nn.Linear found inside decoder layers")
+        raise ValueError(f"{layer_cls.__name__}: no target nn.Linear found inside decoder layers")
     trainable = []
     for name in names:
-        layer = L4QLinear(model.get_submodule(name), bits, group_size, rank, alpha, lsq_grad_scale)
+        layer = layer_cls(model.get_submodule(name), **kw)
         set_module(model, name, layer)
         trainable += [layer.lora_A, layer.lora_B, layer.q_scale, layer.q_offset]
     freeze_all_but(model, trainable)
@@ -365,14 +361,29 @@ def apply_l4q(model: nn.Module, bits: int = 4, group_size: int = 128, rank: int 
 
 
 @torch.no_grad()
-def export_l4q(model: nn.Module) -> nn.Module:
-    """Every ``L4QLinear`` -> ``QuantLinear`` (integer codes + S + float zeros), in place."""
+def export_layers(model: nn.Module, layer_cls: type) -> nn.Module:
+    """Every ``layer_cls`` module -> its ``.export()``, in place."""
     from ptqlib.quant.layers import set_module
 
-    names = [n for n, m in model.named_modules() if isinstance(m, L4QLinear)]
-    for name in names:
+    for name in [n for n, m in model.named_modules() if isinstance(m, layer_cls)]:
         set_module(model, name, model.get_submodule(name).export())
     return model
+
+
+def apply_l4q(model: nn.Module, bits: int = 4, group_size: int = 128, rank: int = 4,
+              alpha: float = 8.0, target_modules: Sequence[str] | None = None,
+              lsq_grad_scale: bool = False) -> nn.Module:
+    """Replace decoder-layer ``nn.Linear`` layers by ``L4QLinear``, in place; returns ``model``.
+
+    Everything except each layer's ``A, B, S, b`` is frozen (embeddings, norms, lm_head, W0).
+    """
+    return wrap_linears(model, L4QLinear, target_modules, bits=bits, group_size=group_size, rank=rank,
+                        alpha=alpha, lsq_grad_scale=lsq_grad_scale)
+
+
+def export_l4q(model: nn.Module) -> nn.Module:
+    """Every ``L4QLinear`` -> ``QuantLinear`` (integer codes + S + float zeros), in place."""
+    return export_layers(model, L4QLinear)
 
 
 def count_trainable_parameters(model: nn.Module) -> dict[str, int]:

@@ -32,12 +32,12 @@ from ptqlib.adapters.l4q import (
     _fresh,
     _ste_grads,
     compute_dtype,
-    decoder_linear_names,
+    export_layers,
     fake_quantize,
-    freeze_all_but,
     l4q_init,
     resolve_group_size,
     signed_range,
+    wrap_linears,
 )
 
 __all__ = ["FakeQuantFunction", "QATLoRALinear", "QuantLinearWithLoRA", "apply_qat_lora",
@@ -180,29 +180,13 @@ def apply_qat_lora(model: nn.Module, bits: int = 4, group_size: int = 128, rank:
                    alpha: float = 8.0, target_modules: Sequence[str] | None = None,
                    lsq_grad_scale: bool = False) -> nn.Module:
     """Replace decoder-layer ``nn.Linear`` by ``QATLoRALinear`` in place; freeze all but A, B, S, b."""
-    from ptqlib.quant.layers import set_module
-
-    names = decoder_linear_names(model, target_modules)
-    if not names:
-        raise ValueError("apply_qat_lora: no target nn.Linear found inside decoder layers")
-    trainable = []
-    for name in names:
-        layer = QATLoRALinear(model.get_submodule(name), bits, group_size, rank, alpha, lsq_grad_scale)
-        set_module(model, name, layer)
-        trainable += [layer.lora_A, layer.lora_B, layer.q_scale, layer.q_offset]
-    freeze_all_but(model, trainable)
-    return model
+    return wrap_linears(model, QATLoRALinear, target_modules, bits=bits, group_size=group_size, rank=rank,
+                        alpha=alpha, lsq_grad_scale=lsq_grad_scale)
 
 
-@torch.no_grad()
 def export_qat_lora(model: nn.Module) -> nn.Module:
     """Every ``QATLoRALinear`` -> ``QuantLinearWithLoRA`` (QuantLinear + unmerged LoRA), in place."""
-    from ptqlib.quant.layers import set_module
-
-    names = [n for n, m in model.named_modules() if isinstance(m, QATLoRALinear)]
-    for name in names:
-        set_module(model, name, model.get_submodule(name).export())
-    return model
+    return export_layers(model, QATLoRALinear)
 
 
 def save_exported(model: nn.Module, model_dir: str | Path, adapter_dir: str | Path, tokenizer=None) -> None:
