@@ -38,10 +38,16 @@ def describe(ref: str | Path) -> dict:
     return info
 
 
+def base_of(ref: str | Path, info: dict) -> str:
+    """The input an adapter artifact sits on: a sibling run dir (relative path) or a model name."""
+    p = Path(ref) / info["base"]
+    return str(p) if p.is_dir() else info["base"]
+
+
 def is_quantized(ref: str | Path) -> bool:
     info = describe(ref)
     if info["type"] in ("peft", "blora"):
-        return is_quantized(Path(ref) / info["base"])
+        return is_quantized(base_of(ref, info))
     return info["type"] in ("bnb", "quant", "qat_lora")
 
 
@@ -65,12 +71,12 @@ def load(ref: str | Path, device: str | None = None):
     elif kind == "peft":
         from ptqlib.adapters.lora_quantlinear import load_adapter
 
-        base, tok, _ = load(Path(ref) / info["base"], device)
+        base, tok, _ = load(base_of(ref, info), device)
         model = load_adapter(base, str(Path(ref) / info["adapter"]))  # works for float, bnb and QuantLinear bases
     elif kind == "blora":
         from ptqlib.adapters import blora
 
-        base, tok, _ = load(Path(ref) / info["base"], device)
+        base, tok, _ = load(base_of(ref, info), device)
         model = blora.load_adapters(base, Path(ref) / info["adapter"])
     elif kind == "qat_lora":
         from ptqlib.adapters import qat_lora
@@ -138,7 +144,7 @@ def dir_bytes(ref: str | Path) -> int:
         return sum(f.stat().st_size for f in Path(p).rglob("*.safetensors")) if isinstance(p, Path) else 0
     own = sum(f.stat().st_size for f in Path(ref).rglob("*.safetensors"))
     if "base" in info:
-        own += dir_bytes(Path(ref) / info["base"])
+        own += dir_bytes(base_of(ref, info))
     return own
 
 
