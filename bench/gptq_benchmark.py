@@ -340,9 +340,11 @@ def parse_args(argv=None):
 
 
 def git_rev() -> str | None:
+    """Short HEAD of the ptqlib checkout, ``+dirty`` when ptqlib/ has uncommitted changes."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        run = lambda *c: subprocess.run(["git", *c], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
+                                        check=True).stdout.strip()
+        return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain", "ptqlib") else "")
     except Exception:
         return None
 

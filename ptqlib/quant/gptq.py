@@ -213,6 +213,17 @@ def relative_output_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
     return float(num / den.clamp_min(1e-30))
 
 
+def _relative_output_errors(W: Tensor, W_hats: tuple[Tensor, ...], H: Tensor) -> list[float]:
+    """``relative_output_error`` of several ``W_hat`` of one ``W``, its denominator computed once."""
+    Wf = W.float()
+    den = ((Wf @ H) * Wf).sum().clamp_min(1e-30)
+    out = []
+    for W_hat in W_hats:
+        D = (W - W_hat).float()
+        out.append(float(((D @ H) * D).sum() / den))
+    return out
+
+
 # ---- whole model -------------------------------------------------------------------------------
 class _StopForward(Exception):
     """Raised by the capture hook once decoder layer 0 has its inputs: the rest is not needed."""
@@ -326,17 +337,21 @@ def gptq_quantize_model(
                 q = quantlinear_from_linear(lin, res.codes, res.scales, res.zeros, bits, group_size, res.g_idx)
                 W = lin.weight.detach().float()
                 r_codes, r_scales, r_zeros = rtn_quantize(W, bits, group_size, sym)
-                rtn = quantlinear_from_linear(lin, r_codes, r_scales, r_zeros, bits, group_size)
+                # RTN's W_hat as a QuantLinear of this dtype would hold it, without packing / unpacking
+                r_gi = torch.arange(W.shape[1], device=W.device) // (W.shape[1] // r_scales.shape[1])
+                r_scales = r_scales.to(lin.weight.dtype).float()
+                W_rtn = (r_codes.float() - r_zeros[:, r_gi]) * r_scales[:, r_gi]
                 W_hat = q.dequantize_weight(torch.float32)
+                gptq_err, rtn_err = _relative_output_errors(W, (W_hat, W_rtn), gq.H)
                 stats_layers[f"{stack_name}.{li}.{name}"] = {
-                    "gptq_rel_err": relative_output_error(W, W_hat, gq.H),
-                    "rtn_rel_err": relative_output_error(W, rtn.dequantize_weight(torch.float32), gq.H),
+                    "gptq_rel_err": gptq_err,
+                    "rtn_rel_err": rtn_err,
                     "time_s": time.perf_counter() - t0,
                     **res.info,
                 }
                 # until the layer is done, its remaining calibration forwards use q's de-quantized
-                # weight as a plain matmul (the values QuantLinear.forward computes, without unpacking
-                # the codes on every call: that was ~25 % of the whole run on CPU)
+                # weight (the values QuantLinear.forward computes) in a plain F.linear: no unpacking
+                # or per-layer dequant cache while calibrating, whatever QuantLinear.cache_dequantized
                 bias = None if lin.bias is None else lin.bias.detach()
                 set_module(layer, name, _DequantizedLinear(W_hat.to(lin.weight.dtype), bias))
                 done[name] = q
