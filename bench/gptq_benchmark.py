@@ -387,6 +387,8 @@ def main(argv=None) -> int:
         "reference_dir": str(a.reference_dir),
     }
     results: list[dict] = []
+    kb: dict = {}
+    partial = a.out.with_suffix(".partial.json")
 
     def evaluate(method, bits, model, quant_s, rel_err=None, rtn_rel_err=None, extra=None):
         t0 = time.perf_counter()
@@ -399,13 +401,16 @@ def main(argv=None) -> int:
             row["mean_rtn_rel_output_err_same_inputs"] = rtn_rel_err
         row.update(extra or {})
         results.append(row)
+        # a run is long: keep what is done so far, in case it is interrupted
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"settings": settings, "results": results, "kernel_bench": kb}, indent=2,
+                                      default=str))
         log(f"{method:9s} bits={bits}: ppl {ppl:.3f}, quant {fmt(quant_s)} s, rel out err {fmt(rel_err, '.3e')}")
         return row
 
     if "fp32" in a.methods:
         evaluate("fp32", 32, fp_model, None)
 
-    kb = {}
     if a.kernel_bench:
         names = [n.strip() for n in a.kernel_bench.split(",") if n.strip()]
         for bits in a.bits:
@@ -556,6 +561,7 @@ def main(argv=None) -> int:
     payload = {"settings": settings, "results": results, "comparison": comparison, "kernel_bench": kb,
                "targets": targets, "total_wall_s": time.perf_counter() - t_all, "markdown": table}
     a.out.write_text(json.dumps(payload, indent=2, default=str))
+    partial.unlink(missing_ok=True)
     log(f"wrote {a.out} (total {payload['total_wall_s']:.0f} s)")
     return 0
 

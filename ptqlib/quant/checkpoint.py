@@ -179,6 +179,12 @@ def load_quantized(out_dir: str | Path, device: str | torch.device = "cpu") -> n
         raise ValueError(f"keys missing from checkpoint: {missing[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    if (src / "generation_config.json").exists():
+        # from_config derives a generation config from config.json, whose use_cache is often
+        # False after training: generation would then re-run the whole prompt for every token
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(src)
     setattr(model, QUANT_INFO_ATTR, {
         "method": qc.get("meta", {}).get("method", qc["quant_method"]), "bits": bits,
         "group_size": group_size, "sym": qc.get("sym"), "desc_act": qc.get("desc_act"),

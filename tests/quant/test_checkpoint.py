@@ -62,3 +62,19 @@ def test_half_precision_state_roundtrip(tiny_model, tmp_path):
     # persistent state is bit-exact (non-persistent rotary buffers are rebuilt in float32, as
     # from_pretrained does, whereas model.to(float16) had cast them)
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_generation_config_survives_the_round_trip(tmp_path):
+    """A model whose config says use_cache=False (as after training) still generates with a cache."""
+    from transformers import GenerationConfig
+
+    from ptqlib.quant import load_quantized, rtn_quantize_model, save_quantized
+    from ptqlib.tiny import build_tiny_model
+
+    model = build_tiny_model(seed=0)
+    model.config.use_cache = False
+    model.generation_config = GenerationConfig(use_cache=True, max_new_tokens=7, pad_token_id=0)
+    rtn_quantize_model(model, bits=4, group_size=32, sym=False)
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert loaded.generation_config.use_cache is True and loaded.generation_config.max_new_tokens == 7
