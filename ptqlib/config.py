@@ -365,10 +365,14 @@ def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, l
                     check_models: bool) -> None:
     """Checks that need the whole chain: input kinds and layer sizes."""
     quantized = False
+    adapter = None  # an unmerged adapter on the current model (name of its method)
     for i, st in enumerate(stages):
         p = st.params
         swhere = f"{where}[{i}].{st.kind}"
         if st.kind == "quantize":
+            if adapter:
+                raise ConfigError(f"{path}: {swhere}: its input carries an unmerged {adapter!r} adapter; "
+                                  "set merge: true on that finetune stage (lora, qlora) to quantize the merged model")
             if quantized:
                 raise ConfigError(f"{path}: {swhere}: the input is already quantized; add a merge (finetune with merge: true) first")
             groups = [p["group_size"]] if p["method"] in ("rtn", "gptq") else []
@@ -385,6 +389,8 @@ def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, l
                 quantized = True
             if p["merge"] or m in ("qalora", "qablora"):
                 quantized = m in ("qalora", "qablora")  # lora/qlora merge -> float; qa* merge -> low-bit
+            elif m in ("lora", "qlora", "qblora", "qat_lora"):
+                adapter = m
         else:
             groups = []
         if check_models and groups:

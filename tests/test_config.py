@@ -84,6 +84,7 @@ def test_stage_id_is_content_addressed():
     ("model: tiny\npipelines:\n  a: [{finetune: qlora}]\n", ["pipelines.a[0].finetune.method", "quantize stage before"]),
     ("model: tiny\npipelines:\n  a: [{quantize: nf4}, {finetune: full}]\n", ["pipelines.a[1].finetune.method", "quantized"]),
     ("model: tiny\npipelines:\n  a: [{quantize: {method: rtn, bits: four}}]\n", ["quantize.bits", "'four'", "int"]),
+    ("model: tiny\npipelines:\n  a: [{finetune: lora}, {quantize: rtn}]\n", ["pipelines.a[1].quantize", "unmerged 'lora'", "merge: true"]),
     ("model: tiny\npipelines:\n  a: [{evaluate: {}}]\n", ["unknown stage 'evaluate'"]),
     ("model: tiny\npipelines:\n  a: []\nclaims: [{claim: x, a: a, b: nope, metric: ppl}]\n", ["claims[0].b", "'nope'"]),
     ("model: tiny\npipelines:\n  a: []\nclaims: [{claim: x, a: a, b: a, metric: ppl, relation: '<'}]\n",

@@ -149,7 +149,7 @@ def test_kill_and_resume(smoke, tmp_path):
           evaluate: {ppl_samples: 2, ppl_seq_len: 64, task_samples: 2, max_new_tokens: 8, batch_size: 2}
         pipelines:
           p:
-            - finetune: {method: lora, steps: 2, batch_size: 2, train_samples: 4, max_length: 128}
+            - finetune: {method: lora, steps: 2, batch_size: 2, train_samples: 4, max_length: 128, merge: true}
             - quantize: {method: rtn, bits: 4, group_size: 32}
     """))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
