@@ -118,16 +118,25 @@ class Runner:
                     want.append(sid)
         return want
 
+    def to_run(self, plan: list[str], force: bool = False) -> list[str]:
+        """Stages of ``plan`` that must run: forced, unfinished, or with an input that runs
+        (a finished record describes an output made from the old input)."""
+        todo: list[str] = []
+        for sid in plan:
+            if force or not self.finished(sid) or self.nodes[sid].input_id in todo:
+                todo.append(sid)
+        return todo
+
     def describe(self, only: list[str] | None = None, force: bool = False) -> str:
         lines = [f"study {self.study.name!r} ({self.study.path}): {len(self.selected(only))} pipelines"]
         plan = self.plan(only)
+        todo = set(self.to_run(plan, force))
         for pl in self.selected(only):
             parts = []
             for sid in self.chains[pl.name]:
-                state = "to run" if force or not self.finished(sid) else "cached"
-                parts.append(f"{self.nodes[sid].label()} [{sid} {state}]")
+                parts.append(f"{self.nodes[sid].label()} [{sid} {'to run' if sid in todo else 'cached'}]")
             lines.append(f"  {pl.name}: " + " -> ".join(parts))
-        cached = sum(1 for s in plan if self.finished(s) and not force)
+        cached = len(plan) - len(todo)
         lines.append(f"{len(plan)} distinct stages: {cached} cached, {len(plan) - cached} to run")
         return "\n".join(lines)
 
@@ -146,7 +155,7 @@ class Runner:
         plan = self.plan(only)
         status: dict[str, str] = {}
         t_all = time.time()
-        todo = [s for s in plan if force or not self.finished(s)]
+        todo = self.to_run(plan, force)
         log.info("study %s: %d stages, %d cached, %d to run", self.study.name, len(plan), len(plan) - len(todo), len(todo))
         n = 0
         for sid in plan:
