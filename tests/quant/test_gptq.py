@@ -133,6 +133,21 @@ def test_gptq_quantize_model_tiny(tiny_model, device, tmp_path):
         assert torch.equal(loaded(x).logits, logits)
 
 
+def test_gptq_diagnostics_off_gives_the_same_model(tiny_model):
+    """The per-linear error diagnostics only observe: turning them off changes no code."""
+    import copy
+
+    torch.manual_seed(0)
+    calib = [torch.randint(0, 1024, (1, 32)) for _ in range(3)]
+    with_diag, without = tiny_model, copy.deepcopy(tiny_model)
+    st_on = gptq_quantize_model(with_diag, calib, bits=3, group_size=32, progress=False)
+    st_off = gptq_quantize_model(without, calib, bits=3, group_size=32, progress=False, diagnostics=False)
+    assert st_on["diagnostics_s"] > 0 and st_off["diagnostics_s"] == 0
+    assert st_off["mean_gptq_rel_err"] is None and "gptq_rel_err" not in st_off["layers"]["model.layers.0.mlp.up_proj"]
+    a, b = with_diag.state_dict(), without.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_gptq_model_rejects_bad_group_size(tiny_model):
     with pytest.raises(ValueError):
         gptq_quantize_model(tiny_model, [torch.randint(0, 1024, (1, 8))], group_size=96, progress=False)
