@@ -47,6 +47,32 @@ def summarise(results: pd.DataFrame, metrics: list[str] | None = None) -> pd.Dat
     return agg
 
 
+def mean_pm(results: pd.DataFrame, metrics: list[str], digits: int = 3) -> pd.DataFrame:
+    """Compact ``"mean ± sd"`` table, one row per pipeline family in study order, for reports.
+
+    ``sd`` is the seed-to-seed standard deviation; with one run it is left out (``"0.875"``).
+    Families without a finished run are dropped; a metric the study lacks is an error.
+    """
+    missing = [m for m in metrics if m not in results]
+    if missing:
+        raise KeyError(f"no column {missing} in the results; available: {sorted(results.columns)}")
+    df = results[results["status"] == "ok"] if "status" in results else results
+    rows = {}
+    for fam in dict.fromkeys(df["family"]):  # first-seen order = the study file's order
+        sub = df[df["family"] == fam]
+        cells = {"n": len(sub)}
+        for m in metrics:
+            v = pd.to_numeric(sub[m], errors="coerce").dropna()
+            if not len(v):
+                cells[m] = ""
+            elif len(v) == 1:
+                cells[m] = f"{v.iloc[0]:.{digits}f}"
+            else:
+                cells[m] = f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+        rows[fam] = cells
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def _stats(df: pd.DataFrame, family: str, metric: str) -> tuple[float, float, int, bool]:
     sub = df[df["family"] == family]
     vals = pd.to_numeric(sub[metric], errors="coerce").dropna() if metric in sub else pd.Series(dtype=float)

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from ptqlib.analysis import check_claims, summarise
+from ptqlib.analysis import check_claims, mean_pm, summarise
 
 
 def results(a_vals, b_vals, metric="field_f1", trains=True):
@@ -45,3 +45,13 @@ def test_summarise_mean_std():
     s = summarise(results([0.8, 0.6], [0.5, 0.5]), ["field_f1"])
     assert s.loc[("a", "m"), ("field_f1", "mean")] == pytest.approx(0.7)
     assert s.loc[("a", "m"), ("field_f1", "count")] == 2
+
+
+def test_mean_pm_table():
+    df = results([0.8, 0.6], [0.5], trains=False)
+    t = mean_pm(df, ["field_f1"], digits=2)
+    assert list(t.index) == ["a", "b"]  # study order
+    assert t.loc["a", "field_f1"] == "0.70 ± 0.14" and t.loc["b", "field_f1"] == "0.50"
+    assert t.loc["a", "n"] == 2
+    with pytest.raises(KeyError, match="rouge_l"):
+        mean_pm(df, ["rouge_l"])
