@@ -552,10 +552,11 @@ def main(argv=None) -> int:
         for t in targets:
             lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'NO'} |")
     lines += ["", "Notes: quant time of GPTQ = whole-model wall time (layer-0 capture, calibration forwards, "
-                  "GPTQ); ours includes its per-linear diagnostics (RTN comparison, two output errors, packing), "
-                  "the reference's excludes the output-error bookkeeping done by this script. 'per-linear GPTQ' = "
-                  "time inside GPTQ.quantize (+ its diagnostics) / fasterquant; CPU time = process CPU seconds of the whole "
-                  "GPTQ call (both incl. diagnostics). RTN output error: computed by "
+                  "GPTQ, packing); both exclude diagnostics the other does not compute: ours its per-linear RTN "
+                  "comparison and output errors (`diagnostics_s`, reported separately), the reference's the "
+                  "output-error bookkeeping done by this script. 'per-linear GPTQ' = time inside GPTQ.quantize + "
+                  "packing / fasterquant; CPU time = process CPU seconds of the whole GPTQ call (both incl. "
+                  "diagnostics). RTN output error: computed by "
                   "ptqlib's GPTQ on the same sequential inputs. NF4 time: load + quantize. "
                   "Weight error: ||W - W_hat||_F / ||W||_F."]
     table = "\n".join(lines)
