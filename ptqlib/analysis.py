@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-LOWER_IS_BETTER = {"ppl", "size_mb_deploy", "size_mb_stored", "train_seconds", "step_seconds", "peak_mem_mb"}
+LOWER_IS_BETTER = {"ppl", "size_mb_deploy", "size_mb_stored", "train_seconds", "step_seconds", "peak_mem_mb",
+                   "train_loss_last"}
 RELATIONS = (">", ">=", "==")
 QUALITY = ["ppl", "exact_match", "field_f1", "rouge_l", "fact_precision", "fact_recall"]
 COST = ["size_mb_deploy", "size_mb_stored", "gen_tokens_per_s", "finetune.train_seconds", "finetune.peak_mem_mb",
@@ -86,7 +87,8 @@ def verdict(claim: Claim, results: pd.DataFrame) -> dict:
     """The measured difference, the spread and holds / does not hold / undecided."""
     ma, sa, na, _ = _stats(results, claim.a, claim.metric)
     mb, sb, nb, _ = _stats(results, claim.b, claim.metric)
-    sign = -1.0 if claim.metric in LOWER_IS_BETTER else 1.0
+    # stage-prefixed columns ("finetune.peak_mem_mb") are judged by their metric's name
+    sign = -1.0 if claim.metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER else 1.0
     d = sign * (ma - mb)
     spread = max(sa, sb) if not (math.isnan(sa) or math.isnan(sb)) else math.nan
     row = {"claim": claim.claim, "a": claim.a, "b": claim.b, "metric": claim.metric, "relation": claim.relation,

@@ -35,6 +35,13 @@ def test_lower_is_better_metric_flips_sign():
     assert t.loc[0, "verdict"] == "holds" and t.loc[0, "difference"] < 0
 
 
+def test_prefixed_lower_is_better_metric():
+    df = results([0.1, 0.12], [0.9, 0.95], metric="finetune.train_loss_last")
+    t = check_claims([{"claim": "a fits better", "a": "a", "b": "b", "metric": "finetune.train_loss_last",
+                       "relation": ">"}], df)
+    assert t.loc[0, "verdict"] == "holds"
+
+
 def test_deterministic_pipelines_have_zero_spread():
     df = results([0.7], [0.5], trains=False)  # no training: one run is the whole distribution
     t = check_claims([{"claim": "c", "a": "a", "b": "b", "metric": "field_f1", "relation": ">"}], df)
