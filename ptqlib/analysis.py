@@ -1,4 +1,4 @@
-"""Analysis of a study: per-pipeline summaries over seeds, claims with verdicts, plots.
+"""Analysis of a study: per-pipeline summaries over seeds, claims with confidence intervals, plots.
 
 Claims are declared in the study file::
 
@@ -8,23 +8,38 @@ Claims are declared in the study file::
         b: ft_nf4                             # ... and on the right
         metric: field_f1                      # a column of results.csv
         relation: ">"                         # ">" beats, ">=" matches or beats, "==" unchanged
+        min_effect: 0.02                      # optional: the smallest difference that counts
 
-Verdict rule (the one the study promises): ``d = mean(a) - mean(b)``, sign-flipped for metrics
-where lower is better (perplexity), and ``spread`` = the larger of the two pipelines' seed-to-seed
-standard deviations. A difference counts only when ``|d| > spread``. With fewer than 2 seeds on a
-pipeline that trains, the spread is unknown and the verdict is "undecided".
+Verdict rule. ``d = stat(a) - stat(b)`` on the pooled units (task examples or perplexity
+windows) of all paired seeds, with a 95% *paired hierarchical bootstrap* interval: each
+replicate resamples the seeds, then the examples (the same draw for a and b, so the pair is
+compared example by example), and recomputes the metric from its units (``metrics.statistic``:
+means, micro-averaged ratios, exp of the mean NLL). Seeds pair by value; a pipeline that does not
+train (one run) pairs with every seed of the other. Metrics without units (size, speed, training
+loss) are bootstrapped over seeds only. With ``m = min_effect`` and the interval ``[lo, hi]`` of
+the signed difference (sign-flipped where lower is better, so positive means "a is better"):
+
+- ``>``: holds if ``lo > m``, does not hold if ``hi < m``;
+- ``>=``: holds if ``lo > -m``, does not hold if ``hi < -m`` (non-inferiority with margin m);
+- ``==``: holds if ``-m <= lo`` and ``hi <= m``, does not hold if ``lo > m`` or ``hi < -m``;
+
+and undecided otherwise: the interval contains the boundary, so the data cannot tell.
+The RNG seed is fixed, so a report is reproducible.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
-LOWER_IS_BETTER = {"ppl", "size_mb_deploy", "size_mb_stored", "train_seconds", "step_seconds", "peak_mem_mb",
+from ptqlib.metrics import Statistic, statistic
+
+LOWER_IS_BETTER = {"ppl", "ppl_stdlib", "size_mb_deploy", "size_mb_stored", "train_seconds", "step_seconds", "peak_mem_mb",
                    "train_loss_last"}
 RELATIONS = (">", ">=", "==")
-QUALITY = ["ppl", "exact_match", "field_f1", "rouge_l", "fact_precision", "fact_recall"]
+QUALITY = ["ppl", "ppl_stdlib", "exact_match", "field_f1", "rouge_l", "fact_precision", "fact_recall"]
 COST = ["size_mb_deploy", "size_mb_stored", "gen_tokens_per_s", "finetune.train_seconds", "finetune.peak_mem_mb",
         "quantize.quant_seconds"]
 
@@ -36,6 +51,7 @@ class Claim:
     b: str
     metric: str
     relation: str = ">"
+    min_effect: float = 0.0
 
 
 def summarise(results: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
@@ -74,40 +90,145 @@ def mean_pm(results: pd.DataFrame, metrics: list[str], digits: int = 3) -> pd.Da
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def _stats(df: pd.DataFrame, family: str, metric: str) -> tuple[float, float, int, bool]:
-    sub = df[df["family"] == family]
-    vals = pd.to_numeric(sub[metric], errors="coerce").dropna() if metric in sub else pd.Series(dtype=float)
-    trains = bool(sub["stages"].str.contains("finetune").any()) if "stages" in sub and len(sub) else False
-    n_seeds = sub["seed"].nunique() if "seed" in sub else 1
-    std = float(vals.std(ddof=1)) if len(vals) > 1 and n_seeds > 1 else (0.0 if not trains else math.nan)
-    return (float(vals.mean()) if len(vals) else math.nan), std, len(vals), trains
+def lower_is_better(metric: str) -> bool:
+    """Perplexities, sizes, times and losses; stage-prefixed columns ("finetune.peak_mem_mb") by their name."""
+    name = metric.rsplit(".", 1)[-1]
+    return name in LOWER_IS_BETTER or name.startswith("ppl_") and name != "ppl_seconds"
 
 
-def verdict(claim: Claim, results: pd.DataFrame) -> dict:
-    """The measured difference, the spread and holds / does not hold / undecided."""
-    ma, sa, na, _ = _stats(results, claim.a, claim.metric)
-    mb, sb, nb, _ = _stats(results, claim.b, claim.metric)
-    # stage-prefixed columns ("finetune.peak_mem_mb") are judged by their metric's name
-    sign = -1.0 if claim.metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER else 1.0
-    d = sign * (ma - mb)
-    spread = max(sa, sb) if not (math.isnan(sa) or math.isnan(sb)) else math.nan
-    row = {"claim": claim.claim, "a": claim.a, "b": claim.b, "metric": claim.metric, "relation": claim.relation,
-           "mean_a": ma, "mean_b": mb, "difference": ma - mb, "spread": spread, "n_a": na, "n_b": nb}
-    if na == 0 or nb == 0 or math.isnan(d):
+def _runs(results: pd.DataFrame, family: str) -> pd.DataFrame:
+    df = results[results["status"] == "ok"] if "status" in results else results
+    return df[df["family"] == family]
+
+
+def _seed_pairs(ra: pd.DataFrame, rb: pd.DataFrame) -> list[tuple[int, int]]:
+    """Seeds to compare (seed of a, seed of b): equal seeds, or a single run against each seed."""
+    sa, sb = sorted(set(ra["seed"])), sorted(set(rb["seed"]))
+    if len(sa) == 1 and len(sb) > 1 and len(ra) == 1:
+        return [(sa[0], s) for s in sb]
+    if len(sb) == 1 and len(sa) > 1 and len(rb) == 1:
+        return [(s, sb[0]) for s in sa]
+    if len(sa) == len(sb) == 1:
+        return [(sa[0], sb[0])]
+    return [(s, s) for s in sa if s in sb]
+
+
+def _unit_arrays(units: pd.DataFrame, family: str, seeds: list[int], st: Statistic) -> tuple[np.ndarray, np.ndarray]:
+    """(num, den), each (n_seeds, n_units), of one family's units for ``seeds`` in order."""
+    sub = units[(units["family"] == family) & (units["group"] == st.group)]
+    nums, dens = [], []
+    for s in seeds:
+        rows = sub[sub["seed"] == s].sort_values("unit")
+        nums.append(rows[st.num].to_numpy(float))
+        dens.append(rows[st.den].to_numpy(float) if st.den else np.ones(len(rows)))
+    return np.stack(nums), np.stack(dens)
+
+
+def paired_bootstrap(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den_b: np.ndarray, st: Statistic,
+                     n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(difference, lo, hi): ``st(a) - st(b)`` on all units and its paired hierarchical bootstrap interval.
+
+    Inputs are (S, N): S paired seeds (row i of a with row i of b), N paired units. Each replicate
+    draws S seeds and then N units with replacement, one draw shared by a and b; the statistic is
+    recomputed from the drawn units' pooled sums (``transform(sum num / sum den)``).
+    """
+    rng = np.random.default_rng(seed)
+    S, N = num_a.shape
+    ws = rng.multinomial(S, np.full(S, 1 / S), size=n_boot).astype(float)  # (B, S) seed counts
+    we = rng.multinomial(N, np.full(N, 1 / N), size=n_boot).astype(float)  # (B, N) unit counts
+
+    def stat(num, den, w_s, w_e):
+        ratio = np.einsum("bs,sn,bn->b", w_s, num, w_e) / np.einsum("bs,sn,bn->b", w_s, den, w_e)
+        return np.exp(ratio) if st.exp else ratio
+
+    one_s, one_e = np.ones((1, S)), np.ones((1, N))
+    d = float(stat(num_a, den_a, one_s, one_e)[0] - stat(num_b, den_b, one_s, one_e)[0])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reps = stat(num_a, den_a, ws, we) - stat(num_b, den_b, ws, we)
+    reps = reps[np.isfinite(reps)]
+    if not len(reps):
+        return d, math.nan, math.nan
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(reps, [alpha, 1 - alpha])
+    return d, float(lo), float(hi)
+
+
+def decide(relation: str, lo: float, hi: float, min_effect: float = 0.0) -> str:
+    """holds / does not hold / undecided from the interval of the signed difference (see the module doc)."""
+    m = min_effect
+    if math.isnan(lo) or math.isnan(hi):
+        return "undecided (no interval)"
+    if relation == ">":
+        return "holds" if lo > m else ("does not hold" if hi < m else "undecided (interval contains the boundary)")
+    if relation == ">=":
+        return "holds" if lo > -m else ("does not hold" if hi < -m else "undecided (interval contains the boundary)")
+    if relation == "==":
+        if -m <= lo and hi <= m:
+            return "holds"
+        return "does not hold" if (lo > m or hi < -m) else "undecided (interval contains the boundary)"
+    raise ValueError(f"relation {relation!r}; valid: {', '.join(RELATIONS)}")
+
+
+def _seed_sd(runs: pd.DataFrame, metric: str) -> float:
+    v = pd.to_numeric(runs[metric], errors="coerce").dropna() if metric in runs else pd.Series(dtype=float)
+    return float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = None, n_boot: int = 2000,
+            seed: int = 0) -> dict:
+    """The difference a - b, its 95% paired bootstrap interval, the seed spread and the verdict."""
+    ra, rb = _runs(results, claim.a), _runs(results, claim.b)
+    row: dict = {"claim": claim.claim, "a": claim.a, "b": claim.b, "metric": claim.metric, "relation": claim.relation,
+                 "min_effect": claim.min_effect}
+    nan = math.nan
+    row.update(mean_a=nan, mean_b=nan, difference=nan, ci_low=nan, ci_high=nan,
+               seed_sd=max(_seed_sd(ra, claim.metric), _seed_sd(rb, claim.metric)), n_seeds=0, n_examples=0)
+    pairs = _seed_pairs(ra, rb) if len(ra) and len(rb) else []
+    if not pairs or claim.metric not in results:
         row["verdict"] = "undecided (no data)"
-    elif math.isnan(spread):
-        row["verdict"] = "undecided (needs >= 2 seeds)"
-    elif claim.relation == ">":
-        row["verdict"] = "holds" if d > spread else ("does not hold" if d < -spread else "undecided (within noise)")
-    elif claim.relation == ">=":
-        row["verdict"] = "holds" if d >= -spread else "does not hold"
-    else:  # "=="
-        row["verdict"] = "holds" if abs(d) <= spread else "does not hold"
+        return row
+    sa, sb = [p[0] for p in pairs], [p[1] for p in pairs]
+    st = statistic(claim.metric)
+    have_units = (st is not None and units is not None and len(units) and st.num in units
+                  and {claim.a, claim.b} <= set(units.loc[units["group"] == st.group, "family"]))
+    if have_units:
+        num_a, den_a = _unit_arrays(units, claim.a, sa, st)
+        num_b, den_b = _unit_arrays(units, claim.b, sb, st)
+        if num_a.shape != num_b.shape:
+            row["verdict"] = f"undecided (unpaired units: {num_a.shape} vs {num_b.shape})"
+            return row
+        row["n_examples"] = num_a.shape[1]
+    else:  # a run-level metric: one unit per run, resampled over seeds only
+        st = Statistic("run", "value")
+        trains = any(r["stages"].str.contains("finetune").any() for r in (ra, rb) if "stages" in r)
+        if trains and len(pairs) < 2:
+            row["verdict"] = "undecided (needs >= 2 seeds)"
+            return row
+
+        def col(runs, seeds):
+            v = runs.drop_duplicates("seed").set_index("seed")[claim.metric]
+            return pd.to_numeric(v.reindex(seeds), errors="coerce").to_numpy(float)[:, None]
+
+        num_a, num_b = col(ra, sa), col(rb, sb)
+        den_a = den_b = np.ones_like(num_a)
+        if np.isnan(num_a).any() or np.isnan(num_b).any():
+            row["verdict"] = "undecided (no data)"
+            return row
+    row["n_seeds"] = len(pairs)
+    row["mean_a"] = st(num_a.ravel(), den_a.ravel()) if st.den else float(num_a.mean())
+    row["mean_b"] = st(num_b.ravel(), den_b.ravel()) if st.den else float(num_b.mean())
+    d, lo, hi = paired_bootstrap(num_a, den_a, num_b, den_b, st, n_boot, seed)
+    row.update(difference=d, ci_low=lo, ci_high=hi)
+    sign = -1.0 if lower_is_better(claim.metric) else 1.0
+    slo, shi = sorted((sign * lo, sign * hi))
+    row["verdict"] = decide(claim.relation, slo, shi, claim.min_effect)
     return row
 
 
-def check_claims(claims: list[dict], results: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame([verdict(Claim(**c), results) for c in claims])
+def check_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame | None = None,
+                 n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per claim (see :func:`verdict`); the bootstrap's RNG seed is fixed for reproducible reports."""
+    return pd.DataFrame([verdict(Claim(**c), results, units, n_boot, seed) for c in claims])
 
 
 def plot_metrics(results: pd.DataFrame, metrics: list[str], title: str = ""):

@@ -40,6 +40,8 @@ FT_METHODS = ("full", "lora", "qlora", "l4q", "qat_lora", "qblora", "qalora", "q
 FT_NEEDS_QUANT_INPUT = ("qlora", "qblora", "qalora", "qablora")  # adapters on a frozen quantized base
 FT_NEEDS_FLOAT_INPUT = ("full", "lora", "l4q", "qat_lora")
 FT_BITS = (2, 3, 4, 8)  # l4q / qat_lora
+GROUPED_FT = ("l4q", "qat_lora", "qalora", "qablora")  # fine-tuning methods with a quantization group
+DEFAULT_FT_GROUP = 64  # l4q / qat_lora when group_size is left at 0
 
 
 def _choice(name: str, value: Any, valid) -> None:
@@ -107,7 +109,7 @@ class FinetuneParams:
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # layers that get adapters
     merge: bool = False  # lora/qlora: merge the adapter into (de-quantized) weights -> a float model
     bits: int = 4  # l4q/qat_lora: weight bits
-    group_size: int = 64  # l4q/qat_lora/qalora/qablora: quantization group (qa*: the base's)
+    group_size: int = 0  # l4q/qat_lora: quantization group (0 = 64, -1 = whole row); qalora/qablora: as the quantized base (0 = take it from the base; another value is an error); other methods: leave 0
     pool: int = 0  # qblora/qablora: input pool factor (0 = the method's default)
     repeat: int = 0  # qblora/qablora: output repeat factor (0 = the method's default)
 
@@ -123,8 +125,13 @@ class FinetuneParams:
             raise ConfigError(f"dropout: {self.dropout!r} must be in [0, 1)")
         if self.method in ("l4q", "qat_lora"):
             _choice("bits", self.bits, FT_BITS)
-        if self.group_size != -1:
-            _positive("group_size", self.group_size)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < -1:
+            raise ConfigError(f"group_size: {self.group_size!r} must be -1, 0 (the method's default) or a positive integer")
+        if self.group_size and self.method not in GROUPED_FT:
+            raise ConfigError(f"group_size: {self.group_size!r} has no effect on method {self.method!r}; it applies to "
+                              f"{', '.join(GROUPED_FT)} only (leave it out)")
+        if self.method in ("l4q", "qat_lora") and self.group_size == 0:
+            self.group_size = DEFAULT_FT_GROUP
         if not isinstance(self.target_modules, list) or not self.target_modules:
             raise ConfigError(f"target_modules: {self.target_modules!r} must be a non-empty list of layer names")
         if self.merge and self.method not in ("lora", "qlora"):
@@ -135,11 +142,12 @@ class FinetuneParams:
 class EvaluateParams:
     """Held-out perplexity, task accuracy from greedy generation, size and speed."""
 
-    ppl_samples: int = 16  # held-out pydoc windows
+    ppl_samples: int = 64  # held-out windows per perplexity source
     ppl_seq_len: int = 256  # tokens per window
-    task_samples: int = 32  # held-out task examples generated greedily
+    ppl_sources: list = field(default_factory=lambda: ["pydoc", "stdlib"])  # held-out text: pydoc (language reference -> ppl), stdlib (library source code -> ppl_stdlib)
+    task_samples: int = 128  # held-out task examples generated greedily
     max_new_tokens: int = 64  # generation length limit
-    batch_size: int = 8  # generation / perplexity batch size
+    batch_size: int = 32  # generation / perplexity batch size
     lm_eval_tasks: list = field(default_factory=list)  # lm-eval tasks or presets (mmlu, commonsense); needs the lmeval extra
     lm_eval_fewshot: int = -1  # lm-eval few-shot examples (-1: the task's default; MMLU is usually 5)
     lm_eval_limit: int = 0  # lm-eval examples per task (0: all)
@@ -152,14 +160,20 @@ class EvaluateParams:
             raise ConfigError(f"lm_eval_include: {self.lm_eval_include!r} is not a directory")
         for k in ("ppl_samples", "ppl_seq_len", "max_new_tokens", "batch_size"):
             _positive(k, getattr(self, k))
+        from ptqlib.data import TEXT_SOURCES
+
+        if (not isinstance(self.ppl_sources, list) or not self.ppl_sources
+                or any(s not in TEXT_SOURCES for s in self.ppl_sources) or len(set(self.ppl_sources)) < len(self.ppl_sources)):
+            raise ConfigError(f"ppl_sources: {self.ppl_sources!r} must be a non-empty list of distinct text sources; "
+                              f"valid: {', '.join(TEXT_SOURCES)}")
         if not isinstance(self.task_samples, int) or self.task_samples < 0:
             raise ConfigError(f"task_samples: {self.task_samples!r} must be an integer >= 0")
 
 
 STAGE_PARAMS = {"quantize": QuantizeParams, "finetune": FinetuneParams, "evaluate": EvaluateParams}
-LIST_KEYS = {"target_modules", "lm_eval_tasks"}  # list-valued by nature: never a grid axis
+LIST_KEYS = {"target_modules", "lm_eval_tasks", "ppl_sources"}  # list-valued by nature: never a grid axis
 TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims"}
-CLAIM_KEYS = {"claim", "a", "b", "metric", "relation"}
+CLAIM_KEYS = {"claim", "a", "b", "metric", "relation", "min_effect"}
 
 
 @dataclass
@@ -358,6 +372,11 @@ def load_study(path: str | Path, check_models: bool = True) -> Study:
         c.setdefault("relation", ">")
         if c["relation"] not in (">", ">=", "=="):
             raise ConfigError(f"{path}: claims[{i}].relation: {c['relation']!r}; valid: >, >=, ==")
+        m = c.setdefault("min_effect", 0.0)
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or m < 0:
+            raise ConfigError(f"{path}: claims[{i}].min_effect: {m!r} must be a number >= 0 (the smallest difference "
+                              "that counts, in the metric's units)")
+        c["min_effect"] = float(m)
     return Study(name, path, str(raw.get("description", "")), pipelines, claims)
 
 
@@ -365,6 +384,7 @@ def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, l
                     check_models: bool) -> None:
     """Checks that need the whole chain: input kinds and layer sizes."""
     quantized = False
+    base_group: int | None = None  # group size of the current model's uniform grid (rtn/gptq/l4q), None if none
     adapter = None  # an unmerged adapter on the current model (name of its method)
     for i, st in enumerate(stages):
         p = st.params
@@ -376,6 +396,7 @@ def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, l
             if quantized:
                 raise ConfigError(f"{path}: {swhere}: the input is already quantized; add a merge (finetune with merge: true) first")
             groups = [p["group_size"]] if p["method"] in ("rtn", "gptq") else []
+            base_group = p["group_size"] if p["method"] in ("rtn", "gptq") else None
             quantized = True
         elif st.kind == "finetune":
             m = p["method"]
@@ -384,11 +405,23 @@ def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, l
             if m in FT_NEEDS_FLOAT_INPUT and quantized:
                 raise ConfigError(f"{path}: {swhere}.method: {m!r} needs a float model but its input is quantized; "
                                   f"valid on a quantized input: {', '.join(FT_NEEDS_QUANT_INPUT)}")
-            groups = [p["group_size"]] if m in ("l4q", "qat_lora", "qalora", "qablora") else []
+            if m in ("qalora", "qablora"):
+                # QA-*'s pooling is the base's quantization group (that is what makes the merge exact)
+                if base_group is None:
+                    raise ConfigError(f"{path}: {swhere}.method: {m!r} merges into a uniform (rtn / gptq) grid; "
+                                      "its input is not one (quantize with method rtn or gptq first)")
+                if p["group_size"] not in (0, base_group):
+                    raise ConfigError(f"{path}: {swhere}.group_size: {p['group_size']} differs from the quantized "
+                                      f"base's group_size {base_group}; {m} pools over the base's groups, so leave "
+                                      f"group_size out or set it to {base_group}")
+                p["group_size"] = base_group  # resolved: the stage id and label carry the real value
+            groups = [p["group_size"]] if m in ("l4q", "qat_lora") else []
             if m in ("l4q", "qat_lora"):
                 quantized = True
+                base_group = p["group_size"]
             if p["merge"] or m in ("qalora", "qablora"):
                 quantized = m in ("qalora", "qablora")  # lora/qlora merge -> float; qa* merge -> low-bit
+                base_group = base_group if quantized else None
             elif m in ("lora", "qlora", "qblora", "qat_lora"):
                 adapter = m
         else:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from ptqlib.errors import ConfigError
 
-TEXT_SOURCES = ("pydoc",)
-TASKS = ("meetings",)
+TEXT_SOURCES = ("pydoc", "stdlib")
+TASKS = ("meetings", "meetings-hard")
 TASK_PREFIXES = ("jsonl:", "hf:")
 
 
@@ -52,19 +52,47 @@ def pydoc_split() -> tuple[dict[str, str], dict[str, str]]:
     return train, held
 
 
+# Held-out source code: whole modules of CPython's standard library, a second real-text domain
+# for perplexity (code, not prose). A fixed list, so every run scores the same files; none of
+# them is used for calibration (that is pydoc train text).
+STDLIB_MODULES = ("argparse", "textwrap", "fractions", "heapq", "bisect", "calendar", "csv", "difflib", "shlex",
+                  "string", "statistics", "dataclasses", "functools", "graphlib", "ipaddress", "configparser")
+
+
+def stdlib_text() -> str:
+    """The source of :data:`STDLIB_MODULES`, concatenated (this interpreter's standard library)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts = []
+    for name in STDLIB_MODULES:
+        f = root / f"{name}.py"
+        if f.is_file():
+            parts.append(f"# file: {name}.py\n" + f.read_text(encoding="utf-8"))
+    if not parts:
+        raise ConfigError(f"text source 'stdlib': no module of {STDLIB_MODULES} found under {root}")
+    return "\n\n".join(parts)
+
+
 def text_windows(tokenizer, split: str, seq_len: int, n: int, seed: int = 0, source: str = "pydoc"):
     """``n`` token windows of length ``seq_len`` as a LongTensor (n, seq_len).
 
-    ``split='train'``: random windows of the training topics (calibration; depends on ``seed``).
-    ``split='test'``: consecutive non-overlapping windows of the held-out topics (perplexity;
-    the same for every seed, so every pipeline is scored on identical tokens).
+    ``split='train'``: random windows of the training topics (calibration; depends on ``seed``;
+    pydoc only). ``split='test'``: consecutive non-overlapping windows of the held-out text
+    (perplexity; the same for every seed, so every pipeline is scored on identical tokens):
+    the held-out pydoc topics, or for ``source='stdlib'`` the modules of :data:`STDLIB_MODULES`.
     """
     import torch
 
     if source not in TEXT_SOURCES:
         raise ConfigError(f"unknown text source {source!r}; valid: {', '.join(TEXT_SOURCES)}")
-    train, held = pydoc_split()
-    text = "\n\n".join((train if split == "train" else held).values())
+    if source == "stdlib":
+        if split == "train":
+            raise ConfigError("text source 'stdlib' is held-out text only; calibrate on 'pydoc'")
+        text = stdlib_text()
+    else:
+        train, held = pydoc_split()
+        text = "\n\n".join((train if split == "train" else held).values())
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if split == "train":
         g = torch.Generator().manual_seed(seed)
@@ -72,7 +100,7 @@ def text_windows(tokenizer, split: str, seq_len: int, n: int, seed: int = 0, sou
         return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
     n_avail = len(ids) // seq_len
     if n > n_avail:
-        raise ConfigError(f"held-out text has only {n_avail} windows of {seq_len} tokens; asked for {n}")
+        raise ConfigError(f"held-out {source} text has only {n_avail} windows of {seq_len} tokens; asked for {n}")
     return ids[: n * seq_len].view(-1, seq_len)[:n]
 
 
@@ -97,6 +125,11 @@ FIELDS = ("customer", "product", "quantity", "unit_price", "deadline", "owner", 
 MEETINGS_INSTRUCTION = (
     "Summarise the sales call below as 7 lines 'field: value' with the fields "
     "customer, product, quantity, unit_price, deadline, owner, decision.\n\n"
+)
+MEETINGS_HARD_INSTRUCTION = (
+    "Summarise the sales call below as 7 lines 'field: value' with the fields "
+    "customer, product, quantity, unit_price, deadline, owner, decision. "
+    "When something changes during the call, give the last agreed value.\n\n"
 )
 
 
@@ -125,10 +158,77 @@ def _meeting(rng: random.Random) -> Example:
     return Example(prompt=MEETINGS_INSTRUCTION + source, completion=completion, source=source, fields=fields)
 
 
-def meetings(split: str, n: int) -> list[Example]:
+# ---------------------------------------------------------------------------------------------
+# the harder variant: meetings-hard
+
+_SMALLTALK = [
+    "{x}: Before we start, {oc} placed an order for {n} units of the {op} last week.",
+    "{x}: Quick note, the {op} is on backorder until {od} {om}, but that is a different deal.",
+    "{x}: For reference, {oc} paid ${n2} per unit for the {op} last quarter.",
+    "{x}: Our team is also meeting {oc} on {od} {om} about {n} units.",
+]
+
+
+def _meeting_hard(rng: random.Random) -> Example:
+    """A call with corrections and distractors: the answer is the *last agreed* value of each field.
+
+    Against ``meetings`` this adds (each independently, so fields differ in difficulty): the
+    quantity revised mid-call, a second price concession, a deadline moved (or a move refused),
+    the follow-up handed from one person to another, a third participant, and two lines of
+    small talk with other customers, products, numbers and dates that belong to no field.
+    """
+    c, p = rng.choice(_CUSTOMERS), rng.choice(_PRODUCTS)
+    oc = rng.choice([x for x in _CUSTOMERS if x != c])
+    op = rng.choice([x for x in _PRODUCTS if x != p])
+    a, b, x = rng.sample(_PEOPLE, 3)
+    qty = rng.randrange(5, 500)
+    list_price = rng.randrange(40, 900) * 5
+    offer = list_price - rng.randrange(1, 12) * 5
+    day, month = rng.randrange(1, 29), rng.choice(_MONTHS)
+    decision = rng.choice(list(_DECISIONS))
+    lines = [f"{a}: Thanks for joining. {c} is asking for {qty} units of the {p}."]
+    talk = [t.format(x=rng.choice([a, b, x]), oc=oc, op=op, n=rng.randrange(5, 500), n2=rng.randrange(40, 900) * 5,
+                     od=rng.randrange(1, 29), om=rng.choice(_MONTHS)) for t in rng.sample(_SMALLTALK, 2)]
+    lines.append(talk[0])
+    price_lines = [f"{b}: Our list price is ${list_price} per unit, but we can offer ${offer} per unit."]
+    final = offer
+    if rng.random() < 0.5:  # a second concession: the last price offered is the answer
+        final = offer - rng.randrange(1, 6) * 5
+        price_lines.append(f"{x}: If they sign this month we can go down to ${final} per unit.")
+    date_lines = [f"{a}: Delivery would have to be done by {day} {month}."]
+    r = rng.random()
+    if r < 0.35:  # the deadline moves
+        day, month = rng.randrange(1, 29), rng.choice(_MONTHS)
+        date_lines.append(f"{b}: Could we push delivery to {day} {month}? {a}: Yes, that works for them.")
+    elif r < 0.55:  # a move is asked for and refused: the first date stands
+        d2, m2 = rng.randrange(1, 29), rng.choice(_MONTHS)
+        date_lines.append(f"{b}: Could we push delivery to {d2} {m2}? {a}: No, they need the original date.")
+    middle = [price_lines, date_lines]
+    rng.shuffle(middle)
+    lines += [l for block in middle for l in block]
+    if rng.random() < 0.4:  # the quantity is revised
+        qty = rng.randrange(5, 500)
+        lines.append(f"{a}: One correction: they now want {qty} units, not the original amount.")
+    lines.append(talk[1])
+    lines.append(f"{b}: " + rng.choice(_DECISIONS[decision]).format(c=c))
+    owner = rng.choice([a, b])
+    lines.append(f"{owner}: I will own the follow-up with {c}.")
+    if rng.random() < 0.4:  # handed over: the new owner is the answer
+        new = rng.choice([y for y in (a, b, x) if y != owner])
+        lines.append(f"{new}: Actually, I will take the follow-up instead, I know their team.")
+        owner = new
+    source = "\n".join(lines)
+    fields = {"customer": c, "product": p, "quantity": str(qty), "unit_price": str(final),
+              "deadline": f"{day} {month}", "owner": owner, "decision": decision}
+    completion = "\n".join(f"{k}: {fields[k]}" for k in FIELDS)
+    return Example(prompt=MEETINGS_HARD_INSTRUCTION + source, completion=completion, source=source, fields=fields)
+
+
+def meetings(split: str, n: int, hard: bool = False) -> list[Example]:
     """Seeded examples; train and test come from disjoint seed ranges, identical on every call."""
     base = 0 if split == "train" else 1_000_000
-    return [_meeting(random.Random(base + i)) for i in range(n)]
+    make = _meeting_hard if hard else _meeting
+    return [make(random.Random(base + i)) for i in range(n)]
 
 
 def parse_fields(text: str) -> dict[str, str]:
@@ -202,8 +302,8 @@ def load_task(task: str, split: str, n: int) -> list[Example]:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     check_task(task)
-    if task == "meetings":
-        return meetings(split, n)
+    if task in ("meetings", "meetings-hard"):
+        return meetings(split, n, hard=task == "meetings-hard")
     if task.startswith("jsonl:"):
         rows = read_jsonl(task[len("jsonl:"):])
         # every 5th line is held out (at least one), so the split is stable when lines are appended

@@ -1,4 +1,9 @@
-"""Evaluation: held-out perplexity, greedy batched generation and its task metrics, size, speed."""
+"""Evaluation: held-out perplexity, greedy batched generation and its task metrics, size, speed.
+
+Every score is kept per unit (per task example, per perplexity window) as well as aggregated,
+so the analysis can pair two pipelines example by example (``ptqlib.analysis.bootstrap_claim``).
+The aggregate of each metric is computed from its units by ``ptqlib.metrics.statistic``.
+"""
 from __future__ import annotations
 
 import math
@@ -8,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ptqlib.data import Example, format_prompt, text_windows
-from ptqlib.metrics import task_scores
+from ptqlib.metrics import example_scores, ppl_statistic, task_scores
 
 
 def _device(model) -> torch.device:
@@ -16,62 +21,89 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
-    """exp(mean next-token NLL) over all predicted tokens of ``windows`` (n, L)."""
+def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> dict[str, list[float]]:
+    """Per window of ``windows`` (n, L): summed next-token NLL and the number of predicted tokens."""
     dev = _device(model)
-    nll, count = 0.0, 0
+    nll: list[float] = []
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
         x = windows[i : i + batch_size].to(dev)
-        logits = model(input_ids=x).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        nll += loss.item()
-        count += x[:, 1:].numel()
-    return math.exp(nll / count)
+        logits = model(input_ids=x).logits[:, :-1].float()  # (b, L-1, vocab)
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (b, L-1)
+        nll += loss.sum(1).tolist()
+    return {"nll": nll, "tokens": [float(windows.shape[1] - 1)] * len(windows)}
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
+    """exp(mean next-token NLL) over all predicted tokens of ``windows`` (n, L)."""
+    w = window_nll(model, windows, batch_size, progress)
+    return math.exp(sum(w["nll"]) / sum(w["tokens"]))
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8,
              progress: bool = False) -> tuple[list[str], int, float]:
-    """Greedy, batched (left padding), fixed max length -> (texts, new tokens, seconds)."""
+    """Greedy, batched (left padding) -> (texts, new tokens, seconds).
+
+    Prompts are sorted by length before batching (and the outputs put back in order), so a
+    batch pads little: on CPU the prefill of ~200-token prompts is most of the work.
+    """
     dev = _device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    texts, n_tokens, seconds = [], 0, 0.0
     eos = tokenizer.eos_token_id
+    formatted = [format_prompt(tokenizer, p) for p in prompts]
+    lengths = [len(tokenizer(f, add_special_tokens=False)["input_ids"]) for f in formatted]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    texts: list[str] = [""] * len(prompts)
+    n_tokens, seconds = 0, 0.0
     try:
-        for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
-            chunk = [format_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+        for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+            idx = order[i : i + batch_size]
+            enc = tokenizer([formatted[j] for j in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(dev)
             t0 = time.perf_counter()
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
             seconds += time.perf_counter() - t0
             new = out[:, enc["input_ids"].shape[1]:]
-            for row in new:
+            for j, row in zip(idx, new):
                 row = row.tolist()
                 k = row.index(eos) + 1 if eos in row else len(row)  # tokens actually generated
                 n_tokens += k
-                texts.append(tokenizer.decode(row[:k], skip_special_tokens=True).strip())
+                texts[j] = tokenizer.decode(row[:k], skip_special_tokens=True).strip()
     finally:
         tokenizer.padding_side = side
     return texts, n_tokens, seconds
 
 
 def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int = 16, ppl_seq_len: int = 256,
-                   max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False) -> tuple[dict, list[dict]]:
-    """All quality and speed metrics of one model -> (metrics, generated examples)."""
+                   max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False,
+                   ppl_sources: tuple[str, ...] = ("pydoc",)) -> tuple[dict, list[dict], dict]:
+    """All quality and speed metrics of one model -> (metrics, generated examples, units).
+
+    ``units`` holds the per-unit columns by group: ``task`` (one entry per example, see
+    ``metrics.example_scores``) and one group per perplexity source (``ppl`` for pydoc,
+    ``ppl_<source>`` for the others: ``nll`` and ``tokens`` per window).
+    """
     metrics: dict = {}
+    units: dict[str, dict[str, list[float]]] = {}
     t0 = time.perf_counter()
-    windows = text_windows(tokenizer, "test", ppl_seq_len, ppl_samples)
-    metrics["ppl"] = perplexity(model, windows, batch_size, progress)
+    for source in ppl_sources:
+        name = "ppl" if source == "pydoc" else f"ppl_{source}"
+        windows = text_windows(tokenizer, "test", ppl_seq_len, ppl_samples, source=source)
+        units[name] = window_nll(model, windows, batch_size, progress)
+        metrics[name] = ppl_statistic(name)(units[name]["nll"], units[name]["tokens"])
     metrics["ppl_seconds"] = time.perf_counter() - t0
     rows: list[dict] = []
     if examples:
-        texts, n_tok, secs = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size,
-                                      progress)
-        metrics.update(task_scores(texts, [e.completion for e in examples], [e.source for e in examples]))
+        prompts, refs, sources = [e.prompt for e in examples], [e.completion for e in examples], [e.source for e in examples]
+        t0 = time.perf_counter()
+        texts, n_tok, secs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+        metrics["gen_seconds"] = time.perf_counter() - t0
+        units["task"] = example_scores(texts, refs, sources)
+        metrics.update(task_scores(texts, refs, sources))
         metrics["gen_tokens_per_s"] = n_tok / secs if secs else math.nan
         metrics["gen_tokens"] = n_tok
+        metrics["task_examples"] = len(examples)
         rows = [{"prompt": e.prompt, "reference": e.completion, "output": t} for e, t in zip(examples, texts)]
-    return metrics, rows
+    return metrics, rows, units

@@ -60,6 +60,12 @@ def prepare(model, method: str, p: dict):
 
         model = apply_adapter(model, method, rank=p["rank"], alpha=p["alpha"], pool=p["pool"] or None,
                               repeat=p["repeat"] or None, target_modules=list(p["target_modules"]))
+        if method in ("qalora", "qablora") and p["group_size"] > 0:  # validated against the study; checked here
+            layers = model.ptqlib_adapter_config["layers"]
+            bad = {n: l["pool"] for n, l in layers.items() if l["pool"] != p["group_size"]}
+            if bad:
+                raise ValueError(f"group_size {p['group_size']} differs from the base's quantization group in "
+                                 + ", ".join(f"{n} ({g})" for n, g in list(bad.items())[:3]))
         if getattr(model, "is_quantized", False):
             # transformers' Trainer refuses a bnb-quantized model unless it knows adapters are
             # attached; this flag is how its own adapter integration says so

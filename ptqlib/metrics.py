@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 from ptqlib.data import parse_fields
 
@@ -80,18 +81,75 @@ def fact_counts(pred: str, source: str, ref: str) -> tuple[int, int, int, int]:
     return len(fp), sum(_supported(f, source) for f in fp), len(fr), sum(_supported(f, pred) for f in fr)
 
 
+def example_scores(preds: list[str], refs: list[str], sources: list[str]) -> dict[str, list[float]]:
+    """Per-example columns (one value per example, in order): what :data:`STATISTICS` aggregates.
+
+    ``fact_pred`` / ``fact_sup`` / ``fact_ref`` / ``fact_kept`` are the counts of
+    :func:`fact_counts`, kept as counts so precision and recall stay micro-averaged when
+    examples are resampled.
+    """
+    counts = [fact_counts(p, s, r) for p, s, r in zip(preds, sources, refs)]
+    return {
+        "exact_match": list(map(exact_match, preds, refs)),
+        "field_f1": list(map(field_f1, preds, refs)),
+        "rouge_l": list(map(rouge_l, preds, refs)),
+        "empty_outputs": [float(not p.strip()) for p in preds],
+        "fact_pred": [float(c[0]) for c in counts],
+        "fact_sup": [float(c[1]) for c in counts],
+        "fact_ref": [float(c[2]) for c in counts],
+        "fact_kept": [float(c[3]) for c in counts],
+    }
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """How a metric is computed from per-unit columns: ``transform(sum(num) / sum(den))``.
+
+    ``group`` names the units (``task``: held-out task examples; ``ppl`` / ``ppl_<source>``:
+    perplexity windows). A mean has no ``den`` (each unit counts 1); micro-averaged ratios and
+    perplexity (``exp(total NLL / total tokens)``) do. Written once so the report's numbers and
+    the bootstrap over examples compute every metric the same way.
+    """
+
+    group: str
+    num: str
+    den: str | None = None
+    exp: bool = False
+
+    def __call__(self, num, den=None):
+        value = sum(num) / (sum(den) if self.den else len(num))
+        return math.exp(value) if self.exp else value
+
+
+STATISTICS: dict[str, Statistic] = {
+    "exact_match": Statistic("task", "exact_match"),
+    "field_f1": Statistic("task", "field_f1"),
+    "rouge_l": Statistic("task", "rouge_l"),
+    "empty_outputs": Statistic("task", "empty_outputs"),
+    "fact_precision": Statistic("task", "fact_sup", "fact_pred"),
+    "fact_recall": Statistic("task", "fact_kept", "fact_ref"),
+}
+
+
+def ppl_statistic(metric: str) -> Statistic | None:
+    """``ppl`` (pydoc) and ``ppl_<source>``: exp of the token-weighted mean NLL of their windows."""
+    if metric == "ppl" or metric.startswith("ppl_") and metric != "ppl_seconds":
+        return Statistic(metric, "nll", "tokens", exp=True)
+    return None
+
+
+def statistic(metric: str) -> Statistic | None:
+    """The per-unit definition of ``metric``, or None for a run-level metric (size, speed, loss)."""
+    return STATISTICS.get(metric) or ppl_statistic(metric)
+
+
 def task_scores(preds: list[str], refs: list[str], sources: list[str]) -> dict[str, float]:
     """Mean exact match, field F1, ROUGE-L, and micro-averaged fact precision / recall."""
-    n = len(preds)
-    if n == 0:
+    if not preds:
         return {}
-    counts = [fact_counts(p, s, r) for p, s, r in zip(preds, sources, refs)]
-    n_pred, n_sup, n_ref, n_kept = (sum(c[i] for c in counts) for i in range(4))
-    return {
-        "exact_match": sum(map(exact_match, preds, refs)) / n,
-        "field_f1": sum(map(field_f1, preds, refs)) / n,
-        "rouge_l": sum(map(rouge_l, preds, refs)) / n,
-        "fact_precision": n_sup / n_pred if n_pred else math.nan,
-        "fact_recall": n_kept / n_ref if n_ref else math.nan,
-        "empty_outputs": sum(not p.strip() for p in preds) / n,
-    }
+    cols = example_scores(preds, refs, sources)
+    out = {}
+    for name, st in STATISTICS.items():
+        den = cols[st.den] if st.den else None
+        out[name] = st(cols[st.num], den) if not den or sum(den) else math.nan
+    return out

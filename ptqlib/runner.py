@@ -49,6 +49,7 @@ class StageNode:
             return f"quantize({p['method']}{extra})"
         if self.kind == "finetune":
             bits = f", {p['bits']}b" if p["method"] in ("l4q", "qat_lora") else ""
+            bits += f", g{p['group_size']}" if p["method"] in ("l4q", "qat_lora", "qalora", "qablora") else ""
             return f"finetune({p['method']}{bits}, {p['steps']} steps, seed {self.seed}{', merge' if p['merge'] else ''})"
         return "evaluate"
 
@@ -300,6 +301,7 @@ class Runner:
             w.writeheader()
             w.writerows(rows)
         tmp.replace(path)
+        self.write_units()
         # per-stage pages, linked from the index
         pages = self.reports / "stages"
         pages.mkdir(exist_ok=True)
@@ -317,12 +319,44 @@ class Runner:
             "claims": self.study.claims, "pipelines": {p.name: self.chains[p.name] for p in self.study.pipelines}})
         return path
 
+    def write_units(self) -> Path:
+        """``units.csv``: every finished pipeline run's per-unit scores (task examples, ppl windows).
+
+        One row per (pipeline run, group, unit); the columns are those of
+        ``metrics.example_scores`` and ``nll`` / ``tokens``. The claims' paired bootstrap reads it.
+        """
+        keys = ["pipeline", "family", "seed", "group", "unit"]
+        rows: list[dict] = []
+        for pl in self.study.pipelines:
+            chain = self.chains[pl.name]
+            if not all(self.finished(s) for s in chain):
+                continue
+            units = (self.record(chain[-1]).get("outputs") or {}).get("units") or {}
+            for group, cols in units.items():
+                n = len(next(iter(cols.values()), []))
+                for i in range(n):
+                    row = {"pipeline": pl.name, "family": pl.family, "seed": pl.seed, "group": group, "unit": i}
+                    row.update({c: v[i] for c, v in cols.items()})
+                    keys += [c for c in cols if c not in keys]
+                    rows.append(row)
+        path = self.reports / "units.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        tmp.replace(path)
+        return path
+
     def analyse(self, force: bool = False) -> Path | None:
         """Run 04_analyse on results.csv -> reports/<study>/index.html (cached on the csv's content)."""
         import papermill as pm
 
         csv_path = self.reports / "results.csv"
-        digest = hashlib.sha256(csv_path.read_bytes() + (ROOT / "notebooks" / ANALYSE).read_bytes()).hexdigest()[:16]
+        units_path = self.reports / "units.csv"
+        digest = hashlib.sha256(csv_path.read_bytes() + (units_path.read_bytes() if units_path.exists() else b"")
+                                + json.dumps(self.study.claims, sort_keys=True).encode()
+                                + (ROOT / "notebooks" / ANALYSE).read_bytes()).hexdigest()[:16]
         stamp = self.reports / ".analysis"
         index = self.reports / "index.html"
         if not force and index.exists() and stamp.exists() and stamp.read_text() == digest:

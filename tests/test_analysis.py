@@ -1,8 +1,12 @@
-"""Claim verdicts on synthetic results where the right answer is known."""
+"""Claim verdicts on synthetic records whose truth is known: paired bootstrap over seeds and examples."""
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
 
-from ptqlib.analysis import check_claims, mean_pm, summarise
+from ptqlib.analysis import check_claims, decide, mean_pm, paired_bootstrap, summarise
+from ptqlib.metrics import Statistic
 
 
 def results(a_vals, b_vals, metric="field_f1", trains=True):
@@ -14,38 +18,142 @@ def results(a_vals, b_vals, metric="field_f1", trains=True):
     return pd.DataFrame(rows)
 
 
+def records(per_seed_a, per_seed_b, col="field_f1", group="task"):
+    """results + units for families a and b; per_seed_*: one list of per-example values per seed."""
+    rows, units = [], []
+    for fam, seeds in (("a", per_seed_a), ("b", per_seed_b)):
+        for seed, vals in enumerate(seeds):
+            rows.append({"pipeline": f"{fam}[seed={seed}]", "family": fam, "model": "m", "seed": seed,
+                         "stages": "finetune(lora) -> evaluate", col: float(np.mean(vals)), "status": "ok"})
+            units += [{"pipeline": f"{fam}[seed={seed}]", "family": fam, "seed": seed, "group": group, "unit": i,
+                       col: v} for i, v in enumerate(vals)]
+    return pd.DataFrame(rows), pd.DataFrame(units)
+
+
+def claim(relation=">", metric="field_f1", **kw):
+    return [{"claim": "c", "a": "a", "b": "b", "metric": metric, "relation": relation, **kw}]
+
+
+RNG = np.random.default_rng(1)
+BASE = RNG.uniform(0.3, 0.9, size=(2, 128)).round(3)  # two seeds x 128 examples
+
+
+def test_identical_pipelines_are_undecided():
+    res, units = records(BASE, BASE)
+    t = check_claims(claim(">"), res, units)
+    assert t.loc[0, "difference"] == 0 and t.loc[0, "ci_low"] == 0 and t.loc[0, "ci_high"] == 0
+    assert t.loc[0, "verdict"].startswith("undecided")
+    assert check_claims(claim(">="), res, units).loc[0, "verdict"].startswith("undecided")  # no margin: cannot tell
+    assert check_claims(claim("==", min_effect=0.01), res, units).loc[0, "verdict"] == "holds"
+
+
+def test_clear_shift_is_decided_both_ways():
+    res, units = records(np.clip(BASE + 0.1, 0, 1), BASE)
+    t = check_claims(claim(">"), res, units)
+    assert t.loc[0, "verdict"] == "holds" and 0 < t.loc[0, "ci_low"] < t.loc[0, "difference"] < t.loc[0, "ci_high"]
+    assert t.loc[0, "n_examples"] == 128 and t.loc[0, "n_seeds"] == 2
+    res, units = records(BASE, np.clip(BASE + 0.1, 0, 1))
+    assert check_claims(claim(">"), res, units).loc[0, "verdict"] == "does not hold"
+    assert check_claims(claim(">="), res, units).loc[0, "verdict"] == "does not hold"
+    assert check_claims(claim("=="), res, units).loc[0, "verdict"] == "does not hold"
+
+
+def test_one_example_difference_on_128_does_not_decide():
+    a = BASE[:1].copy()
+    a[0, 5] = min(1.0, a[0, 5] + 1.0)  # one example better, the other 127 equal
+    res, units = records(a, BASE[:1])
+    t = check_claims(claim(">"), res, units)
+    assert t.loc[0, "difference"] > 0 and t.loc[0, "ci_low"] == 0
+    assert t.loc[0, "verdict"].startswith("undecided")
+
+
+def test_min_effect_is_the_boundary():
+    res, units = records(np.clip(BASE + 0.03, 0, 1), BASE)
+    assert check_claims(claim(">"), res, units).loc[0, "verdict"] == "holds"
+    assert check_claims(claim(">", min_effect=0.2), res, units).loc[0, "verdict"] == "does not hold"
+    res, units = records(np.clip(BASE - 0.005, 0, 1), BASE)  # a hair worse: non-inferior at a 0.05 margin
+    assert check_claims(claim(">=", min_effect=0.05), res, units).loc[0, "verdict"] == "holds"
+    assert check_claims(claim("==", min_effect=0.05), res, units).loc[0, "verdict"] == "holds"
+
+
+def test_seed_disagreement_widens_the_interval():
+    """Seed 0 says a >> b, seed 1 says a << b: resampling seeds must keep the claim undecided,
+    although every example-level interval within one seed would decide it."""
+    a = np.stack([np.clip(BASE[0] + 0.3, 0, 1), np.clip(BASE[1] - 0.3, 0, 1)])
+    res, units = records(a, BASE)
+    t = check_claims(claim(">"), res, units)
+    assert t.loc[0, "verdict"].startswith("undecided") and t.loc[0, "ci_low"] < 0 < t.loc[0, "ci_high"]
+    assert t.loc[0, "seed_sd"] > 0.3
+
+
+def test_single_run_pairs_with_every_seed():
+    res, units = records(np.clip(BASE + 0.2, 0, 1), BASE[:1])  # b does not train: one run
+    t = check_claims(claim(">"), res, units)
+    assert t.loc[0, "n_seeds"] == 2 and t.loc[0, "verdict"] == "holds"
+
+
+def test_perplexity_from_windows_lower_is_better():
+    nll_b = RNG.uniform(700, 900, size=(2, 64))
+    rows, units = [], []
+    for fam, nll in (("a", nll_b - 60), ("b", nll_b)):
+        for s in range(2):
+            rows.append({"pipeline": f"{fam}[seed={s}]", "family": fam, "seed": s, "stages": "finetune",
+                         "ppl": math.exp(nll[s].sum() / (255 * 64)), "status": "ok"})
+            units += [{"pipeline": f"{fam}[seed={s}]", "family": fam, "seed": s, "group": "ppl", "unit": i,
+                       "nll": v, "tokens": 255.0} for i, v in enumerate(nll[s])]
+    res, units = pd.DataFrame(rows), pd.DataFrame(units)
+    t = check_claims(claim(">", metric="ppl"), res, units)
+    assert t.loc[0, "difference"] < 0 and t.loc[0, "ci_high"] < 0 and t.loc[0, "verdict"] == "holds"
+    # the pooled statistic is exp(total NLL / total tokens), as the evaluate stage computes it
+    assert t.loc[0, "mean_b"] == pytest.approx(math.exp(nll_b.sum() / (255 * 128)))
+
+
+def test_micro_averaged_ratio_is_resampled_as_a_ratio():
+    st = Statistic("task", "fact_sup", "fact_pred")
+    num = np.array([[1.0, 9.0]]), np.array([[10.0, 10.0]])
+    d, lo, hi = paired_bootstrap(num[0], num[1], num[1] * 0.5, num[1], st, n_boot=500)
+    assert d == pytest.approx(10 / 20 - 0.5) and lo <= d <= hi
+
+
+def test_bootstrap_is_reproducible_and_has_the_normal_width():
+    noise = np.random.default_rng(2).normal(0.05, 0.1, size=BASE.shape)
+    res, units = records(BASE + noise, BASE)
+    t1, t2 = check_claims(claim(), res, units), check_claims(claim(), res, units)
+    assert t1.loc[0, "ci_low"] == t2.loc[0, "ci_low"] and t1.loc[0, "ci_high"] == t2.loc[0, "ci_high"]
+    lo, d, hi = t1.loc[0, "ci_low"], t1.loc[0, "difference"], t1.loc[0, "ci_high"]
+    assert d == pytest.approx(noise.mean()) and lo < d < hi
+    normal = 2 * 1.96 * noise.std() / math.sqrt(noise.size)  # iid noise: the textbook interval width
+    assert 0.7 * normal < hi - lo < 1.6 * normal
+
+
 @pytest.mark.parametrize("a, b, relation, verdict", [
     ([0.80, 0.82], [0.50, 0.52], ">", "holds"),
     ([0.50, 0.52], [0.80, 0.82], ">", "does not hold"),
-    ([0.50, 0.60], [0.52, 0.58], ">", "undecided (within noise)"),
-    ([0.50, 0.60], [0.52, 0.58], ">=", "holds"),
+    ([0.50, 0.60], [0.52, 0.58], ">", "undecided (interval contains the boundary)"),
     ([0.40, 0.41], [0.80, 0.82], ">=", "does not hold"),
-    ([0.50, 0.60], [0.52, 0.58], "==", "holds"),
-    ([0.10, 0.11], [0.80, 0.81], "==", "does not hold"),
     ([0.8], [0.5], ">", "undecided (needs >= 2 seeds)"),
 ])
-def test_verdicts(a, b, relation, verdict):
-    t = check_claims([{"claim": "c", "a": "a", "b": "b", "metric": "field_f1", "relation": relation}], results(a, b))
-    assert t.loc[0, "verdict"] == verdict
-
-
-def test_lower_is_better_metric_flips_sign():
-    df = results([10.0, 10.2], [20.0, 20.4], metric="ppl")
-    t = check_claims([{"claim": "a has lower ppl", "a": "a", "b": "b", "metric": "ppl", "relation": ">"}], df)
-    assert t.loc[0, "verdict"] == "holds" and t.loc[0, "difference"] < 0
+def test_run_level_metrics_resample_seeds(a, b, relation, verdict):
+    """Without per-example units (size, speed, train loss) the interval comes from the seeds alone."""
+    t = check_claims(claim(relation), results(a, b))
+    assert t.loc[0, "verdict"] == verdict and t.loc[0, "n_examples"] == 0
 
 
 def test_prefixed_lower_is_better_metric():
     df = results([0.1, 0.12], [0.9, 0.95], metric="finetune.train_loss_last")
-    t = check_claims([{"claim": "a fits better", "a": "a", "b": "b", "metric": "finetune.train_loss_last",
-                       "relation": ">"}], df)
+    t = check_claims(claim(">", metric="finetune.train_loss_last"), df)
     assert t.loc[0, "verdict"] == "holds"
 
 
-def test_deterministic_pipelines_have_zero_spread():
+def test_deterministic_pipelines_decide_run_level_metrics():
     df = results([0.7], [0.5], trains=False)  # no training: one run is the whole distribution
-    t = check_claims([{"claim": "c", "a": "a", "b": "b", "metric": "field_f1", "relation": ">"}], df)
-    assert t.loc[0, "spread"] == 0 and t.loc[0, "verdict"] == "holds"
+    t = check_claims(claim(">"), df)
+    assert t.loc[0, "seed_sd"] == 0 and t.loc[0, "verdict"] == "holds"
+
+
+def test_decide_rejects_unknown_relation():
+    with pytest.raises(ValueError, match="'<'"):
+        decide("<", 0.0, 1.0)
 
 
 def test_summarise_mean_std():

@@ -90,6 +90,18 @@ def test_stage_id_is_content_addressed():
     ("model: tiny\npipelines:\n  a: []\nclaims: [{claim: x, a: a, b: a, metric: ppl, relation: '<'}]\n",
      ["claims[0].relation", "'<'"]),
     ("model: tiny\nseeds: [0, one]\npipelines:\n  a: []\n", ["seeds", "'one'"]),
+    ("model: tiny\npipelines:\n  a: []\nclaims: [{claim: x, a: a, b: a, metric: ppl, min_effect: -0.1}]\n",
+     ["claims[0].min_effect", "-0.1", ">= 0"]),
+    # QA-* pool over the base's groups: a different group_size is refused, naming both values
+    ("model: tiny\npipelines:\n  a: [{quantize: {method: gptq, group_size: 32}}, {finetune: {method: qalora, group_size: 64}}]\n",
+     ["pipelines.a[1].finetune.group_size", "64", "base's group_size 32", "set it to 32"]),
+    ("model: tiny\npipelines:\n  a: [{quantize: nf4}, {finetune: qablora}]\n",
+     ["pipelines.a[1].finetune.method", "'qablora'", "rtn or gptq"]),
+    # a key that would be accepted and then ignored is an error
+    ("model: tiny\npipelines:\n  a: [{quantize: nf4}, {finetune: {method: qlora, group_size: 32}}]\n",
+     ["finetune.group_size", "32", "no effect on method 'qlora'", "l4q, qat_lora, qalora, qablora"]),
+    ("model: tiny\ndefaults: {evaluate: {ppl_sources: [pydoc, wiki]}}\npipelines:\n  a: []\n",
+     ["ppl_sources", "'wiki'", "valid: pydoc, stdlib"]),
 ])
 def test_bad_input_is_named(tmp_path, text, expect):
     with pytest.raises(ConfigError) as e:
@@ -113,7 +125,7 @@ def test_missing_study_file(tmp_path):
         load_study(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("name", ["smoke", "default", "ptq-qlora", "ptq-qlora-7b"])
+@pytest.mark.parametrize("name", ["smoke", "default", "ptq-qlora", "ptq-qlora-7b", "l4q", "blora"])
 def test_shipped_studies_validate(name):
     from pathlib import Path
 
@@ -139,3 +151,22 @@ def test_hub_model_group_size_checked_offline(tmp_path):
     text = "model: meta-llama/Llama-2-7b-hf\npipelines:\n  a: [{quantize: {method: gptq, group_size: 96}}]\n"
     with pytest.raises(ConfigError, match="down_proj \\(11008\\)"):
         load_study(write(tmp_path, text))
+
+
+def test_qa_group_size_comes_from_the_base(tmp_path):
+    """Left out, the QA-* group is the quantized base's; it enters the stage's params (and id)."""
+    from ptqlib.runner import build_graph
+
+    text = ("model: tiny\npipelines:\n"
+            "  g32: [{quantize: {method: rtn, group_size: 32}}, {finetune: qalora}]\n"
+            "  g64: [{quantize: {method: rtn, group_size: 64}}, {finetune: qalora}]\n"
+            "  same: [{quantize: {method: rtn, group_size: 32}}, {finetune: {method: qablora, group_size: 32}}]\n"
+            "  l4q: [{finetune: l4q}]\n")
+    s = load_study(write(tmp_path, text))
+    by = {p.name: p for p in s.pipelines}
+    assert by["g32"].stages[1].params["group_size"] == 32 and by["g64"].stages[1].params["group_size"] == 64
+    assert by["same"].stages[1].params["group_size"] == 32
+    assert by["l4q"].stages[0].params["group_size"] == 64  # l4q / qat_lora default
+    nodes, chains = build_graph(s)
+    assert chains["g32"][1] != chains["g64"][1]
+    assert "g32" in nodes[chains["g32"][1]].label()
