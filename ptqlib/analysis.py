@@ -183,6 +183,10 @@ def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = No
     nan = math.nan
     row.update(mean_a=nan, mean_b=nan, difference=nan, ci_low=nan, ci_high=nan,
                seed_sd=max(_seed_sd(ra, claim.metric), _seed_sd(rb, claim.metric)), n_seeds=0, n_examples=0)
+    for fam, runs in ((claim.a, ra), (claim.b, rb)):
+        if runs["seed"].duplicated().any():
+            row["verdict"] = f"undecided ({fam} has a grid: claims compare one grid point, make it its own pipeline)"
+            return row
     pairs = _seed_pairs(ra, rb) if len(ra) and len(rb) else []
     if not pairs or claim.metric not in results:
         row["verdict"] = "undecided (no data)"

@@ -142,7 +142,7 @@ class FinetuneParams:
 class EvaluateParams:
     """Held-out perplexity, task accuracy from greedy generation, size and speed."""
 
-    ppl_samples: int = 64  # held-out windows per perplexity source
+    ppl_samples: int = 32  # held-out windows per perplexity source (2 sources: 64 x ppl_seq_len tokens in all)
     ppl_seq_len: int = 256  # tokens per window
     ppl_sources: list = field(default_factory=lambda: ["pydoc", "stdlib"])  # held-out text: pydoc (language reference -> ppl), stdlib (library source code -> ppl_stdlib)
     task_samples: int = 128  # held-out task examples generated greedily

@@ -127,9 +127,8 @@ MEETINGS_INSTRUCTION = (
     "customer, product, quantity, unit_price, deadline, owner, decision.\n\n"
 )
 MEETINGS_HARD_INSTRUCTION = (
-    "Summarise the sales call below as 7 lines 'field: value' with the fields "
-    "customer, product, quantity, unit_price, deadline, owner, decision. "
-    "When something changes during the call, give the last agreed value.\n\n"
+    "Summarise the call as 7 lines 'field: value' (customer, product, quantity, unit_price, deadline, "
+    "owner, decision), each with its last agreed value.\n\n"
 )
 
 
@@ -162,20 +161,20 @@ def _meeting(rng: random.Random) -> Example:
 # the harder variant: meetings-hard
 
 _SMALLTALK = [
-    "{x}: Before we start, {oc} placed an order for {n} units of the {op} last week.",
-    "{x}: Quick note, the {op} is on backorder until {od} {om}, but that is a different deal.",
-    "{x}: For reference, {oc} paid ${n2} per unit for the {op} last quarter.",
-    "{x}: Our team is also meeting {oc} on {od} {om} about {n} units.",
+    "{x}: Side note, {oc} bought {n} units of the {op} last week.",
+    "{x}: Unrelated, the {op} is back in stock on {od} {om}.",
+    "{x}: For comparison, {oc} pays ${n2} per unit for the {op}.",
 ]
 
 
 def _meeting_hard(rng: random.Random) -> Example:
-    """A call with corrections and distractors: the answer is the *last agreed* value of each field.
+    """A call with corrections and a distractor: the answer is the *last agreed* value of each field.
 
-    Against ``meetings`` this adds (each independently, so fields differ in difficulty): the
-    quantity revised mid-call, a second price concession, a deadline moved (or a move refused),
-    the follow-up handed from one person to another, a third participant, and two lines of
-    small talk with other customers, products, numbers and dates that belong to no field.
+    Against ``meetings`` this adds, each independently (so fields differ in difficulty): a
+    second price concession, the deadline moved (or a move refused), the quantity revised,
+    the follow-up handed to someone else, a third participant, and one line of small talk
+    with another customer, product, number or date that belongs to no field. Lines are
+    terse on purpose: on a CPU the prompt's prefill is most of the evaluation's cost.
     """
     c, p = rng.choice(_CUSTOMERS), rng.choice(_PRODUCTS)
     oc = rng.choice([x for x in _CUSTOMERS if x != c])
@@ -186,37 +185,32 @@ def _meeting_hard(rng: random.Random) -> Example:
     offer = list_price - rng.randrange(1, 12) * 5
     day, month = rng.randrange(1, 29), rng.choice(_MONTHS)
     decision = rng.choice(list(_DECISIONS))
-    lines = [f"{a}: Thanks for joining. {c} is asking for {qty} units of the {p}."]
-    talk = [t.format(x=rng.choice([a, b, x]), oc=oc, op=op, n=rng.randrange(5, 500), n2=rng.randrange(40, 900) * 5,
-                     od=rng.randrange(1, 29), om=rng.choice(_MONTHS)) for t in rng.sample(_SMALLTALK, 2)]
-    lines.append(talk[0])
-    price_lines = [f"{b}: Our list price is ${list_price} per unit, but we can offer ${offer} per unit."]
+    talk = rng.choice(_SMALLTALK).format(x=rng.choice([a, b, x]), oc=oc, op=op, n=rng.randrange(5, 500),
+                                         n2=rng.randrange(40, 900) * 5, od=rng.randrange(1, 29), om=rng.choice(_MONTHS))
+    price = [f"{b}: List price is ${list_price}, we offer ${offer} per unit."]
     final = offer
     if rng.random() < 0.5:  # a second concession: the last price offered is the answer
         final = offer - rng.randrange(1, 6) * 5
-        price_lines.append(f"{x}: If they sign this month we can go down to ${final} per unit.")
-    date_lines = [f"{a}: Delivery would have to be done by {day} {month}."]
+        price.append(f"{x}: If they sign now, ${final} per unit.")
+    date = [f"{a}: Delivery by {day} {month}."]
     r = rng.random()
     if r < 0.35:  # the deadline moves
         day, month = rng.randrange(1, 29), rng.choice(_MONTHS)
-        date_lines.append(f"{b}: Could we push delivery to {day} {month}? {a}: Yes, that works for them.")
+        date.append(f"{b}: Can we move it to {day} {month}? {a}: Yes, agreed.")
     elif r < 0.55:  # a move is asked for and refused: the first date stands
-        d2, m2 = rng.randrange(1, 29), rng.choice(_MONTHS)
-        date_lines.append(f"{b}: Could we push delivery to {d2} {m2}? {a}: No, they need the original date.")
-    middle = [price_lines, date_lines]
+        date.append(f"{b}: Can we move it to {rng.randrange(1, 29)} {rng.choice(_MONTHS)}? {a}: No, the date stays.")
+    middle = [price, date, [talk]]
     rng.shuffle(middle)
-    lines += [l for block in middle for l in block]
+    lines = [f"{a}: {c} wants {qty} units of the {p}."] + [l for block in middle for l in block]
     if rng.random() < 0.4:  # the quantity is revised
         qty = rng.randrange(5, 500)
-        lines.append(f"{a}: One correction: they now want {qty} units, not the original amount.")
-    lines.append(talk[1])
+        lines.append(f"{a}: Correction, make that {qty} units.")
     lines.append(f"{b}: " + rng.choice(_DECISIONS[decision]).format(c=c))
     owner = rng.choice([a, b])
-    lines.append(f"{owner}: I will own the follow-up with {c}.")
+    lines.append(f"{owner}: I own the follow-up.")
     if rng.random() < 0.4:  # handed over: the new owner is the answer
-        new = rng.choice([y for y in (a, b, x) if y != owner])
-        lines.append(f"{new}: Actually, I will take the follow-up instead, I know their team.")
-        owner = new
+        owner = rng.choice([y for y in (a, b, x) if y != owner])
+        lines.append(f"{owner}: Actually, I will take it.")
     source = "\n".join(lines)
     fields = {"customer": c, "product": p, "quantity": str(qty), "unit_price": str(final),
               "deadline": f"{day} {month}", "owner": owner, "decision": decision}

@@ -22,9 +22,14 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> dict[str, list[float]]:
-    """Per window of ``windows`` (n, L): summed next-token NLL and the number of predicted tokens."""
+    """Per window of ``windows`` (n, L): summed next-token NLL and the number of predicted tokens.
+
+    At most 8 windows per forward: the full-vocabulary logits are (b, L, vocab) floats, and a
+    larger batch only costs memory (a forward is compute-bound on CPU).
+    """
     dev = _device(model)
     nll: list[float] = []
+    batch_size = min(batch_size, 8)
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
         x = windows[i : i + batch_size].to(dev)
         logits = model(input_ids=x).logits[:, :-1].float()  # (b, L-1, vocab)

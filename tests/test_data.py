@@ -54,3 +54,51 @@ def test_sft_features_mask_the_prompt():
         assert tok.decode(labels, skip_special_tokens=True).strip() == e.completion
     short = sft_features(tok, ex[:1], 40)[0]  # too long: the prompt is cut, the answer kept
     assert len(short["input_ids"]) == 40 and short["labels"][-1] != -100
+
+
+def test_meetings_hard_answer_is_the_last_agreed_value():
+    import re
+
+    exs = meetings("test", 200, hard=True)
+    assert [e.prompt for e in exs[:5]] == [e.prompt for e in meetings("test", 5, hard=True)]  # seeded
+    assert not {e.prompt for e in exs} & {e.prompt for e in meetings("test", 200)}  # not the easy task
+    changed = 0
+    for e in exs:
+        f = parse_fields(e.completion)
+        assert set(f) == {"customer", "product", "quantity", "unit_price", "deadline", "owner", "decision"}
+        for k in ("customer", "product", "quantity", "unit_price", "deadline", "owner"):
+            assert f[k] in e.source, (k, f[k])
+        src = e.source
+        prices = re.findall(r"(?:offer|now,) \$(\d+) per unit", src)
+        assert f["unit_price"] == prices[-1]  # the last concession, not the list price or the first offer
+        qty = re.findall(r"make that (\d+) units", src)
+        if qty:
+            assert f["quantity"] == qty[-1]
+        if "Actually, I will take it" in src:
+            assert src.splitlines()[-1].startswith(f["owner"] + ":")
+        if "Yes, agreed" in src:
+            assert f"move it to {f['deadline']}?" in src
+        if "No, the date stays" in src:
+            assert f"Delivery by {f['deadline']}." in src
+        changed += bool(qty or len(prices) > 1 or "Actually" in src or "move it to" in src)
+    assert changed > 150  # most calls revise at least one field
+
+
+def test_load_task_knows_meetings_hard():
+    assert load_task("meetings-hard", "train", 3)[0].prompt == meetings("train", 1, hard=True)[0].prompt
+
+
+def test_stdlib_windows_are_held_out_code():
+    from ptqlib.data import text_windows
+    from ptqlib.models import load_tokenizer
+
+    tok = load_tokenizer("tiny")
+    a = text_windows(tok, "test", 64, 8, source="stdlib")
+    assert a.shape == (8, 64) and (a == text_windows(tok, "test", 64, 8, source="stdlib", seed=3)).all()
+    assert not (a == text_windows(tok, "test", 64, 8, source="pydoc")).all()
+    assert tok.decode(a.flatten().tolist()).startswith("# file: argparse.py")
+    assert "def " in tok.decode(text_windows(tok, "test", 64, 64, source="stdlib").flatten().tolist())
+    with pytest.raises(ConfigError, match="held-out text only"):
+        text_windows(tok, "train", 64, 8, source="stdlib")
+    with pytest.raises(ConfigError, match="'wiki'.*pydoc, stdlib"):
+        text_windows(tok, "test", 64, 8, source="wiki")

@@ -1,4 +1,5 @@
 import math
+import pytest
 
 from ptqlib.metrics import exact_match, fact_counts, facts, field_f1, rouge_l, task_scores
 
@@ -40,3 +41,16 @@ def test_task_scores_micro_averages():
     assert s["fact_recall"] == 0.5  # ... and keeps nothing
     assert math.isnan(task_scores([""], [""], [""])["fact_precision"])
     assert task_scores([], [], []) == {}
+
+
+def test_example_scores_aggregate_to_task_scores():
+    """The per-example columns the bootstrap resamples give back the stage's own aggregates."""
+    from ptqlib.metrics import STATISTICS, example_scores
+
+    preds = [REF, "", REF.replace("120", "12"), "customer: x"]
+    refs, srcs = [REF] * 4, [SRC] * 4
+    cols, agg = example_scores(preds, refs, srcs), task_scores(preds, refs, srcs)
+    for name, st in STATISTICS.items():
+        den = cols[st.den] if st.den else None
+        assert st(cols[st.num], den) == pytest.approx(agg[name]), name
+    assert len(cols["field_f1"]) == 4 and cols["field_f1"][0] == 1.0 and cols["field_f1"][1] == 0.0

@@ -1,6 +1,7 @@
 """The smoke study through the CLI, as a user runs it: results, pages, caching, failures, kill/resume."""
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -69,6 +70,20 @@ def test_smoke_study_produces_metrics_and_pages(smoke):
     assert ft["metrics"]["train_loss_last"] < ft["metrics"]["train_loss_first"]
     index = (work / "reports/smoke/index.html").read_text()
     assert "ft_nf4_qlora" in index and "Claims" in index
+    # per-example records: every pipeline run's task examples and perplexity windows, pairable by unit
+    units = list(csv.DictReader(open(work / "reports/smoke/units.csv")))
+    for r in rows:
+        mine = [u for u in units if u["pipeline"] == r["pipeline"]]
+        task = [u for u in mine if u["group"] == "task"]
+        assert [int(u["unit"]) for u in task] == list(range(4))  # smoke: task_samples 4
+        assert sum(float(u["field_f1"]) for u in task) / 4 == pytest.approx(float(r["field_f1"]))
+        for group in ("ppl", "ppl_stdlib"):
+            win = [u for u in mine if u["group"] == group]
+            assert len(win) == 4 and math.exp(sum(float(u["nll"]) for u in win)
+                                              / sum(float(u["tokens"]) for u in win)) == pytest.approx(float(r[group]))
+    claims = list(csv.DictReader(open(work / "reports/smoke/claims.csv")))
+    assert claims and {"difference", "ci_low", "ci_high", "seed_sd", "n_examples", "verdict"} <= set(claims[0])
+    assert claims[0]["n_examples"] == "4" and float(claims[0]["ci_low"]) <= float(claims[0]["ci_high"])
     for sid in recs:
         assert (work / "reports/smoke/stages" / f"{sid}.html").exists()
         assert f"stages/{sid}.html" in index

@@ -1,0 +1,51 @@
+"""Evaluation on the tiny model: per-window NLL, order-preserving sorted batching, per-example units."""
+import math
+
+import pytest
+import torch
+
+from ptqlib.data import load_task, text_windows
+from ptqlib.evaluate import evaluate_model, generate, perplexity, window_nll
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from ptqlib.models import load_model
+
+    return load_model("tiny")
+
+
+def test_window_nll_is_the_models_own_loss(tiny):
+    model, tok = tiny
+    w = text_windows(tok, "test", 32, 6)
+    units = window_nll(model, w, batch_size=4)
+    assert len(units["nll"]) == 6 and units["tokens"] == [31.0] * 6
+    with torch.no_grad():
+        own = model(input_ids=w[2:3], labels=w[2:3]).loss.item()  # mean NLL of one window
+    assert units["nll"][2] / 31 == pytest.approx(own, rel=1e-4)
+    assert perplexity(model, w, 4) == pytest.approx(math.exp(sum(units["nll"]) / (31 * 6)), rel=1e-6)
+
+
+def test_sorted_batching_keeps_the_order(tiny):
+    model, tok = tiny
+    prompts = [e.prompt[: 40 + 37 * i] for i, e in enumerate(load_task("meetings", "test", 5))]  # unequal lengths
+    one = [generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0][0] for p in prompts]
+    batched, n_tok, secs = generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    assert batched == one and n_tok > 0 and secs > 0
+
+
+def test_evaluate_keeps_units_that_give_back_the_metrics(tiny):
+    from ptqlib.metrics import STATISTICS
+
+    model, tok = tiny
+    ex = load_task("meetings-hard", "test", 3)
+    metrics, rows, units = evaluate_model(model, tok, ex, ppl_samples=4, ppl_seq_len=32, max_new_tokens=4,
+                                          batch_size=2, ppl_sources=("pydoc", "stdlib"))
+    assert set(units) == {"ppl", "ppl_stdlib", "task"} and len(rows) == 3
+    assert len(units["ppl_stdlib"]["nll"]) == 4 and len(units["task"]["field_f1"]) == 3
+    assert metrics["ppl_stdlib"] == pytest.approx(math.exp(sum(units["ppl_stdlib"]["nll"]) / (4 * 31)))
+    for name, st in STATISTICS.items():
+        den = units["task"][st.den] if st.den else None
+        if den is None or sum(den):
+            assert st(units["task"][st.num], den) == pytest.approx(metrics[name])
+    assert metrics["task_examples"] == 3
