@@ -235,6 +235,80 @@ def check_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame 
     return pd.DataFrame([verdict(Claim(**c), results, units, n_boot, seed) for c in claims])
 
 
+# the settings a reader needs next to a number, per stage kind and method (results.csv columns)
+_SETTINGS = {
+    "full": ["lr", "steps", "batch_size"],
+    "lora": ["lr", "steps", "rank", "alpha"], "qlora": ["lr", "steps", "rank", "alpha"],
+    "l4q": ["bits", "group_size", "lr", "steps", "rank", "alpha"],
+    "qat_lora": ["bits", "group_size", "lr", "steps", "rank", "alpha"],
+    "qblora": ["lr", "steps", "rank", "alpha", "pool", "repeat"],
+    "qalora": ["group_size", "lr", "steps", "rank", "alpha"], "qablora": ["group_size", "lr", "steps", "rank", "alpha"],
+    "rtn": ["bits", "group_size", "sym"], "gptq": ["bits", "group_size", "sym", "act_order", "calib_samples", "calib_seq_len"],
+    "nf4": ["blocksize", "double_quant"], "fp4": ["blocksize", "double_quant"],
+}
+
+
+def _stage_prefixes(chain: str) -> list[str]:
+    """Column prefixes of a pipeline's stages, from its chain label: quantize, finetune, finetune2, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for label in chain.split(" -> "):
+        kind = label.split("(", 1)[0].strip()
+        if kind in ("quantize", "finetune"):
+            seen[kind] = seen.get(kind, 0) + 1
+            out.append(kind + (str(seen[kind]) if seen[kind] > 1 else ""))
+    return out
+
+
+def settings_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per pipeline family: each stage with the settings that matter for it, and the seeds."""
+    rows = {}
+    for fam in dict.fromkeys(results["family"]):
+        r = results[results["family"] == fam].iloc[0]
+        parts = []
+        for pre in _stage_prefixes(str(r.get("stages", ""))):
+            method = r.get(f"{pre}.method")
+            if not isinstance(method, str):
+                continue
+            kv = []
+            for k in _SETTINGS.get(method, []):
+                v = r.get(f"{pre}.{k}")
+                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    kv.append(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}")
+            parts.append(f"{pre.rstrip('0123456789')}({method}" + (": " + ", ".join(kv) if kv else "") + ")")
+        sub = results[results["family"] == fam]
+        grid = {c[5:]: sorted(set(sub[c].dropna())) for c in sub.columns if c.startswith("grid.") and c != "grid.seed"}
+        rows[fam] = {"stages": " -> ".join(parts + ["evaluate"]),
+                     "grid": "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in grid.items() if v),
+                     "seeds": ", ".join(map(str, sorted(set(sub["seed"])))), "model": r.get("model", "")}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def cost_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean wall seconds per pipeline family of each of its stages (quantize, finetune, finetune2,
+    evaluate, ...) and their total: a stage shared by several pipelines is counted in each."""
+    df = results[results["status"] == "ok"] if "status" in results else results
+    cols = [c for c in df.columns if c.startswith("wall_s.") and c != "wall_s.total"]
+    out = df.groupby("family", sort=False)[cols + (["wall_s.total"] if "wall_s.total" in df else [])].mean()
+    return out.rename(columns=lambda c: c.removeprefix("wall_s.") + " (s)")
+
+
+def plot_costs(results: pd.DataFrame, title: str = ""):
+    """Stacked horizontal bars: each pipeline's stage costs (mean over seeds)."""
+    import matplotlib.pyplot as plt
+
+    t = cost_table(results).drop(columns=["total (s)"], errors="ignore").fillna(0)
+    if t.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(t) + 1.6))
+    t.iloc[::-1].plot.barh(stacked=True, ax=ax, width=0.7)
+    ax.set_xlabel("wall seconds per stage (mean over seeds)")
+    ax.set_ylabel("")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def plot_metrics(results: pd.DataFrame, metrics: list[str], title: str = ""):
     """One bar chart per metric: mean per pipeline with seed-to-seed std as error bars."""
     import matplotlib.pyplot as plt

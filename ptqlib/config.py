@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,7 @@ class Study:
     description: str
     pipelines: list[Pipeline]
     claims: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what validation could not check (dry-run, uncached hub model)
 
 
 def _where(path, *keys) -> str:
@@ -268,8 +270,12 @@ def _check_types(cls, path, where: str, params: dict) -> None:
             )
 
 
-def load_study(path: str | Path, check_models: bool = True) -> Study:
-    """Parse, validate and expand a study file. Raises ConfigError before anything runs."""
+def load_study(path: str | Path, check_models: bool = True, allow_network: bool = True) -> Study:
+    """Parse, validate and expand a study file. Raises ConfigError before anything runs.
+
+    ``allow_network=False`` (``--dry-run``): a hub model that is not cached locally is not fetched;
+    its layer-size checks are left to run time and noted in ``Study.notes``.
+    """
     from ptqlib.data import check_task
     from ptqlib.models import check_model_name, linear_input_sizes, model_config
 
@@ -296,10 +302,13 @@ def load_study(path: str | Path, check_models: bool = True) -> Study:
             raise ConfigError(f"{path}: seeds: {s!r} is not an integer")
     try:
         check_task(task)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: task: {e}") from None
+    try:
         for m in models:
             check_model_name(str(m))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {'task' if 'task' in str(e) else 'model'}: {e}") from None
+        raise ConfigError(f"{path}: model: {e}") from None
 
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
@@ -347,8 +356,8 @@ def load_study(path: str | Path, check_models: bool = True) -> Study:
                         _check_types(STAGE_PARAMS[kind], path, swhere, p)
                         obj = _build(STAGE_PARAMS[kind], path, swhere, p)
                         built.append(Stage(kind, dataclasses.asdict(obj)))
-                    _check_pipeline(path, where, built, str(model), sizes_cache, linear_input_sizes, model_config,
-                                    check_models)
+                    _check_pipeline(path, where, built, str(model), sizes_cache, linear_input_sizes,
+                                    functools.partial(model_config, allow_network=allow_network), check_models)
                     if len(models) > 1:
                         label["model"] = model
                     if trains and len(seeds) > 1:
@@ -377,7 +386,9 @@ def load_study(path: str | Path, check_models: bool = True) -> Study:
             raise ConfigError(f"{path}: claims[{i}].min_effect: {m!r} must be a number >= 0 (the smallest difference "
                               "that counts, in the metric's units)")
         c["min_effect"] = float(m)
-    return Study(name, path, str(raw.get("description", "")), pipelines, claims)
+    notes = [f"model {m!r} is not in the local cache: it will be fetched at run time (its group sizes are checked then)"
+             for m, cfg in sizes_cache.items() if cfg is None]
+    return Study(name, path, str(raw.get("description", "")), pipelines, claims, notes)
 
 
 def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, linear_input_sizes, model_config,
@@ -428,8 +439,9 @@ def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, l
             groups = []
         if check_models and groups:
             if model not in sizes_cache:
-                sizes_cache[model] = linear_input_sizes(model_config(model))
-            for g in groups:
+                cfg = model_config(model)
+                sizes_cache[model] = linear_input_sizes(cfg) if cfg is not None else None
+            for g in groups if sizes_cache[model] is not None else []:
                 if g == -1:
                     continue
                 bad = {k: n for k, n in sizes_cache[model].items() if n % g}

@@ -241,6 +241,9 @@ def parse_fields(text: str) -> dict[str, str]:
 # user data
 
 
+JSONL_FORMAT = 'expected one JSON object per line: {"prompt": "...", "completion": "...", "source": "..." (optional)}'
+
+
 def read_jsonl(path: str | Path) -> list[Example]:
     """Prompt / completion pairs; errors name the file, the line and what is wrong."""
     path = Path(path).expanduser()
@@ -253,9 +256,10 @@ def read_jsonl(path: str | Path) -> list[Example]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{no}: not valid JSON ({e.msg})") from None
+            raise ConfigError(f"{path}:{no}: not valid JSON ({e.msg}); {JSONL_FORMAT}") from None
         if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "completion")):
-            raise ConfigError(f"{path}:{no}: each line must be an object with string 'prompt' and 'completion'")
+            raise ConfigError(f"{path}:{no}: each line must be an object with string 'prompt' and 'completion'; "
+                              f"{JSONL_FORMAT}")
         out.append(Example(prompt=rec["prompt"], completion=rec["completion"], source=rec.get("source", rec["prompt"])))
     if len(out) < 2:
         raise ConfigError(f"{path}: needs at least 2 examples (one to train, one to test), found {len(out)}")

@@ -47,10 +47,11 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8,
              progress: bool = False) -> tuple[list[str], int, float]:
-    """Greedy, batched (left padding) -> (texts, new tokens, seconds).
+    """Greedy, batched (left padding) -> (texts, new tokens, seconds of the timed batches).
 
     Prompts are sorted by length before batching (and the outputs put back in order), so a
-    batch pads little: on CPU the prefill of ~200-token prompts is most of the work.
+    batch pads little: on CPU the prefill of ~200-token prompts is most of the work. A short
+    untimed warm-up comes first, so the tokens/s of the first model of a process is not a cold start.
     """
     dev = _device(model)
     side = tokenizer.padding_side
@@ -62,6 +63,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     texts: list[str] = [""] * len(prompts)
     n_tokens, seconds = 0, 0.0
     try:
+        if prompts:  # warm-up, untimed: the first call pays for allocator growth and kernel selection
+            enc = tokenizer(formatted[order[0]], return_tensors="pt", add_special_tokens=False).to(dev)
+            model.generate(**enc, max_new_tokens=2, do_sample=False, num_beams=1,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
         for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
             idx = order[i : i + batch_size]
             enc = tokenizer([formatted[j] for j in idx], return_tensors="pt", padding=True,

@@ -177,8 +177,13 @@ def resolve_model(name: str) -> Path | str:
     return name
 
 
-def model_config(name: str) -> dict:
-    """The model's config.json as a dict, for validating layer sizes before any stage runs."""
+def model_config(name: str, allow_network: bool = True) -> dict | None:
+    """The model's config.json as a dict, for validating layer sizes before any stage runs.
+
+    A hub model that is not in the local cache is fetched only with ``allow_network``; without
+    it (``--dry-run``) the answer is None: "fetched at run time". Offline (``HF_HUB_OFFLINE=1``)
+    it is refused at once, with no network retries.
+    """
     if name == "tiny":
         from ptqlib.tiny import tiny_config
 
@@ -195,10 +200,20 @@ def model_config(name: str) -> dict:
     from transformers import AutoConfig
 
     try:
+        return AutoConfig.from_pretrained(name, local_files_only=True).to_dict()
+    except OSError:
+        pass  # not in the local cache
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not allow_network and not offline:
+        return None
+    try:
+        if offline:
+            raise OSError("HF_HUB_OFFLINE is set and the model is not in the local cache")
         return AutoConfig.from_pretrained(name).to_dict()
     except OSError as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConfigError(
-            f"model {name!r} is not available offline and cannot be downloaded here ({type(e).__name__}); "
+            f"model {name!r} is not in the local cache and cannot be downloaded here ({reason}); "
             "use 'smollm2-135m', 'tiny' or a local directory"
         ) from e
 

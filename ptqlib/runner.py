@@ -8,14 +8,19 @@ a stage is finished iff its record says ``status: ok``.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
+import sys
+import tempfile
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -158,21 +163,23 @@ class Runner:
         t_all = time.time()
         todo = self.to_run(plan, force)
         log.info("study %s: %d stages, %d cached, %d to run", self.study.name, len(plan), len(plan) - len(todo), len(todo))
-        n = 0
-        for sid in plan:
-            node = self.nodes[sid]
-            if node.input_id and status.get(node.input_id) in ("failed", "skipped"):
-                status[sid] = "skipped"
-                log.info("skip %s %s: its input %s did not finish", sid, node.label(), node.input_id)
-                continue
-            if sid not in todo:
-                status[sid] = "cached"
-                continue
-            n += 1
-            log.info("[%d/%d] %s %s (for %s)", n, len(todo), sid, node.label(), ", ".join(node.pipelines[:3])
-                     + (" ..." if len(node.pipelines) > 3 else ""))
-            ok = self.execute(node, progress)
-            status[sid] = "ok" if ok else "failed"
+        progress_line = Progress(self, todo)
+        with stage_environment(progress):
+            for sid in plan:
+                node = self.nodes[sid]
+                if node.input_id and status.get(node.input_id) in ("failed", "skipped"):
+                    status[sid] = "skipped"
+                    progress_line.skip(sid)
+                    log.info("skip %s %s: its input %s did not finish", sid, node.label(), node.input_id)
+                    continue
+                if sid not in todo:
+                    status[sid] = "cached"
+                    continue
+                progress_line.start(sid)
+                ok = self.execute(node, progress)
+                status[sid] = "ok" if ok else "failed"
+                progress_line.done(sid, ok)
+        progress_line.close()
         failed = [s for s, v in status.items() if v == "failed"]
         skipped = [s for s, v in status.items() if v == "skipped"]
         self.write_results()
@@ -206,6 +213,7 @@ class Runner:
             pm.execute_notebook(
                 str(ROOT / "notebooks" / NOTEBOOKS[node.kind]), str(out / "notebook.ipynb"), parameters=params,
                 kernel_name=self.kernel_name(), progress_bar=False, cwd=str(out), log_output=False,
+                **kernel_manager_kwargs(),
             )
         except Exception as e:  # noqa: BLE001 — any failure of a stage is recorded, never fatal to the study
             error = {"type": type(e).__name__, "message": _short(e), "traceback": traceback.format_exc()[-4000:]}
@@ -213,7 +221,7 @@ class Runner:
         outputs = read_json(out / OUTPUTS)
         if error is None and outputs is None:
             error = {"type": "MissingOutputs", "message": f"the notebook finished without writing {OUTPUTS}"}
-        self.render_html(out)
+        self.render_html(out, back="../index.html")
         rec = {
             "stage_id": node.id, "kind": node.kind, "label": node.label(), "params": node.params,
             "input": node.input_id, "model": node.model, "task": node.task, "seed": node.seed,
@@ -223,7 +231,8 @@ class Runner:
             "versions": versions(), "git_commit": git_commit(ROOT), "device": (outputs or {}).get("device"),
         }
         write_json_atomic(out / RECORD, rec)  # last: from here on the stage counts as finished
-        log.info("   %s in %.0f s", "ok" if not error else f"FAILED ({error['message']})", wall)
+        if error:
+            log.error("   FAILED %s: %s", node.id, error["message"])
         return error is None
 
     def kernel_name(self) -> str:
@@ -239,21 +248,30 @@ class Runner:
         return self.kernel
 
     @staticmethod
-    def render_html(out: Path, name: str = "report.html", exclude_input: bool = False) -> None:
-        nb = out / "notebook.ipynb"
-        if not nb.exists():
+    def render_html(out: Path, name: str = "report.html", exclude_input: bool = False, back: str | None = None) -> None:
+        """The executed notebook as HTML: the injected parameters only (the notebook's own defaults
+        are dropped, they were overridden), and with ``back`` a link to the study's report."""
+        nb_path = out / "notebook.ipynb"
+        if not nb_path.exists():
             return
         try:
             import nbformat
             from nbconvert import HTMLExporter
 
+            nb = nbformat.read(nb_path, as_version=4)
+            tags = [c.get("metadata", {}).get("tags", []) for c in nb.cells]
+            if any("injected-parameters" in t for t in tags):
+                nb.cells = [c for c, t in zip(nb.cells, tags) if "parameters" not in t]
+            if back:
+                nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"[← back to the study report]({back})"))
             exporter = HTMLExporter()
             exporter.exclude_input = exclude_input
             exporter.exclude_input_prompt = exporter.exclude_output_prompt = exclude_input
-            body, _ = exporter.from_notebook_node(nbformat.read(nb, as_version=4))
+            exporter.log.addFilter(_NoAltTextWarning())  # matplotlib figures carry no alt text; not actionable
+            body, _ = exporter.from_notebook_node(nb)
             (out / name).write_text(body)
         except Exception as e:  # noqa: BLE001 — a missing page must not lose a computed stage
-            log.warning("could not render %s: %s", nb, e)
+            log.warning("could not render %s: %s", nb_path, e)
 
     # ----------------------------------------------------------------------------- reports
     def rows(self) -> list[dict]:
@@ -272,18 +290,19 @@ class Runner:
                 if not rec or rec.get("status") != "ok":
                     continue
                 node = self.nodes[sid]
+                # finetune, finetune2, ...: a pipeline such as FT -> PTQ -> QLoRA trains twice
+                seen_kinds[node.kind] = seen_kinds.get(node.kind, 0) + 1
+                prefix = node.kind + (str(seen_kinds[node.kind]) if seen_kinds[node.kind] > 1 else "")
                 if node.kind == "evaluate":
                     row.update({k: v for k, v in rec["metrics"].items()})
                 else:
-                    # finetune, finetune2, ...: a pipeline such as FT -> PTQ -> QLoRA trains twice
-                    seen_kinds[node.kind] = seen_kinds.get(node.kind, 0) + 1
-                    prefix = node.kind + (str(seen_kinds[node.kind]) if seen_kinds[node.kind] > 1 else "")
                     for k, v in rec["metrics"].items():
                         row[f"{prefix}.{k}"] = v
                     for k, v in node.params.items():
                         if k != "target_modules":
                             row[f"{prefix}.{k}"] = v
-                row["wall_s." + node.kind] = row.get("wall_s." + node.kind, 0) + rec["timings"]["wall_s"]
+                row["wall_s." + prefix] = rec["timings"]["wall_s"]  # each stage's own cost, in chain order
+                row["wall_s.total"] = row.get("wall_s.total", 0) + rec["timings"]["wall_s"]
             row["status"] = "ok" if all(s == "ok" for s in statuses) else next(s for s in statuses if s != "ok")
             rows.append(row)
         return rows
@@ -310,8 +329,11 @@ class Runner:
             if src.exists() and (not (pages / f"{sid}.html").exists()
                                  or src.stat().st_mtime > (pages / f"{sid}.html").stat().st_mtime):
                 shutil.copyfile(src, pages / f"{sid}.html")
-        stages = {sid: {"label": n.label(), "kind": n.kind, "pipelines": n.pipelines,
-                        "status": (self.record(sid) or {}).get("status", "missing")} for sid, n in self.nodes.items()}
+        # in pipeline order (the order a reader follows), each stage once, at its first pipeline
+        order = list(dict.fromkeys(s for p in self.study.pipelines for s in self.chains[p.name]))
+        stages = {sid: {"position": i, "label": self.nodes[sid].label(), "kind": self.nodes[sid].kind,
+                        "pipelines": self.nodes[sid].pipelines,
+                        "status": (self.record(sid) or {}).get("status", "missing")} for i, sid in enumerate(order)}
         write_json_atomic(self.reports / "stages.json", stages)
         write_json_atomic(self.reports / "study.json", {
             "name": self.study.name, "file": str(self.study.path), "description": self.study.description,
@@ -366,12 +388,13 @@ class Runner:
         work = self.reports / "_analysis"
         work.mkdir(exist_ok=True)
         try:
-            pm.execute_notebook(
-                str(ROOT / "notebooks" / ANALYSE), str(work / "notebook.ipynb"),
-                parameters={"study_dir": str(self.reports.resolve()), "study": self.study.name,
-                            "description": self.study.description},
-                kernel_name=self.kernel_name(), progress_bar=False, cwd=str(work),
-            )
+            with stage_environment(progress=False):
+                pm.execute_notebook(
+                    str(ROOT / "notebooks" / ANALYSE), str(work / "notebook.ipynb"),
+                    parameters={"study_dir": str(self.reports.resolve()), "study": self.study.name,
+                                "description": self.study.description},
+                    kernel_name=self.kernel_name(), progress_bar=False, cwd=str(work), **kernel_manager_kwargs(),
+                )
         except Exception as e:  # noqa: BLE001
             log.error("analysis failed: %s (see %s)", _short(e), work / "notebook.ipynb")
             self.render_html(work, "index.html", exclude_input=True)
@@ -390,3 +413,133 @@ def _short(e: Exception) -> str:
         if line.strip() and not set(line.strip()) <= set("-="):
             return line.strip()[:500]
     return type(e).__name__
+
+
+class _NoAltTextWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Alternative text is missing" not in record.getMessage()
+
+
+def kernel_manager_kwargs() -> dict:
+    """Stage kernels talk to the runner over Unix sockets, not TCP: local only, no ports to open,
+    and nothing for ipykernel to warn about ("running over TCP without encryption")."""
+    if os.name == "nt":
+        return {}
+    from jupyter_client import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            path = os.path.join(tempfile.gettempdir(), f"ptqlib-kernel-{uuid.uuid4().hex[:12]}")
+            super().__init__(transport="ipc", ip=path, **kw)
+
+    return {"kernel_manager_class": IPCKernelManager}
+
+
+# Warnings that every stage page would show and no reader can act on: tqdm.auto without
+# ipywidgets, a transformers deprecation inside peft. Set for the stage kernels only.
+_STAGE_WARNINGS = ("ignore:IProgress not found", "ignore:`is_gradient_checkpointing` is deprecated")
+
+
+@contextlib.contextmanager
+def stage_environment(progress: bool):
+    """Environment the stage kernels inherit: quiet library progress bars unless asked for."""
+    saved = dict(os.environ)
+    warnings = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    os.environ["PYTHONWARNINGS"] = ",".join(warnings + list(_STAGE_WARNINGS))
+    if not progress:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # "Loading weights", "Writing model shards"
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """One line per stage: finished / total, elapsed, and an estimate of the time left.
+
+    The estimate sums, over the stages still to run, the recorded wall time of similar stages
+    (same label up to the seed, from any finished record under runs/), else the mean of this
+    run's finished stages of the same kind, else of all kinds. Attached to a terminal it is a
+    tqdm bar; otherwise (a log file, CI) plain log lines.
+    """
+
+    def __init__(self, runner: "Runner", todo: list[str]):
+        self.runner, self.todo, self.t0 = runner, list(todo), time.time()
+        self.finished = 0
+        self.history: dict[str, list[float]] = {}  # similarity key -> recorded wall seconds
+        for d in runner.runs.iterdir() if runner.runs.exists() else []:
+            rec = read_json(d / RECORD) if d.is_dir() else None
+            if rec and rec.get("status") == "ok" and d.name not in self.todo:
+                self.history.setdefault(self._key_of(rec.get("kind", ""), rec.get("label", "")), []).append(
+                    rec["timings"]["wall_s"])
+        self.this_run: dict[str, list[float]] = {}
+        self.started: float | None = None
+        self.bar = None
+        if sys.stderr.isatty() and self.todo:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(self.todo), unit="stage", dynamic_ncols=True, file=sys.stderr)
+
+    @staticmethod
+    def _key_of(kind: str, label: str) -> str:
+        import re
+
+        return kind + ":" + re.sub(r",? seed \d+", "", label)
+
+    def _key(self, sid: str) -> str:
+        n = self.runner.nodes[sid]
+        return self._key_of(n.kind, n.label())
+
+    def estimate(self, sid: str) -> float | None:
+        key, kind = self._key(sid), self.runner.nodes[sid].kind
+        for pool in (self.this_run.get(key), self.history.get(key),
+                     [t for k, v in self.this_run.items() if k.startswith(kind + ":") for t in v],
+                     [t for v in self.this_run.values() for t in v]):
+            if pool:
+                return sum(pool) / len(pool)
+        return None
+
+    def left(self) -> str:
+        rest = [self.estimate(s) for s in self.todo]
+        known = [t for t in rest if t is not None]
+        if not rest:
+            return "0m00s"
+        if not known:
+            return "unknown"
+        return ("~" if len(known) == len(rest) else ">=") + _fmt(sum(known))
+
+    def start(self, sid: str) -> None:
+        node = self.runner.nodes[sid]
+        self.started = time.time()
+        who = ", ".join(node.pipelines[:3]) + (" ..." if len(node.pipelines) > 3 else "")
+        msg = (f"[{self.finished + 1}/{self.finished + len(self.todo)}] {node.label()} ({who}) · "
+               f"elapsed {_fmt(time.time() - self.t0)} · left {self.left()}")
+        if self.bar is not None:
+            self.bar.set_description_str(f"{node.label()} ({who})")
+            self.bar.set_postfix_str(f"left {self.left()}")
+        else:
+            log.info("%s", msg)
+
+    def done(self, sid: str, ok: bool) -> None:
+        wall = time.time() - (self.started or time.time())
+        self.this_run.setdefault(self._key(sid), []).append(wall)
+        self.todo.remove(sid)
+        self.finished += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        else:
+            log.info("   %s %s in %s", "ok" if ok else "FAILED", sid, _fmt(wall))
+
+    def skip(self, sid: str) -> None:
+        if sid in self.todo:
+            self.todo.remove(sid)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -170,3 +170,38 @@ def test_mean_pm_table():
     assert t.loc["a", "n"] == 2
     with pytest.raises(KeyError, match="rouge_l"):
         mean_pm(df, ["rouge_l"])
+
+
+def _chain_results():
+    rows = []
+    for seed in (0, 1):
+        rows.append({"pipeline": f"ft_nf4_qlora[seed={seed}]", "family": "ft_nf4_qlora", "model": "m", "seed": seed,
+                     "status": "ok", "stages": "finetune(full, 20 steps, seed 0) -> quantize(nf4) -> "
+                                               "finetune(qlora, 10 steps, seed 0) -> evaluate",
+                     "finetune.method": "full", "finetune.lr": 5e-5, "finetune.steps": 20, "finetune.batch_size": 4,
+                     "quantize.method": "nf4", "quantize.blocksize": 64, "quantize.double_quant": True,
+                     "finetune2.method": "qlora", "finetune2.lr": 2e-4, "finetune2.steps": 10, "finetune2.rank": 16,
+                     "finetune2.alpha": 32.0, "wall_s.finetune": 100.0 + seed, "wall_s.quantize": 10.0,
+                     "wall_s.finetune2": 50.0, "wall_s.evaluate": 30.0, "wall_s.total": 190.0 + seed})
+    rows.append({"pipeline": "base", "family": "base", "model": "m", "seed": 0, "status": "ok", "stages": "evaluate",
+                 "wall_s.evaluate": 40.0, "wall_s.total": 40.0})
+    return pd.DataFrame(rows)
+
+
+def test_settings_table_names_each_stage_in_chain_order():
+    from ptqlib.analysis import settings_table
+
+    t = settings_table(_chain_results())
+    assert t.loc["ft_nf4_qlora", "stages"] == (
+        "finetune(full: lr 5e-05, steps 20, batch_size 4) -> quantize(nf4: blocksize 64, double_quant True) -> "
+        "finetune(qlora: lr 0.0002, steps 10, rank 16, alpha 32) -> evaluate")
+    assert t.loc["ft_nf4_qlora", "seeds"] == "0, 1" and t.loc["base", "stages"] == "evaluate"
+
+
+def test_cost_table_keeps_each_fine_tuning():
+    from ptqlib.analysis import cost_table
+
+    t = cost_table(_chain_results())
+    assert t.loc["ft_nf4_qlora", "finetune (s)"] == pytest.approx(100.5)  # mean over seeds
+    assert t.loc["ft_nf4_qlora", "finetune2 (s)"] == 50.0 and t.loc["ft_nf4_qlora", "total (s)"] == 190.5
+    assert t.loc["base", "evaluate (s)"] == 40.0 and math.isnan(t.loc["base", "finetune (s)"])

@@ -170,3 +170,27 @@ def test_qa_group_size_comes_from_the_base(tmp_path):
     nodes, chains = build_graph(s)
     assert chains["g32"][1] != chains["g64"][1]
     assert "g32" in nodes[chains["g32"][1]].label()
+
+
+def test_dry_run_notes_an_uncached_hub_model(tmp_path, monkeypatch, capsys):
+    from ptqlib.cli import main
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import ptqlib.models as models
+
+    monkeypatch.setattr(models, "model_config", lambda name, allow_network=True: None if not allow_network else
+                        pytest.fail("validation of a dry run asked for the network"))
+    study = write(tmp_path, "model: someorg/some-model\npipelines:\n  a: [{quantize: {method: gptq, group_size: 96}}]\n")
+    assert main(["run", str(study), "--dry-run", "--runs", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("quantize(gptq, 4b, g96)") == 1  # printed once
+    assert "note: model 'someorg/some-model' is not in the local cache: it will be fetched at run time" in out
+
+
+def test_bad_jsonl_is_reported_under_task(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("{not json\n")
+    with pytest.raises(ConfigError) as e:
+        load_study(write(tmp_path, f"model: tiny\ntask: jsonl:{data}\npipelines:\n  a: []\n"))
+    assert ": task: " in str(e.value) and ": model: " not in str(e.value)
+    assert '{"prompt": "...", "completion": "..."' in str(e.value)  # the expected line format

@@ -21,9 +21,27 @@ def test_unknown_model_errors(tmp_path):
 
 
 def test_offline_hub_model_fails_clearly(monkeypatch):
+    import time
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="not available offline"):
-        model_config("nobody-here/no-such-model")
+    t0 = time.time()
+    with pytest.raises(ConfigError, match="'nobody-here/no-such-model' is not in the local cache.*HF_HUB_OFFLINE"):
+        model_config("nobody-here/no-such-model", allow_network=False)  # refused at once, even for a dry run
+    assert time.time() - t0 < 5  # no network retries
+
+
+def test_dry_run_never_fetches_a_hub_model(monkeypatch):
+    """Without the network allowed, an uncached hub model is 'fetched at run time', not looked up."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_network(*a, **k):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(huggingface_hub.file_download, "hf_hub_download", no_network, raising=False)
+    assert model_config("nobody-here/no-such-model", allow_network=False) is None
 
 
 def test_layer_sizes():

@@ -36,6 +36,12 @@ def smoke(tmp_path_factory):
     return work, p, time.time() - t0
 
 
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
 def records(runs: Path) -> dict[str, dict]:
     return {d.name: json.loads((d / "metrics.json").read_text()) for d in runs.iterdir()
             if (d / "metrics.json").exists()}
@@ -81,6 +87,18 @@ def test_smoke_study_produces_metrics_and_pages(smoke):
             win = [u for u in mine if u["group"] == group]
             assert len(win) == 4 and math.exp(sum(float(u["nll"]) for u in win)
                                               / sum(float(u["tokens"]) for u in win)) == pytest.approx(float(r[group]))
+    # the terminal: one progress line per stage, no kernel / nbconvert noise
+    assert "[1/13] " in p.stderr and "elapsed " in p.stderr and " left " in p.stderr
+    for noise in ("without encryption", "Alternative text is missing", "IProgress"):
+        assert noise not in p.stderr, noise
+    # stage pages: a link back, the injected parameters only, no progress-bar noise
+    page = (work / "reports/smoke/stages" / f"{ft['stage_id']}.html").read_text()
+    assert "back to the study report" in page and 'href="../index.html"' in page
+    assert "_interactive" not in page  # the notebook's own defaults (output_dir = "../runs/_interactive/...") are gone
+    assert "IProgress" not in page and "Loading weights" not in page
+    assert oct((work / "runs" / ft["stage_id"] / "metrics.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    # the index: settings per pipeline and per-stage cost (the second fine-tuning is its own column)
+    assert "quantize(nf4: blocksize 64, double_quant True)" in index and "finetune2 (s)" in index
     claims = list(csv.DictReader(open(work / "reports/smoke/claims.csv")))
     assert claims and {"difference", "ci_low", "ci_high", "seed_sd", "n_examples", "verdict"} <= set(claims[0])
     assert claims[0]["n_examples"] == "4" and float(claims[0]["ci_low"]) <= float(claims[0]["ci_high"])
@@ -195,3 +213,62 @@ def test_kill_and_resume(smoke, tmp_path):
     for sid, mtime in finished.items():
         assert (runs / sid / "metrics.json").stat().st_mtime_ns == mtime  # the finished stage was kept
     assert json.loads((half / "metrics.json").read_text())["status"] == "ok"
+
+
+def test_report_renders_in_a_real_browser(smoke):
+    """Headless Chromium opens the smoke report: every image loads, every link resolves, the claims
+    table is there; a stage page links back. The screenshot is kept (reports/smoke/screenshot.png)."""
+    import shutil
+    from urllib.parse import unquote, urlparse
+
+    chromium, driver_bin = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+        from selenium.webdriver.common.by import By
+    except ImportError:
+        webdriver = None
+    if not (chromium and driver_bin and webdriver):
+        if os.environ.get("PTQLIB_REQUIRE_BROWSER"):
+            pytest.fail("PTQLIB_REQUIRE_BROWSER is set but chromium, chromedriver or selenium is missing")
+        pytest.skip("needs Debian's chromium and chromium-driver and the selenium package (.ci/run installs them)")
+    work = smoke[0]
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={work / 'chromium-profile'}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_bin), options=opts)
+    try:
+        def check_page(path: Path) -> list[str]:
+            driver.get(path.as_uri())
+            driver.execute_script("return document.readyState")
+            images = driver.execute_script(
+                "return Array.from(document.images).map(i => [i.src.slice(0, 60), i.complete && i.naturalWidth > 0])")
+            assert all(ok for _, ok in images), [src for src, ok in images if not ok]
+            hrefs = driver.execute_script("return Array.from(document.querySelectorAll('a[href]')).map(a => a.href)")
+            for href in hrefs:
+                u = urlparse(href)
+                if u.scheme == "file":
+                    target = Path(unquote(u.path))
+                    assert target.exists(), href
+                    if u.fragment and target == path:
+                        assert driver.execute_script("return !!document.getElementById(arguments[0])",
+                                                     unquote(u.fragment)), href
+            return hrefs
+
+        index = work / "reports/smoke/index.html"
+        hrefs = check_page(index)
+        assert driver.execute_script("return document.images.length") >= 3  # quality, deployment, cost plots
+        tables = driver.find_elements(By.XPATH, "//table[.//th[contains(., 'verdict')]]")
+        assert tables and "fine-tuning beats the base model" in tables[0].text
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1400, min(height, 12000))
+        assert driver.save_screenshot(str(work / "reports/smoke/screenshot.png"))
+        stage_pages = [h for h in hrefs if "/stages/" in h]
+        assert len(stage_pages) == N_STAGES
+        back = check_page(Path(unquote(urlparse(stage_pages[0]).path)))
+        assert any(urlparse(h).path == index.as_uri()[len("file://"):] for h in back)
+    finally:
+        driver.quit()

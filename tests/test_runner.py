@@ -1,0 +1,65 @@
+"""Runner pieces that need no notebook execution: progress estimates, stage pages, kernel transport."""
+import base64
+import logging
+import os
+
+import nbformat
+import pytest
+
+from ptqlib.config import load_study
+from ptqlib.record import write_json_atomic
+from ptqlib.runner import Progress, Runner, kernel_manager_kwargs, stage_environment
+
+
+def _study(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\nseeds: [0, 1]\npipelines:\n  ft16: [{finetune: {method: full, steps: 4}}]\n")
+    return load_study(f)
+
+
+def test_time_left_comes_from_similar_recorded_stages(tmp_path):
+    r = Runner(_study(tmp_path), tmp_path / "runs", tmp_path / "reports")
+    ft0, ev0 = r.chains["ft16[seed=0]"]
+    ft1, ev1 = r.chains["ft16[seed=1]"]
+    for sid, wall in ((ft0, 100.0), (ev0, 20.0)):  # seed 0 finished earlier
+        n = r.nodes[sid]
+        write_json_atomic(r.runs / sid / "metrics.json", {"status": "ok", "kind": n.kind, "label": n.label(),
+                                                          "timings": {"wall_s": wall}})
+    (r.runs / ".lock").write_text("")  # the runner's lock file lives there too
+    p = Progress(r, [ft1, ev1])
+    assert p.estimate(ft1) == 100.0 and p.estimate(ev1) == 20.0  # same stage up to the seed
+    assert p.left() == "~2m00s"
+    p.start(ft1)
+    p.done(ft1, True)
+    assert p.finished == 1 and p.left() == "~0m20s"
+    empty = Progress(Runner(_study(tmp_path), tmp_path / "none", tmp_path / "reports"), [ft1])
+    assert empty.left() == "unknown"
+
+
+def test_stage_page_shows_injected_parameters_only(tmp_path, caplog):
+    nb = nbformat.v4.new_notebook()
+    png = base64.b64encode(bytes.fromhex("89504e470d0a1a0a")).decode()
+    nb.cells = [nbformat.v4.new_code_cell("lr = 0.5  # notebook_own_value", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("lr = 0.001", metadata={"tags": ["injected-parameters"]}),
+                nbformat.v4.new_code_cell("plot()", outputs=[nbformat.v4.new_output(
+                    "display_data", data={"image/png": png, "text/plain": "<Figure>"})])]
+    nbformat.write(nb, tmp_path / "notebook.ipynb")
+    with caplog.at_level(logging.WARNING):
+        Runner.render_html(tmp_path, back="../index.html")
+    html = (tmp_path / "report.html").read_text()
+    assert "0.001" in html and "notebook_own_value" not in html
+    assert 'href="../index.html"' in html and "back to the study report" in html
+    assert "Alternative text" not in caplog.text
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Unix sockets")
+def test_stage_kernels_use_unix_sockets():
+    km = kernel_manager_kwargs()["kernel_manager_class"](kernel_name="python3")
+    assert km.transport == "ipc" and "ptqlib-kernel-" in km.ip
+
+
+def test_stage_environment_is_restored():
+    before = dict(os.environ)
+    with stage_environment(progress=False):
+        assert "IProgress" in os.environ["PYTHONWARNINGS"] and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert dict(os.environ) == before
