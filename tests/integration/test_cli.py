@@ -142,6 +142,11 @@ def test_deleting_a_stage_reruns_it_and_its_dependants_only(smoke):
     after = {s: (work / "runs" / s / "metrics.json").stat().st_mtime_ns for s in recs}
     changed = {s for s in recs if before[s] != after[s]}
     assert changed == {rtn3, dependant}
+    # a re-run on CPU reproduces the quality numbers bit for bit (same code, versions, threads)
+    new = records(work / "runs")
+    for k in ("ppl", "ppl_stdlib", "exact_match", "field_f1", "rouge_l"):
+        assert new[dependant]["metrics"][k] == recs[dependant]["metrics"][k], k
+    assert new[dependant]["outputs"]["units"] == recs[dependant]["outputs"]["units"]
 
 
 def test_failed_stage_is_recorded_and_others_go_on(smoke, tmp_path):
