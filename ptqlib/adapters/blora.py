@@ -1,6 +1,6 @@
 """Balanced low-rank adapters on a frozen quantized base: Q-BLoRA, QA-LoRA and QA-BLoRA.
 
-Notation (METHODS.md section 2): frozen base ``W0: (out, in)``, nominal LoRA rank ``r``,
+Notation (docs/methods.md): frozen base ``W0: (out, in)``, nominal LoRA rank ``r``,
 scale ``s = alpha / r``. A *balanced* adapter simplifies the adapter's input and output and
 spends the saved parameters on rank (Shen et al., arXiv 2407.17029; v1: Q-BaRA / QA-HiRA):
 

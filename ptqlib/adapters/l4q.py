@@ -1,7 +1,7 @@
 """L4Q: quantization-aware fine-tuning with the LoRA update *inside* the quantizer.
 
 Jeon et al., "L4Q: Parameter Efficient Quantization-Aware Fine-Tuning on Large Language
-Models" (ACL 2025, arXiv 2402.04902); see ``shared/METHODS.md`` section "L4Q".
+Models" (ACL 2025, arXiv 2402.04902); see ``docs/methods.md``, section L4Q.
 
 Notation (one linear layer, ``y = x W^T``): frozen ``W0 (out, in)``, LoRA ``A (r, in)``,
 ``B (out, r)``, ``s = alpha / r``; per-group learnable scale ``S`` and offset ``b``,

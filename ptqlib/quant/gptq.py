@@ -3,7 +3,7 @@
 For one linear layer ``W: (out, in)`` with calibration inputs ``X`` (N tokens), GPTQ minimises
 ``||X W^T - X W_hat^T||^2`` column by column: quantize column ``i``, then spread its error over
 the not yet quantized columns with the inverse Hessian ``H^-1``, ``H = (2/N) sum x x^T``
-(METHODS.md section 1). ``GPTQ`` below is that algorithm for one layer; ``gptq_quantize_model``
+(docs/methods.md). ``GPTQ`` below is that algorithm for one layer; ``gptq_quantize_model``
 runs it sequentially over the decoder layers of a Hugging Face causal LM.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Notation (docs/INTERFACES.md): ``W: (out, in)``, groups of ``g`` consecutive inp
 (``g = -1``: one group per row), ``G = in // g`` groups, ``b`` bits, ``maxq = 2^b - 1``.
 A code ``q`` in ``[0, maxq]`` stands for ``w_hat = scale * (q - zero)``.
 
-Grid rules (METHODS.md section 1):
+Grid rules (docs/methods.md):
 
 * asymmetric: ``scale = (max - min) / maxq``, ``zero = round(-min / scale)``. As in the GPTQ
   reference quantizer the range is widened to contain 0 (``min <= 0 <= max``): this keeps
