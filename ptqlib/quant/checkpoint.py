@@ -77,7 +77,8 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         "desc_act": desc_act,
         # derived from the stored zeros, so it is true of the file whatever produced it
         "sym": all(_is_sym(m) for m in qlayers.values()),
-        "static_groups": bool(info.get("static_groups", False)),
+        # static groups only mean something with act-order; without it the flag had no effect
+        "static_groups": bool(info.get("static_groups", False)) and desc_act,
         "true_sequential": bool(info.get("true_sequential", True)),
         "damp_percent": float(info.get("damp", 0.01)),
         "lm_head": False,
