@@ -305,7 +305,8 @@ class L4QLinear(nn.Module):
         S = self.q_scale.detach()
         zeros = -self.qn - self.q_offset.detach() / S  # (out, G) float
         layer = QuantLinear.from_codes(
-            q, S.to(self.weight.dtype), zeros.to(self.weight.dtype), g_idx=None,
+            # zeros stay fp32 (the fzeros buffer is fp32): a bf16 cast would add rounding the model never trained with
+            q, S.to(self.weight.dtype), zeros.float(), g_idx=None,
             bias=None if self.bias is None else self.bias.detach().clone(),
             bits=self.bits, group_size=self.group_size, float_zeros=True,
         )

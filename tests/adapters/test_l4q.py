@@ -226,3 +226,14 @@ def test_tiny_model_trains_and_exports(bits, device):
     with torch.no_grad():
         exported = model(input_ids=ids, labels=ids).loss
     torch.testing.assert_close(exported, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_export_keeps_fp32_zero_points():
+    """A bf16 run exports the zero points it trained with: -Q_N - b / S in fp32, not rounded to bf16."""
+    layer = make_layer(4, 32, torch.device("cpu"), dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.q_offset.add_(torch.randn_like(layer.q_offset) * 1e-3)  # offsets that bf16 cannot hold exactly
+        q = layer.export()
+    want = (-signed_range(4)[0] - layer.q_offset / layer.q_scale).float()  # (out, G) in fp32
+    assert q.fzeros.dtype == torch.float32
+    assert torch.equal(q.zero_points().float(), want)
