@@ -464,7 +464,7 @@ class Progress:
     """One line per stage: finished / total, elapsed, and an estimate of the time left.
 
     The estimate sums, over the stages still to run, the recorded wall time of similar stages
-    (same label up to the seed, from any finished record under runs/), else the mean of this
+    (same model and label up to the seed, from any finished record under runs/), else the mean of this
     run's finished stages of the same kind, else of all kinds. Attached to a terminal it is a
     tqdm bar; otherwise (a log file, CI) plain log lines.
     """
@@ -476,8 +476,8 @@ class Progress:
         for d in runner.runs.iterdir() if runner.runs.exists() else []:
             rec = read_json(d / RECORD) if d.is_dir() else None
             if rec and rec.get("status") == "ok" and d.name not in self.todo:
-                self.history.setdefault(self._key_of(rec.get("kind", ""), rec.get("label", "")), []).append(
-                    rec["timings"]["wall_s"])
+                key = self._key_of(rec.get("kind", ""), rec.get("label", ""), rec.get("model", ""))
+                self.history.setdefault(key, []).append(rec["timings"]["wall_s"])
         self.this_run: dict[str, list[float]] = {}
         self.started: float | None = None
         self.bar = None
@@ -487,14 +487,14 @@ class Progress:
             self.bar = tqdm(total=len(self.todo), unit="stage", dynamic_ncols=True, file=sys.stderr)
 
     @staticmethod
-    def _key_of(kind: str, label: str) -> str:
+    def _key_of(kind: str, label: str, model: str) -> str:
         import re
 
-        return kind + ":" + re.sub(r",? seed \d+", "", label)
+        return f"{kind}:{model}:" + re.sub(r",? seed \d+", "", label)
 
     def _key(self, sid: str) -> str:
         n = self.runner.nodes[sid]
-        return self._key_of(n.kind, n.label())
+        return self._key_of(n.kind, n.label(), n.model)
 
     def estimate(self, sid: str) -> float | None:
         key, kind = self._key(sid), self.runner.nodes[sid].kind

@@ -24,7 +24,10 @@ def test_time_left_comes_from_similar_recorded_stages(tmp_path):
     for sid, wall in ((ft0, 100.0), (ev0, 20.0)):  # seed 0 finished earlier
         n = r.nodes[sid]
         write_json_atomic(r.runs / sid / "metrics.json", {"status": "ok", "kind": n.kind, "label": n.label(),
-                                                          "timings": {"wall_s": wall}})
+                                                          "model": n.model, "timings": {"wall_s": wall}})
+    other = r.runs / "otherid"  # the same stage on another model says nothing about this one
+    write_json_atomic(other / "metrics.json", {"status": "ok", "kind": "finetune", "label": r.nodes[ft0].label(),
+                                               "model": "smollm2-135m", "timings": {"wall_s": 5000.0}})
     (r.runs / ".lock").write_text("")  # the runner's lock file lives there too
     p = Progress(r, [ft1, ev1])
     assert p.estimate(ft1) == 100.0 and p.estimate(ev1) == 20.0  # same stage up to the seed
