@@ -15,14 +15,14 @@ study: methods
 model: tiny
 task: meetings
 defaults:
-  finetune: {steps: 3, batch_size: 2, train_samples: 8, max_length: 160, lr: 1.0e-3, rank: 4, alpha: 8, group_size: 32}
+  finetune: {steps: 3, batch_size: 2, train_samples: 8, max_length: 160, lr: 1.0e-3, rank: 4, alpha: 8}
   quantize: {group_size: 32, calib_samples: 4, calib_seq_len: 64}
   evaluate: {ppl_samples: 2, ppl_seq_len: 64, task_samples: 2, max_new_tokens: 8, batch_size: 2}
 pipelines:
-  l4q_w3: [{finetune: {method: l4q, bits: 3}}]
-  qat_lora_w4: [{finetune: {method: qat_lora, bits: 4}}]
+  l4q_w3: [{finetune: {method: l4q, bits: 3, group_size: 32}}]
+  qat_lora_w4: [{finetune: {method: qat_lora, bits: 4, group_size: 32}}]
   qblora_nf4: [{quantize: nf4}, {finetune: qblora}]
-  qalora_gptq: [{quantize: {method: gptq, bits: 4}}, {finetune: qalora}]
+  qalora_gptq: [{quantize: {method: gptq, bits: 4}}, {finetune: qalora}]  # group 32 from the base
   qablora_gptq: [{quantize: {method: gptq, bits: 4}}, {finetune: qablora}]
   merge_gptq: [{quantize: nf4}, {finetune: {method: qlora, merge: true}}, {quantize: {method: gptq, bits: 3}}]
 """
