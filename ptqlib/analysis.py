@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ptqlib.metrics import Statistic, statistic
+from ptqlib.metrics import Statistic, ppl_statistic, statistic
 
-LOWER_IS_BETTER = {"ppl", "ppl_stdlib", "size_mb_deploy", "size_mb_stored", "train_seconds", "step_seconds", "peak_mem_mb",
+LOWER_IS_BETTER = {"size_mb_deploy", "size_mb_stored", "train_seconds", "step_seconds", "peak_mem_mb",
                    "train_loss_last"}
 RELATIONS = (">", ">=", "==")
 QUALITY = ["ppl", "ppl_stdlib", "exact_match", "field_f1", "rouge_l", "fact_precision", "fact_recall"]
@@ -93,7 +93,7 @@ def mean_pm(results: pd.DataFrame, metrics: list[str], digits: int = 3) -> pd.Da
 def lower_is_better(metric: str) -> bool:
     """Perplexities, sizes, times and losses; stage-prefixed columns ("finetune.peak_mem_mb") by their name."""
     name = metric.rsplit(".", 1)[-1]
-    return name in LOWER_IS_BETTER or name.startswith("ppl_") and name != "ppl_seconds"
+    return name in LOWER_IS_BETTER or ppl_statistic(name) is not None
 
 
 def _runs(results: pd.DataFrame, family: str) -> pd.DataFrame:
@@ -219,8 +219,7 @@ def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = No
             row["verdict"] = "undecided (no data)"
             return row
     row["n_seeds"] = len(pairs)
-    row["mean_a"] = st(num_a.ravel(), den_a.ravel()) if st.den else float(num_a.mean())
-    row["mean_b"] = st(num_b.ravel(), den_b.ravel()) if st.den else float(num_b.mean())
+    row["mean_a"], row["mean_b"] = st(num_a.ravel(), den_a.ravel()), st(num_b.ravel(), den_b.ravel())
     d, lo, hi = paired_bootstrap(num_a, den_a, num_b, den_b, st, n_boot, seed)
     row.update(difference=d, ci_low=lo, ci_high=hi)
     sign = -1.0 if lower_is_better(claim.metric) else 1.0
@@ -264,7 +263,8 @@ def settings_table(results: pd.DataFrame) -> pd.DataFrame:
     """One row per pipeline family: each stage with the settings that matter for it, and the seeds."""
     rows = {}
     for fam in dict.fromkeys(results["family"]):
-        r = results[results["family"] == fam].iloc[0]
+        sub = results[results["family"] == fam]
+        r = sub.iloc[0]
         parts = []
         for pre in _stage_prefixes(str(r.get("stages", ""))):
             method = r.get(f"{pre}.method")
@@ -276,7 +276,6 @@ def settings_table(results: pd.DataFrame) -> pd.DataFrame:
                 if v is not None and not (isinstance(v, float) and math.isnan(v)):
                     kv.append(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}")
             parts.append(f"{pre.rstrip('0123456789')}({method}" + (": " + ", ".join(kv) if kv else "") + ")")
-        sub = results[results["family"] == fam]
         grid = {c[5:]: sorted(set(sub[c].dropna())) for c in sub.columns if c.startswith("grid.") and c != "grid.seed"}
         rows[fam] = {"stages": " -> ".join(parts + ["evaluate"]),
                      "grid": "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in grid.items() if v),
@@ -324,7 +323,7 @@ def plot_metrics(results: pd.DataFrame, metrics: list[str], title: str = ""):
     for ax, m in zip(axes[0], metrics):
         sns.barplot(data=data, y="label", x=m, ax=ax, errorbar="sd", color="#4c72b0")
         ax.set_ylabel("")
-        ax.set_title(m + (" (lower is better)" if m in LOWER_IS_BETTER else ""))
+        ax.set_title(m + (" (lower is better)" if lower_is_better(m) else ""))
     fig.suptitle(title)
     fig.tight_layout()
     return fig

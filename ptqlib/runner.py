@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -355,11 +356,10 @@ class Runner:
                 continue
             units = (self.record(chain[-1]).get("outputs") or {}).get("units") or {}
             for group, cols in units.items():
-                n = len(next(iter(cols.values()), []))
-                for i in range(n):
+                keys += [c for c in cols if c not in keys]
+                for i in range(len(next(iter(cols.values()), []))):
                     row = {"pipeline": pl.name, "family": pl.family, "seed": pl.seed, "group": group, "unit": i}
                     row.update({c: v[i] for c, v in cols.items()})
-                    keys += [c for c in cols if c not in keys]
                     rows.append(row)
         path = self.reports / "units.csv"
         tmp = path.with_suffix(".csv.tmp")
@@ -443,7 +443,8 @@ _STAGE_WARNINGS = ("ignore:IProgress not found", "ignore:`is_gradient_checkpoint
 @contextlib.contextmanager
 def stage_environment(progress: bool):
     """Environment the stage kernels inherit: quiet library progress bars unless asked for."""
-    saved = dict(os.environ)
+    keys = ("PYTHONWARNINGS", "HF_HUB_DISABLE_PROGRESS_BARS")
+    saved = {k: os.environ.get(k) for k in keys}
     warnings = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
     os.environ["PYTHONWARNINGS"] = ",".join(warnings + list(_STAGE_WARNINGS))
     if not progress:
@@ -451,8 +452,11 @@ def stage_environment(progress: bool):
     try:
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        for k, v in saved.items():  # only what this set: other changes to the environment stay
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _fmt(seconds: float) -> str:
@@ -488,8 +492,6 @@ class Progress:
 
     @staticmethod
     def _key_of(kind: str, label: str, model: str) -> str:
-        import re
-
         return f"{kind}:{model}:" + re.sub(r",? seed \d+", "", label)
 
     def _key(self, sid: str) -> str:
