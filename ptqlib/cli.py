@@ -15,7 +15,7 @@ from ptqlib.errors import ConfigError
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ptqlib", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,analyse}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,analyse,export}")
     run = sub.add_parser("run", help="run (or --dry-run) a study: the stages not cached yet, then the report",
                          description="Run the stages of a study that are not cached yet, then render its report.")
     run.add_argument("study", help="the study file, e.g. parameters/default.yaml")
@@ -34,7 +34,35 @@ def _parser() -> argparse.ArgumentParser:
     ana.add_argument("study", help="the study file, e.g. parameters/default.yaml")
     ana.add_argument("--runs", default="runs", help="stage cache directory to read (default: runs)")
     ana.add_argument("--reports", default="reports", help="reports directory to write (default: reports)")
+    exp = sub.add_parser("export", help="write a stage's model as a GGUF file that llama.cpp runs",
+                         description="Export a model (a run directory of a quantize / finetune stage, or a model "
+                                     "name) to GGUF. Quantized layers keep their codes exactly where GGUF can "
+                                     "hold them (Q4_1 for <= 4 bits with groups of 32k, Q8_0 for symmetric "
+                                     "8 bits); anything else is refused unless --lossy.")
+    exp.add_argument("model", help="a run directory (runs/<id>) or a model name")
+    exp.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default: gguf)")
+    exp.add_argument("--type", default="auto", choices=["auto", "q4_1", "q8_0", "f16"],
+                     help="weight type: auto keeps the codes (Q4_1 / Q8_0; float layers F16); default: auto")
+    exp.add_argument("--lossy", action="store_true",
+                     help="re-quantize layers the type cannot hold exactly (NF4, act-order, groups not a multiple of 32)")
+    exp.add_argument("-o", "--output", required=True, help="the .gguf file to write")
     return ap
+
+
+def _export(args) -> int:
+    import json
+
+    from ptqlib import artifacts
+    from ptqlib.deploy import ExportError, export_gguf
+
+    model, tok, info = artifacts.load(args.model, device="cpu")
+    try:
+        report = export_gguf(model, tok, args.output, type=args.type, lossy=args.lossy)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.summary(), indent=1))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from ptqlib.config import load_study
     from ptqlib.runner import Runner
 
+    if args.cmd == "export":
+        return _export(args)
     try:
         study = load_study(args.study, allow_network=not (args.cmd == "run" and args.dry_run))
         if args.cmd == "analyse":

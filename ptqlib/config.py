@@ -16,7 +16,8 @@ A study file (``parameters/<study>.yaml``)::
         - quantize: {method: nf4}
         - finetune: {method: qlora}
 
-Every pipeline ends with an implicit ``evaluate`` stage. A list value in a stage (``bits: [3, 4]``)
+Every pipeline ends with an implicit ``evaluate`` stage; a last entry ``{evaluate: {...}}``
+overrides ``defaults.evaluate`` for that pipeline (e.g. ``runtime: llama.cpp``). A list value in a stage (``bits: [3, 4]``)
 expands the pipeline into a grid, except for keys whose value is a list by nature
 (``target_modules``). The parameters of each stage kind are the dataclasses below: their
 field comments are the documentation, and ``__post_init__`` validates each value.
@@ -139,6 +140,9 @@ class FinetuneParams:
             raise ConfigError(f"merge: only lora and qlora adapters merge into a float model, not {self.method!r}")
 
 
+RUNTIMES = ("torch", "llama.cpp")
+
+
 @dataclass
 class EvaluateParams:
     """Held-out perplexity, task accuracy from greedy generation, size and speed."""
@@ -153,8 +157,26 @@ class EvaluateParams:
     lm_eval_fewshot: int = -1  # lm-eval few-shot examples (-1: the task's default; MMLU is usually 5)
     lm_eval_limit: int = 0  # lm-eval examples per task (0: all)
     lm_eval_include: str = ""  # a directory of local lm-eval task YAML files
+    runtime: str = "torch"  # torch (the model as loaded) | llama.cpp (export to GGUF, score the file in llama.cpp)
+    gguf_type: str = "auto"  # llama.cpp runtime: GGUF weight type (auto keeps the codes: Q4_1 / Q8_0; q4_1, q8_0, f16)
+    gguf_lossy: bool = False  # llama.cpp runtime: allow re-quantizing layers GGUF cannot hold exactly (NF4, act-order, g16)
+    speed_prompts: int = 0  # batch-1 latency: time to first token and decode tokens/s over this many prompts (0: off)
+    speed_tokens: int = 64  # tokens decoded per speed prompt (EOS ignored)
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime: {self.runtime!r} is not a runtime; valid: {', '.join(RUNTIMES)}")
+        from ptqlib.deploy.gguf import TYPES as GGUF_TYPES
+
+        if self.gguf_type not in GGUF_TYPES:
+            raise ConfigError(f"gguf_type: {self.gguf_type!r}; valid: {', '.join(GGUF_TYPES)}")
+        if self.runtime != "llama.cpp" and (self.gguf_type != "auto" or self.gguf_lossy):
+            raise ConfigError(f"gguf_type / gguf_lossy apply to runtime llama.cpp only (runtime is {self.runtime!r})")
+        if self.runtime == "llama.cpp" and self.lm_eval_tasks:
+            raise ConfigError("lm_eval_tasks run on the torch model; with runtime llama.cpp leave them empty")
+        if not isinstance(self.speed_prompts, int) or self.speed_prompts < 0:
+            raise ConfigError(f"speed_prompts: {self.speed_prompts!r} must be an integer >= 0")
+        _positive("speed_tokens", self.speed_tokens)
         if not isinstance(self.lm_eval_tasks, list) or not all(isinstance(t, str) for t in self.lm_eval_tasks):
             raise ConfigError(f"lm_eval_tasks: {self.lm_eval_tasks!r} must be a list of task names")
         if self.lm_eval_include and not Path(self.lm_eval_include).expanduser().is_dir():
@@ -170,6 +192,11 @@ class EvaluateParams:
         if not isinstance(self.task_samples, int) or self.task_samples < 0:
             raise ConfigError(f"task_samples: {self.task_samples!r} must be an integer >= 0")
 
+
+# Evaluate keys added after studies were cached, at the value that computes what they computed
+# before: left out of the stage id (runner.stage_id), so adding them invalidated no cache.
+ID_NEUTRAL = {"evaluate": {"runtime": "torch", "gguf_type": "auto", "gguf_lossy": False, "speed_prompts": 0,
+                           "speed_tokens": 64}}
 
 STAGE_PARAMS = {"quantize": QuantizeParams, "finetune": FinetuneParams, "evaluate": EvaluateParams}
 LIST_KEYS = {"target_modules", "lm_eval_tasks", "ppl_sources"}  # list-valued by nature: never a grid axis
@@ -228,8 +255,9 @@ def _normalise_stage(path, where: str, entry) -> tuple[str, dict]:
     if not isinstance(entry, dict) or len(entry) != 1:
         raise ConfigError(f"{path}: {where}: a stage is a one-key mapping such as {{quantize: nf4}}, got {entry!r}")
     (kind, params), = entry.items()
-    if kind not in ("quantize", "finetune"):
-        raise ConfigError(f"{path}: {where}: unknown stage {kind!r}; valid: quantize, finetune (evaluate is implicit)")
+    if kind not in ("quantize", "finetune", "evaluate"):
+        raise ConfigError(f"{path}: {where}: unknown stage {kind!r}; valid: quantize, finetune, and evaluate "
+                          "as the last entry (it is implicit; the entry overrides defaults.evaluate)")
     if isinstance(params, str):
         params = {"method": params}
     if params is None:
@@ -328,10 +356,17 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
         if not isinstance(stages, list):
             raise ConfigError(f"{path}: {where}: expected a list of stages, got {stages!r}")
         parsed = []
+        eval_over: dict = {}
         for i, entry in enumerate(stages):
             kind, params = _normalise_stage(path, f"{where}[{i}]", entry)
+            if kind == "evaluate":
+                if i != len(stages) - 1:
+                    raise ConfigError(f"{path}: {where}[{i}]: evaluate can only be the last entry (every pipeline "
+                                      "ends with one); move it to the end")
+                eval_over = params
+                continue
             parsed.append((kind, {**copy.deepcopy(defaults.get(kind, {})), **params}))
-        parsed.append(("evaluate", copy.deepcopy(defaults.get("evaluate", {}))))
+        parsed.append(("evaluate", {**copy.deepcopy(defaults.get("evaluate", {})), **eval_over}))
         # grid axes: every list value that is not list-valued by nature, per stage
         axes: dict[str, list] = {}
         for i, (kind, params) in enumerate(parsed):

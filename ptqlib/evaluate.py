@@ -117,3 +117,76 @@ def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int =
         metrics["task_examples"] = len(examples)
         rows = [{"prompt": e.prompt, "reference": e.completion, "output": t} for e, t in zip(examples, texts)]
     return metrics, rows, units
+
+
+@torch.no_grad()
+def decode_speed(model, tokenizer, prompts: list[str], new_tokens: int = 64) -> dict[str, float]:
+    """Batch-1 greedy decode of exactly ``new_tokens`` (EOS ignored) after each prompt.
+
+    -> ``ttft_s`` (median seconds to the first token: prefill + one step) and
+    ``decode_tokens_per_s`` (the tokens after the first / their time), the latency figures a
+    single user of a deployed model sees; comparable with ``deploy.llamacpp.run``.
+    """
+    dev = _device(model)
+    ttft, dec_s, dec_n = [], 0.0, 0
+    encs = [tokenizer(format_prompt(tokenizer, p), return_tensors="pt", add_special_tokens=False).to(dev)
+            for p in prompts]
+    if encs:  # warm-up, untimed
+        model.generate(**encs[0], max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    for enc in encs:
+        t0 = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             return_dict_in_generate=True, use_cache=True)
+        t1 = time.perf_counter()
+        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        t2 = time.perf_counter()
+        ttft.append(t1 - t0)
+        dec_s += (t2 - t1) - (t1 - t0)  # the full run minus its prefill + first token
+        dec_n += new_tokens - 1
+        del out
+    return {"ttft_s": float(sorted(ttft)[len(ttft) // 2]) if ttft else math.nan,
+            "decode_tokens_per_s": dec_n / dec_s if dec_s > 0 else math.nan}
+
+
+def evaluate_gguf(path, tokenizer, examples: list[Example], ppl_samples: int = 16, ppl_seq_len: int = 256,
+                  max_new_tokens: int = 64, ppl_sources: tuple[str, ...] = ("pydoc",),
+                  speed_prompts: int = 4, speed_tokens: int = 64, n_threads: int | None = None
+                  ) -> tuple[dict, list[dict], dict]:
+    """:func:`evaluate_model` for a GGUF file run by llama.cpp: the same windows, prompts and scores.
+
+    Adds ``ttft_s`` and ``decode_tokens_per_s`` (batch 1, see :func:`decode_speed`) and
+    ``peak_rss_mb`` of the llama.cpp process. Generation is one prompt at a time (llama.cpp's
+    single-sequence API), so ``gen_tokens_per_s`` is not comparable with batched torch generation.
+    """
+    from ptqlib.deploy import llamacpp
+
+    windows = {("ppl" if s == "pydoc" else f"ppl_{s}"): text_windows(tokenizer, "test", ppl_seq_len, ppl_samples, source=s).tolist()
+               for s in ppl_sources}
+    prompt_ids = [tokenizer(format_prompt(tokenizer, e.prompt), add_special_tokens=False)["input_ids"] for e in examples]
+    n_ctx = max([ppl_seq_len] + [len(p) + max(max_new_tokens, speed_tokens) for p in prompt_ids]) + 8
+    res = llamacpp.run(path, windows, prompt_ids, max_new_tokens, tokenizer.eos_token_id,
+                       speed_prompts=prompt_ids[:speed_prompts], speed_tokens=speed_tokens,
+                       n_threads=n_threads, n_ctx=n_ctx)
+    metrics: dict = {}
+    units: dict[str, dict[str, list[float]]] = {}
+    for name, w in res.get("windows", {}).items():
+        units[name] = w
+        metrics[name] = ppl_statistic(name)(w["nll"], w["tokens"])
+    metrics["ppl_seconds"] = res.get("ppl_seconds", 0.0)
+    rows: list[dict] = []
+    if examples:
+        eos = tokenizer.eos_token_id
+        texts = [tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True).strip() for ids in res["outputs"]]
+        refs, sources = [e.completion for e in examples], [e.source for e in examples]
+        units["task"] = example_scores(texts, refs, sources)
+        metrics.update(task_scores(texts, refs, sources))
+        metrics["gen_seconds"] = res["gen_seconds"]
+        metrics["gen_tokens"] = res["gen_tokens"]
+        metrics["gen_tokens_per_s"] = res["gen_tokens"] / res["gen_seconds"] if res["gen_seconds"] else math.nan
+        metrics["task_examples"] = len(examples)
+        rows = [{"prompt": e.prompt, "reference": e.completion, "output": t} for e, t in zip(examples, texts)]
+    for k in ("ttft_s", "decode_tokens_per_s", "peak_rss_mb", "load_seconds"):
+        if k in res:
+            metrics[k] = res[k]
+    return metrics, rows, units

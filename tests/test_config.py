@@ -85,7 +85,11 @@ def test_stage_id_is_content_addressed():
     ("model: tiny\npipelines:\n  a: [{quantize: nf4}, {finetune: full}]\n", ["pipelines.a[1].finetune.method", "quantized"]),
     ("model: tiny\npipelines:\n  a: [{quantize: {method: rtn, bits: four}}]\n", ["quantize.bits", "'four'", "int"]),
     ("model: tiny\npipelines:\n  a: [{finetune: lora}, {quantize: rtn}]\n", ["pipelines.a[1].quantize", "unmerged 'lora'", "merge: true"]),
-    ("model: tiny\npipelines:\n  a: [{evaluate: {}}]\n", ["unknown stage 'evaluate'"]),
+    ("model: tiny\npipelines:\n  a: [{evaluate: {}}, {quantize: rtn}]\n", ["pipelines.a[0]", "evaluate can only be the last"]),
+    ("model: tiny\npipelines:\n  a: [{evaluate: {runtime: onnx}}]\n", ["runtime: 'onnx'", "valid: torch, llama.cpp"]),
+    ("model: tiny\npipelines:\n  a: [{evaluate: {gguf_type: q4_1}}]\n", ["gguf_type", "runtime llama.cpp only"]),
+    ("model: tiny\npipelines:\n  a: [{evaluate: {runtime: llama.cpp, gguf_type: q5_k}}]\n", ["gguf_type: 'q5_k'", "auto, q4_1, q8_0, f16"]),
+    ("model: tiny\npipelines:\n  a: [{prune: {}}]\n", ["unknown stage 'prune'"]),
     ("model: tiny\npipelines:\n  a: []\nclaims: [{claim: x, a: a, b: nope, metric: ppl}]\n", ["claims[0].b", "'nope'"]),
     ("model: tiny\npipelines:\n  a: []\nclaims: [{claim: x, a: a, b: a, metric: ppl, relation: '<'}]\n",
      ["claims[0].relation", "'<'"]),
@@ -194,3 +198,23 @@ def test_bad_jsonl_is_reported_under_task(tmp_path):
         load_study(write(tmp_path, f"model: tiny\ntask: jsonl:{data}\npipelines:\n  a: []\n"))
     assert ": task: " in str(e.value) and ": model: " not in str(e.value)
     assert '{"prompt": "...", "completion": "..."' in str(e.value)  # the expected line format
+
+
+def test_evaluate_entry_overrides_defaults_and_neutral_keys_keep_stage_ids(tmp_path):
+    from ptqlib.runner import build_graph
+
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\ndefaults:\n  evaluate: {ppl_samples: 4, task_samples: 2}\npipelines:\n"
+                 "  t: []\n  g: [{evaluate: {runtime: llama.cpp, speed_prompts: 2}}]\n"
+                 "  t2: [{evaluate: {runtime: torch, speed_prompts: 0}}]\n")
+    study = load_study(f)
+    ev = {p.name: p.stages[-1].params for p in study.pipelines}
+    assert ev["g"]["runtime"] == "llama.cpp" and ev["g"]["ppl_samples"] == 4 and ev["g"]["speed_prompts"] == 2
+    assert ev["t"]["runtime"] == "torch"
+    _, chains = build_graph(study)
+    # the new keys at their neutral values leave the id of an existing evaluate stage unchanged
+    assert chains["t"] == chains["t2"] != chains["g"]
+    from ptqlib.config import ID_NEUTRAL
+
+    before = {k: v for k, v in ev["t"].items() if k not in ID_NEUTRAL["evaluate"]}  # params as cached before
+    assert stage_id("evaluate", before, None, "tiny", "meetings", 0) == chains["t"][-1]

@@ -1,0 +1,383 @@
+"""Export a study model to GGUF, the file format of llama.cpp (docs/methods.md, "Deployment").
+
+What maps exactly (ggml's block formats, 32 weights per block along the input dimension):
+
+* ``Q4_1``: ``x = d * q + m`` with 4-bit ``q`` and 16-bit ``d``, ``m`` per block. A ptqlib
+  ``QuantLinear`` holds ``w = s * (q - z)`` per group of ``g`` inputs, so ``d = s``,
+  ``m = -s * z`` and the codes are copied, for integer zero points (GPTQ, RTN) and for float
+  ones (merged QA-LoRA / QA-BLoRA, exported L4Q) alike. Groups of ``g = 32k`` inputs give k
+  blocks with the same ``(d, m)``; 2- and 3-bit codes fit 4-bit slots (exact, a larger file
+  than their bits). The only change is rounding ``d`` and ``m`` to fp16: ``ExportReport``
+  gives the largest weight error it adds.
+* ``Q8_0``: ``x = d * q`` with int8 ``q``: ptqlib's symmetric 8-bit grid (zero 128), codes
+  shifted by 128.
+* Float weights (embeddings, unquantized layers) are written as ``F16``; norms as ``F32``.
+
+What does not map, and fails with a reason unless ``lossy=True`` re-quantizes from the
+de-quantized float weight (``gguf.quants.quantize``, the reference quantizer) and reports its
+error: NF4 (a non-uniform grid), act-order without static groups (a column permutation that no
+GGUF block format stores), groups that are not a multiple of 32, asymmetric 8-bit.
+
+Why blocks are packed here: the ``gguf`` package quantizes floats (choosing its own ``d``,
+``m``), but has no entry point for *given* codes and grids, which is the whole point of an
+exact export. Everything else (header, metadata, tensor layout, tokenizer) goes through
+``gguf.GGUFWriter`` and ``gguf.SpecialVocab``.
+
+Architecture: Llama-style models (SmolLM2, the tiny test model). llama.cpp applies rotary
+embeddings to interleaved pairs where transformers rotates two halves, so the rows of the q
+and k projections are permuted per head (``_rope_rows``), as llama.cpp's own converter does;
+a row permutation moves whole rows, so it is exact for codes too.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ptqlib.quant.qlinear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+TYPES = ("auto", "q4_1", "q8_0", "f16")
+QK = 32  # weights per ggml block (Q4_1, Q8_0)
+
+# transformers module name -> GGUF tensor name (llama.cpp's LLM_ARCH_LLAMA)
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+class ExportError(ValueError):
+    """A model or layer that the requested GGUF type cannot hold exactly (and ``lossy`` was off)."""
+
+
+@dataclass
+class TensorReport:
+    name: str
+    gguf_type: str
+    exact: bool  # codes copied (True) or re-quantized / cast (False)
+    max_abs_err: float  # max |w_gguf - w_ptqlib| over the tensor
+    nbytes: int
+
+
+@dataclass
+class ExportReport:
+    path: str
+    file_type: str
+    tensors: list[TensorReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return Path(self.path).stat().st_size
+
+    @property
+    def max_abs_err_exact(self) -> float:
+        """Largest error over the tensors whose codes were copied: the fp16 rounding of d and m."""
+        return max((t.max_abs_err for t in self.tensors if t.exact and t.gguf_type.startswith("Q")), default=0.0)
+
+    @property
+    def max_abs_err_lossy(self) -> float:
+        return max((t.max_abs_err for t in self.tensors if not t.exact), default=0.0)
+
+    def summary(self) -> dict:
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t.gguf_type] = counts.get(t.gguf_type, 0) + 1
+        return {"path": self.path, "size_mb": self.nbytes / 2**20, "file_type": self.file_type,
+                "tensor_types": counts, "requantized": sum(not t.exact and t.gguf_type.startswith("Q") for t in self.tensors),
+                "max_abs_err_exact": self.max_abs_err_exact, "max_abs_err_lossy": self.max_abs_err_lossy,
+                "notes": list(self.notes)}
+
+
+# ---- block packing ----------------------------------------------------------------------------
+def pack_q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """Q4_1 blocks of codes ``(out, in)`` in [0, 15] with per-block ``d``, ``m`` ``(out, in/32)``.
+
+    -> uint8 ``(out, in/32 * 20)``: per block fp16 ``d``, fp16 ``m``, then 16 bytes whose low
+    nibbles hold weights 0..15 of the block and high nibbles weights 16..31 (ggml's block_q4_1).
+    """
+    out_f, in_f = codes.shape
+    nb = in_f // QK
+    q = codes.to(torch.uint8).reshape(out_f, nb, QK).numpy()
+    qs = q[..., :16] | (q[..., 16:] << 4)  # (out, nb, 16)
+    dm = np.stack([d.to(torch.float16).numpy(), m.to(torch.float16).numpy()], axis=-1)  # (out, nb, 2)
+    return np.concatenate([dm.view(np.uint8).reshape(out_f, nb, 4), qs], axis=-1).reshape(out_f, nb * 20)
+
+
+def pack_q8_0(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    """Q8_0 blocks of int8 values ``q (out, in)`` with per-block ``d (out, in/32)``.
+
+    -> uint8 ``(out, in/32 * 34)``: per block fp16 ``d`` then 32 int8 (ggml's block_q8_0).
+    """
+    out_f, in_f = q.shape
+    nb = in_f // QK
+    qs = q.to(torch.int8).reshape(out_f, nb, QK).numpy().view(np.uint8)
+    dd = d.to(torch.float16).numpy().reshape(out_f, nb, 1).view(np.uint8).reshape(out_f, nb, 2)
+    return np.concatenate([dd, qs], axis=-1).reshape(out_f, nb * 34)
+
+
+def _block_grid(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-32-block scale and zero point ``(out, in/32)`` of a layer with contiguous groups."""
+    g = layer.in_features // layer.n_groups
+    rep = g // QK
+    s = layer.scales.t().float().repeat_interleave(rep, dim=1)
+    z = layer.zero_points().repeat_interleave(rep, dim=1)
+    return s, z
+
+
+def exact_type(layer: QuantLinear) -> tuple[str | None, str]:
+    """The GGUF type that holds ``layer``'s codes exactly (``Q4_1`` / ``Q8_0``), or (None, why not)."""
+    g = layer.in_features // layer.n_groups
+    if not torch.equal(layer.g_idx, layer._contiguous_g_idx()):
+        return None, ("act-order permutes the columns (g_idx is not contiguous) and GGUF blocks store no "
+                      "permutation; quantize with desc_act: false, or with static_groups: true")
+    if g % QK:
+        return None, f"group size {g} is not a multiple of {QK}, the GGUF block size"
+    if layer.bits <= 4:
+        return "Q4_1", ""
+    z = layer.zero_points()
+    if not layer.float_zeros and bool((z == 128).all()):
+        return "Q8_0", ""
+    return None, "asymmetric 8-bit codes have no GGUF weight type (Q8_0 is symmetric)"
+
+
+def encode_exact(layer: QuantLinear, gtype: str) -> tuple[np.ndarray, float]:
+    """The layer's codes in ``gtype`` blocks -> (bytes, max |w_gguf - w_ptqlib|)."""
+    codes = layer.unpack_codes()
+    s, z = _block_grid(layer)
+    w = layer.dequantize_weight(torch.float32)
+    if gtype == "Q4_1":
+        d, m = s, -s * z
+        data = pack_q4_1(codes, d, m)
+        d16 = d.half().float().repeat_interleave(QK, 1)
+        w_g = d16 * codes.float() + (m.half().float().repeat_interleave(QK, 1))
+    elif gtype == "Q8_0":
+        q = codes - 128
+        data = pack_q8_0(q, s)
+        w_g = s.half().float().repeat_interleave(QK, 1) * q.float()
+    else:
+        raise ExportError(f"no exact encoding into {gtype}")
+    return data, float((w_g - w).abs().max())
+
+
+def encode_float(w: torch.Tensor, gtype: str) -> tuple[np.ndarray, float]:
+    """A float weight ``(out, in)`` in ``gtype`` (F16 / F32 / re-quantized Q4_1 or Q8_0) -> (data, max error)."""
+    import gguf
+
+    w32 = w.detach().float().cpu()
+    if gtype == "F32":
+        return w32.numpy(), 0.0
+    if gtype == "F16":
+        data = w32.half().numpy()
+        return data, float((torch.from_numpy(data.astype(np.float32)) - w32).abs().max())
+    qtype = getattr(gguf.GGMLQuantizationType, gtype)
+    data = gguf.quants.quantize(w32.numpy(), qtype)
+    back = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(w32.shape))
+    return data, float((back - w32).abs().max())
+
+
+def _rope_rows(n_out: int, n_head: int) -> torch.Tensor:
+    """Row order that turns transformers' half-split rotary layout into llama.cpp's interleaved one.
+
+    Per head of ``hd`` rows, transformers rotates row ``j`` with ``j + hd/2``; llama.cpp rotates
+    rows ``2j`` and ``2j+1``. So new row ``2j + t`` (t in {0, 1}) is old row ``t * hd/2 + j``.
+    """
+    hd = n_out // n_head
+    j = torch.arange(hd // 2)
+    per_head = torch.stack([j, j + hd // 2], dim=1).reshape(-1)  # (hd,) = [0, hd/2, 1, hd/2+1, ...]
+    return (torch.arange(n_head)[:, None] * hd + per_head[None]).reshape(-1)
+
+
+# ---- model -> file ----------------------------------------------------------------------------
+def _check_arch(cfg) -> None:
+    if cfg.model_type != "llama":
+        raise ExportError(f"GGUF export supports Llama-style models (SmolLM2, tiny); got model_type {cfg.model_type!r}")
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if kind not in ("default", None):
+        raise ExportError(f"rope scaling {kind!r} is not mapped to GGUF metadata yet; valid: default")
+
+
+def _rope_theta(cfg) -> float:
+    rope = getattr(cfg, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        return float(rope["rope_theta"])
+    return float(getattr(cfg, "rope_theta", 10000.0))
+
+
+def _linear_tensor(mod: nn.Module, name: str, rows: torch.Tensor | None, want: str, lossy: bool,
+                   report: ExportReport):
+    """(data, raw_dtype) for one linear layer's weight, following ``want`` (see ``export_gguf``)."""
+    import gguf
+
+    if isinstance(mod, QuantLinear):
+        gtype, why = exact_type(mod)
+        target = {"auto": gtype, "q4_1": "Q4_1", "q8_0": "Q8_0", "f16": "F16"}[want]
+        if target == "Q4_1" and gtype == "Q4_1" or target == "Q8_0" and gtype == "Q8_0":
+            data, err = encode_exact(mod, target)
+            exact = True
+        elif target == "F16":
+            data, err = encode_float(mod.dequantize_weight(torch.float32), "F16")
+            exact = False
+        else:
+            if not lossy:
+                reason = why or f"{mod.bits}-bit codes do not fit {target} exactly"
+                raise ExportError(f"{name}: {reason}. Pass --lossy to re-quantize the de-quantized weight "
+                                  f"(the error is reported), or choose --type f16")
+            target = target or ("Q8_0" if mod.bits == 8 else "Q4_1")
+            data, err = encode_float(mod.dequantize_weight(torch.float32), target)
+            exact = False
+        bias = mod.bias
+    elif isinstance(mod, nn.Linear):
+        w = mod.weight
+        if w.__class__.__name__ == "Params4bit":
+            if not lossy:
+                raise ExportError(f"{name}: bitsandbytes NF4/FP4 is a non-uniform grid with no GGUF type; "
+                                  "pass --lossy to re-quantize the de-quantized weight (the error is reported)")
+            import bitsandbytes.functional as bnbF
+
+            w = bnbF.dequantize_4bit(w.data, w.quant_state).float()
+            want = "q4_1" if want == "auto" else want
+        target = {"auto": "F16", "q4_1": "Q4_1", "q8_0": "Q8_0", "f16": "F16"}[want]
+        if target != "F16" and not lossy:
+            raise ExportError(f"{name}: a float weight becomes {target} only by quantizing it; pass --lossy "
+                              "(the error is reported), or export a quantized model")
+        data, err = encode_float(w, target)
+        exact = target == "F16"
+        bias = mod.bias
+    else:
+        raise ExportError(f"{name}: {type(mod).__name__} is not exportable (merge adapters into the model first)")
+    if rows is not None:
+        data = data[rows.numpy()]
+        bias = None if bias is None else bias[rows]
+    gname = target if target in ("F16", "F32") else target
+    report.tensors.append(TensorReport(name, gname, exact, err, int(data.nbytes)))
+    raw = getattr(gguf.GGMLQuantizationType, gname)
+    return data, raw, bias
+
+
+def _write_tokenizer(writer, tokenizer, report: ExportReport) -> None:
+    """Vocabulary, merges, special tokens and chat template (gguf.SpecialVocab reads the last three)."""
+    import gguf
+
+    n = len(tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    types = [int(gguf.TokenType.CONTROL) if i in special else int(gguf.TokenType.NORMAL) for i in range(n)]
+    writer.add_tokenizer_model("gpt2")
+    # llama.cpp splits text before BPE with a named regex; byte-level BPE with GPT-2's split
+    # (SmolLM2, the tiny model) is "gpt-2". Anything else gets llama.cpp's default split.
+    pt = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    if pt.get("type") == "ByteLevel" and pt.get("use_regex", True):
+        pre = "gpt-2"
+    else:
+        pre = "default"
+        report.notes.append(f"pre-tokenizer {pt.get('type')!r} not mapped: llama.cpp's default split is used "
+                            "(ptqlib's llama.cpp runtime tokenizes with the model's own tokenizer)")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        sv = gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=n)
+        sv.add_to_gguf(writer)
+    writer.add_add_bos_token(False)  # ptqlib's prompts come from the chat template, which has no BOS
+
+
+def export_gguf(model: nn.Module, tokenizer, path: str | Path, type: str = "auto", lossy: bool = False,
+                name: str = "ptqlib") -> ExportReport:
+    """Write ``model`` (float or ``QuantLinear`` layers) and its tokenizer to a GGUF file.
+
+    ``type``: ``auto`` keeps every quantized layer's codes (Q4_1 for <= 4 bits, Q8_0 for
+    symmetric 8 bits) and writes float layers as F16; ``q4_1`` / ``q8_0`` ask for that type for
+    every linear layer (exact where the codes allow, otherwise only with ``lossy``); ``f16``
+    writes de-quantized F16 weights. Embeddings are F16, norms F32 in every case.
+    """
+    import gguf
+
+    if type not in TYPES:
+        raise ExportError(f"type {type!r}: valid are {', '.join(TYPES)}")
+    cfg = model.config
+    _check_arch(cfg)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = ExportReport(str(path), type)
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+
+    writer = gguf.GGUFWriter(str(path) + ".tmp", "llama")
+    writer.add_name(name)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(_rope_theta(cfg))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type({"auto": gguf.LlamaFileType.MOSTLY_Q4_1, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16}[type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_tokenizer(writer, tokenizer, report)
+
+    def add_float(gname: str, t: torch.Tensor, gtype: str) -> None:
+        data, err = encode_float(t, gtype)
+        report.tensors.append(TensorReport(gname, gtype, True, err, int(data.nbytes)))
+        writer.add_tensor(gname, data)
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = inner.model
+    add_float("token_embd.weight", body.embed_tokens.weight, "F16")
+    for i, layer in enumerate(body.layers):
+        for hf_name, g_name in _LAYER_NAMES.items():
+            mod = layer.get_submodule(hf_name)
+            gname = f"blk.{i}.{g_name}.weight"
+            if g_name.endswith("_norm"):
+                add_float(gname, mod.weight, "F32")
+                continue
+            rows = None
+            if g_name == "attn_q":
+                rows = _rope_rows(mod.out_features, n_head)
+            elif g_name == "attn_k":
+                rows = _rope_rows(mod.out_features, n_kv)
+            data, raw, bias = _linear_tensor(mod, gname, rows, type, lossy, report)
+            writer.add_tensor(gname, data, raw_dtype=raw)
+            if bias is not None:
+                add_float(gname.replace(".weight", ".bias"), bias, "F32")
+    add_float("output_norm.weight", body.norm.weight, "F32")
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    if not tied:
+        data, raw, _ = _linear_tensor(inner.lm_head, "output.weight", None,
+                                      "auto" if type == "auto" else type, lossy, report)
+        writer.add_tensor("output.weight", data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    Path(str(path) + ".tmp").replace(path)  # a killed export leaves no half file under the final name
+    log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 2**20)
+    return report
+
+
+def read_tensor(path: str | Path, name: str) -> torch.Tensor:
+    """De-quantize one tensor of a GGUF file with the ``gguf`` package's own reader -> float32 ``(rows, cols)``."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    for t in r.tensors:
+        if t.name == name:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(
+                [int(x) for x in reversed(t.shape.tolist())])
+    raise KeyError(f"{path}: no tensor {name!r}")
