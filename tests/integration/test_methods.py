@@ -26,16 +26,25 @@ pipelines:
   qablora_gptq: [{quantize: {method: gptq, bits: 4}}, {finetune: qablora}]
   merge_gptq: [{quantize: nf4}, {finetune: {method: qlora, merge: true}}, {quantize: {method: gptq, bits: 3}}]
 """
+# the fully quantized models deployed: exported to GGUF Q4_1 and scored in llama.cpp (same stages up to evaluate)
+DEPLOY = """
+  l4q_w3_gguf: [{finetune: {method: l4q, bits: 3, group_size: 32}}, {evaluate: {runtime: llama.cpp, speed_prompts: 1, speed_tokens: 4}}]
+  qablora_gguf: [{quantize: {method: gptq, bits: 4}}, {finetune: qablora}, {evaluate: {runtime: llama.cpp}}]
+"""
 
 
 def test_all_methods_run_and_deploy(tmp_path):
-    (tmp_path / "m.yaml").write_text(textwrap.dedent(STUDY))
+    from ptqlib.deploy import llamacpp
+
+    deploy = llamacpp.available() or os.environ.get("PTQLIB_REQUIRE_LLAMACPP") == "1"
+    (tmp_path / "m.yaml").write_text(STUDY + (DEPLOY.lstrip("\n") if deploy else ""))
     p = subprocess.run([sys.executable, "-m", "ptqlib", "run", str(tmp_path / "m.yaml"), "--runs",
                         str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")], cwd=tmp_path,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-5000:]
     rows = {r["pipeline"]: r for r in csv.DictReader(open(tmp_path / "reports/methods/results.csv"))}
-    assert set(rows) == {"l4q_w3", "qat_lora_w4", "qblora_nf4", "qalora_gptq", "qablora_gptq", "merge_gptq"}
+    assert set(rows) == {"l4q_w3", "qat_lora_w4", "qblora_nf4", "qalora_gptq", "qablora_gptq", "merge_gptq"} | (
+        {"l4q_w3_gguf", "qablora_gguf"} if deploy else set())
     for name, r in rows.items():
         assert r["status"] == "ok", name
         assert float(r["ppl"]) > 1
@@ -55,3 +64,10 @@ def test_all_methods_run_and_deploy(tmp_path):
     lora = 2 * sum(r * (i + o) for i, o in [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256), (128, 256),
                                             (256, 128)])
     assert int(rows["qblora_nf4"]["finetune.trainable_params"]) == lora
+    if deploy:  # the same weights in llama.cpp: codes copied exactly, perplexity within kernel rounding
+        for gguf_name, torch_name in [("l4q_w3_gguf", "l4q_w3"), ("qablora_gguf", "qablora_gptq")]:
+            g, t = rows[gguf_name], rows[torch_name]
+            assert int(float(g["gguf_requantized_tensors"])) == 0 and float(g["gguf_max_abs_err_exact"]) < 1e-3
+            assert abs(float(g["ppl"]) / float(t["ppl"]) - 1) < 0.02, (gguf_name, g["ppl"], t["ppl"])
+            assert (tmp_path / "runs" / g["eval_stage"] / "model.gguf").exists()
+        assert float(rows["l4q_w3_gguf"]["decode_tokens_per_s"]) > 0
