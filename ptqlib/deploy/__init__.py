@@ -15,6 +15,7 @@ def deployed_metrics(export: ExportReport, config, decode_tokens_per_s: float | 
                                        bool(getattr(config, "tie_word_embeddings", False)))
     bw = copy_bandwidth_gbs()
     out = {"size_mb_gguf": s["size_mb"], "gguf_max_abs_err_exact": s["max_abs_err_exact"],
+           "gguf_max_rel_err_exact": s["max_rel_err_exact"],
            "gguf_max_abs_err_lossy": s["max_abs_err_lossy"], "gguf_requantized_tensors": s["requantized"],
            "weight_mb_per_token": per_token / 2**20, "copy_bandwidth_gbs": bw}
     if decode_tokens_per_s and not math.isnan(decode_tokens_per_s):

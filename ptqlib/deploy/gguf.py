@@ -66,6 +66,7 @@ class TensorReport:
     exact: bool  # codes copied (True) or re-quantized / cast (False)
     max_abs_err: float  # max |w_gguf - w_ptqlib| over the tensor
     nbytes: int
+    max_abs_w: float = 0.0  # max |w_ptqlib|, so the error can be read relative to the weights' range
 
 
 @dataclass
@@ -85,6 +86,12 @@ class ExportReport:
         return max((t.max_abs_err for t in self.tensors if t.exact and t.gguf_type.startswith("Q")), default=0.0)
 
     @property
+    def max_rel_err_exact(self) -> float:
+        """The same, relative to each tensor's largest weight."""
+        return max((t.max_abs_err / t.max_abs_w for t in self.tensors
+                    if t.exact and t.gguf_type.startswith("Q") and t.max_abs_w > 0), default=0.0)
+
+    @property
     def max_abs_err_lossy(self) -> float:
         return max((t.max_abs_err for t in self.tensors if not t.exact), default=0.0)
 
@@ -94,7 +101,8 @@ class ExportReport:
             counts[t.gguf_type] = counts.get(t.gguf_type, 0) + 1
         return {"path": self.path, "size_mb": self.nbytes / 2**20, "file_type": self.file_type,
                 "tensor_types": counts, "requantized": sum(not t.exact and t.gguf_type.startswith("Q") for t in self.tensors),
-                "max_abs_err_exact": self.max_abs_err_exact, "max_abs_err_lossy": self.max_abs_err_lossy,
+                "max_abs_err_exact": self.max_abs_err_exact,
+                "max_rel_err_exact": self.max_rel_err_exact, "max_abs_err_lossy": self.max_abs_err_lossy,
                 "notes": list(self.notes)}
 
 
@@ -259,8 +267,9 @@ def _linear_tensor(mod: nn.Module, name: str, rows: torch.Tensor | None, want: s
     if rows is not None:
         data = data[rows.numpy()]
         bias = None if bias is None else bias[rows]
-    gname = target if target in ("F16", "F32") else target
-    report.tensors.append(TensorReport(name, gname, exact, err, int(data.nbytes)))
+    gname = target
+    w_max = float((mod.dequantize_weight(torch.float32) if isinstance(mod, QuantLinear) else w.detach().float()).abs().max())
+    report.tensors.append(TensorReport(name, gname, exact, err, int(data.nbytes), w_max))
     raw = getattr(gguf.GGMLQuantizationType, gname)
     return data, raw, bias
 
@@ -370,14 +379,26 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, type: str = "auto
     return report
 
 
-def read_tensor(path: str | Path, name: str) -> torch.Tensor:
-    """De-quantize one tensor of a GGUF file with the ``gguf`` package's own reader -> float32 ``(rows, cols)``."""
+def read_tensors(path: str | Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """De-quantize tensors of a GGUF file with the ``gguf`` package's own reader -> float32 ``(rows, cols)``.
+
+    One reader for all: parsing a file's metadata (a 49k-token vocabulary) costs seconds.
+    """
     import gguf
 
     r = gguf.GGUFReader(str(path))
+    out = {}
     for t in r.tensors:
-        if t.name == name:
+        if names is None or t.name in names:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
-            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(
+            out[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(
                 [int(x) for x in reversed(t.shape.tolist())])
-    raise KeyError(f"{path}: no tensor {name!r}")
+    missing = set(names or []) - set(out)
+    if missing:
+        raise KeyError(f"{path}: no tensors {sorted(missing)}")
+    return out
+
+
+def read_tensor(path: str | Path, name: str) -> torch.Tensor:
+    """One de-quantized tensor (see :func:`read_tensors`)."""
+    return read_tensors(path, [name])[name]

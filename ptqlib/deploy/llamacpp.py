@@ -48,6 +48,17 @@ class LlamaCppModel:
                          n_threads_batch=threads, logits_all=logits_all, verbose=False)
         self.logits_all = logits_all
 
+    def close(self) -> None:
+        """Free the model and context now (not at interpreter exit, where llama-cpp-python's
+        destructor can run after its library is unloaded)."""
+        self.llm.close()
+
+    def __enter__(self) -> "LlamaCppModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def logits(self, ids: list[int]) -> np.ndarray:
         """Next-token logits ``(len(ids), vocab)`` for every position (needs ``logits_all``)."""
         if not self.logits_all:
@@ -99,7 +110,7 @@ def _worker(path: str, windows: dict[str, list[list[int]]], prompts: list[list[i
         t0 = time.perf_counter()
         res["windows"] = {k: scorer.window_nll(v) for k, v in windows.items()}
         res["ppl_seconds"] = time.perf_counter() - t0
-        del scorer
+        scorer.close()
     gen = LlamaCppModel(path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False)
     res.setdefault("load_seconds", time.perf_counter() - t0)
     if speed_prompts:
@@ -123,6 +134,7 @@ def _worker(path: str, windows: dict[str, list[list[int]]], prompts: list[list[i
         res["ttft_s"] = float(np.median(ttft))
         res["decode_tokens_per_s"] = dec_n / dec_s if dec_s else math.nan
     res["peak_rss_mb"] = _peak_rss_mb()
+    gen.close()
     return res
 
 

@@ -62,7 +62,8 @@ def test_logits_match_ptqlib_forward(sharp_tiny, tiny_tok, tmp_path, kind):
     ids = _text_ids(tiny_tok)
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
-    got = llamacpp.LlamaCppModel(tmp_path / "m.gguf", n_ctx=128, n_threads=1, logits_all=True).logits(ids)
+    with llamacpp.LlamaCppModel(tmp_path / "m.gguf", n_ctx=128, n_threads=1, logits_all=True) as lm:
+        got = lm.logits(ids)
     err = np.abs(got - want).max() / want.std()
     assert err < (0.05 if kind == "q4_1" else 0.01), err
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
@@ -83,6 +84,7 @@ def test_greedy_tokens_and_tokenization_match(sharp_tiny, tiny_tok, tmp_path):
                                  pad_token_id=tiny_tok.pad_token_id)[0, len(ids):].tolist()
         got, ttft, _ = lm.generate(ids, 12, eos_id=None)
         assert got == ref[: len(got)] and len(got) == 12 and ttft > 0
+    lm.close()
 
 
 def test_evaluate_gguf_scores_the_same_units(tiny_tok, tmp_path):
