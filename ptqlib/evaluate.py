@@ -86,6 +86,21 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     return texts, n_tokens, seconds
 
 
+def _score_task(texts: list[str], examples: list[Example], n_tokens: int, seconds: float, metrics: dict,
+                units: dict) -> list[dict]:
+    """Task units and metrics of generated ``texts`` (into ``units`` / ``metrics``) -> the generated rows.
+
+    One scoring path for every runtime, so torch and llama.cpp results pair unit by unit.
+    """
+    refs, sources = [e.completion for e in examples], [e.source for e in examples]
+    units["task"] = example_scores(texts, refs, sources)
+    metrics.update(task_scores(texts, refs, sources))
+    metrics["gen_tokens_per_s"] = n_tokens / seconds if seconds else math.nan
+    metrics["gen_tokens"] = n_tokens
+    metrics["task_examples"] = len(examples)
+    return [{"prompt": e.prompt, "reference": e.completion, "output": t} for e, t in zip(examples, texts)]
+
+
 def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int = 16, ppl_seq_len: int = 256,
                    max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False,
                    ppl_sources: tuple[str, ...] = ("pydoc",)) -> tuple[dict, list[dict], dict]:
@@ -106,16 +121,11 @@ def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int =
     metrics["ppl_seconds"] = time.perf_counter() - t0
     rows: list[dict] = []
     if examples:
-        prompts, refs, sources = [e.prompt for e in examples], [e.completion for e in examples], [e.source for e in examples]
+        prompts = [e.prompt for e in examples]
         t0 = time.perf_counter()
         texts, n_tok, secs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
         metrics["gen_seconds"] = time.perf_counter() - t0
-        units["task"] = example_scores(texts, refs, sources)
-        metrics.update(task_scores(texts, refs, sources))
-        metrics["gen_tokens_per_s"] = n_tok / secs if secs else math.nan
-        metrics["gen_tokens"] = n_tok
-        metrics["task_examples"] = len(examples)
-        rows = [{"prompt": e.prompt, "reference": e.completion, "output": t} for e, t in zip(examples, texts)]
+        rows = _score_task(texts, examples, n_tok, secs, metrics, units)
     return metrics, rows, units
 
 
@@ -178,14 +188,8 @@ def evaluate_gguf(path, tokenizer, examples: list[Example], ppl_samples: int = 1
     if examples:
         eos = tokenizer.eos_token_id
         texts = [tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True).strip() for ids in res["outputs"]]
-        refs, sources = [e.completion for e in examples], [e.source for e in examples]
-        units["task"] = example_scores(texts, refs, sources)
-        metrics.update(task_scores(texts, refs, sources))
         metrics["gen_seconds"] = res["gen_seconds"]
-        metrics["gen_tokens"] = res["gen_tokens"]
-        metrics["gen_tokens_per_s"] = res["gen_tokens"] / res["gen_seconds"] if res["gen_seconds"] else math.nan
-        metrics["task_examples"] = len(examples)
-        rows = [{"prompt": e.prompt, "reference": e.completion, "output": t} for e, t in zip(examples, texts)]
+        rows = _score_task(texts, examples, res["gen_tokens"], res["gen_seconds"], metrics, units)
     for k in ("ttft_s", "decode_tokens_per_s", "peak_rss_mb", "load_seconds"):
         if k in res:
             metrics[k] = res[k]

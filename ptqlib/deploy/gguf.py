@@ -228,13 +228,14 @@ def _linear_tensor(mod: nn.Module, name: str, rows: torch.Tensor | None, want: s
     import gguf
 
     if isinstance(mod, QuantLinear):
+        w = mod.dequantize_weight(torch.float32)  # once: the lossy paths and the report's max |w| use it
         gtype, why = exact_type(mod)
         target = {"auto": gtype, "q4_1": "Q4_1", "q8_0": "Q8_0", "f16": "F16"}[want]
         if target == "Q4_1" and gtype == "Q4_1" or target == "Q8_0" and gtype == "Q8_0":
             data, err = encode_exact(mod, target)
             exact = True
         elif target == "F16":
-            data, err = encode_float(mod.dequantize_weight(torch.float32), "F16")
+            data, err = encode_float(w, "F16")
             exact = False
         else:
             if not lossy:
@@ -242,7 +243,7 @@ def _linear_tensor(mod: nn.Module, name: str, rows: torch.Tensor | None, want: s
                 raise ExportError(f"{name}: {reason}. Pass --lossy to re-quantize the de-quantized weight "
                                   f"(the error is reported), or choose --type f16")
             target = target or ("Q8_0" if mod.bits == 8 else "Q4_1")
-            data, err = encode_float(mod.dequantize_weight(torch.float32), target)
+            data, err = encode_float(w, target)
             exact = False
         bias = mod.bias
     elif isinstance(mod, nn.Linear):
@@ -267,10 +268,8 @@ def _linear_tensor(mod: nn.Module, name: str, rows: torch.Tensor | None, want: s
     if rows is not None:
         data = data[rows.numpy()]
         bias = None if bias is None else bias[rows]
-    gname = target
-    w_max = float((mod.dequantize_weight(torch.float32) if isinstance(mod, QuantLinear) else w.detach().float()).abs().max())
-    report.tensors.append(TensorReport(name, gname, exact, err, int(data.nbytes), w_max))
-    raw = getattr(gguf.GGMLQuantizationType, gname)
+    report.tensors.append(TensorReport(name, target, exact, err, int(data.nbytes), float(w.detach().abs().max())))
+    raw = getattr(gguf.GGMLQuantizationType, target)
     return data, raw, bias
 
 
