@@ -64,6 +64,8 @@ class QuantizeParams:
     bits: int = 4  # weight bits: rtn/gptq 2, 3, 4, 8; nf4/fp4 4
     group_size: int = 64  # rtn/gptq: input columns per scale/zero (-1 = whole row); must divide every layer's input size
     sym: bool = False  # rtn/gptq: symmetric grid (zero fixed at 2^(b-1))
+    sym_grid: str = "full"  # rtn/gptq with sym: full = scale 2 max|w| / (2^b - 1), every code used (GPTQ reference); max = max|w| / (2^(b-1) - 1), +-max exact (ptqlib before)
+    group_grid: str = "lazy"  # gptq without act-order: a group's grid from the lazily updated weights (lazy, the reference's codes) or the block's error-updated copy (updated, ptqlib before)
     double_quant: bool = True  # nf4/fp4: quantize the absmax constants too (QLoRA's default)
     blocksize: int = 64  # nf4/fp4: bitsandbytes block size
     act_order: bool = False  # gptq: quantize columns in order of decreasing Hessian diagonal
@@ -88,6 +90,8 @@ class QuantizeParams:
         _positive("calib_samples", self.calib_samples)
         _positive("calib_seq_len", self.calib_seq_len)
         _positive("block_size", self.block_size)
+        _choice("sym_grid", self.sym_grid, ("full", "max"))
+        _choice("group_grid", self.group_grid, ("lazy", "updated"))
         if not 0 < self.damp < 1:
             raise ConfigError(f"damp: {self.damp!r} must be in (0, 1)")
 
@@ -193,10 +197,30 @@ class EvaluateParams:
             raise ConfigError(f"task_samples: {self.task_samples!r} must be an integer >= 0")
 
 
-# Evaluate keys added after studies were cached, at the value that computes what they computed
-# before: left out of the stage id (runner.stage_id), so adding them invalidated no cache.
-ID_NEUTRAL = {"evaluate": {"runtime": "torch", "gguf_type": "auto", "gguf_lossy": False, "speed_prompts": 0,
+# Keys added after studies were cached, at the value that computes what they computed before:
+# left out of the stage id (runner.stage_id), so adding them invalidated no cache. The quantize
+# grid rules' old values are the rules GPTQ / RTN used before (their new defaults change the id);
+# the zero >= 1 rule that came with them changes no code of a cached stage (none had a zero of 0).
+ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated"},
+              "evaluate": {"runtime": "torch", "gguf_type": "auto", "gguf_lossy": False, "speed_prompts": 0,
                            "speed_tokens": 64}}
+
+
+
+def id_params(kind: str, params: dict) -> dict:
+    """The params that enter a stage's id: all, less ``ID_NEUTRAL`` values and grid rules that
+    cannot act (``sym_grid`` of an asymmetric or NF4 run, ``group_grid`` of a GPTQ run without
+    dynamic groups), so adding those rules re-ran only the stages whose codes they change."""
+    neutral = ID_NEUTRAL.get(kind, {})
+    out = {k: v for k, v in params.items() if not (k in neutral and neutral[k] == v)}
+    if kind == "quantize":
+        if params.get("method") not in ("rtn", "gptq") or not params.get("sym"):
+            out.pop("sym_grid", None)
+        dynamic = params.get("group_size") != -1 and not (params.get("act_order") and params.get("static_groups"))
+        if params.get("method") != "gptq" or not dynamic:
+            out.pop("group_grid", None)
+    return out
+
 
 STAGE_PARAMS = {"quantize": QuantizeParams, "finetune": FinetuneParams, "evaluate": EvaluateParams}
 LIST_KEYS = {"target_modules", "lm_eval_tasks", "ppl_sources"}  # list-valued by nature: never a grid axis

@@ -61,14 +61,15 @@ def quantize(input_ref: str, p: dict, calib: torch.Tensor | None = None, progres
             from ptqlib.quant import rtn_quantize_model
 
             stats = rtn_quantize_model(model, bits=p["bits"], group_size=p["group_size"], sym=p["sym"],
-                                       progress=progress)
+                                       progress=progress, sym_grid=p["sym_grid"])
         else:
             from ptqlib.quant.gptq import gptq_quantize_model
 
             stats = gptq_quantize_model(
                 model, [c.unsqueeze(0) for c in calib], bits=p["bits"], group_size=p["group_size"], sym=p["sym"],
                 act_order=p["act_order"], static_groups=p["static_groups"], true_sequential=p["true_sequential"],
-                damp=p["damp"], block_size=p["block_size"], progress=progress)
+                damp=p["damp"], block_size=p["block_size"], progress=progress,
+                group_grid=p["group_grid"], sym_grid=p["sym_grid"])
     stats = dict(stats or {})
     stats["quant_seconds"] = time.perf_counter() - t0
     model.eval()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-from ptqlib.config import ID_NEUTRAL, Pipeline, Study
+from ptqlib.config import Pipeline, Study, id_params
 from ptqlib.record import OUTPUTS, RECORD, git_commit, read_json, versions, write_json_atomic
 
 log = logging.getLogger("ptqlib.runner")
@@ -62,8 +62,7 @@ class StageNode:
 
 def stage_id(kind: str, params: dict, input_id: str | None, model: str, task: str, seed: int) -> str:
     """Content address: what the stage computes from, and nothing else."""
-    neutral = ID_NEUTRAL.get(kind, {})
-    params = {k: v for k, v in params.items() if not (k in neutral and neutral[k] == v)}
+    params = id_params(kind, params)
     key: dict = {"kind": kind, "params": params, "input": input_id or {"model": model}}
     if kind in ("finetune", "evaluate"):
         key["task"] = task  # quantize calibrates on pydoc text: the task does not change it

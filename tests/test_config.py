@@ -218,3 +218,36 @@ def test_evaluate_entry_overrides_defaults_and_neutral_keys_keep_stage_ids(tmp_p
 
     before = {k: v for k, v in ev["t"].items() if k not in ID_NEUTRAL["evaluate"]}  # params as cached before
     assert stage_id("evaluate", before, None, "tiny", "meetings", 0) == chains["t"][-1]
+
+
+def test_grid_rules_change_only_the_ids_of_stages_they_change(tmp_path):
+    """sym_grid / group_grid: the old rules keep the ids stages were cached under; the new defaults
+    re-run GPTQ with dynamic groups (and symmetric runs) only, not NF4 or asymmetric RTN."""
+    from ptqlib.runner import build_graph
+
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\npipelines:\n"
+                 "  g: [{quantize: {method: gptq}}]\n  g_old: [{quantize: {method: gptq, group_grid: updated}}]\n"
+                 "  g_row: [{quantize: {method: gptq, group_size: -1}}]\n"
+                 "  g_row_old: [{quantize: {method: gptq, group_size: -1, group_grid: updated}}]\n"
+                 "  r: [{quantize: {method: rtn}}]\n  r_max: [{quantize: {method: rtn, sym_grid: max}}]\n"
+                 "  rs: [{quantize: {method: rtn, sym: true}}]\n"
+                 "  rs_max: [{quantize: {method: rtn, sym: true, sym_grid: max}}]\n"
+                 "  n: [{quantize: {method: nf4}}]\n")
+    study = load_study(f)
+    _, chains = build_graph(study)
+    q = {name: c[0] for name, c in chains.items()}
+    assert q["g"] != q["g_old"] and q["g_row"] == q["g_row_old"]
+    assert q["r"] == q["r_max"] and q["rs"] != q["rs_max"]
+    p = next(pl for pl in study.pipelines if pl.name == "g_old").stages[0].params
+    before = {k: v for k, v in p.items() if k not in ("sym_grid", "group_grid")}  # as cached before the rules
+    assert stage_id("quantize", before, None, "tiny", "meetings", 0) == q["g_old"]
+    pn = next(pl for pl in study.pipelines if pl.name == "n").stages[0].params
+    assert stage_id("quantize", {k: v for k, v in pn.items() if k not in ("sym_grid", "group_grid")},
+                    None, "tiny", "meetings", 0) == q["n"]
+
+
+@pytest.mark.parametrize("key, bad, valid", [("group_grid", "fresh", "lazy, updated"), ("sym_grid", "half", "full, max")])
+def test_grid_rules_are_validated(tmp_path, key, bad, valid):
+    with pytest.raises(ConfigError, match=f"{key}: '{bad}' is not valid; valid: {valid}"):
+        load_study(write(tmp_path, f"model: tiny\npipelines:\n  a: [{{quantize: {{method: gptq, {key}: {bad}}}}}]\n"))

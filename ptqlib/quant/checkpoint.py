@@ -8,6 +8,10 @@
   group_size, desc_act, sym, ...}``: the AutoGPTQ / GPTQModel v1 format (``qzeros`` holds
   ``zero - 1``, see ``pack``), which GPTQModel, vLLM and transformers' GPTQ integration load on
   GPU. A ``quantize_config.json`` with the same content is written for older AutoGPTQ readers.
+  A group whose zero point is 0 cannot be stored in v1 so that those readers read it back (they
+  add the 1 without a modulo); ptqlib's grids never make one, and for codes that have one the
+  file is written in the v2 layout instead (``"checkpoint_format": "gptq_v2"``: ``qzeros`` holds
+  ``zero``), which GPTQModel reads and v1-only readers refuse.
 * float zero points (any layer with ``float_zeros``: QA-LoRA / QA-BLoRA merges, L4Q with a
   float offset) -> ``{"quant_method": "ptqlib", "checkpoint_format": "ptqlib_fzeros", ...}``:
   same tensors except ``fzeros`` float32 ``(G, out)`` replaces ``qzeros``, and
@@ -35,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .layers import set_module
-from .pack import count_v1_unsafe_zeros
+from .pack import count_v1_unsafe_zeros, pack_qzeros, pack_qzeros_v2, unpack_qzeros_v2
 from .qlinear import QuantLinear
 from .rtn import QUANT_INFO_ATTR
 
@@ -113,10 +117,17 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer: Any = None)
         raise ValueError("model carries LoRA layers: save the adapter with peft and the base "
                          "(before get_peft_model, or after unload()) with save_quantized")
     if qc["quant_method"] == "gptq":
-        bad = sum(count_v1_unsafe_zeros(m.qzeros, m.bits) for m in _quant_layers(model).values())
-        if bad:
-            warnings.warn(f"{bad} groups have zero point 0: exact in ptqlib, but v1 GPTQ kernels "
-                          f"(vLLM, AutoGPTQ) read it as 2^bits", stacklevel=2)
+        layers = _quant_layers(model)
+        bad = sum(count_v1_unsafe_zeros(m.qzeros, m.bits) for m in layers.values())
+        if bad:  # v1 readers would misread these groups: write the v2 layout (module docstring)
+            warnings.warn(f"{bad} groups have zero point 0, which v1 GPTQ readers (vLLM, AutoGPTQ) read as "
+                          f"2^bits: writing checkpoint_format 'gptq_v2' (zeros without the -1 offset)",
+                          stacklevel=2)
+            qc["checkpoint_format"] = "gptq_v2"
+            for name, m in layers.items():
+                key = f"{name}.qzeros"
+                if key in state:
+                    state[key] = pack_qzeros_v2(m.zero_points().t(), m.bits).cpu()
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
 
     cfg = model.config.to_dict()
@@ -152,8 +163,8 @@ def load_quantized(out_dir: str | Path, device: str | torch.device = "cpu") -> n
     src = Path(out_dir)
     qc = json.loads((src / "config.json").read_text())["quantization_config"]
     fmt = qc.get("checkpoint_format", "gptq")
-    if fmt not in ("gptq", "ptqlib_fzeros"):  # gptq_v2 stores zeros without the -1 offset
-        raise ValueError(f"unsupported checkpoint_format {fmt!r} (expected 'gptq' v1 or 'ptqlib_fzeros')")
+    if fmt not in ("gptq", "gptq_v2", "ptqlib_fzeros"):
+        raise ValueError(f"unsupported checkpoint_format {fmt!r} (expected 'gptq' v1, 'gptq_v2' or 'ptqlib_fzeros')")
     config = AutoConfig.from_pretrained(src)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # from_config must build a plain float model
@@ -164,6 +175,9 @@ def load_quantized(out_dir: str | Path, device: str | torch.device = "cpu") -> n
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     bits, group_size = int(qc["bits"]), int(qc["group_size"])
+    if fmt == "gptq_v2":  # QuantLinear holds the v1 layout (exact for every zero, pack module)
+        for key in [k for k in state if k.endswith(".qzeros")]:
+            state[key] = pack_qzeros(unpack_qzeros_v2(state[key], bits), bits)
     for key in [k for k in state if k.endswith(".qweight")]:
         prefix = key[: -len(".qweight")]
         lin = model.get_submodule(prefix)

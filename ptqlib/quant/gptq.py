@@ -5,6 +5,18 @@ For one linear layer ``W: (out, in)`` with calibration inputs ``X`` (N tokens), 
 the not yet quantized columns with the inverse Hessian ``H^-1``, ``H = (2/N) sum x x^T``
 (docs/methods.md). ``GPTQ`` below is that algorithm for one layer; ``gptq_quantize_model``
 runs it sequentially over the decoder layers of a Hugging Face causal LM.
+
+Without act-order (or with act-order and dynamic groups) a group's grid is computed when its
+first column comes up, and two rules exist (``group_grid``):
+
+* ``"lazy"`` (default): from the matrix ``W`` as the lazy batch updates left it, i.e. with the
+  errors of earlier *blocks* but not of the earlier columns of the current block, and blocks of
+  ``block_size`` whatever the group size. This is the reference's rule (IST-DASLab/gptq
+  ``fasterquant``, copied by AutoGPTQ and GPTQModel): with it ptqlib's codes equal the
+  reference's (tests/quant/test_gptq_reference.py checks them on fixed layers).
+* ``"updated"``: from the block's error-updated copy ``W1``, with blocks cut to whole groups so a
+  group never straddles one. Every column's error has then reached the grid; ptqlib's rule
+  before, kept so its effect can be measured (bench/gptq_benchmark.py, README).
 """
 from __future__ import annotations
 
@@ -23,6 +35,8 @@ from .uniform import check_bits, dequantize, find_params, n_groups, quantize, rt
 
 # true-sequential order inside a Llama/Qwen2/Mistral decoder layer: each group is quantized
 # after the previous ones, and sees their *quantized* outputs as its inputs
+GROUP_GRIDS = ("lazy", "updated")  # see the module docstring
+
 TRUE_SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),
@@ -117,15 +131,20 @@ class GPTQ:
         damp: float = 0.01,
         block_size: int = 128,
         max_damp: float = 10.0,
+        group_grid: str = "lazy",
+        sym_grid: str = "full",
     ) -> GPTQResult:
         """Quantize ``layer.weight`` with the accumulated ``H``; the layer itself is not modified.
 
         ``static_groups`` matters only with ``act_order``: the group grids are then computed on
         the natural column groups before permuting, so ``g_idx`` stays ``i // g`` and kernels
         need no reordering. Without act-order groups are met in column order, and each grid is
-        recomputed from the error-updated weights when its group starts.
+        computed when its group starts, by the ``group_grid`` rule (module docstring);
+        ``sym_grid`` is ``uniform.find_params``'s symmetric rule.
         """
         check_bits(bits)
+        if group_grid not in GROUP_GRIDS:
+            raise ValueError(f"group_grid must be one of {GROUP_GRIDS}, got {group_grid!r}")
         W = self.layer.weight.detach().to(torch.float32).clone()  # (out, in)
         out_f, in_f = W.shape
         G = n_groups(in_f, group_size)
@@ -140,9 +159,9 @@ class GPTQ:
         grouped = group_size != -1
         static = grouped and act_order and static_groups
         if not grouped:  # one grid per row, from the whole row
-            scale, zero = find_params(W, bits, sym)
+            scale, zero = find_params(W, bits, sym, sym_grid)
         if static:  # grids of the natural groups, before any permutation
-            static_grids = [find_params(W[:, k * g:(k + 1) * g], bits, sym) for k in range(G)]
+            static_grids = [find_params(W[:, k * g:(k + 1) * g], bits, sym, sym_grid) for k in range(G)]
             static_group_of: list[int] = []  # per processing position, filled after the permutation
 
         # step 3: act-order, most "active" inputs (largest H_ii) first
@@ -156,10 +175,11 @@ class GPTQ:
         Hinv, info = self.inverse_cholesky(H, damp, max_damp)  # (in, in) upper triangular
         del H
 
-        # a dynamic group must not straddle a block: its grid is computed from the block's
-        # up-to-date copy W1 (columns right of the block are updated lazily, after the block)
+        # "updated": a dynamic group must not straddle a block, as its grid is computed from the
+        # block's up-to-date copy W1 (columns right of the block are updated lazily, after it)
+        lazy = group_grid == "lazy"
         bs = block_size
-        if grouped and not static:
+        if grouped and not static and not lazy:
             bs = g if g > bs else max(g, bs // g * g)
 
         Q = torch.zeros(out_f, in_f, dtype=torch.long, device=W.device)
@@ -174,8 +194,9 @@ class GPTQ:
                 col = i1 + i
                 if static:
                     scale, zero = static_grids[static_group_of[col]]
-                elif grouped and col % g == 0:  # a group starts: grid from current weights
-                    scale, zero = find_params(W1[:, i:i + g], bits, sym)
+                elif grouped and col % g == 0:  # a group starts: its grid
+                    src = W[:, col:col + g] if lazy else W1[:, i:i + g]
+                    scale, zero = find_params(src, bits, sym, sym_grid)
                     scales[:, col // g], zeros[:, col // g] = scale[:, 0], zero[:, 0]
                 w = W1[:, i]  # (out,)
                 q = quantize(w.unsqueeze(1), scale, zero, bits).squeeze(1)
@@ -293,6 +314,8 @@ def gptq_quantize_model(
     block_size: int = 128,
     progress: bool = True,
     diagnostics: bool = True,
+    group_grid: str = "lazy",
+    sym_grid: str = "full",
 ) -> dict[str, Any]:
     """GPTQ every decoder ``nn.Linear`` of ``model`` in place (they become ``QuantLinear``).
 
@@ -306,8 +329,11 @@ def gptq_quantize_model(
     ``diagnostics=False`` skips the per-linear RTN comparison and output errors (their keys are
     then absent / ``None``); with them on, ``diagnostics_s`` is the time they took, so
     ``time_s - diagnostics_s`` is the algorithm's own wall time (what a benchmark compares).
+    ``group_grid`` / ``sym_grid``: the grid rules (module docstring, ``uniform``).
     """
     check_bits(bits)
+    if group_grid not in GROUP_GRIDS:
+        raise ValueError(f"group_grid must be one of {GROUP_GRIDS}, got {group_grid!r}")
     for lin in find_linear_layers(model).values():
         n_groups(lin.in_features, group_size)  # fail before spending any time
     t_start = time.perf_counter()
@@ -322,7 +348,8 @@ def gptq_quantize_model(
     stats_layers: dict[str, dict[str, Any]] = {}
     diag_s = 0.0
     settings = dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                    static_groups=static_groups, damp=damp, block_size=block_size)
+                    static_groups=static_groups, damp=damp, block_size=block_size,
+                    group_grid=group_grid, sym_grid=sym_grid)
 
     bar = tqdm(range(len(layers)), desc="GPTQ", disable=not progress)
     for li in bar:
@@ -339,7 +366,8 @@ def gptq_quantize_model(
             for name, gq in gptqs.items():
                 t0 = time.perf_counter()
                 lin = linears[name]
-                res = gq.quantize(bits, group_size, sym, act_order, static_groups, damp, block_size)
+                res = gq.quantize(bits, group_size, sym, act_order, static_groups, damp, block_size,
+                                  group_grid=group_grid, sym_grid=sym_grid)
                 q = quantlinear_from_linear(lin, res.codes, res.scales, res.zeros, bits, group_size, res.g_idx)
                 W_hat = q.dequantize_weight(torch.float32)
                 t_quant = time.perf_counter() - t0
@@ -347,7 +375,7 @@ def gptq_quantize_model(
                 if diagnostics:
                     t_diag = time.perf_counter()
                     W = lin.weight.detach().float()
-                    r_codes, r_scales, r_zeros = rtn_quantize(W, bits, group_size, sym)
+                    r_codes, r_scales, r_zeros = rtn_quantize(W, bits, group_size, sym, sym_grid)
                     # RTN's W_hat as a QuantLinear of this dtype would hold it, without packing / unpacking
                     r_gi = torch.arange(W.shape[1], device=W.device) // (W.shape[1] // r_scales.shape[1])
                     r_scales = r_scales.to(lin.weight.dtype).float()

@@ -16,8 +16,10 @@ back (AutoGPTQ's kernels, GPTQModel's v1->v2 conversion, vLLM's ``gptq`` kernels
 ``(zero - 1) mod 2^b`` and read back ``(stored + 1) mod 2^b``, which is exact for every zero in
 ``[0, 2^b - 1]``. Caveat: v1 readers add the 1 *without* the modulo, so a zero point of
 exactly 0 (stored as ``2^b - 1``) is read by them as ``2^b``; ``count_v1_unsafe_zeros``
-finds such groups (they do not occur with ``uniform.find_params``'s grids unless a group is
-non-negative up to half a step; the checkpoint writer warns about them).
+finds such groups. ``uniform.find_params`` never makes one (its zero points are >= 1); for codes
+from elsewhere the checkpoint writer switches the file to the v2 layout (``checkpoint_format:
+gptq_v2``, GPTQModel's: ``qzeros`` holds ``zero`` itself, ``pack_qzeros_v2``), which v1-only
+readers refuse rather than misread.
 """
 from __future__ import annotations
 
@@ -111,3 +113,14 @@ def unpack_qzeros(qzeros: Tensor, bits: int) -> Tensor:
 def count_v1_unsafe_zeros(qzeros: Tensor, bits: int) -> int:
     """How many groups have zero point 0, which v1 readers (add 1, no modulo) misread as ``2^b``."""
     return int((unpack_qzeros(qzeros, bits) == 0).sum())
+
+
+def pack_qzeros_v2(zeros: Tensor, bits: int) -> Tensor:
+    """The v2 layout of ``pack_qzeros``: ``qzeros`` holds the zero points themselves, no offset."""
+    z = torch.round(zeros.float()).to(torch.int64)
+    return pack_rows(z.t(), bits).t().contiguous()
+
+
+def unpack_qzeros_v2(qzeros: Tensor, bits: int) -> Tensor:
+    """Inverse of ``pack_qzeros_v2``: ``(G, out * b / 32)`` -> zero points int32 ``(G, out)``."""
+    return unpack_rows(qzeros.t(), bits).t()

@@ -30,7 +30,8 @@ def quantlinear_from_linear(
 
 @torch.no_grad()
 def rtn_quantize_model(
-    model: nn.Module, bits: int = 4, group_size: int = 128, sym: bool = False, progress: bool = False
+    model: nn.Module, bits: int = 4, group_size: int = 128, sym: bool = False, progress: bool = False,
+    sym_grid: str = "full",
 ) -> dict[str, Any]:
     """Replace every decoder ``nn.Linear`` by an RTN-quantized ``QuantLinear``, in place.
 
@@ -45,12 +46,12 @@ def rtn_quantize_model(
     layers: dict[str, dict[str, float]] = {}
     for name, lin in tqdm(linears.items(), desc="RTN", disable=not progress):
         w = lin.weight.detach()
-        codes, scales, zeros = rtn_quantize(w, bits, group_size, sym)
+        codes, scales, zeros = rtn_quantize(w, bits, group_size, sym, sym_grid)
         q = quantlinear_from_linear(lin, codes, scales, zeros, bits, group_size)
         err = (w.float() - q.dequantize_weight(torch.float32)).pow(2).sum() / w.float().pow(2).sum().clamp_min(1e-30)
         layers[name] = {"rel_weight_err": float(err)}
         set_module(model, name, q)
-    info = {"method": "rtn", "bits": bits, "group_size": group_size, "sym": sym,
+    info = {"method": "rtn", "bits": bits, "group_size": group_size, "sym": sym, "sym_grid": sym_grid,
             "desc_act": False, "static_groups": False}
     setattr(model, QUANT_INFO_ATTR, info)
     return {**info, "time_s": time.perf_counter() - t0, "n_layers": len(layers), "layers": layers}

@@ -73,3 +73,50 @@ def test_saved_checkpoint_reads_back_independently(tiny_model, tmp_path, bits, m
     if method == "gptq-act-order":  # a real permutation, so the reader's g_idx path was exercised
         g = sd["model.layers.0.self_attn.k_proj.g_idx"]
         assert not torch.equal(g, torch.sort(g).values)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_non_negative_groups_stay_readable_by_v1_readers(tiny_model, tmp_path, bits, method):
+    """Groups without negative weights get zero point >= 1, so the v1 file reads back as ptqlib does."""
+    lin = tiny_model.model.layers[0].self_attn.k_proj
+    with torch.no_grad():
+        lin.weight[:, :32].abs_()  # group 0 of every row is non-negative: the reference grid's zero is 0 there
+        lin.weight[:3, 32:64] = lin.weight[:3, 32:64].abs() + 0.01
+    if method == "rtn":
+        rtn_quantize_model(tiny_model, bits=bits, group_size=32, sym=False)
+    else:
+        calib = [torch.randint(0, 1024, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        gptq_quantize_model(tiny_model, calib, bits=bits, group_size=32, sym=False, progress=False)
+    save_quantized(tiny_model, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == "gptq"
+    name = "model.layers.0.self_attn.k_proj"
+    ours = find_linear_layers(tiny_model, (QuantLinear,))[name].dequantize_weight().float()
+    assert torch.equal(read_v1_layer(load_file(tmp_path / "model.safetensors"), name + ".", bits), ours)
+
+
+def test_zero_point_zero_is_written_in_the_v2_layout(tiny_model, tmp_path):
+    """Codes with a zero point of 0 (not from ptqlib's grids) go to a gptq_v2 file: qzeros = zero."""
+    from ptqlib.quant import load_quantized
+    from ptqlib.quant.layers import set_module
+
+    torch.manual_seed(0)
+    rtn_quantize_model(tiny_model, bits=4, group_size=32, sym=False)
+    name = "model.layers.0.self_attn.k_proj"
+    q = find_linear_layers(tiny_model, (QuantLinear,))[name]
+    codes = torch.randint(0, 16, (q.out_features, q.in_features))
+    zeros = q.zero_points().clone()
+    zeros[:5, 0] = 0  # five groups whose zero point v1 cannot carry to v1 readers
+    new = QuantLinear.from_codes(codes, q.scales.t().clone(), zeros, bits=4, group_size=32)
+    set_module(tiny_model, name, new)
+    with pytest.warns(UserWarning, match="5 groups have zero point 0.*gptq_v2"):
+        save_quantized(tiny_model, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == "gptq_v2"
+    sd = load_file(tmp_path / "model.safetensors")
+    # independent v2 read: the stored zeros are the zero points, no offset
+    zs = [_stream_unpack(row, 4, q.out_features) for row in sd[name + ".qzeros"].tolist()]
+    assert [zs[0][o] for o in range(5)] == [0] * 5 and zs[0][5] == int(zeros[5, 0])
+    back = load_quantized(tmp_path)
+    assert torch.equal(back.get_submodule(name).dequantize_weight(), new.dequantize_weight())

@@ -21,10 +21,10 @@ def test_asym_grid_covers_range(bits):
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_sym_grid(bits):
+def test_sym_grid_max(bits):
     torch.manual_seed(0)
     w = torch.randn(8, 32)
-    scale, zero = find_params(w, bits, sym=True)
+    scale, zero = find_params(w, bits, sym=True, sym_grid="max")
     assert (zero == 2 ** (bits - 1)).all()
     amax = w.abs().amax(1, keepdim=True)
     torch.testing.assert_close(scale, amax / (2 ** (bits - 1) - 1))
@@ -32,6 +32,43 @@ def test_sym_grid(bits):
     # +-max|w| are exactly on the grid
     i = w.abs().argmax(1, keepdim=True)
     torch.testing.assert_close(wh.gather(1, i), w.gather(1, i))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_sym_grid_full_uses_every_code(bits):
+    """The reference's symmetric grid: scale 2 max|w| / (2^b - 1), every weight within half a step."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    scale, zero = find_params(w, bits, sym=True)  # "full" is the default
+    assert (zero == 2 ** (bits - 1)).all()
+    torch.testing.assert_close(scale, 2 * w.abs().amax(1, keepdim=True) / (2**bits - 1))
+    q = quantize(w, scale, zero, bits)
+    assert q.min() == 0 and q.max() == 2**bits - 1  # both ends of the code range are used
+    assert ((dequantize(q, scale, zero) - w).abs() <= scale / 2 + 1e-6).all()
+
+
+def test_sym_grid_rejects_unknown_rule():
+    with pytest.raises(ValueError, match="sym_grid must be one of .*'half'"):
+        find_params(torch.randn(2, 8), 4, sym=True, sym_grid="half")
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_asym_zero_point_is_never_zero(bits):
+    """Non-negative groups (and those negative by less than half a step) get zero 1, not 0:
+    the v1 checkpoint layout stores zero - 1 and its readers cannot read back a zero of 0."""
+    torch.manual_seed(0)
+    w = torch.rand(6, 64)  # all >= 0
+    w[1, 0] = -1e-4  # negative by far less than half a step
+    w[2, :] = -torch.rand(64)  # all <= 0: zero at the top of the range
+    w[3, :] = torch.randn(64)  # both signs: the reference rule round(-min / scale) applies
+    scale, zero = find_params(w, bits, sym=False)
+    assert zero.min() >= 1 and zero.max() <= 2**bits - 1
+    q = quantize(w, scale, zero, bits)
+    # still within half a step everywhere, and max(w) of a non-negative row exactly on the grid
+    assert ((dequantize(q, scale, zero) - w).abs() <= scale / 2 + 1e-6).all()
+    torch.testing.assert_close(dequantize(q, scale, zero)[0].max(), w[0].max())
+    assert zero[3, 0] == torch.round(-w[3].min() / ((w[3].max() - w[3].min()) / (2**bits - 1)))
+    assert zero[2, 0] == 2**bits - 1
 
 
 @pytest.mark.parametrize("sym", [False, True])
