@@ -5,7 +5,9 @@ One invocation, one model, one set of calibration windows, one set of held-out w
 * ``fp32``: the unquantized model;
 * ``rtn``: ptqlib round-to-nearest, ``--bits`` (default 4 and 3), group ``--group-size``;
 * ``gptq``: ptqlib ``gptq_quantize_model`` (asymmetric, no act-order, true-sequential, damp 0.01,
-  block 128), the same bits / group;
+  block 128), the same bits / group, with its default ``group_grid="lazy"`` (the reference's rule);
+* ``gptq-updated``: the same with ``group_grid="updated"`` (grids from the error-updated block copy,
+  ptqlib's former rule), so the two rules are compared at model level;
 * ``gptq-ref``: the per-layer ``GPTQ`` / ``Quantizer`` classes of the reference implementation
   (https://github.com/IST-DASLab/gptq, files ``gptq.py`` and ``quant.py`` in ``--reference-dir``,
   imported from there, never copied into ptqlib), driven by the sequential loop of its
@@ -323,7 +325,7 @@ def parse_args(argv=None):
     p.add_argument("--reference-dir", type=Path, default=ROOT / "bench" / "_ext" / "gptq",
                    help="directory holding the reference's gptq.py and quant.py")
     p.add_argument("--methods", nargs="+", default=["fp32", "rtn", "gptq", "gptq-ref", "nf4"],
-                   choices=["fp32", "rtn", "gptq", "gptq-ref", "nf4"])
+                   choices=["fp32", "rtn", "gptq", "gptq-updated", "gptq-ref", "nf4"])
     p.add_argument("--kernel-bench", default="self_attn.q_proj,mlp.down_proj",
                    help="comma-separated layer-0 linears for the per-layer GPTQ timing ('' to skip)")
     p.add_argument("--kernel-repeats", type=int, default=3)
@@ -431,7 +433,7 @@ def main(argv=None) -> int:
             del model
             gc.collect()
         # alternate which GPTQ runs first, so cache / load effects of the shared CPU do not favour one
-        order = [m for m in ("gptq", "gptq-ref") if m in a.methods]
+        order = [m for m in ("gptq", "gptq-updated", "gptq-ref") if m in a.methods]
         if bi % 2 == 1:
             order.reverse()
         for method in order:
@@ -439,16 +441,17 @@ def main(argv=None) -> int:
             gc.collect()
             log(f"{method} bits={bits} ...")
             c0 = time.process_time()
-            if method == "gptq":
+            if method in ("gptq", "gptq-updated"):
                 t0 = time.perf_counter()
                 st = gptq_quantize_model(model, calib, bits=bits, group_size=a.group_size, sym=False,
                                          act_order=False, static_groups=True, true_sequential=True, damp=a.damp,
-                                         block_size=a.block_size, progress=a.progress)
+                                         block_size=a.block_size, progress=a.progress,
+                                         group_grid="updated" if method == "gptq-updated" else "lazy")
                 wall = time.perf_counter() - t0
                 rtn_errs[bits] = st["mean_rtn_rel_err"]
                 # like the reference's, our time excludes the diagnostics (RTN comparison, output
                 # errors) that the reference does not compute
-                evaluate("gptq", bits, model, wall - st["diagnostics_s"], st["mean_gptq_rel_err"],
+                evaluate(method, bits, model, wall - st["diagnostics_s"], st["mean_gptq_rel_err"],
                          st["mean_rtn_rel_err"], {
                     "wall_with_diagnostics_s": wall, "diagnostics_s": st["diagnostics_s"],
                     "sum_layer_quantize_s": sum(v["time_s"] for v in st["layers"].values()),
@@ -520,9 +523,10 @@ def main(argv=None) -> int:
     lines += ["", "| method | bits | group | ppl | ppl vs fp32 | quant time (s) | mean rel. output err | "
                   "mean rel. weight err |",
               "|---|---|---|---|---|---|---|---|"]
-    names = {"fp32": "fp32", "rtn": "RTN (ptqlib)", "gptq": "GPTQ (ptqlib)", "gptq-ref": "GPTQ (reference)",
+    names = {"fp32": "fp32", "rtn": "RTN (ptqlib)", "gptq": "GPTQ (ptqlib, lazy grid)",
+             "gptq-updated": "GPTQ (ptqlib, updated grid)", "gptq-ref": "GPTQ (reference)",
              "nf4": "NF4 (bnb, dq, block 64)"}
-    order_key = {"fp32": 0, "rtn": 1, "gptq": 2, "gptq-ref": 3, "nf4": 4}
+    order_key = {"fp32": 0, "rtn": 1, "gptq": 2, "gptq-updated": 3, "gptq-ref": 4, "nf4": 5}
     for r in sorted(results, key=lambda r: (-r["bits"] if r["method"] != "fp32" else -99, order_key[r["method"]])):
         rel = (f"{r['ppl'] / fp['ppl'] - 1:+.1%}" if fp and r is not fp else "")
         lines.append(f"| {names[r['method']]} | {r['bits']} | {r['group_size'] or '-'} | {r['ppl']:.3f} | {rel} | "
