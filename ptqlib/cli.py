@@ -28,6 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--reports", default="reports", help="reports directory (default: reports)")
     run.add_argument("--kernel", default=None, help="Jupyter kernel name (default: 'ptqlib' if registered, else python3)")
     run.add_argument("--progress", action="store_true", help="show tqdm bars inside the notebooks (in the stage pages)")
+    run.add_argument("--jobs", type=int, default=None, metavar="N",
+                     help="stages running at once, each in its own process, dependency order kept; CPU threads are "
+                          "split between them (default: 1, or one per --gpus device; slurm: every ready stage)")
+    run.add_argument("--gpus", default=None, metavar="0,1,...",
+                     help="GPU ids for local jobs: each running stage gets one (CUDA_VISIBLE_DEVICES)")
+    run.add_argument("--executor", default=None, choices=["local", "slurm", "submitit-local"],
+                     help="where stages run: local processes (default), SLURM jobs via submitit (resources from the "
+                          "study's executor: section), or submitit's local executor (the same code path without SLURM)")
+    run.add_argument("--executor-opt", action="append", metavar="KEY=VALUE",
+                     help="override a key of the study's executor: section, e.g. partition=gpu time_min=240 (repeatable)")
     ana = sub.add_parser("analyse", help="re-render reports/<study>/ from the finished stages (runs nothing)",
                          description="Re-render reports/<study>/ (results, units, claims, index.html) from the "
                                      "finished stages in the runs directory; no stage is run.")
@@ -87,7 +97,23 @@ def main(argv: list[str] | None = None) -> int:
             for note in study.notes:
                 print(f"note: {note}")
             return 0
-        failed = runner.run(args.only, args.force, args.progress)
+        from ptqlib.executors import make_executor
+
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+        section = dict(study.executor)
+        for opt in args.executor_opt or []:  # flags override the study file's executor: section
+            key, sep, value = opt.partition("=")
+            if not sep:
+                print(f"error: --executor-opt {opt!r}: expected KEY=VALUE", file=sys.stderr)
+                return 2
+            section[key] = int(value) if value.isdigit() else value
+        try:
+            executor = make_executor(args.executor or "local", runner.runs, args.jobs, gpus, args.kernel,
+                                     args.progress, section)
+        except (ValueError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        failed = runner.run(args.only, args.force, args.progress, executor=executor)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -224,7 +224,11 @@ def id_params(kind: str, params: dict) -> dict:
 
 STAGE_PARAMS = {"quantize": QuantizeParams, "finetune": FinetuneParams, "evaluate": EvaluateParams}
 LIST_KEYS = {"target_modules", "lm_eval_tasks", "ppl_sources"}  # list-valued by nature: never a grid axis
-TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims"}
+TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims", "executor"}
+# the `executor:` section (run --executor slurm): where and with what resources each stage job runs
+EXECUTOR_KEYS = {"partition": "SLURM partition", "account": "SLURM account", "qos": "SLURM QOS",
+                 "time_min": "minutes per stage job", "gpus": "GPUs per stage job", "cpus": "CPU cores per stage job",
+                 "mem_gb": "memory per stage job (GB)", "constraint": "SLURM node constraint"}
 CLAIM_KEYS = {"claim", "a", "b", "metric", "relation", "min_effect"}
 
 
@@ -255,6 +259,7 @@ class Study:
     pipelines: list[Pipeline]
     claims: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what validation could not check (dry-run, uncached hub model)
+    executor: dict = field(default_factory=dict)  # the `executor:` section (EXECUTOR_KEYS)
 
 
 def _where(path, *keys) -> str:
@@ -447,7 +452,15 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
         c["min_effect"] = float(m)
     notes = [f"model {m!r} is not in the local cache: it will be fetched at run time (its group sizes are checked then)"
              for m, cfg in sizes_cache.items() if cfg is None]
-    return Study(name, path, str(raw.get("description", "")), pipelines, claims, notes)
+    executor = raw.get("executor") or {}
+    if not isinstance(executor, dict):
+        raise ConfigError(f"{path}: executor: expected a mapping of {', '.join(EXECUTOR_KEYS)}, got {executor!r}")
+    _check_keys(path, "executor", executor, EXECUTOR_KEYS)
+    for k in ("time_min", "gpus", "cpus", "mem_gb"):
+        if k in executor and (isinstance(executor[k], bool) or not isinstance(executor[k], (int, float))
+                              or executor[k] < 0):
+            raise ConfigError(f"{path}: executor.{k}: {executor[k]!r} must be a number >= 0 ({EXECUTOR_KEYS[k]})")
+    return Study(name, path, str(raw.get("description", "")), pipelines, claims, notes, dict(executor))
 
 
 def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, linear_input_sizes, model_config,

@@ -1,40 +1,35 @@
-"""The study runner: stage graph, content-addressed cache, papermill execution, reports.
+"""The study runner: stage graph, content-addressed cache, scheduling, reports.
 
 A stage's id is the hash of its kind, its parameters and its input's id (or the model name
 at the root), so a stage shared by several pipelines (the fine-tuned model that three
 pipelines quantize) exists once and runs once. ``runs/<id>/`` holds the artifact, the executed
 notebook, its HTML page, and ``metrics.json`` — the record, written last and atomically:
-a stage is finished iff its record says ``status: ok``.
+a stage is finished iff its record says ``status: ok``. Executing one stage (lock, papermill,
+record, page) is ``ptqlib.stage``; where stages run (this process, N worker processes, SLURM)
+is ``ptqlib.executors``.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import sys
-import tempfile
 import time
-import traceback
-import uuid
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
 from ptqlib.config import Pipeline, Study, id_params
-from ptqlib.record import OUTPUTS, RECORD, git_commit, read_json, versions, write_json_atomic
+from ptqlib.record import RECORD, read_json, write_json_atomic
+from ptqlib.stage import (BUSY, DONE_ELSEWHERE, NOTEBOOKS, OK, ROOT, kernel_manager_kwargs, kernel_name,  # noqa: F401
+                          render_html, short_error, stage_busy, stage_environment)
 
 log = logging.getLogger("ptqlib.runner")
 
-ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = {"quantize": "01_quantize.ipynb", "finetune": "02_finetune.ipynb", "evaluate": "03_evaluate.ipynb"}
 ANALYSE = "04_analyse.ipynb"
-KERNEL = "ptqlib"
 
 
 @dataclass
@@ -149,38 +144,76 @@ class Runner:
         return "\n".join(lines)
 
     # ----------------------------------------------------------------------------- running
-    def run(self, only: list[str] | None = None, force: bool = False, progress: bool = False) -> int:
-        """Run what is missing; returns the number of failed stages."""
-        self.runs.mkdir(parents=True, exist_ok=True)
-        with open(self.runs / ".lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RuntimeError(f"another runner is using {self.runs}; wait for it or use another runs dir") from None
-            return self._run(only, force, progress)
+    def run(self, only: list[str] | None = None, force: bool = False, progress: bool = False,
+            executor=None) -> int:
+        """Run what is missing; returns the number of failed stages.
 
-    def _run(self, only, force, progress) -> int:
+        ``executor`` (``ptqlib.executors``; default: one stage at a time in this process) runs
+        each stage once its input is finished. Several runners may work on one runs directory:
+        a stage runs under its own lock, and a stage another runner is running is waited for.
+        """
+        from ptqlib.executors import InlineExecutor
+
+        self.runs.mkdir(parents=True, exist_ok=True)
+        executor = executor or InlineExecutor(self.runs, self.kernel, progress)
+        try:
+            return self._run(only, force, executor)
+        finally:
+            executor.close()
+
+    def _run(self, only, force, executor) -> int:
         plan = self.plan(only)
-        status: dict[str, str] = {}
+        status: dict[str, str] = {sid: "cached" for sid in plan}
         t_all = time.time()
         todo = self.to_run(plan, force)
-        log.info("study %s: %d stages, %d cached, %d to run", self.study.name, len(plan), len(plan) - len(todo), len(todo))
-        progress_line = Progress(self, todo)
-        with stage_environment(progress):
-            for sid in plan:
+        log.info("study %s: %d stages, %d cached, %d to run%s", self.study.name, len(plan), len(plan) - len(todo),
+                 len(todo), f" ({executor.slots} at a time)" if executor.slots > 1 else "")
+        progress_line = Progress(self, todo, executor.slots)
+        pending = list(todo)  # dependency order
+        running: dict[str, object] = {}  # sid -> executor handle
+        elsewhere: set[str] = set()  # stages another runner holds: waited for, then taken if unfinished
+        while pending or running or elsewhere:
+            for sid in list(pending):
                 node = self.nodes[sid]
                 if node.input_id and status.get(node.input_id) in ("failed", "skipped"):
+                    pending.remove(sid)
                     status[sid] = "skipped"
                     progress_line.skip(sid)
                     log.info("skip %s %s: its input %s did not finish", sid, node.label(), node.input_id)
                     continue
-                if sid not in todo:
-                    status[sid] = "cached"
+                blocked = node.input_id in running or node.input_id in elsewhere or node.input_id in pending
+                if blocked or len(running) >= executor.slots:
+                    continue
+                pending.remove(sid)
+                if stage_busy(self.runs, sid):
+                    elsewhere.add(sid)
+                    log.info("   %s %s is running in another runner: waiting for it", sid, node.label())
                     continue
                 progress_line.start(sid)
-                ok = self.execute(node, progress)
-                status[sid] = "ok" if ok else "failed"
-                progress_line.done(sid, ok)
+                running[sid] = executor.submit(node, force)
+                # one stage at a time in this process: the handle is already done
+            for sid, handle in list(running.items()):
+                res = handle.poll()
+                if res is None:
+                    continue
+                del running[sid]
+                if res == BUSY:  # another runner took it between our check and the start
+                    progress_line.skip(sid, restart=True)
+                    elsewhere.add(sid)
+                    continue
+                status[sid] = "ok" if res in (OK, DONE_ELSEWHERE) else "failed"
+                progress_line.done(sid, status[sid] == "ok", by_other=res == DONE_ELSEWHERE)
+            for sid in list(elsewhere):
+                if stage_busy(self.runs, sid):
+                    continue
+                elsewhere.discard(sid)
+                if self.finished(sid):  # the other runner finished it
+                    status[sid] = "ok"
+                    progress_line.done(sid, True, by_other=True)
+                else:  # the other runner died or failed it: run it here
+                    pending.insert(0, sid)
+            if running or elsewhere:
+                time.sleep(0.2)
         progress_line.close()
         failed = [s for s, v in status.items() if v == "failed"]
         skipped = [s for s, v in status.items() if v == "skipped"]
@@ -197,83 +230,10 @@ class Runner:
             log.error("see runs/<id>/notebook.ipynb and report.html of the failed stages")
         return len(failed)
 
-    def input_ref(self, node: StageNode) -> str:
-        return str((self.runs / node.input_id).resolve()) if node.input_id else node.model
-
-    def execute(self, node: StageNode, progress: bool = False) -> bool:
-        import papermill as pm
-
-        out = self.runs / node.id
-        if out.exists():  # an unfinished (killed / failed / forced) earlier attempt
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        params = {**node.params, "input_model": self.input_ref(node), "output_dir": str(out.resolve()),
-                  "task": node.task, "seed": node.seed, "progress": progress}
-        t0 = time.time()
-        error = None
-        try:
-            pm.execute_notebook(
-                str(ROOT / "notebooks" / NOTEBOOKS[node.kind]), str(out / "notebook.ipynb"), parameters=params,
-                kernel_name=self.kernel_name(), progress_bar=False, cwd=str(out), log_output=False,
-                **kernel_manager_kwargs(),
-            )
-        except Exception as e:  # noqa: BLE001 — any failure of a stage is recorded, never fatal to the study
-            error = {"type": type(e).__name__, "message": _short(e), "traceback": traceback.format_exc()[-4000:]}
-        wall = time.time() - t0
-        outputs = read_json(out / OUTPUTS)
-        if error is None and outputs is None:
-            error = {"type": "MissingOutputs", "message": f"the notebook finished without writing {OUTPUTS}"}
-        self.render_html(out, back="../index.html")
-        rec = {
-            "stage_id": node.id, "kind": node.kind, "label": node.label(), "params": node.params,
-            "input": node.input_id, "model": node.model, "task": node.task, "seed": node.seed,
-            "pipelines": node.pipelines, "status": "failed" if error else "ok", "error": error,
-            "metrics": (outputs or {}).get("metrics", {}), "outputs": {k: v for k, v in (outputs or {}).items() if k != "metrics"},
-            "timings": {"wall_s": round(wall, 2), "started": t0, "finished": time.time()},
-            "versions": versions(), "git_commit": git_commit(ROOT), "device": (outputs or {}).get("device"),
-        }
-        write_json_atomic(out / RECORD, rec)  # last: from here on the stage counts as finished
-        if error:
-            log.error("   FAILED %s: %s", node.id, error["message"])
-        return error is None
-
     def kernel_name(self) -> str:
-        """The project's kernel if registered, else the kernel of this interpreter."""
-        if self.kernel:
-            return self.kernel
-        from jupyter_client.kernelspec import KernelSpecManager
+        return kernel_name(self.kernel)
 
-        specs = KernelSpecManager().find_kernel_specs()
-        self.kernel = KERNEL if KERNEL in specs else "python3"
-        if self.kernel != KERNEL:
-            log.warning("kernel %r is not registered (make install does it); using 'python3'", KERNEL)
-        return self.kernel
-
-    @staticmethod
-    def render_html(out: Path, name: str = "report.html", exclude_input: bool = False, back: str | None = None) -> None:
-        """The executed notebook as HTML: the injected parameters only (the notebook's own defaults
-        are dropped, they were overridden), and with ``back`` a link to the study's report."""
-        nb_path = out / "notebook.ipynb"
-        if not nb_path.exists():
-            return
-        try:
-            import nbformat
-            from nbconvert import HTMLExporter
-
-            nb = nbformat.read(nb_path, as_version=4)
-            tags = [c.get("metadata", {}).get("tags", []) for c in nb.cells]
-            if any("injected-parameters" in t for t in tags):
-                nb.cells = [c for c, t in zip(nb.cells, tags) if "parameters" not in t]
-            if back:
-                nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"[← back to the study report]({back})"))
-            exporter = HTMLExporter()
-            exporter.exclude_input = exclude_input
-            exporter.exclude_input_prompt = exporter.exclude_output_prompt = exclude_input
-            exporter.log.addFilter(_NoAltTextWarning())  # matplotlib figures carry no alt text; not actionable
-            body, _ = exporter.from_notebook_node(nb)
-            (out / name).write_text(body)
-        except Exception as e:  # noqa: BLE001 — a missing page must not lose a computed stage
-            log.warning("could not render %s: %s", nb_path, e)
+    render_html = staticmethod(render_html)
 
     # ----------------------------------------------------------------------------- reports
     def rows(self) -> list[dict]:
@@ -397,7 +357,7 @@ class Runner:
                     kernel_name=self.kernel_name(), progress_bar=False, cwd=str(work), **kernel_manager_kwargs(),
                 )
         except Exception as e:  # noqa: BLE001
-            log.error("analysis failed: %s (see %s)", _short(e), work / "notebook.ipynb")
+            log.error("analysis failed: %s (see %s)", short_error(e), work / "notebook.ipynb")
             self.render_html(work, "index.html", exclude_input=True)
             shutil.copyfile(work / "index.html", index) if (work / "index.html").exists() else None
             return None
@@ -405,59 +365,6 @@ class Runner:
         shutil.copyfile(work / "index.html", index)
         stamp.write_text(digest)
         return index
-
-
-def _short(e: Exception) -> str:
-    msg = str(e).strip().splitlines()
-    # papermill's error text starts with a banner; the informative line is the exception's
-    for line in reversed(msg):
-        if line.strip() and not set(line.strip()) <= set("-="):
-            return line.strip()[:500]
-    return type(e).__name__
-
-
-class _NoAltTextWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Alternative text is missing" not in record.getMessage()
-
-
-def kernel_manager_kwargs() -> dict:
-    """Stage kernels talk to the runner over Unix sockets, not TCP: local only, no ports to open,
-    and nothing for ipykernel to warn about ("running over TCP without encryption")."""
-    if os.name == "nt":
-        return {}
-    from jupyter_client import AsyncKernelManager
-
-    class IPCKernelManager(AsyncKernelManager):
-        def __init__(self, **kw):
-            path = os.path.join(tempfile.gettempdir(), f"ptqlib-kernel-{uuid.uuid4().hex[:12]}")
-            super().__init__(transport="ipc", ip=path, **kw)
-
-    return {"kernel_manager_class": IPCKernelManager}
-
-
-# Warnings that every stage page would show and no reader can act on: tqdm.auto without
-# ipywidgets, a transformers deprecation inside peft. Set for the stage kernels only.
-_STAGE_WARNINGS = ("ignore:IProgress not found", "ignore:`is_gradient_checkpointing` is deprecated")
-
-
-@contextlib.contextmanager
-def stage_environment(progress: bool):
-    """Environment the stage kernels inherit: quiet library progress bars unless asked for."""
-    keys = ("PYTHONWARNINGS", "HF_HUB_DISABLE_PROGRESS_BARS")
-    saved = {k: os.environ.get(k) for k in keys}
-    warnings = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
-    os.environ["PYTHONWARNINGS"] = ",".join(warnings + list(_STAGE_WARNINGS))
-    if not progress:
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # "Loading weights", "Writing model shards"
-    try:
-        yield
-    finally:
-        for k, v in saved.items():  # only what this set: other changes to the environment stay
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _fmt(seconds: float) -> str:
@@ -474,8 +381,8 @@ class Progress:
     tqdm bar; otherwise (a log file, CI) plain log lines.
     """
 
-    def __init__(self, runner: "Runner", todo: list[str]):
-        self.runner, self.todo, self.t0 = runner, list(todo), time.time()
+    def __init__(self, runner: "Runner", todo: list[str], slots: int = 1):
+        self.runner, self.todo, self.t0, self.slots = runner, list(todo), time.time(), slots
         self.finished = 0
         self.history: dict[str, list[float]] = {}  # similarity key -> recorded wall seconds
         for d in runner.runs.iterdir() if runner.runs.exists() else []:
@@ -484,7 +391,7 @@ class Progress:
                 key = self._key_of(rec.get("kind", ""), rec.get("label", ""), rec.get("model", ""))
                 self.history.setdefault(key, []).append(rec["timings"]["wall_s"])
         self.this_run: dict[str, list[float]] = {}
-        self.started: float | None = None
+        self.started: dict[str, float] = {}  # running stages -> start time
         self.bar = None
         if sys.stderr.isatty() and self.todo:
             from tqdm.auto import tqdm
@@ -509,38 +416,47 @@ class Progress:
         return None
 
     def left(self) -> str:
+        """Estimated time left: the stages still to run, divided over the slots running at once."""
         rest = [self.estimate(s) for s in self.todo]
         known = [t for t in rest if t is not None]
         if not rest:
             return "0m00s"
         if not known:
             return "unknown"
-        return ("~" if len(known) == len(rest) else ">=") + _fmt(sum(known))
+        return ("~" if len(known) == len(rest) else ">=") + _fmt(sum(known) / max(1, min(self.slots, len(rest))))
 
     def start(self, sid: str) -> None:
         node = self.runner.nodes[sid]
-        self.started = time.time()
+        self.started[sid] = time.time()
         who = ", ".join(node.pipelines[:3]) + (" ..." if len(node.pipelines) > 3 else "")
         msg = (f"[{self.finished + 1}/{self.finished + len(self.todo)}] {node.label()} ({who}) · "
                f"elapsed {_fmt(time.time() - self.t0)} · left {self.left()}")
+        if len(self.started) > 1:  # [k/n] is then the next to finish; say how many run alongside
+            msg += f" · {len(self.started)} running"
         if self.bar is not None:
-            self.bar.set_description_str(f"{node.label()} ({who})")
+            self.bar.set_description_str(f"{node.label()} ({who})" + (f" +{len(self.started) - 1}" if len(self.started) > 1 else ""))
             self.bar.set_postfix_str(f"left {self.left()}")
         else:
             log.info("%s", msg)
 
-    def done(self, sid: str, ok: bool) -> None:
-        wall = time.time() - (self.started or time.time())
-        self.this_run.setdefault(self._key(sid), []).append(wall)
-        self.todo.remove(sid)
+    def done(self, sid: str, ok: bool, by_other: bool = False) -> None:
+        wall = time.time() - self.started.pop(sid, time.time())
+        if not by_other:
+            self.this_run.setdefault(self._key(sid), []).append(wall)
+        if sid in self.todo:
+            self.todo.remove(sid)
         self.finished += 1
         if self.bar is not None:
             self.bar.update(1)
+        elif by_other:
+            log.info("   ok %s (finished by another runner)", sid)
         else:
             log.info("   %s %s in %s", "ok" if ok else "FAILED", sid, _fmt(wall))
 
-    def skip(self, sid: str) -> None:
-        if sid in self.todo:
+    def skip(self, sid: str, restart: bool = False) -> None:
+        """``sid`` will not run here (``restart``: not now; it stays to do)."""
+        self.started.pop(sid, None)
+        if sid in self.todo and not restart:
             self.todo.remove(sid)
 
     def close(self) -> None:

@@ -1,0 +1,263 @@
+"""Executing one stage: its lock, the notebook through papermill, its record and its HTML page.
+
+Whatever runs a stage (the runner's own process, a local worker process, a SLURM job through
+submitit) calls :func:`run_stage`, so a stage's result does not depend on the executor. A stage
+runs only under its lock (``runs/.locks/<id>.lock``, an ``flock`` the kernel releases when the
+process dies, also on SIGKILL), so two runners or two jobs never run the same stage at once;
+its record ``runs/<id>/metrics.json`` is written last and atomically, so a killed stage never
+counts as finished.
+
+``python -m ptqlib.stage <spec.json>`` runs one stage from a spec written by
+:func:`write_spec` (what local worker processes execute).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ptqlib.record import OUTPUTS, RECORD, git_commit, read_json, versions, write_json_atomic
+
+if TYPE_CHECKING:
+    from ptqlib.runner import StageNode
+
+log = logging.getLogger("ptqlib.stage")
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = {"quantize": "01_quantize.ipynb", "finetune": "02_finetune.ipynb", "evaluate": "03_evaluate.ipynb"}
+KERNEL = "ptqlib"
+
+# what run_stage reports
+OK, FAILED, BUSY, DONE_ELSEWHERE = "ok", "failed", "busy", "done-elsewhere"
+
+
+# ---- the per-stage lock -----------------------------------------------------------------------
+def lock_path(runs: Path, sid: str) -> Path:
+    return Path(runs) / ".locks" / f"{sid}.lock"
+
+
+@contextlib.contextmanager
+def stage_lock(runs: Path, sid: str):
+    """Hold the stage's lock (yields True) or, if another process holds it, yield False at once."""
+    path = lock_path(runs, sid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "since": time.time()}))
+            f.flush()
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def stage_busy(runs: Path, sid: str) -> bool:
+    """Is the stage running somewhere right now (its lock held by a live process)?"""
+    if not lock_path(runs, sid).exists():
+        return False
+    with stage_lock(runs, sid) as got:
+        return not got
+
+
+def finished(runs: Path, sid: str) -> bool:
+    rec = read_json(Path(runs) / sid / RECORD)
+    return bool(rec and rec.get("status") == "ok")
+
+
+# ---- running one stage -------------------------------------------------------------------------
+def run_stage(runs: str | Path, node: "StageNode", kernel: str | None = None, progress: bool = False,
+              force: bool = False) -> str:
+    """Run ``node`` under its lock; returns OK, FAILED, BUSY (running elsewhere, nothing done) or
+    DONE_ELSEWHERE (finished by another runner meanwhile; not re-run unless ``force``)."""
+    runs = Path(runs)
+    with stage_lock(runs, node.id) as got:
+        if not got:
+            return BUSY
+        if not force and finished(runs, node.id):
+            return DONE_ELSEWHERE
+        return OK if execute(runs, node, kernel, progress) else FAILED
+
+
+def input_ref(runs: Path, node: "StageNode") -> str:
+    return str((Path(runs) / node.input_id).resolve()) if node.input_id else node.model
+
+
+def execute(runs: Path, node: "StageNode", kernel: str | None = None, progress: bool = False) -> bool:
+    """The stage's notebook through papermill, then its page and (last, atomically) its record.
+    The caller holds the stage's lock."""
+    import papermill as pm
+
+    out = Path(runs) / node.id
+    if out.exists():  # an unfinished (killed / failed / forced) earlier attempt
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    params = {**node.params, "input_model": input_ref(runs, node), "output_dir": str(out.resolve()),
+              "task": node.task, "seed": node.seed, "progress": progress}
+    t0 = time.time()
+    error = None
+    try:
+        with stage_environment(progress):
+            pm.execute_notebook(
+                str(ROOT / "notebooks" / NOTEBOOKS[node.kind]), str(out / "notebook.ipynb"), parameters=params,
+                kernel_name=kernel_name(kernel), progress_bar=False, cwd=str(out), log_output=False,
+                **kernel_manager_kwargs(),
+            )
+    except Exception as e:  # noqa: BLE001 — any failure of a stage is recorded, never fatal to the study
+        error = {"type": type(e).__name__, "message": short_error(e), "traceback": traceback.format_exc()[-4000:]}
+    wall = time.time() - t0
+    outputs = read_json(out / OUTPUTS)
+    if error is None and outputs is None:
+        error = {"type": "MissingOutputs", "message": f"the notebook finished without writing {OUTPUTS}"}
+    render_html(out, back="../index.html")
+    rec = {
+        "stage_id": node.id, "kind": node.kind, "label": node.label(), "params": node.params,
+        "input": node.input_id, "model": node.model, "task": node.task, "seed": node.seed,
+        "pipelines": node.pipelines, "status": "failed" if error else "ok", "error": error,
+        "metrics": (outputs or {}).get("metrics", {}), "outputs": {k: v for k, v in (outputs or {}).items() if k != "metrics"},
+        "timings": {"wall_s": round(wall, 2), "started": t0, "finished": time.time()},
+        "versions": versions(), "git_commit": git_commit(ROOT), "device": (outputs or {}).get("device"),
+    }
+    write_json_atomic(out / RECORD, rec)  # last: from here on the stage counts as finished
+    if error:
+        log.error("   FAILED %s: %s", node.id, error["message"])
+    return error is None
+
+
+_KERNEL_CACHE: dict[str, str] = {}
+
+
+def kernel_name(kernel: str | None = None) -> str:
+    """``kernel`` if given, else the project's kernel if registered, else this interpreter's."""
+    if kernel:
+        return kernel
+    if "auto" not in _KERNEL_CACHE:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        specs = KernelSpecManager().find_kernel_specs()
+        _KERNEL_CACHE["auto"] = KERNEL if KERNEL in specs else "python3"
+        if _KERNEL_CACHE["auto"] != KERNEL:
+            log.warning("kernel %r is not registered (make install does it); using 'python3'", KERNEL)
+    return _KERNEL_CACHE["auto"]
+
+
+def render_html(out: Path, name: str = "report.html", exclude_input: bool = False, back: str | None = None) -> None:
+    """The executed notebook as HTML: the injected parameters only (the notebook's own defaults
+    are dropped, they were overridden), and with ``back`` a link to the study's report."""
+    nb_path = out / "notebook.ipynb"
+    if not nb_path.exists():
+        return
+    try:
+        import nbformat
+        from nbconvert import HTMLExporter
+
+        nb = nbformat.read(nb_path, as_version=4)
+        tags = [c.get("metadata", {}).get("tags", []) for c in nb.cells]
+        if any("injected-parameters" in t for t in tags):
+            nb.cells = [c for c, t in zip(nb.cells, tags) if "parameters" not in t]
+        if back:
+            nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"[← back to the study report]({back})"))
+        exporter = HTMLExporter()
+        exporter.exclude_input = exclude_input
+        exporter.exclude_input_prompt = exporter.exclude_output_prompt = exclude_input
+        exporter.log.addFilter(_NoAltTextWarning())  # matplotlib figures carry no alt text; not actionable
+        body, _ = exporter.from_notebook_node(nb)
+        (out / name).write_text(body)
+    except Exception as e:  # noqa: BLE001 — a missing page must not lose a computed stage
+        log.warning("could not render %s: %s", nb_path, e)
+
+
+# ---- worker entry point (local worker processes) ------------------------------------------------
+def write_spec(path: Path, runs: Path, node: "StageNode", kernel: str | None, progress: bool, force: bool) -> Path:
+    write_json_atomic(path, {"runs": str(Path(runs).resolve()), "node": asdict(node), "kernel": kernel,
+                             "progress": progress, "force": force})
+    return path
+
+
+def run_spec(path: str | Path) -> str:
+    from ptqlib.runner import StageNode
+
+    spec = json.loads(Path(path).read_text())
+    return run_stage(spec["runs"], StageNode(**spec["node"]), spec["kernel"], spec["progress"], spec["force"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0: ok or done elsewhere; 1: failed; 3: busy (running elsewhere)."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("papermill").setLevel(logging.WARNING)
+    status = run_spec(argv[0])
+    return {OK: 0, DONE_ELSEWHERE: 0, FAILED: 1, BUSY: 3}[status]
+
+
+def short_error(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    # papermill's error text starts with a banner; the informative line is the exception's
+    for line in reversed(msg):
+        if line.strip() and not set(line.strip()) <= set("-="):
+            return line.strip()[:500]
+    return type(e).__name__
+
+
+class _NoAltTextWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Alternative text is missing" not in record.getMessage()
+
+
+def kernel_manager_kwargs() -> dict:
+    """Stage kernels talk to the runner over Unix sockets, not TCP: local only, no ports to open,
+    and nothing for ipykernel to warn about ("running over TCP without encryption")."""
+    if os.name == "nt":
+        return {}
+    from jupyter_client import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            path = os.path.join(tempfile.gettempdir(), f"ptqlib-kernel-{uuid.uuid4().hex[:12]}")
+            super().__init__(transport="ipc", ip=path, **kw)
+
+    return {"kernel_manager_class": IPCKernelManager}
+
+
+# Warnings that every stage page would show and no reader can act on: tqdm.auto without
+# ipywidgets, a transformers deprecation inside peft. Set for the stage kernels only.
+_STAGE_WARNINGS = ("ignore:IProgress not found", "ignore:`is_gradient_checkpointing` is deprecated")
+
+
+@contextlib.contextmanager
+def stage_environment(progress: bool):
+    """Environment the stage kernels inherit: quiet library progress bars unless asked for."""
+    keys = ("PYTHONWARNINGS", "HF_HUB_DISABLE_PROGRESS_BARS")
+    saved = {k: os.environ.get(k) for k in keys}
+    warnings = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    os.environ["PYTHONWARNINGS"] = ",".join(warnings + list(_STAGE_WARNINGS))
+    if not progress:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # "Loading weights", "Writing model shards"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():  # only what this set: other changes to the environment stay
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
