@@ -98,7 +98,7 @@ class GPTQ:
         layer. Never raises; ``info`` says what happened.
         """
         n = H.shape[0]
-        mean_diag = torch.diagonal(H).mean()
+        mean_diag = torch.diag(H).mean()  # a contiguous copy, as the reference: the same summation order
         if not torch.isfinite(mean_diag) or mean_diag <= 0:
             mean_diag = torch.ones((), device=H.device)
         cur, retries = damp, 0
