@@ -36,12 +36,13 @@ from typing import Any
 import yaml
 
 from ptqlib.errors import ConfigError
+from ptqlib.quant.grid import SUPPORTED_BITS
 
-QUANT_BITS = {"rtn": (2, 3, 4, 8), "gptq": (2, 3, 4, 8), "nf4": (4,), "fp4": (4,)}
+QUANT_BITS = {"rtn": SUPPORTED_BITS, "gptq": SUPPORTED_BITS, "nf4": (4,), "fp4": (4,)}
 FT_METHODS = ("full", "lora", "qlora", "l4q", "qat_lora", "qblora", "qalora", "qablora")
 FT_NEEDS_QUANT_INPUT = ("qlora", "qblora", "qalora", "qablora")  # adapters on a frozen quantized base
 FT_NEEDS_FLOAT_INPUT = ("full", "lora", "l4q", "qat_lora")
-FT_BITS = (2, 3, 4, 8)  # l4q / qat_lora
+FT_BITS = SUPPORTED_BITS  # l4q / qat_lora
 GROUPED_FT = ("l4q", "qat_lora", "qalora", "qablora")  # fine-tuning methods with a quantization group
 DEFAULT_FT_GROUP = 64  # l4q / qat_lora when group_size is left at 0
 

@@ -119,8 +119,9 @@ def _base_group_size(base: nn.Module) -> int | None:
     """Effective quantization group size of a QuantLinear base (``-1`` -> ``in``), else None."""
     if not is_quantlinear(base):
         return None
-    g = int(base.group_size)
-    return base.in_features if g == -1 else g
+    from ptqlib.quant.grid import effective_group_size
+
+    return effective_group_size(base.in_features, int(base.group_size))
 
 
 # --------------------------------------------------------------------------------------------

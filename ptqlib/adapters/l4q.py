@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from ptqlib.quant.grid import SUPPORTED_BITS, effective_group_size, signed_range  # noqa: F401 (re-exported)
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -63,21 +63,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # the learnable signed quantizer (shared with ptqlib.adapters.qat_lora)
 # ---------------------------------------------------------------------------------------------
-def signed_range(bits: int) -> tuple[int, int]:
-    """``(Q_N, Q_P) = (-2^(n-1), 2^(n-1) - 1)`` for ``n = bits``."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-
-
-def resolve_group_size(in_features: int, group_size: int) -> int:
-    """Concrete group size ``g`` (``-1`` -> whole row); ``g`` must divide ``in_features``."""
-    g = in_features if group_size in (-1, None) else int(group_size)
-    if g <= 0 or in_features % g != 0:
-        raise ValueError(f"group_size {group_size} must be -1 or divide in_features={in_features}")
-    return g
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Quantizer arithmetic runs in fp32 at least (fp16/bf16 would misplace rounding boundaries)."""
     return torch.promote_types(dtype, torch.float32)
@@ -96,7 +81,7 @@ def l4q_init(W0: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
     """
     qn, qp = signed_range(bits)
     out_f, in_f = W0.shape
-    g = resolve_group_size(in_f, group_size)
+    g = effective_group_size(in_f, group_size)
     Wg = W0.detach().to(compute_dtype(W0.dtype)).reshape(out_f, in_f // g, g)  # (out, G, g)
     S = torch.maximum(Wg.amin(-1).abs() / abs(qn), Wg.amax(-1).abs() / qp)  # (out, G)
     S = S.clamp_min(torch.finfo(S.dtype).tiny ** 0.5)  # avoid 0/0 on dead groups
@@ -245,7 +230,7 @@ class L4QLinear(nn.Module):
         self.bits = bits
         self.in_features, self.out_features = base.in_features, base.out_features
         self.group_size = -1 if group_size in (-1, None) else int(group_size)  # as QuantLinear
-        self.g = resolve_group_size(self.in_features, self.group_size)  # columns per group
+        self.g = effective_group_size(self.in_features, self.group_size)  # columns per group
         self.n_groups = self.in_features // self.g
         self.rank, self.alpha = int(rank), float(alpha)
         self.scaling = self.alpha / self.rank

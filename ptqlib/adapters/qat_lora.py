@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ptqlib.quant.grid import effective_group_size
 from ptqlib.adapters.l4q import (
     _codes,
     _fresh,
@@ -35,7 +36,6 @@ from ptqlib.adapters.l4q import (
     export_layers,
     fake_quantize,
     l4q_init,
-    resolve_group_size,
     signed_range,
     wrap_linears,
 )
@@ -93,7 +93,7 @@ class QATLoRALinear(nn.Module):
         self.bits = bits
         self.in_features, self.out_features = base.in_features, base.out_features
         self.group_size = -1 if group_size in (-1, None) else int(group_size)
-        self.g = resolve_group_size(self.in_features, self.group_size)
+        self.g = effective_group_size(self.in_features, self.group_size)
         self.n_groups = self.in_features // self.g
         self.rank, self.alpha = int(rank), float(alpha)
         self.scaling = self.alpha / self.rank

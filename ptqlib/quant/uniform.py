@@ -28,30 +28,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from .grid import SUPPORTED_BITS, check_bits, effective_group_size, n_groups  # noqa: F401 (re-exported)
+
 SYM_GRIDS = ("full", "max")  # see the module docstring
-
-
-def check_bits(bits: int) -> None:
-    """Reject bit widths the packed checkpoint layout cannot hold."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-
-
-def n_groups(in_features: int, group_size: int) -> int:
-    """``G = in // g``; ``g = -1`` means one group per row. ``g`` must divide ``in``."""
-    if group_size == -1:
-        return 1
-    if group_size <= 0 or in_features % group_size != 0:
-        raise ValueError(
-            f"group_size must be -1 or a positive divisor of in_features={in_features}, got {group_size}"
-        )
-    return in_features // group_size
-
-
-def effective_group_size(in_features: int, group_size: int) -> int:
-    """The number of columns in one group (``in`` for ``g = -1``)."""
-    return in_features if group_size == -1 else group_size
 
 
 def find_params(w: Tensor, bits: int, sym: bool, sym_grid: str = "full") -> tuple[Tensor, Tensor]:
@@ -97,11 +76,6 @@ def quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
 def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     """``w_hat = scale * (q - zero)`` in the promoted float dtype of scale/zero."""
     return scale * (codes.to(scale.dtype) - zero)
-
-
-def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
-    """``dequantize(quantize(w))`` in float32 (GPTQ's inner step)."""
-    return dequantize(quantize(w, scale, zero, bits), scale.float(), zero.float())
 
 
 def rtn_quantize(w: Tensor, bits: int, group_size: int, sym: bool,

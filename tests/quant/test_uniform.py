@@ -102,3 +102,27 @@ def test_rejects_bad_settings():
         find_params(torch.randn(2, 8), 5, False)
     with pytest.raises(ValueError):
         rtn_quantize(torch.randn(2, 96), 4, 64, False)
+
+
+def test_grid_rules_are_stated_once():
+    """The bit widths and group rules of every quantizer come from ptqlib.quant.grid."""
+    from ptqlib.adapters import l4q
+    from ptqlib.config import FT_BITS, QUANT_BITS
+    from ptqlib.quant import grid, uniform
+
+    assert uniform.SUPPORTED_BITS is grid.SUPPORTED_BITS is l4q.SUPPORTED_BITS
+    assert QUANT_BITS["gptq"] is QUANT_BITS["rtn"] is FT_BITS is grid.SUPPORTED_BITS
+    assert grid.effective_group_size(576, -1) == 576 and grid.effective_group_size(576, 64) == 64
+    with pytest.raises(ValueError, match="positive divisor of in_features=576, got 128"):
+        grid.effective_group_size(576, 128)
+    assert grid.signed_range(3) == (-4, 3)
+    with pytest.raises(ValueError, match=r"bits must be one of \(2, 3, 4, 8\), got 5"):
+        grid.signed_range(5)
+
+
+def test_study_validation_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, ptqlib.config; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
