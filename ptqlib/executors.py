@@ -18,7 +18,6 @@ needs its fine-tuned input), and a stage is submitted only once its input has a 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ptqlib.record import read_json, write_json_atomic
-from ptqlib.stage import BUSY, DONE_ELSEWHERE, FAILED, OK, run_stage, write_spec
+from ptqlib.stage import BUSY, FAILED, OK, run_stage, write_spec
 
 log = logging.getLogger("ptqlib.executors")
 

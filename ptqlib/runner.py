@@ -10,26 +10,24 @@ is ``ptqlib.executors``.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
+from ptqlib import report
 from ptqlib.config import Pipeline, Study, id_params
-from ptqlib.record import RECORD, read_json, write_json_atomic
-from ptqlib.stage import (BUSY, DONE_ELSEWHERE, NOTEBOOKS, OK, ROOT, kernel_manager_kwargs, kernel_name,  # noqa: F401
-                          render_html, short_error, stage_busy, stage_environment)
+from ptqlib.record import RECORD, read_json
+from ptqlib.stage import BUSY, DONE_ELSEWHERE, OK, kernel_name, render_html, stage_busy
+from ptqlib.stage import kernel_manager_kwargs, stage_environment  # noqa: F401 (the runner's public names before the split)
 
 log = logging.getLogger("ptqlib.runner")
 
-ANALYSE = "04_analyse.ipynb"
 
 
 @dataclass
@@ -235,136 +233,18 @@ class Runner:
 
     render_html = staticmethod(render_html)
 
-    # ----------------------------------------------------------------------------- reports
+    # ----------------------------------------------------------------------------- reports (ptqlib.report)
     def rows(self) -> list[dict]:
-        """One row per pipeline x grid point with its parameters and metrics."""
-        rows = []
-        for pl in self.study.pipelines:
-            chain = self.chains[pl.name]
-            row: dict = {"pipeline": pl.name, "family": pl.family, "model": pl.model, "task": pl.task,
-                         "seed": pl.seed, **{f"grid.{k}": v for k, v in pl.grid.items()},
-                         "stages": " -> ".join(self.nodes[s].label() for s in chain), "eval_stage": chain[-1]}
-            statuses = []
-            seen_kinds: dict[str, int] = {}
-            for sid in chain:
-                rec = self.record(sid)
-                statuses.append((rec or {}).get("status", "missing"))
-                if not rec or rec.get("status") != "ok":
-                    continue
-                node = self.nodes[sid]
-                # finetune, finetune2, ...: a pipeline such as FT -> PTQ -> QLoRA trains twice
-                seen_kinds[node.kind] = seen_kinds.get(node.kind, 0) + 1
-                prefix = node.kind + (str(seen_kinds[node.kind]) if seen_kinds[node.kind] > 1 else "")
-                if node.kind == "evaluate":
-                    row.update({k: v for k, v in rec["metrics"].items()})
-                else:
-                    for k, v in rec["metrics"].items():
-                        row[f"{prefix}.{k}"] = v
-                    for k, v in node.params.items():
-                        if k != "target_modules":
-                            row[f"{prefix}.{k}"] = v
-                row["wall_s." + prefix] = rec["timings"]["wall_s"]  # each stage's own cost, in chain order
-                row["wall_s.total"] = row.get("wall_s.total", 0) + rec["timings"]["wall_s"]
-            row["status"] = "ok" if all(s == "ok" for s in statuses) else next(s for s in statuses if s != "ok")
-            rows.append(row)
-        return rows
+        return report.study_rows(self)
 
     def write_results(self) -> Path:
-        self.reports.mkdir(parents=True, exist_ok=True)
-        rows = self.rows()
-        keys: list[str] = []
-        for r in rows:
-            keys += [k for k in r if k not in keys]
-        path = self.reports / "results.csv"
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-        tmp.replace(path)
-        self.write_units()
-        # per-stage pages, linked from the index
-        pages = self.reports / "stages"
-        pages.mkdir(exist_ok=True)
-        for sid in {s for c in self.chains.values() for s in c}:
-            src = self.runs / sid / "report.html"
-            if src.exists() and (not (pages / f"{sid}.html").exists()
-                                 or src.stat().st_mtime > (pages / f"{sid}.html").stat().st_mtime):
-                shutil.copyfile(src, pages / f"{sid}.html")
-        # in pipeline order (the order a reader follows), each stage once, at its first pipeline
-        order = list(dict.fromkeys(s for p in self.study.pipelines for s in self.chains[p.name]))
-        stages = {sid: {"position": i, "label": self.nodes[sid].label(), "kind": self.nodes[sid].kind,
-                        "pipelines": self.nodes[sid].pipelines,
-                        "status": (self.record(sid) or {}).get("status", "missing")} for i, sid in enumerate(order)}
-        write_json_atomic(self.reports / "stages.json", stages)
-        write_json_atomic(self.reports / "study.json", {
-            "name": self.study.name, "file": str(self.study.path), "description": self.study.description,
-            "runs_dir": str(self.runs.resolve()),
-            "claims": self.study.claims, "pipelines": {p.name: self.chains[p.name] for p in self.study.pipelines}})
-        return path
+        return report.write_results(self)
 
     def write_units(self) -> Path:
-        """``units.csv``: every finished pipeline run's per-unit scores (task examples, ppl windows).
-
-        One row per (pipeline run, group, unit); the columns are those of
-        ``metrics.example_scores`` and ``nll`` / ``tokens``. The claims' paired bootstrap reads it.
-        """
-        keys = ["pipeline", "family", "seed", "group", "unit"]
-        rows: list[dict] = []
-        for pl in self.study.pipelines:
-            chain = self.chains[pl.name]
-            if not all(self.finished(s) for s in chain):
-                continue
-            units = (self.record(chain[-1]).get("outputs") or {}).get("units") or {}
-            for group, cols in units.items():
-                keys += [c for c in cols if c not in keys]
-                for i in range(len(next(iter(cols.values()), []))):
-                    row = {"pipeline": pl.name, "family": pl.family, "seed": pl.seed, "group": group, "unit": i}
-                    row.update({c: v[i] for c, v in cols.items()})
-                    rows.append(row)
-        path = self.reports / "units.csv"
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-        tmp.replace(path)
-        return path
+        return report.write_units(self)
 
     def analyse(self, force: bool = False) -> Path | None:
-        """Run 04_analyse on results.csv -> reports/<study>/index.html (cached on the csv's content)."""
-        import papermill as pm
-
-        csv_path = self.reports / "results.csv"
-        units_path = self.reports / "units.csv"
-        digest = hashlib.sha256(csv_path.read_bytes() + (units_path.read_bytes() if units_path.exists() else b"")
-                                + json.dumps(self.study.claims, sort_keys=True).encode()
-                                + (ROOT / "notebooks" / ANALYSE).read_bytes()).hexdigest()[:16]
-        stamp = self.reports / ".analysis"
-        index = self.reports / "index.html"
-        if not force and index.exists() and stamp.exists() and stamp.read_text() == digest:
-            log.info("analysis up to date: %s", index)
-            return index
-        log.info("analysis -> %s", index)
-        work = self.reports / "_analysis"
-        work.mkdir(exist_ok=True)
-        try:
-            with stage_environment(progress=False):
-                pm.execute_notebook(
-                    str(ROOT / "notebooks" / ANALYSE), str(work / "notebook.ipynb"),
-                    parameters={"study_dir": str(self.reports.resolve()), "study": self.study.name,
-                                "description": self.study.description},
-                    kernel_name=self.kernel_name(), progress_bar=False, cwd=str(work), **kernel_manager_kwargs(),
-                )
-        except Exception as e:  # noqa: BLE001
-            log.error("analysis failed: %s (see %s)", short_error(e), work / "notebook.ipynb")
-            self.render_html(work, "index.html", exclude_input=True)
-            shutil.copyfile(work / "index.html", index) if (work / "index.html").exists() else None
-            return None
-        self.render_html(work, "index.html", exclude_input=True)
-        shutil.copyfile(work / "index.html", index)
-        stamp.write_text(digest)
-        return index
+        return report.analyse(self, force)
 
 
 def _fmt(seconds: float) -> str:

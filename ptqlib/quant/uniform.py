@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .grid import SUPPORTED_BITS, check_bits, effective_group_size, n_groups  # noqa: F401 (re-exported)
+from .grid import SUPPORTED_BITS, check_bits, effective_group_size, n_groups  # noqa: F401 (uniform's names before grid.py)
 
 SYM_GRIDS = ("full", "max")  # see the module docstring
 

@@ -1,0 +1,159 @@
+"""A study's results and report: ``results.csv``, ``units.csv``, the stage pages, ``index.html``.
+
+Reads the finished records of a ``Runner``'s graph; runs no stage (``python -m ptqlib analyse``
+is this module alone). The claims' statistics live in ``ptqlib.analysis``; the page is the
+``04_analyse`` notebook, executed by papermill and rendered without its code.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ptqlib.record import write_json_atomic
+from ptqlib.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
+
+if TYPE_CHECKING:
+    from ptqlib.runner import Runner
+
+log = logging.getLogger("ptqlib.report")
+
+ANALYSE = "04_analyse.ipynb"
+
+
+def study_rows(runner: "Runner") -> list[dict]:
+    """One row per pipeline x grid point with its parameters and metrics."""
+    rows = []
+    for pl in runner.study.pipelines:
+        chain = runner.chains[pl.name]
+        row: dict = {"pipeline": pl.name, "family": pl.family, "model": pl.model, "task": pl.task,
+                     "seed": pl.seed, **{f"grid.{k}": v for k, v in pl.grid.items()},
+                     "stages": " -> ".join(runner.nodes[s].label() for s in chain), "eval_stage": chain[-1]}
+        statuses = []
+        seen_kinds: dict[str, int] = {}
+        for sid in chain:
+            rec = runner.record(sid)
+            statuses.append((rec or {}).get("status", "missing"))
+            if not rec or rec.get("status") != "ok":
+                continue
+            node = runner.nodes[sid]
+            # finetune, finetune2, ...: a pipeline such as FT -> PTQ -> QLoRA trains twice
+            seen_kinds[node.kind] = seen_kinds.get(node.kind, 0) + 1
+            prefix = node.kind + (str(seen_kinds[node.kind]) if seen_kinds[node.kind] > 1 else "")
+            if node.kind == "evaluate":
+                row.update({k: v for k, v in rec["metrics"].items()})
+            else:
+                for k, v in rec["metrics"].items():
+                    row[f"{prefix}.{k}"] = v
+                for k, v in node.params.items():
+                    if k != "target_modules":
+                        row[f"{prefix}.{k}"] = v
+            row["wall_s." + prefix] = rec["timings"]["wall_s"]  # each stage's own cost, in chain order
+            row["wall_s.total"] = row.get("wall_s.total", 0) + rec["timings"]["wall_s"]
+        row["status"] = "ok" if all(s == "ok" for s in statuses) else next(s for s in statuses if s != "ok")
+        rows.append(row)
+    return rows
+
+
+def write_results(runner: "Runner") -> Path:
+    runner.reports.mkdir(parents=True, exist_ok=True)
+    rows = study_rows(runner)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    path = runner.reports / "results.csv"
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+    write_units(runner)
+    # per-stage pages, linked from the index
+    pages = runner.reports / "stages"
+    pages.mkdir(exist_ok=True)
+    for sid in {s for c in runner.chains.values() for s in c}:
+        src = runner.runs / sid / "report.html"
+        if src.exists() and (not (pages / f"{sid}.html").exists()
+                             or src.stat().st_mtime > (pages / f"{sid}.html").stat().st_mtime):
+            shutil.copyfile(src, pages / f"{sid}.html")
+    # in pipeline order (the order a reader follows), each stage once, at its first pipeline
+    order = list(dict.fromkeys(s for p in runner.study.pipelines for s in runner.chains[p.name]))
+    stages = {sid: {"position": i, "label": runner.nodes[sid].label(), "kind": runner.nodes[sid].kind,
+                    "pipelines": runner.nodes[sid].pipelines,
+                    "status": (runner.record(sid) or {}).get("status", "missing")} for i, sid in enumerate(order)}
+    write_json_atomic(runner.reports / "stages.json", stages)
+    write_json_atomic(runner.reports / "study.json", {
+        "name": runner.study.name, "file": str(runner.study.path), "description": runner.study.description,
+        "runs_dir": str(runner.runs.resolve()),
+        "claims": runner.study.claims, "pipelines": {p.name: runner.chains[p.name] for p in runner.study.pipelines}})
+    return path
+
+
+def write_units(runner: "Runner") -> Path:
+    """``units.csv``: every finished pipeline run's per-unit scores (task examples, ppl windows).
+
+    One row per (pipeline run, group, unit); the columns are those of
+    ``metrics.example_scores`` and ``nll`` / ``tokens``. The claims' paired bootstrap reads it.
+    """
+    keys = ["pipeline", "family", "seed", "group", "unit"]
+    rows: list[dict] = []
+    for pl in runner.study.pipelines:
+        chain = runner.chains[pl.name]
+        if not all(runner.finished(s) for s in chain):
+            continue
+        units = (runner.record(chain[-1]).get("outputs") or {}).get("units") or {}
+        for group, cols in units.items():
+            keys += [c for c in cols if c not in keys]
+            for i in range(len(next(iter(cols.values()), []))):
+                row = {"pipeline": pl.name, "family": pl.family, "seed": pl.seed, "group": group, "unit": i}
+                row.update({c: v[i] for c, v in cols.items()})
+                rows.append(row)
+    path = runner.reports / "units.csv"
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def analyse(runner: "Runner", force: bool = False) -> Path | None:
+    """Run 04_analyse on results.csv -> reports/<study>/index.html (cached on the csv's content)."""
+    import papermill as pm
+
+    csv_path = runner.reports / "results.csv"
+    units_path = runner.reports / "units.csv"
+    digest = hashlib.sha256(csv_path.read_bytes() + (units_path.read_bytes() if units_path.exists() else b"")
+                            + json.dumps(runner.study.claims, sort_keys=True).encode()
+                            + (ROOT / "notebooks" / ANALYSE).read_bytes()).hexdigest()[:16]
+    stamp = runner.reports / ".analysis"
+    index = runner.reports / "index.html"
+    if not force and index.exists() and stamp.exists() and stamp.read_text() == digest:
+        log.info("analysis up to date: %s", index)
+        return index
+    log.info("analysis -> %s", index)
+    work = runner.reports / "_analysis"
+    work.mkdir(exist_ok=True)
+    try:
+        with stage_environment(progress=False):
+            pm.execute_notebook(
+                str(ROOT / "notebooks" / ANALYSE), str(work / "notebook.ipynb"),
+                parameters={"study_dir": str(runner.reports.resolve()), "study": runner.study.name,
+                            "description": runner.study.description},
+                kernel_name=runner.kernel_name(), progress_bar=False, cwd=str(work), **kernel_manager_kwargs(),
+            )
+    except Exception as e:  # noqa: BLE001
+        log.error("analysis failed: %s (see %s)", short_error(e), work / "notebook.ipynb")
+        render_html(work, "index.html", exclude_input=True)
+        shutil.copyfile(work / "index.html", index) if (work / "index.html").exists() else None
+        return None
+    render_html(work, "index.html", exclude_input=True)
+    shutil.copyfile(work / "index.html", index)
+    stamp.write_text(digest)
+    return index
