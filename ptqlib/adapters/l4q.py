@@ -52,6 +52,7 @@ __all__ = [
     "l4q_init",
     "fake_quantize",
     "L4QFunction",
+    "LearnedQuantLinear",
     "L4QLinear",
     "apply_l4q",
     "export_l4q",
@@ -216,11 +217,13 @@ def _l4q_weight(W0: Tensor, A: Tensor, B: Tensor, S: Tensor, b: Tensor, scaling:
 # ---------------------------------------------------------------------------------------------
 # the layer
 # ---------------------------------------------------------------------------------------------
-class L4QLinear(nn.Module):
-    """A frozen linear layer whose weight is ``W_q = Q(W0 + s B A; S, b)`` (L4Q).
+class LearnedQuantLinear(nn.Module):
+    """What L4Q and QAT-LoRA layers share: a frozen ``weight`` = W0 (out, in) and ``bias``, a LoRA
+    pair ``lora_A`` (r, in) / ``lora_B`` (out, r), and the learnable signed quantizer
+    ``q_scale`` = S, ``q_offset`` = b (out, G), initialised by ``l4q_init``.
 
-    Trainable: ``lora_A`` (r, in), ``lora_B`` (out, r), ``q_scale`` = S (out, G),
-    ``q_offset`` = b (out, G). Frozen: ``weight`` = W0 (out, in), optional ``bias`` (out).
+    Subclasses say where the quantizer sits (L4Q: on ``W0 + s B A``; QAT-LoRA: on ``W0`` with the
+    LoRA branch beside it) by their ``forward`` and ``export``.
     """
 
     def __init__(self, base: nn.Linear, bits: int = 4, group_size: int = 128, rank: int = 4,
@@ -254,8 +257,41 @@ class L4QLinear(nn.Module):
 
     @property
     def grad_scale(self) -> float:
-        """LSQ's gradient scale ``1 / sqrt(N * Q_P)``, N = weights sharing one S (= g)."""
+        """LSQ's gradient scale ``1 / sqrt(N * Q_P)``, N = weights sharing one S (= g), or 1."""
         return 1.0 / math.sqrt(self.g * self.qp) if self.lsq_grad_scale else 1.0
+
+    @torch.no_grad()
+    def _quantlinear(self, wt: Tensor):
+        """A ``QuantLinear`` holding signed codes ``wt`` (out, in) on this layer's grid.
+
+        Signed codes map to QuantLinear's unsigned storage: ``q = w~ - Q_N`` in
+        ``[0, 2^n - 1]``, ``scale = S``, ``zero = -Q_N - b / S`` (a float zero point), since
+        ``scale * (q - zero) = S * (w~ - Q_N + Q_N + b/S) = S w~ + b``.
+        """
+        from ptqlib.quant.qlinear import QuantLinear
+
+        S = self.q_scale.detach()
+        zeros = -self.qn - self.q_offset.detach() / S  # (out, G) float
+        layer = QuantLinear.from_codes(
+            # zeros stay fp32 (the fzeros buffer is fp32): a bf16 cast would add rounding the model never trained with
+            wt.long() - self.qn, S.to(self.weight.dtype), zeros.float(), g_idx=None,
+            bias=None if self.bias is None else self.bias.detach().clone(),
+            bits=self.bits, group_size=self.group_size, float_zeros=True,
+        )
+        return layer.to(self.weight.device)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, rank={self.rank}, alpha={self.alpha}, "
+                f"lsq_grad_scale={self.lsq_grad_scale}")
+
+
+class L4QLinear(LearnedQuantLinear):
+    """A frozen linear layer whose weight is ``W_q = Q(W0 + s B A; S, b)`` (L4Q).
+
+    Trainable: ``lora_A`` (r, in), ``lora_B`` (out, r), ``q_scale`` = S (out, G),
+    ``q_offset`` = b (out, G). Frozen: ``weight`` = W0 (out, in), optional ``bias`` (out).
+    """
 
     def forward(self, x: Tensor) -> Tensor:  # x: (..., in) -> (..., out)
         y = L4QFunction.apply(x, self.weight, self.lora_A, self.lora_B, self.q_scale,
@@ -278,29 +314,8 @@ class L4QLinear(nn.Module):
 
     @torch.no_grad()
     def export(self):
-        """A ``QuantLinear`` whose dequantized weight equals ``W_q``; no adapter remains.
-
-        Signed codes map to QuantLinear's unsigned storage: ``q = w~ - Q_N`` in
-        ``[0, 2^n - 1]``, ``scale = S``, ``zero = -Q_N - b / S`` (a float zero point), since
-        ``scale * (q - zero) = S * (w~ - Q_N + Q_N + b/S) = S w~ + b``.
-        """
-        from ptqlib.quant.qlinear import QuantLinear
-
-        q = self.integer_codes() - self.qn  # (out, in) in [0, 2^n - 1]
-        S = self.q_scale.detach()
-        zeros = -self.qn - self.q_offset.detach() / S  # (out, G) float
-        layer = QuantLinear.from_codes(
-            # zeros stay fp32 (the fzeros buffer is fp32): a bf16 cast would add rounding the model never trained with
-            q, S.to(self.weight.dtype), zeros.float(), g_idx=None,
-            bias=None if self.bias is None else self.bias.detach().clone(),
-            bits=self.bits, group_size=self.group_size, float_zeros=True,
-        )
-        return layer.to(self.weight.device)
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, rank={self.rank}, alpha={self.alpha}, "
-                f"lsq_grad_scale={self.lsq_grad_scale}")
+        """A ``QuantLinear`` whose dequantized weight equals ``W_q``; no adapter remains."""
+        return self._quantlinear(self.integer_codes())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ its export is exact. ``export()`` therefore returns ``QuantLinearWithLoRA``: a
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -27,16 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptqlib.quant.grid import effective_group_size
 from ptqlib.adapters.l4q import (
+    LearnedQuantLinear,
     _codes,
     _fresh,
     _ste_grads,
     compute_dtype,
     export_layers,
     fake_quantize,
-    l4q_init,
-    signed_range,
     wrap_linears,
 )
 
@@ -79,42 +76,12 @@ class FakeQuantFunction(torch.autograd.Function):
         return dW, dS, db, None, None, None
 
 
-class QATLoRALinear(nn.Module):
+class QATLoRALinear(LearnedQuantLinear):
     """Fake-quantized frozen ``W0`` (learnable S, b) + a separate fp LoRA branch.
 
     Trainable: ``lora_A`` (r, in), ``lora_B`` (out, r), ``q_scale`` = S (out, G),
     ``q_offset`` = b (out, G). Frozen: ``weight`` = W0 (out, in), optional ``bias``.
     """
-
-    def __init__(self, base: nn.Linear, bits: int = 4, group_size: int = 128, rank: int = 4,
-                 alpha: float = 8.0, lsq_grad_scale: bool = False) -> None:
-        super().__init__()
-        self.qn, self.qp = signed_range(bits)
-        self.bits = bits
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.group_size = -1 if group_size in (-1, None) else int(group_size)
-        self.g = effective_group_size(self.in_features, self.group_size)
-        self.n_groups = self.in_features // self.g
-        self.rank, self.alpha = int(rank), float(alpha)
-        self.scaling = self.alpha / self.rank
-        self.lsq_grad_scale = lsq_grad_scale
-
-        W0 = base.weight.detach()
-        self.weight = nn.Parameter(W0, requires_grad=False)
-        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
-        pd = compute_dtype(W0.dtype)
-        dev = W0.device
-        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=dev, dtype=pd))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=dev, dtype=pd))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        S, b = l4q_init(W0, bits, self.g)
-        self.q_scale = nn.Parameter(S.to(pd))
-        self.q_offset = nn.Parameter(b.to(pd))
-
-    @property
-    def grad_scale(self) -> float:
-        """LSQ's ``1 / sqrt(g * Q_P)`` on dL/dS (the paper's baseline is LSQ), or 1."""
-        return 1.0 / math.sqrt(self.g * self.qp) if self.lsq_grad_scale else 1.0
 
     def quantized_weight(self) -> Tensor:
         """``W_fq`` (out, in), differentiable w.r.t. S and b."""
@@ -129,31 +96,17 @@ class QATLoRALinear(nn.Module):
 
     @torch.no_grad()
     def export(self) -> "QuantLinearWithLoRA":
-        """``QuantLinear`` of ``W_fq`` (codes ``w~ - Q_N``, zero ``-Q_N - b/S``) + LoRA branch."""
-        from ptqlib.quant.qlinear import QuantLinear
-
+        """``QuantLinear`` of ``W_fq`` (codes ``w~ - Q_N``, fp32 zeros ``-Q_N - b/S``) + LoRA branch."""
         cd = compute_dtype(self.weight.dtype)
-        S, b = self.q_scale.detach().to(cd), self.q_offset.detach().to(cd)
-        _, wt = _codes(self.weight.to(cd), S, b, self.qn, self.qp)
-        q = wt.reshape(self.weight.shape).long() - self.qn
-        zeros = -self.qn - b / S
-        base = QuantLinear.from_codes(
-            q, S.to(self.weight.dtype), zeros.to(self.weight.dtype), g_idx=None,
-            bias=None if self.bias is None else self.bias.detach().clone(),
-            bits=self.bits, group_size=self.group_size, float_zeros=True,
-        ).to(self.weight.device)
-        return QuantLinearWithLoRA(base, self.lora_A.detach().clone(), self.lora_B.detach().clone(),
-                                   self.scaling)
+        _, wt = _codes(self.weight.to(cd), self.q_scale.detach().to(cd), self.q_offset.detach().to(cd),
+                       self.qn, self.qp)
+        return QuantLinearWithLoRA(self._quantlinear(wt.reshape(self.weight.shape)), self.lora_A.detach().clone(),
+                                   self.lora_B.detach().clone(), self.scaling)
 
     @torch.no_grad()
     def fake_quantized_weight(self) -> Tensor:
         """``W_fq`` without autograd (compute dtype)."""
         return fake_quantize(self.weight, self.q_scale, self.q_offset, self.bits)
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, rank={self.rank}, alpha={self.alpha}, "
-                f"lsq_grad_scale={self.lsq_grad_scale}")
 
 
 class QuantLinearWithLoRA(nn.Module):

@@ -141,3 +141,15 @@ def test_save_exported_and_load_give_identical_outputs(tmp_path):
     assert sum(isinstance(m, QuantLinearWithLoRA) for m in loaded.modules()) == 14
     with torch.no_grad():
         assert torch.allclose(loaded(x).logits, before, atol=1e-4)
+
+
+def test_bf16_export_keeps_fp32_zero_points():
+    """As for L4Q (shared LearnedQuantLinear): the exported zero points are -Q_N - b / S in fp32."""
+    torch.manual_seed(0)
+    layer = QATLoRALinear(nn.Linear(64, 16).to(torch.bfloat16), bits=4, group_size=32, rank=2)
+    with torch.no_grad():
+        layer.q_offset.add_(torch.randn_like(layer.q_offset) * 1e-3)
+        q = layer.export().base
+    want = (-signed_range(4)[0] - layer.q_offset / layer.q_scale).float()
+    assert q.fzeros.dtype == torch.float32
+    assert torch.equal(q.zero_points().float(), want)
