@@ -180,6 +180,8 @@ class _Job(Handle):
 class SubmititExecutor:
     """One submitit job per stage; ``cluster="slurm"`` on a cluster, ``"local"`` on this machine."""
 
+    local = False  # jobs run elsewhere: no pre-loaded kernel process (ptqlib.kernels) for them
+
     def __init__(self, runs: Path, cluster: str = "slurm", parameters: dict[str, Any] | None = None,
                  kernel: str | None = None, progress: bool = False, slots: int = 64):
         try:

@@ -152,12 +152,18 @@ class Runner:
         """
         from ptqlib.executors import InlineExecutor
 
+        from ptqlib import kernels
+
         self.runs.mkdir(parents=True, exist_ok=True)
         executor = executor or InlineExecutor(self.runs, self.kernel, progress)
+        # stage kernels fork from one pre-loaded process (local runs; a cluster job has its own)
+        zygote = kernels.start() if getattr(executor, "local", True) and self.to_run(self.plan(only), force) else None
         try:
             return self._run(only, force, executor)
         finally:
             executor.close()
+            if zygote is not None:
+                zygote.close()
 
     def _run(self, only, force, executor) -> int:
         plan = self.plan(only)

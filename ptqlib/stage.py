@@ -232,6 +232,18 @@ def kernel_manager_kwargs() -> dict:
             path = os.path.join(tempfile.gettempdir(), f"ptqlib-kernel-{uuid.uuid4().hex[:12]}")
             super().__init__(transport="ipc", ip=path, **kw)
 
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            # a fork of the pre-loaded zygote when there is one (ptqlib.kernels), else a new interpreter
+            from ptqlib import kernels
+
+            pid = kernels.spawn(list(kernel_cmd), dict(kw.get("env") or os.environ), kw.get("cwd"))
+            if pid is None:
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+            prov = self.provisioner
+            prov.process, prov.pid, prov.pgid = kernels.ForkedProcess(pid), pid, pid
+            prov.cwd = kw.get("cwd")
+            self._reconcile_connection_info(prov.connection_info)
+
     return {"kernel_manager_class": IPCKernelManager}
 
 

@@ -50,7 +50,8 @@ def quality(runs: Path) -> dict[str, dict]:
         rec = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").exists() else None
         if rec:
             assert rec["status"] == "ok", (d, rec.get("error"))
-            out[d.name] = {k: v for k, v in rec["metrics"].items() if not any(c in k for c in COST)}
+            out[d.name] = {k: "nan" if v != v else v for k, v in rec["metrics"].items()  # nan == nan is False
+                           if not any(c in k for c in COST)}
     return out
 
 
