@@ -9,7 +9,8 @@ import cost. Jupyter has no such launcher (its provisioners start a new interpre
 Used when ``PTQLIB_ZYGOTE`` names a running zygote's socket (the runner starts one for a study:
 :func:`start`); a kernel spec for another interpreter, a zygote that is not ready, or one that
 has initialised CUDA (a forked child cannot use it) fall back to the normal launch.
-``PTQLIB_ZYGOTE=off`` disables it.
+``PTQLIB_ZYGOTE=off`` disables it; on a machine with NVIDIA devices it is off (CUDA does not survive a
+fork of a process that has asked for its devices).
 """
 from __future__ import annotations
 
@@ -60,6 +61,10 @@ def start(env: dict | None = None) -> Zygote | None:
     """Start a zygote in the background and export its socket in ``PTQLIB_ZYGOTE`` (inherited by
     worker processes); None when disabled. Kernels launched before it is ready start normally."""
     if os.environ.get(ENV) == "off" or os.name != "posix" or not os.path.isdir("/proc"):
+        return None
+    if any(Path("/dev").glob("nvidia[0-9]*")) or os.environ.get("CUDA_VISIBLE_DEVICES"):
+        # a library that asks CUDA for its devices at import time makes every fork unable to use
+        # CUDA; next to GPU-sized stages the imports hardly matter anyway
         return None
     path = os.path.join(tempfile.gettempdir(), f"ptqlib-zygote-{os.getpid()}-{time.time_ns() % 10**9}.sock")
     proc = subprocess.Popen([sys.executable, "-m", "ptqlib.kernels", path], env={**os.environ, **(env or {})},
