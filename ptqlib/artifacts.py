@@ -113,7 +113,8 @@ def tensor_bytes(model: torch.nn.Module, float_bytes: int | None = None) -> int:
     """
     seen: set[int] = set()
     total = 0
-    for t in model.state_dict(keep_vars=True).values():
+    state = model.state_dict(keep_vars=True)  # alive to the end: it holds temporaries (bnb's packed states)
+    for t in state.values():
         if not isinstance(t, torch.Tensor):
             continue
         key = t.data_ptr() if t.numel() else id(t)
@@ -124,11 +125,15 @@ def tensor_bytes(model: torch.nn.Module, float_bytes: int | None = None) -> int:
         total += t.numel() * per
     # bnb Params4bit keep absmax / code in a QuantState that state_dict() serialises as extra
     # tensors only for Linear4bit modules; count them from the modules to be exact.
+    # as_dict (and state_dict) may build new tensors: keep them alive until the end, or a freed
+    # one's address is reused by the next and wrongly counts as seen (NF4 sizes varied by 512 bytes)
+    alive: list[torch.Tensor] = []
     for m in model.modules():
         qs = getattr(getattr(m, "weight", None), "quant_state", None)
         if qs is not None and hasattr(qs, "as_dict"):
             for v in qs.as_dict(packed=False).values():
                 if isinstance(v, torch.Tensor) and v.data_ptr() not in seen:
+                    alive.append(v)
                     seen.add(v.data_ptr())
                     total += v.numel() * (float_bytes if (float_bytes and v.is_floating_point()) else v.element_size())
     return total

@@ -5,9 +5,9 @@ every executor ends in :func:`ptqlib.stage.run_stage`, which holds the stage's l
 its record, so the result of a stage does not depend on where it ran.
 
 * ``InlineExecutor`` (``--jobs 1``, the default): one stage at a time in this process.
-* ``LocalExecutor`` (``--jobs N``, ``--gpus 0,1``): up to N worker processes
-  (``python -m ptqlib.stage``), each given one GPU (``CUDA_VISIBLE_DEVICES``) when GPUs are
-  listed, and ``cpu_count // N`` torch threads, so N jobs do not oversubscribe the CPU.
+* ``LocalExecutor`` (``--jobs N``, ``--gpus 0,1``): up to N stages at once, each in its own
+  kernel process (driven by a thread of the runner), each given one GPU (``CUDA_VISIBLE_DEVICES``)
+  when GPUs are listed, and ``cpu_count // N`` torch threads, so N jobs do not oversubscribe the CPU.
 * ``SubmititExecutor`` (``--executor slurm``, or ``local`` for submitit's local executor, which
   runs its real code path minus SLURM): one submitit job per stage, parameters from the study's
   ``executor:`` section. The job id goes to ``runs/.jobs/<id>.json``; a later runner re-attaches
@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ptqlib.record import read_json, write_json_atomic
-from ptqlib.stage import BUSY, FAILED, OK, run_stage, write_spec
+from ptqlib.stage import FAILED, OK, run_stage
 
 log = logging.getLogger("ptqlib.executors")
 
@@ -68,27 +67,27 @@ class InlineExecutor:
         pass
 
 
-class _Process(Handle):
-    def __init__(self, proc: subprocess.Popen, gpu: str | None, log_path: Path, spec: Path, release):
-        self.proc, self.gpu, self.log_path, self.spec, self._release = proc, gpu, log_path, spec, release
-        self.where = f"pid {proc.pid}" + (f", GPU {gpu}" if gpu is not None else "")
+class _Thread(Handle):
+    def __init__(self, gpu: str | None, release):
+        self.gpu, self._release, self.status = gpu, release, None
+        self.where = "a runner thread" + (f", GPU {gpu}" if gpu is not None else "")
 
     def poll(self) -> str | None:
-        rc = self.proc.poll()
-        if rc is None:
-            return None
-        self._release(self.gpu)
-        self.spec.unlink(missing_ok=True)  # the log stays: runs/.jobs/<id>.log
-        if rc == 3:
-            return BUSY
-        if rc != 0 and rc != 1:  # killed, or crashed outside run_stage: the record (if any) says what it knows
-            log.error("worker %s exited with %s (log: %s)", self.proc.pid, rc, self.log_path)
-        return OK if rc == 0 else FAILED
+        if self.status is not None and self._release is not None:
+            self._release(self.gpu)
+            self._release = None
+        return self.status
 
 
 @dataclass
 class LocalExecutor:
-    """Up to ``jobs`` stages at once, each in its own worker process."""
+    """Up to ``jobs`` stages at once on this machine.
+
+    Each stage runs in its own kernel process, driven by a thread of the runner (papermill waits on
+    the kernel, so the threads cost nothing; worker interpreters would import papermill and
+    nbconvert once per stage). The stage's kernel gets ``CUDA_VISIBLE_DEVICES`` (one GPU of
+    ``gpus``) and ``OMP_NUM_THREADS`` (``cpu_count // jobs``) in its own environment.
+    """
 
     runs: Path
     jobs: int = 2
@@ -116,18 +115,26 @@ class LocalExecutor:
         if gpu is not None:
             self._free_gpus.append(gpu)
 
-    def submit(self, node, force: bool = False) -> Handle:
-        work = Path(self.runs) / ".jobs"
-        spec = write_spec(work / f"{node.id}.spec.json", self.runs, node, self.kernel, self.progress, force)
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
-        gpu = self._free_gpus.pop(0) if self.gpus else None
+    def stage_env(self, gpu: str | None) -> dict[str, str]:
+        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
-        log_path = work / f"{node.id}.log"
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "ptqlib.stage", str(spec)], env=env,
-                                    stdout=out, stderr=subprocess.STDOUT)
-        return _Process(proc, gpu, log_path, spec, self._release)
+        return env
+
+    def submit(self, node, force: bool = False) -> Handle:
+        gpu = self._free_gpus.pop(0) if self.gpus else None
+        handle = _Thread(gpu, self._release)
+        env = self.stage_env(gpu)
+
+        def work() -> None:
+            try:
+                handle.status = run_stage(self.runs, node, self.kernel, self.progress, force, env)
+            except Exception:  # noqa: BLE001 — outside the notebook (lock, disk): no record, reported here
+                log.exception("stage %s failed outside its notebook", node.id)
+                handle.status = FAILED
+
+        threading.Thread(target=work, name=f"stage-{node.id}", daemon=True).start()
+        return handle
 
     def close(self) -> None:
         pass

@@ -6,9 +6,6 @@ runs only under its lock (``runs/.locks/<id>.lock``, an ``flock`` the kernel rel
 process dies, also on SIGKILL), so two runners or two jobs never run the same stage at once;
 its record ``runs/<id>/metrics.json`` is written last and atomically, so a killed stage never
 counts as finished.
-
-``python -m ptqlib.stage <spec.json>`` runs one stage from a spec written by
-:func:`write_spec` (what local worker processes execute).
 """
 from __future__ import annotations
 
@@ -18,12 +15,11 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,23 +79,25 @@ def finished(runs: Path, sid: str) -> bool:
 
 # ---- running one stage -------------------------------------------------------------------------
 def run_stage(runs: str | Path, node: "StageNode", kernel: str | None = None, progress: bool = False,
-              force: bool = False) -> str:
+              force: bool = False, env: dict | None = None) -> str:
     """Run ``node`` under its lock; returns OK, FAILED, BUSY (running elsewhere, nothing done) or
-    DONE_ELSEWHERE (finished by another runner meanwhile; not re-run unless ``force``)."""
+    DONE_ELSEWHERE (finished by another runner meanwhile; not re-run unless ``force``).
+    ``env``: variables set for the stage's kernel only (its GPU, its thread count)."""
     runs = Path(runs)
     with stage_lock(runs, node.id) as got:
         if not got:
             return BUSY
         if not force and finished(runs, node.id):
             return DONE_ELSEWHERE
-        return OK if execute(runs, node, kernel, progress) else FAILED
+        return OK if execute(runs, node, kernel, progress, env) else FAILED
 
 
 def input_ref(runs: Path, node: "StageNode") -> str:
     return str((Path(runs) / node.input_id).resolve()) if node.input_id else node.model
 
 
-def execute(runs: Path, node: "StageNode", kernel: str | None = None, progress: bool = False) -> bool:
+def execute(runs: Path, node: "StageNode", kernel: str | None = None, progress: bool = False,
+            env: dict | None = None) -> bool:
     """The stage's notebook through papermill, then its page and (last, atomically) its record.
     The caller holds the stage's lock."""
     import papermill as pm
@@ -117,7 +115,7 @@ def execute(runs: Path, node: "StageNode", kernel: str | None = None, progress: 
             pm.execute_notebook(
                 str(ROOT / "notebooks" / NOTEBOOKS[node.kind]), str(out / "notebook.ipynb"), parameters=params,
                 kernel_name=kernel_name(kernel), progress_bar=False, cwd=str(out), log_output=False,
-                **kernel_manager_kwargs(),
+                **kernel_manager_kwargs(env),
             )
     except Exception as e:  # noqa: BLE001 — any failure of a stage is recorded, never fatal to the study
         error = {"type": type(e).__name__, "message": short_error(e), "traceback": traceback.format_exc()[-4000:]}
@@ -183,29 +181,6 @@ def render_html(out: Path, name: str = "report.html", exclude_input: bool = Fals
         log.warning("could not render %s: %s", nb_path, e)
 
 
-# ---- worker entry point (local worker processes) ------------------------------------------------
-def write_spec(path: Path, runs: Path, node: "StageNode", kernel: str | None, progress: bool, force: bool) -> Path:
-    write_json_atomic(path, {"runs": str(Path(runs).resolve()), "node": asdict(node), "kernel": kernel,
-                             "progress": progress, "force": force})
-    return path
-
-
-def run_spec(path: str | Path) -> str:
-    from ptqlib.runner import StageNode
-
-    spec = json.loads(Path(path).read_text())
-    return run_stage(spec["runs"], StageNode(**spec["node"]), spec["kernel"], spec["progress"], spec["force"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit 0: ok or done elsewhere; 1: failed; 3: busy (running elsewhere)."""
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    logging.getLogger("papermill").setLevel(logging.WARNING)
-    status = run_spec(argv[0])
-    return {OK: 0, DONE_ELSEWHERE: 0, FAILED: 1, BUSY: 3}[status]
-
-
 def short_error(e: Exception) -> str:
     msg = str(e).strip().splitlines()
     # papermill's error text starts with a banner; the informative line is the exception's
@@ -220,12 +195,15 @@ class _NoAltTextWarning(logging.Filter):
         return "Alternative text is missing" not in record.getMessage()
 
 
-def kernel_manager_kwargs() -> dict:
+def kernel_manager_kwargs(env: dict | None = None) -> dict:
     """Stage kernels talk to the runner over Unix sockets, not TCP: local only, no ports to open,
-    and nothing for ipykernel to warn about ("running over TCP without encryption")."""
+    and nothing for ipykernel to warn about ("running over TCP without encryption"). ``env`` is
+    added to the kernel's environment (per stage, so concurrent stages need not share one)."""
     if os.name == "nt":
         return {}
     from jupyter_client import AsyncKernelManager
+
+    extra = dict(env or {})
 
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kw):
@@ -233,10 +211,11 @@ def kernel_manager_kwargs() -> dict:
             super().__init__(transport="ipc", ip=path, **kw)
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw["env"] = {**(kw.get("env") or os.environ), **extra}
             # a fork of the pre-loaded zygote when there is one (ptqlib.kernels), else a new interpreter
             from ptqlib import kernels
 
-            pid = kernels.spawn(list(kernel_cmd), dict(kw.get("env") or os.environ), kw.get("cwd"))
+            pid = kernels.spawn(list(kernel_cmd), kw["env"], kw.get("cwd"))
             if pid is None:
                 return await super()._async_launch_kernel(kernel_cmd, **kw)
             prov = self.provisioner
@@ -252,24 +231,34 @@ def kernel_manager_kwargs() -> dict:
 _STAGE_WARNINGS = ("ignore:IProgress not found", "ignore:`is_gradient_checkpointing` is deprecated")
 
 
+_ENV_LOCK = threading.Lock()
+_ENV_DEPTH = [0, {}]  # active entries, saved values
+
+
 @contextlib.contextmanager
 def stage_environment(progress: bool):
-    """Environment the stage kernels inherit: quiet library progress bars unless asked for."""
+    """Environment the stage kernels inherit: quiet library progress bars unless asked for.
+
+    Re-entrant and thread-safe (stages running in threads of one runner share it): the first
+    entry sets the variables, the last exit restores them."""
     keys = ("PYTHONWARNINGS", "HF_HUB_DISABLE_PROGRESS_BARS")
-    saved = {k: os.environ.get(k) for k in keys}
-    warnings = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
-    os.environ["PYTHONWARNINGS"] = ",".join(warnings + list(_STAGE_WARNINGS))
-    if not progress:
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # "Loading weights", "Writing model shards"
+    with _ENV_LOCK:
+        if _ENV_DEPTH[0] == 0:
+            _ENV_DEPTH[1] = {k: os.environ.get(k) for k in keys}
+            warnings = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+            os.environ["PYTHONWARNINGS"] = ",".join(warnings + list(_STAGE_WARNINGS))
+            if not progress:
+                os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # "Loading weights", "Writing model shards"
+        _ENV_DEPTH[0] += 1
     try:
         yield
     finally:
-        for k, v in saved.items():  # only what this set: other changes to the environment stay
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        with _ENV_LOCK:
+            _ENV_DEPTH[0] -= 1
+            if _ENV_DEPTH[0] == 0:
+                for k, v in _ENV_DEPTH[1].items():  # only what this set: other changes to the environment stay
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -32,3 +32,13 @@ def test_tensor_bytes_counts_tied_weights_once_and_16bit_floats():
     n = sum(p.numel() for p in model.parameters())  # parameters() already yields tied weights once
     assert artifacts.tensor_bytes(model) >= 4 * n
     assert artifacts.tensor_bytes(model, float_bytes=2) < artifacts.tensor_bytes(model)
+
+
+def test_nf4_size_is_the_same_every_time():
+    """tensor_bytes must not depend on which addresses freed temporaries leave for the next ones."""
+    from ptqlib import artifacts
+    from ptqlib.ptq import quantize
+
+    model, _, _ = quantize("tiny", {"method": "nf4", "double_quant": True, "blocksize": 64}, None)
+    sizes = {artifacts.tensor_bytes(model, float_bytes=2) for _ in range(8)}
+    assert len(sizes) == 1, sizes

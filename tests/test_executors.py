@@ -30,31 +30,45 @@ def test_make_executor_choices(tmp_path):
 
 
 def test_each_running_stage_gets_its_own_gpu_and_a_share_of_the_threads(tmp_path, monkeypatch):
+    import threading
+
     r = _runner(tmp_path)
-    launched = []
+    started, release, results = [], {}, {}
 
-    class FakePopen:
-        def __init__(self, cmd, env, **kw):
-            self.pid, self.env, self.rc = 1000 + len(launched), env, None
-            launched.append(self)
+    def fake_run_stage(runs, node, kernel, progress, force, env):
+        started.append((node.id, env))
+        release[node.id] = threading.Event()
+        release[node.id].wait(10)
+        return results.get(node.id, "ok")
 
-        def poll(self):
-            return self.rc
-
-    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    monkeypatch.setattr("ptqlib.executors.run_stage", fake_run_stage)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     ex = LocalExecutor(tmp_path / "runs", jobs=2, gpus=["3", "5"])
     nodes = list(r.nodes.values())
     h1, h2 = ex.submit(nodes[0]), ex.submit(nodes[1])
-    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in launched] == ["3", "5"]
-    assert launched[0].env["OMP_NUM_THREADS"] == "4"  # 8 cores / 2 jobs
+    _wait(lambda: len(started) == 2)
+    envs = dict(started)
+    assert [envs[n.id]["CUDA_VISIBLE_DEVICES"] for n in nodes[:2]] == ["3", "5"]
+    assert envs[nodes[0].id]["OMP_NUM_THREADS"] == "4"  # 8 cores / 2 jobs, in the stage's own environment
     assert h1.poll() is None
-    launched[0].rc = 0
-    assert h1.poll() == "ok"
+    release[nodes[0].id].set()
+    _wait(lambda: h1.poll() == "ok")
     h3 = ex.submit(nodes[2])  # the freed GPU goes to the next stage
-    assert launched[2].env["CUDA_VISIBLE_DEVICES"] == "3"
-    launched[1].rc, launched[2].rc = 3, -9
-    assert h2.poll() == "busy" and h3.poll() == "failed"  # 3: another runner has it; killed: failed
+    _wait(lambda: len(started) == 3)
+    assert started[2][1]["CUDA_VISIBLE_DEVICES"] == "3"
+    results[nodes[1].id] = "busy"
+    release[nodes[1].id].set()
+    release[nodes[2].id].set()
+    _wait(lambda: h2.poll() == "busy" and h3.poll() == "ok")
+
+
+def _wait(cond, timeout=10.0):
+    import time
+
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.01)
 
 
 def test_submitit_parameters_from_the_executor_section(tmp_path):

@@ -11,17 +11,19 @@ from ptqlib.stage import kernel_manager_kwargs
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir("/proc"), reason="Linux /proc")]
 
 
-def _run(tmp_path, name):
+def _run(tmp_path, name, env=None):
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("import os, sys\nprint('torch' in sys.modules, os.getppid(), os.getpid())"),
+    nb.cells = [nbformat.v4.new_code_cell("import os, sys\nprint('torch' in sys.modules, os.getppid(), os.getpid(), "
+                                          "os.environ.get('PTQLIB_PROBE'))"),
                 nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     src = tmp_path / f"{name}.ipynb"
     nbformat.write(nb, src)
     out = pm.execute_notebook(str(src), str(tmp_path / f"{name}.out.ipynb"), kernel_name="python3",
-                              progress_bar=False, **kernel_manager_kwargs())
+                              progress_bar=False, **kernel_manager_kwargs(env))
     text = out.cells[0].outputs[0]["text"].split()
     images = sum("image/png" in o.get("data", {}) for o in out.cells[1].outputs)
+    assert text[3] == (env or {}).get("PTQLIB_PROBE", "None")  # the stage's own environment reached its kernel
     return text[0] == "True", int(text[1]), int(text[2]), images
 
 
@@ -32,7 +34,7 @@ def test_kernels_fork_from_the_zygote_and_keep_the_inline_backend(tmp_path, monk
         preloaded, parent, pid, images = _run(tmp_path, "a")
         assert preloaded and parent == z.proc.pid  # a fork of the zygote, torch already imported
         assert images == 1  # figures still reach the notebook (matplotlib is not pre-imported)
-        preloaded2, parent2, pid2, _ = _run(tmp_path, "b")
+        preloaded2, parent2, pid2, _ = _run(tmp_path, "b", env={"PTQLIB_PROBE": "42"})
         assert parent2 == z.proc.pid and pid2 != pid  # one process per kernel
     finally:
         z.close()
@@ -41,6 +43,6 @@ def test_kernels_fork_from_the_zygote_and_keep_the_inline_backend(tmp_path, monk
 
 def test_without_a_zygote_kernels_start_normally(tmp_path, monkeypatch):
     monkeypatch.setenv(kernels.ENV, str(tmp_path / "no-such.sock"))
-    preloaded, parent, _, images = _run(tmp_path, "c")
+    preloaded, parent, _, images = _run(tmp_path, "c", env={"PTQLIB_PROBE": "7"})
     assert not preloaded and parent == os.getpid()  # a new interpreter started by us, nothing pre-imported
     assert images == 1
