@@ -171,7 +171,8 @@ def _child(req: dict) -> None:
         import warnings
 
         warnings.resetwarnings()  # as a new interpreter would set them up from PYTHONWARNINGS
-        for opt in filter(None, os.environ.get("PYTHONWARNINGS", "").split(",")):
+        sys.warnoptions[:] = [o for o in os.environ.get("PYTHONWARNINGS", "").split(",") if o]
+        for opt in sys.warnoptions:
             try:
                 warnings._setoption(opt)  # type: ignore[attr-defined]
             except warnings._OptionError:  # type: ignore[attr-defined]

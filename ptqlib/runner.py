@@ -24,7 +24,7 @@ from ptqlib import report
 from ptqlib.config import Pipeline, Study, id_params
 from ptqlib.record import RECORD, read_json
 from ptqlib.stage import BUSY, DONE_ELSEWHERE, OK, kernel_name, render_html, stage_busy
-from ptqlib.stage import kernel_manager_kwargs, stage_environment  # noqa: F401 (the runner's public names before the split)
+from ptqlib.stage import kernel_manager_kwargs, stage_environment  # noqa: F401 (kernel_manager_kwargs: the runner's name before the split)
 
 log = logging.getLogger("ptqlib.runner")
 
@@ -157,13 +157,14 @@ class Runner:
         self.runs.mkdir(parents=True, exist_ok=True)
         executor = executor or InlineExecutor(self.runs, self.kernel, progress)
         # stage kernels fork from one pre-loaded process (local runs; a cluster job has its own)
-        zygote = kernels.start() if getattr(executor, "local", True) and self.to_run(self.plan(only), force) else None
-        try:
-            return self._run(only, force, executor)
-        finally:
-            executor.close()
-            if zygote is not None:
-                zygote.close()
+        with stage_environment(progress):  # the zygote's imports see the stages' environment
+            zygote = kernels.start() if getattr(executor, "local", True) and self.to_run(self.plan(only), force) else None
+            try:
+                return self._run(only, force, executor)
+            finally:
+                executor.close()
+                if zygote is not None:
+                    zygote.close()
 
     def _run(self, only, force, executor) -> int:
         plan = self.plan(only)
