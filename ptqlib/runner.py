@@ -23,7 +23,7 @@ from pathlib import Path
 from ptqlib import report
 from ptqlib.config import Pipeline, Study, id_params
 from ptqlib.record import RECORD, read_json
-from ptqlib.stage import BUSY, DONE_ELSEWHERE, OK, kernel_name, render_html, stage_busy
+from ptqlib.stage import BUSY, DONE_ELSEWHERE, OK, fresh, kernel_name, render_html, stage_busy
 from ptqlib.stage import kernel_manager_kwargs, stage_environment  # noqa: F401 (kernel_manager_kwargs: the runner's name before the split)
 
 log = logging.getLogger("ptqlib.runner")
@@ -212,7 +212,7 @@ class Runner:
                 if stage_busy(self.runs, sid):
                     continue
                 elsewhere.discard(sid)
-                if self.finished(sid):  # the other runner finished it
+                if fresh(self.runs, self.nodes[sid]):  # the other runner finished it (from the current input)
                     status[sid] = "ok"
                     progress_line.done(sid, True, by_other=True)
                 else:  # the other runner died or failed it: run it here

@@ -77,17 +77,30 @@ def finished(runs: Path, sid: str) -> bool:
     return bool(rec and rec.get("status") == "ok")
 
 
+def fresh(runs: Path, node: "StageNode") -> bool:
+    """Finished, and from its input as it is now: started after the input's record was written
+    (a stage whose input was re-run holds a result of the old input)."""
+    rec = read_json(Path(runs) / node.id / RECORD)
+    if not (rec and rec.get("status") == "ok"):
+        return False
+    if node.input_id is None:
+        return True
+    inp = read_json(Path(runs) / node.input_id / RECORD) or {}
+    return rec.get("timings", {}).get("started", 0) >= inp.get("timings", {}).get("finished", float("inf"))
+
+
 # ---- running one stage -------------------------------------------------------------------------
 def run_stage(runs: str | Path, node: "StageNode", kernel: str | None = None, progress: bool = False,
               force: bool = False, env: dict | None = None) -> str:
     """Run ``node`` under its lock; returns OK, FAILED, BUSY (running elsewhere, nothing done) or
-    DONE_ELSEWHERE (finished by another runner meanwhile; not re-run unless ``force``).
+    DONE_ELSEWHERE (finished from its current input by another runner meanwhile; not re-run
+    unless ``force``).
     ``env``: variables set for the stage's kernel only (its GPU, its thread count)."""
     runs = Path(runs)
     with stage_lock(runs, node.id) as got:
         if not got:
             return BUSY
-        if not force and finished(runs, node.id):
+        if not force and fresh(runs, node):
             return DONE_ELSEWHERE
         return OK if execute(runs, node, kernel, progress, env) else FAILED
 

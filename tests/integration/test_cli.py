@@ -109,13 +109,13 @@ def test_smoke_study_produces_metrics_and_pages(smoke):
 
 def test_rerun_does_no_work(smoke):
     work, _, _ = smoke
-    before = {d.name: (d / "metrics.json").stat().st_mtime_ns for d in (work / "runs").iterdir() if d.is_dir()}
+    before = {d.name: (d / "metrics.json").stat().st_mtime_ns for d in (work / "runs").iterdir() if (d / "metrics.json").exists()}
     t0 = time.time()
     p = cli("run", str(ROOT / "parameters/smoke.yaml"), "--runs", str(work / "runs"), "--reports",
             str(work / "reports"), cwd=work)
     assert time.time() - t0 < 30
     assert f"0 ran, {N_STAGES} cached" in p.stderr and "analysis up to date" in p.stderr
-    after = {d.name: (d / "metrics.json").stat().st_mtime_ns for d in (work / "runs").iterdir() if d.is_dir()}
+    after = {d.name: (d / "metrics.json").stat().st_mtime_ns for d in (work / "runs").iterdir() if (d / "metrics.json").exists()}
     assert before == after
 
 
