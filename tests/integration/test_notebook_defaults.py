@@ -2,7 +2,7 @@
 import papermill as pm
 import pytest
 
-from ptqlib.runner import ROOT
+from ptqlib.stage import ROOT
 
 pytestmark = pytest.mark.slow
 
