@@ -182,7 +182,8 @@ def _child(req: dict) -> None:
         threads = os.environ.get("OMP_NUM_THREADS")
         if threads and threads.isdigit():
             torch.set_num_threads(int(threads))
-        sys.argv = ["ipykernel_launcher", *req["argv"]]
+        # exit with the zygote (ipykernel's parent poller), which exits with its runner (serve)
+        sys.argv = ["ipykernel_launcher", *req["argv"], f"--IPKernelApp.parent_handle={os.getppid()}"]
         from ipykernel import kernelapp
 
         kernelapp.launch_new_instance()
@@ -204,13 +205,22 @@ def serve(path: str) -> None:
     if torch is not None and torch.cuda.is_initialized():
         return  # a forked child cannot use CUDA set up here: no zygote (kernels start normally)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # kernels are reaped by the OS as they exit
+    runner = os.getppid()
     tmp = path + ".tmp"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
         srv.bind(tmp)
         srv.listen(16)
+        srv.settimeout(1.0)
         os.replace(tmp, path)  # the socket appears only once the imports are done
         while True:
-            conn, _ = srv.accept()
+            if os.getppid() != runner:  # the runner died (even by SIGKILL): so do we, and then our kernels
+                Path(path).unlink(missing_ok=True)
+                return
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                continue
+            conn.settimeout(None)
             with conn:
                 try:
                     req = json.loads(conn.makefile().readline())

@@ -146,7 +146,7 @@ def analyse(runner: "Runner", force: bool = False) -> Path | None:
                 str(ROOT / "notebooks" / ANALYSE), str(work / "notebook.ipynb"),
                 parameters={"study_dir": str(runner.reports.resolve()), "study": runner.study.name,
                             "description": runner.study.description},
-                kernel_name=runner.kernel_name(), progress_bar=False, cwd=str(work), **kernel_manager_kwargs(),
+                kernel_name=runner.kernel_name(), progress_bar=False, **kernel_manager_kwargs(cwd=work.resolve()),
             )
     except Exception as e:  # noqa: BLE001
         log.error("analysis failed: %s (see %s)", short_error(e), work / "notebook.ipynb")

@@ -115,7 +115,7 @@ def execute(runs: Path, node: "StageNode", kernel: str | None = None, progress: 
     The caller holds the stage's lock."""
     import papermill as pm
 
-    out = Path(runs) / node.id
+    out = (Path(runs) / node.id).resolve()  # absolute: nothing here may depend on the process's cwd
     if out.exists():  # an unfinished (killed / failed / forced) earlier attempt
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -127,8 +127,10 @@ def execute(runs: Path, node: "StageNode", kernel: str | None = None, progress: 
         with stage_environment(progress):
             pm.execute_notebook(
                 str(ROOT / "notebooks" / NOTEBOOKS[node.kind]), str(out / "notebook.ipynb"), parameters=params,
-                kernel_name=kernel_name(kernel), progress_bar=False, cwd=str(out), log_output=False,
-                **kernel_manager_kwargs(env),
+                # no cwd= here: papermill would os.chdir the whole process, under the other stages'
+                # threads; the kernel gets its working directory from the kernel manager instead
+                kernel_name=kernel_name(kernel), progress_bar=False, log_output=False,
+                **kernel_manager_kwargs(env, cwd=out),
             )
     except Exception as e:  # noqa: BLE001 — any failure of a stage is recorded, never fatal to the study
         error = {"type": type(e).__name__, "message": short_error(e), "traceback": traceback.format_exc()[-4000:]}
@@ -208,10 +210,11 @@ class _NoAltTextWarning(logging.Filter):
         return "Alternative text is missing" not in record.getMessage()
 
 
-def kernel_manager_kwargs(env: dict | None = None) -> dict:
+def kernel_manager_kwargs(env: dict | None = None, cwd: str | Path | None = None) -> dict:
     """Stage kernels talk to the runner over Unix sockets, not TCP: local only, no ports to open,
     and nothing for ipykernel to warn about ("running over TCP without encryption"). ``env`` is
-    added to the kernel's environment (per stage, so concurrent stages need not share one)."""
+    added to the kernel's environment and ``cwd`` is its working directory (per stage, so
+    concurrent stages share neither)."""
     if os.name == "nt":
         return {}
     from jupyter_client import AsyncKernelManager
@@ -225,6 +228,8 @@ def kernel_manager_kwargs(env: dict | None = None) -> dict:
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             kw["env"] = {**(kw.get("env") or os.environ), **extra}
+            if cwd is not None:
+                kw["cwd"] = str(cwd)
             # a fork of the pre-loaded zygote when there is one (ptqlib.kernels), else a new interpreter
             from ptqlib import kernels
 

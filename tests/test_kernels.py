@@ -46,3 +46,25 @@ def test_without_a_zygote_kernels_start_normally(tmp_path, monkeypatch):
     preloaded, parent, _, images = _run(tmp_path, "c", env={"PTQLIB_PROBE": "7"})
     assert not preloaded and parent == os.getpid()  # a new interpreter started by us, nothing pre-imported
     assert images == 1
+
+
+def test_the_zygote_dies_with_its_runner(tmp_path):
+    """A runner killed by SIGKILL leaves no zygote behind (and so no kernels: they exit with it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    runner = subprocess.Popen([sys.executable, "-c", "import time\nfrom ptqlib import kernels\nz = kernels.start()\n"
+                               "print(z.proc.pid, z.path, flush=True)\ntime.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, kernels.ENV: ""})
+    pid, path = runner.stdout.readline().split()
+    deadline = time.time() + 90
+    while not os.path.exists(path):  # ready (imports done)
+        assert time.time() < deadline, "zygote never became ready"
+        time.sleep(0.2)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] != "Z":
+        assert time.time() < deadline, "the zygote outlived its runner"
+        time.sleep(0.2)

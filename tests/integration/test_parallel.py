@@ -36,8 +36,10 @@ def env():
 
 
 def run(work: Path, *args, check=True):
-    p = subprocess.run([sys.executable, "-m", "ptqlib", "run", str(work / "mini.yaml"), "--runs", str(work / "runs"),
-                        "--reports", str(work / "reports"), *args], cwd=work, env=env(), capture_output=True,
+    # relative --runs / --reports, as users type them: nothing may depend on the process's cwd
+    # (papermill's cwd= would os.chdir the whole runner under the other stages' threads)
+    p = subprocess.run([sys.executable, "-m", "ptqlib", "run", "mini.yaml", "--runs", "runs",
+                        "--reports", "reports", *args], cwd=work, env=env(), capture_output=True,
                        text=True, timeout=900)
     if check and p.returncode:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-4000:]}")
