@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from ptqlib.errors import ConfigError
-from ptqlib.quant.grid import SUPPORTED_BITS
+from ptqlib.quant.grid import GROUP_GRIDS, SUPPORTED_BITS, SYM_GRIDS
 
 QUANT_BITS = {"rtn": SUPPORTED_BITS, "gptq": SUPPORTED_BITS, "nf4": (4,), "fp4": (4,)}
 FT_METHODS = ("full", "lora", "qlora", "l4q", "qat_lora", "qblora", "qalora", "qablora")
@@ -91,8 +91,8 @@ class QuantizeParams:
         _positive("calib_samples", self.calib_samples)
         _positive("calib_seq_len", self.calib_seq_len)
         _positive("block_size", self.block_size)
-        _choice("sym_grid", self.sym_grid, ("full", "max"))
-        _choice("group_grid", self.group_grid, ("lazy", "updated"))
+        _choice("sym_grid", self.sym_grid, SYM_GRIDS)
+        _choice("group_grid", self.group_grid, GROUP_GRIDS)
         if not 0 < self.damp < 1:
             raise ConfigError(f"damp: {self.damp!r} must be in (0, 1)")
 

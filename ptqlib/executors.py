@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ptqlib.record import read_json, write_json_atomic
-from ptqlib.stage import FAILED, OK, run_stage
+from ptqlib.stage import FAILED, OK, finished, run_stage
 
 log = logging.getLogger("ptqlib.executors")
 
@@ -180,8 +180,7 @@ class _Job(Handle):
         except Exception as e:  # noqa: BLE001 — a crashed / cancelled job: the record decides
             log.error("job %s of stage %s ended without a result: %s", self.job.job_id, self.sid,
                       str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
-            rec = read_json(Path(self.runs) / self.sid / "metrics.json")
-            return OK if rec and rec.get("status") == "ok" else FAILED
+            return OK if finished(self.runs, self.sid) else FAILED
 
 
 class SubmititExecutor:

@@ -23,7 +23,7 @@ from pathlib import Path
 from ptqlib import report
 from ptqlib.config import Pipeline, Study, id_params
 from ptqlib.record import RECORD, read_json
-from ptqlib.stage import BUSY, DONE_ELSEWHERE, OK, fresh, kernel_name, render_html, stage_busy
+from ptqlib.stage import BUSY, DONE_ELSEWHERE, OK, finished, fresh, kernel_name, render_html, stage_busy
 from ptqlib.stage import kernel_manager_kwargs, stage_environment  # noqa: F401 (kernel_manager_kwargs: the runner's name before the split)
 
 log = logging.getLogger("ptqlib.runner")
@@ -95,8 +95,7 @@ class Runner:
         return read_json(self.runs / sid / RECORD)
 
     def finished(self, sid: str) -> bool:
-        rec = self.record(sid)
-        return bool(rec and rec.get("status") == "ok")
+        return finished(self.runs, sid)
 
     def selected(self, only: list[str] | None) -> list[Pipeline]:
         pls = self.study.pipelines

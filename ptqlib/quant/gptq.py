@@ -31,12 +31,11 @@ from tqdm.auto import tqdm
 
 from .layers import find_linear_layers, get_decoder_layers, set_module
 from .rtn import QUANT_INFO_ATTR, quantlinear_from_linear
+from .grid import GROUP_GRIDS
 from .uniform import check_bits, dequantize, find_params, n_groups, quantize, rtn_quantize
 
 # true-sequential order inside a Llama/Qwen2/Mistral decoder layer: each group is quantized
 # after the previous ones, and sees their *quantized* outputs as its inputs
-GROUP_GRIDS = ("lazy", "updated")  # see the module docstring
-
 TRUE_SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),

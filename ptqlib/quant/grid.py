@@ -11,6 +11,8 @@ uniform quantizers (RTN, GPTQ), ``QuantLinear``, L4Q / QAT-LoRA and the QA-(B)Lo
 from __future__ import annotations
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+SYM_GRIDS = ("full", "max")  # symmetric scale: 2 max|w| / (2^b - 1) (the GPTQ reference) | max|w| / (2^(b-1) - 1)
+GROUP_GRIDS = ("lazy", "updated")  # where GPTQ takes a group's grid from (ptqlib.quant.gptq)
 
 
 def check_bits(bits: int) -> None:
