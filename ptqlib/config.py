@@ -198,6 +198,18 @@ class EvaluateParams:
             raise ConfigError(f"task_samples: {self.task_samples!r} must be an integer >= 0")
 
 
+def from_namespace(cls, ns: dict):
+    """A stage notebook's parameters as the validated ``cls``: every field read from ``ns`` (the
+    notebook's globals, where papermill injected them). One call instead of each notebook listing the
+    fields again: a listed copy once dropped ``sym_grid`` / ``group_grid``, so a study's value was
+    silently replaced by the default."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in ns]
+    if missing:
+        raise ConfigError(f"{cls.__name__}: the notebook defines no {', '.join(missing)} (add them to its parameters cell)")
+    return cls(**{n: copy.deepcopy(ns[n]) for n in names})
+
+
 # Keys added after studies were cached, at the value that computes what they computed before:
 # left out of the stage id (runner.stage_id), so adding them invalidated no cache. The quantize
 # grid rules' old values are the rules GPTQ / RTN used before (their new defaults change the id);

@@ -32,3 +32,40 @@ def test_every_notebook_has_a_tagged_parameters_cell_and_no_outputs():
         assert len(tagged) == 1, path
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path} has outputs"
         assert nb.metadata["kernelspec"]["name"] == "ptqlib"
+
+
+# a valid value other than the default for every field: the set-up cell must pass each one on
+NON_DEFAULT = {
+    QuantizeParams: dict(method="gptq", bits=3, group_size=32, sym=True, sym_grid="max", group_grid="updated",
+                         double_quant=False, blocksize=128, act_order=True, static_groups=False,
+                         true_sequential=False, damp=0.05, block_size=64, calib_samples=8, calib_seq_len=64,
+                         calib_seed=3),
+    FinetuneParams: dict(method="qat_lora", steps=3, lr=1e-3, warmup_ratio=0.2, weight_decay=0.1, batch_size=2,
+                         grad_accum=2, max_length=64, train_samples=8, rank=4, alpha=8.0, dropout=0.1,
+                         target_modules=["q_proj"], merge=False, bits=3, group_size=32, pool=2, repeat=2),
+    EvaluateParams: dict(ppl_samples=4, ppl_seq_len=64, ppl_sources=["stdlib"], task_samples=3, max_new_tokens=8,
+                         batch_size=2, lm_eval_tasks=["arc_easy"], lm_eval_fewshot=0, lm_eval_limit=5,
+                         lm_eval_include="", runtime="torch", gguf_type="auto", gguf_lossy=False,
+                         speed_prompts=1, speed_tokens=8),
+}
+
+
+@pytest.mark.parametrize("name, cls", [("01_quantize", QuantizeParams), ("02_finetune", FinetuneParams),
+                                       ("03_evaluate", EvaluateParams)])
+def test_setup_cell_passes_every_parameter_on(name, cls, tmp_path):
+    """The injected values reach the stage's params (a notebook once dropped two quantize keys)."""
+    given = NON_DEFAULT[cls]
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    assert set(given) == set(defaults), "NON_DEFAULT must give every field"
+    same = [k for k, v in given.items() if v == defaults[k] and k not in ("lm_eval_include", "runtime", "gguf_type",
+                                                                           "gguf_lossy", "merge")]
+    assert not same, f"not different from the default: {same}"
+    nb = nbformat.read(NB / f"{name}.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    ns: dict = {}
+    exec(code[0].source, ns)  # the parameters cell (its defaults)
+    ns.update(given, output_dir=str(tmp_path / "out"))
+    setup = code[1].source.split("\nout = Path(output_dir)")[0]  # imports and p = ..., not the model loading
+    exec(setup, ns)
+    assert {k: ns["p"][k] for k in given} == given
