@@ -88,11 +88,51 @@ def _state_bytes(model, skip_ids: set[int] = frozenset()) -> int:
     return total
 
 
+# ---- the NF4 base, built from the model in memory ---------------------------------------------
+def replace_with_bnb_4bit(
+    model,
+    quant_type: str = "nf4",
+    compute_dtype=None,
+    compress_statistics: bool = True,
+    blocksize: int = 64,
+    target_modules=None,
+):
+    """Replace decoder-layer ``nn.Linear``s by ``bitsandbytes.nn.Linear4bit`` built from their
+    weights, in place (NF4 by default: Linear4bit itself defaults to FP4). Quantization happens
+    on the ``.to(device)`` of the new layer; bitsandbytes >= 0.46 runs it on CPU. (The benchmark's own
+    builder: it quantizes a model already in memory, where the library goes through transformers.)"""
+    import bitsandbytes as bnb
+    import torch
+    from torch import nn
+
+    from ptqlib.adapters.blora import target_layers
+    from ptqlib.quant.layers import set_module
+
+    compute_dtype = compute_dtype or torch.float32
+    names = [n for n, m in target_layers(model, target_modules).items() if type(m) is nn.Linear]  # not Linear4bit
+    with torch.no_grad():
+        for n in names:
+            lin = model.get_submodule(n)
+            dev = lin.weight.device
+            q = bnb.nn.Linear4bit(
+                lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
+                compress_statistics=compress_statistics, quant_type=quant_type, device="meta",
+            )
+            q.weight = bnb.nn.Params4bit(
+                lin.weight.data.detach().to("cpu", torch.float32).contiguous(), requires_grad=False,
+                quant_type=quant_type, compress_statistics=compress_statistics, blocksize=blocksize,
+            )
+            if lin.bias is not None:
+                q.bias = nn.Parameter(lin.bias.data.detach().clone().to("cpu"), requires_grad=False)
+            set_module(model, n, q.to(dev))
+    return model
+
+
 # ---- one method, in its own process -------------------------------------------------------------
 def _build(method: str, args):
     import torch
 
-    from ptqlib.adapters.blora import apply_adapter, replace_with_bnb_4bit
+    from ptqlib.adapters.blora import apply_adapter
     from ptqlib.models import load_model
     from ptqlib.quant import rtn_quantize_model
 

@@ -234,17 +234,12 @@ def check_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame 
     return pd.DataFrame([verdict(Claim(**c), results, units, n_boot, seed) for c in claims])
 
 
-# the settings a reader needs next to a number, per stage kind and method (results.csv columns)
-_SETTINGS = {
-    "full": ["lr", "steps", "batch_size"],
-    "lora": ["lr", "steps", "rank", "alpha"], "qlora": ["lr", "steps", "rank", "alpha"],
-    "l4q": ["bits", "group_size", "lr", "steps", "rank", "alpha"],
-    "qat_lora": ["bits", "group_size", "lr", "steps", "rank", "alpha"],
-    "qblora": ["lr", "steps", "rank", "alpha", "pool", "repeat"],
-    "qalora": ["group_size", "lr", "steps", "rank", "alpha"], "qablora": ["group_size", "lr", "steps", "rank", "alpha"],
-    "rtn": ["bits", "group_size", "sym"], "gptq": ["bits", "group_size", "sym", "act_order", "calib_samples", "calib_seq_len"],
-    "nf4": ["blocksize", "double_quant"], "fp4": ["blocksize", "double_quant"],
-}
+def _settings(method: str) -> tuple[str, ...]:
+    """The settings a reader needs next to a number (results.csv columns): the method's entry."""
+    from ptqlib.methods import finetune_methods, quantize_methods
+
+    entry = quantize_methods().get(method) or finetune_methods().get(method)
+    return entry.settings if entry else ()
 
 
 def _stage_prefixes(chain: str) -> list[str]:
@@ -271,7 +266,7 @@ def settings_table(results: pd.DataFrame) -> pd.DataFrame:
             if not isinstance(method, str):
                 continue
             kv = []
-            for k in _SETTINGS.get(method, []):
+            for k in _settings(method):
                 v = r.get(f"{pre}.{k}")
                 if v is not None and not (isinstance(v, float) and math.isnan(v)):
                     kv.append(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}")

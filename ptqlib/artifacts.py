@@ -1,15 +1,19 @@
 """Stage artifacts: what a stage leaves in ``runs/<id>/`` and how the next stage loads it.
 
-``artifact.json`` says what kind of model is there:
+``artifact.json`` says what kind of model is there. Two types are the library's own:
 
 - ``hf``     a float model (``model/``, transformers ``save_pretrained``);
-- ``bnb``    a bitsandbytes NF4/FP4 model (``model/``, transformers' 4-bit serialization);
 - ``quant``  a model with ``QuantLinear`` layers in the GPTQ checkpoint layout (``model/``);
-- ``peft``   a peft adapter (``adapter/``) on the artifact in ``base`` (a sibling run dir);
-- ``blora``  a ptqlib balanced / QA adapter (``adapter/``) on the artifact in ``base``;
-- ``qat_lora`` a QuantLinear model plus a separate 16-bit LoRA branch (``model/`` + ``adapter/``).
 
-A stage's input is either such a directory or a model name (the root of the pipeline).
+the others are registered by the method modules that write them (``ptqlib.methods``):
+
+- ``bnb``    a bitsandbytes NF4/FP4 model (``methods/bnb.py``);
+- ``peft``   a peft adapter (``adapter/``) on the artifact in ``base`` (``methods/lora.py``);
+- ``blora``  a ptqlib balanced / QA adapter on the artifact in ``base`` (``methods/blora.py``);
+- ``qat_lora`` a QuantLinear model plus a separate 16-bit LoRA branch (``methods/qat_lora.py``).
+
+A stage's input is either such a directory or a model name (the root of the pipeline); the
+artifact.json names it as ``input`` (a sibling run dir, relative, or the model name).
 """
 from __future__ import annotations
 
@@ -46,52 +50,59 @@ def base_of(ref: str | Path, info: dict) -> str:
 
 def is_quantized(ref: str | Path) -> bool:
     info = describe(ref)
-    if info["type"] in ("peft", "blora"):
-        return is_quantized(base_of(ref, info))
-    return info["type"] in ("bnb", "quant", "qat_lora")
+    if info["type"] in ("name", "hf"):
+        return False
+    if info["type"] == "quant":
+        return True
+    q = _artifact_type(ref, info).quantized
+    return is_quantized(base_of(ref, info)) if q == "base" else bool(q)
+
+
+def _artifact_type(ref, info: dict):
+    from ptqlib.methods import artifact_types
+
+    types = artifact_types()
+    if info["type"] not in types:
+        raise ValueError(f"{ref}: unknown artifact type {info['type']!r}; valid: name, hf, quant, {', '.join(types)}")
+    return types[info["type"]]
 
 
 def load(ref: str | Path, device: str | None = None):
     """(model, tokenizer, info) for any stage output or model name, in eval mode."""
-    from ptqlib.models import load_model, load_tokenizer
+    from ptqlib.models import load_model
 
     device = device or default_device()
     info = describe(ref)
-    kind = info["type"]
-    if kind == "name":
+    if info["type"] == "name":
         model, tok = load_model(info["name"], device=device)
-    elif kind in ("hf", "quant"):
+    elif info["type"] in ("hf", "quant"):  # load_model reads a QuantLinear checkpoint from its config.json
         model, tok = load_model(Path(ref) / info["path"], device=device)
-    elif kind == "bnb":
-        from transformers import AutoModelForCausalLM
-
-        path = Path(ref) / info["path"]
-        model = AutoModelForCausalLM.from_pretrained(path, device_map=device)
-        tok = load_tokenizer(path)
-    elif kind == "peft":
-        from ptqlib.adapters.lora_quantlinear import load_adapter
-
-        base, tok, _ = load(base_of(ref, info), device)
-        model = load_adapter(base, str(Path(ref) / info["adapter"]))  # works for float, bnb and QuantLinear bases
-    elif kind == "blora":
-        from ptqlib.adapters import blora
-
-        base, tok, _ = load(base_of(ref, info), device)
-        model = blora.load_adapters(base, Path(ref) / info["adapter"])
-    elif kind == "qat_lora":
-        from ptqlib.adapters import qat_lora
-
-        base, tok = load_model(Path(ref) / info["path"], device=device)
-        model = qat_lora.load_exported(base, Path(ref) / info["adapter"])
     else:
-        raise ValueError(f"{ref}: unknown artifact type {kind!r}")
+        model, tok = _artifact_type(ref, info).load(ref, info, device)
     model.eval()
     return model, tok, info
 
 
-def save(output_dir: str | Path, info: dict) -> None:
+def input_of(ref: str | Path) -> str:
+    """The input the stage at ``ref`` read: a run dir or a model name (artifact.json ``input``; for
+    artifacts written before it was recorded, the stage record's ``input``, a sibling's stage id)."""
+    info = describe(ref)
+    if "input" in info:
+        return base_of(ref, {"base": info["input"]})
+    record = read_json(Path(ref) / "metrics.json") or {}
+    rec = record.get("input") or record.get("model")  # no input id: the pipeline's model was the input
+    if rec is None:
+        raise ValueError(f"{ref}: its artifact.json does not say which input it was made from")
+    sibling = Path(ref).resolve().parent / rec
+    return str(sibling) if sibling.is_dir() else rec
+
+
+def save(output_dir: str | Path, info: dict, input_ref: str | Path | None = None) -> None:
+    """Write artifact.json (atomically); ``input_ref`` is recorded as ``input`` (see :func:`input_of`)."""
     from ptqlib.record import write_json_atomic
 
+    if input_ref is not None:
+        info = {**info, "input": base_ref(output_dir, input_ref)}
     write_json_atomic(Path(output_dir) / ARTIFACT, info)
 
 

@@ -36,15 +36,10 @@ from typing import Any
 import yaml
 
 from ptqlib.errors import ConfigError
-from ptqlib.quant.grid import GROUP_GRIDS, SUPPORTED_BITS, SYM_GRIDS
+from ptqlib.methods import finetune_methods, quantize_methods
+from ptqlib.quant.grid import GROUP_GRIDS, SYM_GRIDS
 
-QUANT_BITS = {"rtn": SUPPORTED_BITS, "gptq": SUPPORTED_BITS, "nf4": (4,), "fp4": (4,)}
-FT_METHODS = ("full", "lora", "qlora", "l4q", "qat_lora", "qblora", "qalora", "qablora")
-FT_NEEDS_QUANT_INPUT = ("qlora", "qblora", "qalora", "qablora")  # adapters on a frozen quantized base
-FT_NEEDS_FLOAT_INPUT = ("full", "lora", "l4q", "qat_lora")
-FT_BITS = SUPPORTED_BITS  # l4q / qat_lora
-GROUPED_FT = ("l4q", "qat_lora", "qalora", "qablora")  # fine-tuning methods with a quantization group
-DEFAULT_FT_GROUP = 64  # l4q / qat_lora when group_size is left at 0
+DEFAULT_FT_GROUP = 64  # the group of a method with its own grid (l4q, qat_lora) when group_size is left at 0
 
 
 def _choice(name: str, value: Any, valid) -> None:
@@ -61,7 +56,7 @@ def _positive(name: str, value: Any, kind=int) -> None:
 class QuantizeParams:
     """Post-training quantization of the input model (weights only)."""
 
-    method: str = "rtn"  # rtn | gptq | nf4 | fp4
+    method: str = "rtn"  # rtn | gptq | nf4 | fp4 (ptqlib.methods)
     bits: int = 4  # weight bits: rtn/gptq 2, 3, 4, 8; nf4/fp4 4
     group_size: int = 64  # rtn/gptq: input columns per scale/zero (-1 = whole row); must divide every layer's input size
     sym: bool = False  # rtn/gptq: symmetric grid (zero fixed at 2^(b-1))
@@ -79,11 +74,11 @@ class QuantizeParams:
     calib_seed: int = 0  # gptq: which windows
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, QUANT_BITS)
-        if self.bits not in QUANT_BITS[self.method]:
+        _choice("method", self.method, quantize_methods())
+        if self.bits not in quantize_methods()[self.method].bits:
             raise ConfigError(
                 f"bits: {self.bits!r} is not supported by method {self.method!r}; valid: "
-                + ", ".join(map(str, QUANT_BITS[self.method]))
+                + ", ".join(map(str, quantize_methods()[self.method].bits))
             )
         if self.group_size != -1:
             _positive("group_size", self.group_size)
@@ -101,7 +96,7 @@ class QuantizeParams:
 class FinetuneParams:
     """Training on the task's train split (loss on the answer only), with transformers Trainer."""
 
-    method: str = "lora"  # full | lora | qlora | l4q | qat_lora | qblora | qalora | qablora
+    method: str = "lora"  # full | lora | qlora | l4q | qat_lora | qblora | qalora | qablora | loftq (ptqlib.methods)
     steps: int = 40  # optimizer steps
     lr: float = 2e-4  # peak learning rate (cosine schedule)
     warmup_ratio: float = 0.1  # share of steps for linear warm-up
@@ -114,14 +109,15 @@ class FinetuneParams:
     alpha: float = 16.0  # adapter scale numerator (s = alpha / r)
     dropout: float = 0.0  # LoRA dropout
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # layers that get adapters
-    merge: bool = False  # lora/qlora: merge the adapter into (de-quantized) weights -> a float model
+    merge: bool = False  # lora/qlora/loftq: merge the adapter into (de-quantized) weights -> a float model
     bits: int = 4  # l4q/qat_lora: weight bits
     group_size: int = 0  # l4q/qat_lora: quantization group (0 = 64, -1 = whole row); qalora/qablora: as the quantized base (0 = take it from the base; another value is an error); other methods: leave 0
     pool: int = 0  # qblora/qablora: input pool factor (0 = the method's default)
     repeat: int = 0  # qblora/qablora: output repeat factor (0 = the method's default)
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, FT_METHODS)
+        _choice("method", self.method, finetune_methods())
+        m = finetune_methods()[self.method]
         for k in ("steps", "batch_size", "grad_accum", "max_length", "train_samples", "rank"):
             _positive(k, getattr(self, k))
         _positive("lr", self.lr, float)
@@ -130,19 +126,21 @@ class FinetuneParams:
             raise ConfigError(f"warmup_ratio: {self.warmup_ratio!r} must be in [0, 1)")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout: {self.dropout!r} must be in [0, 1)")
-        if self.method in ("l4q", "qat_lora"):
-            _choice("bits", self.bits, FT_BITS)
+        if m.bits:
+            _choice("bits", self.bits, m.bits)
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < -1:
             raise ConfigError(f"group_size: {self.group_size!r} must be -1, 0 (the method's default) or a positive integer")
-        if self.group_size and self.method not in GROUPED_FT:
+        if self.group_size and not m.group:
+            grouped = [n for n, e in finetune_methods().items() if e.group]
             raise ConfigError(f"group_size: {self.group_size!r} has no effect on method {self.method!r}; it applies to "
-                              f"{', '.join(GROUPED_FT)} only (leave it out)")
-        if self.method in ("l4q", "qat_lora") and self.group_size == 0:
+                              f"{', '.join(grouped)} only (leave it out)")
+        if m.group == "own" and self.group_size == 0:
             self.group_size = DEFAULT_FT_GROUP
         if not isinstance(self.target_modules, list) or not self.target_modules:
             raise ConfigError(f"target_modules: {self.target_modules!r} must be a non-empty list of layer names")
-        if self.merge and self.method not in ("lora", "qlora"):
-            raise ConfigError(f"merge: only lora and qlora adapters merge into a float model, not {self.method!r}")
+        if self.merge and not m.can_merge:
+            mergeable = [n for n, e in finetune_methods().items() if e.can_merge]
+            raise ConfigError(f"merge: only {', '.join(mergeable)} adapters merge into a float model, not {self.method!r}")
 
 
 RUNTIMES = ("torch", "llama.cpp")
@@ -478,50 +476,55 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
 
 def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, linear_input_sizes, model_config,
                     check_models: bool) -> None:
-    """Checks that need the whole chain: input kinds and layer sizes."""
-    quantized = False
-    base_group: int | None = None  # group size of the current model's uniform grid (rtn/gptq/l4q), None if none
+    """Checks that need the whole chain: what each method needs as input (``FinetuneMethod.needs``,
+    tracked through what the stages before it give) and layer sizes."""
+    ft = finetune_methods()
+    grid = None  # the current model's quantized grid: None (float), "uniform" (QuantLinear) or "bnb"
+    base_group: int | None = None  # group size of the current uniform grid
     adapter = None  # an unmerged adapter on the current model (name of its method)
     for i, st in enumerate(stages):
         p = st.params
         swhere = f"{where}[{i}].{st.kind}"
+        groups: list[int] = []
         if st.kind == "quantize":
             if adapter:
+                mergeable = ", ".join(n for n, e in ft.items() if e.can_merge)
                 raise ConfigError(f"{path}: {swhere}: its input carries an unmerged {adapter!r} adapter; "
-                                  "set merge: true on that finetune stage (lora, qlora) to quantize the merged model")
-            if quantized:
+                                  f"set merge: true on that finetune stage ({mergeable}) to quantize the merged model")
+            if grid:
                 raise ConfigError(f"{path}: {swhere}: the input is already quantized; add a merge (finetune with merge: true) first")
-            groups = [p["group_size"]] if p["method"] in ("rtn", "gptq") else []
-            base_group = p["group_size"] if p["method"] in ("rtn", "gptq") else None
-            quantized = True
+            grid = quantize_methods()[p["method"]].grid
+            base_group = p["group_size"] if grid == "uniform" else None
+            groups = [p["group_size"]] if grid == "uniform" else []
         elif st.kind == "finetune":
-            m = p["method"]
-            if m in FT_NEEDS_QUANT_INPUT and not quantized:
-                raise ConfigError(f"{path}: {swhere}.method: {m!r} trains adapters on a quantized model; put a quantize stage before it")
-            if m in FT_NEEDS_FLOAT_INPUT and quantized:
-                raise ConfigError(f"{path}: {swhere}.method: {m!r} needs a float model but its input is quantized; "
-                                  f"valid on a quantized input: {', '.join(FT_NEEDS_QUANT_INPUT)}")
-            if m in ("qalora", "qablora"):
-                # QA-*'s pooling is the base's quantization group (that is what makes the merge exact)
-                if base_group is None:
-                    raise ConfigError(f"{path}: {swhere}.method: {m!r} merges into a uniform (rtn / gptq) grid; "
-                                      "its input is not one (quantize with method rtn or gptq first)")
+            name, m = p["method"], ft[p["method"]]
+            if m.needs != "float" and not grid:
+                raise ConfigError(f"{path}: {swhere}.method: {name!r} trains adapters on a quantized model; put a quantize stage before it")
+            if m.needs == "float" and grid:
+                raise ConfigError(f"{path}: {swhere}.method: {name!r} needs a float model but its input is quantized; "
+                                  f"valid on a quantized input: {', '.join(n for n, e in ft.items() if e.needs != 'float')}")
+            if m.needs == "uniform" and grid != "uniform":
+                raise ConfigError(f"{path}: {swhere}.method: {name!r} merges into a uniform (rtn / gptq) grid; "
+                                  "its input is not one (quantize with method rtn or gptq first)")
+            if m.needs == "bnb" and grid != "bnb":
+                raise ConfigError(f"{path}: {swhere}.method: {name!r} needs a bitsandbytes 4-bit input; "
+                                  "its input is not one (quantize with method nf4 or fp4 first)")
+            if m.group == "base":
+                # pooling over the base's quantization groups is what makes the merge exact
                 if p["group_size"] not in (0, base_group):
                     raise ConfigError(f"{path}: {swhere}.group_size: {p['group_size']} differs from the quantized "
-                                      f"base's group_size {base_group}; {m} pools over the base's groups, so leave "
+                                      f"base's group_size {base_group}; {name} pools over the base's groups, so leave "
                                       f"group_size out or set it to {base_group}")
                 p["group_size"] = base_group  # resolved: the stage id and label carry the real value
-            groups = [p["group_size"]] if m in ("l4q", "qat_lora") else []
-            if m in ("l4q", "qat_lora"):
-                quantized = True
-                base_group = p["group_size"]
-            if p["merge"] or m in ("qalora", "qablora"):
-                quantized = m in ("qalora", "qablora")  # lora/qlora merge -> float; qa* merge -> low-bit
-                base_group = base_group if quantized else None
-            elif m in ("lora", "qlora", "qblora", "qat_lora"):
-                adapter = m
-        else:
-            groups = []
+            if m.group == "own":
+                groups = [p["group_size"]]
+            if m.gives == "float" or (m.gives == "adapter" and p["merge"]):
+                grid, base_group = None, None
+            elif m.gives == "quantized":
+                grid, base_group = "uniform", p["group_size"]
+                adapter = name if m.keeps_adapter else None
+            elif m.gives == "adapter":
+                adapter = name
         if check_models and groups:
             if model not in sizes_cache:
                 cfg = model_config(model)

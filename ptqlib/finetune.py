@@ -1,8 +1,9 @@
-"""Fine-tuning with transformers ``Trainer``: full, LoRA / QLoRA (peft), and ptqlib's adapters.
+"""The finetune stage: transformers ``Trainer`` around the registered method's ``prepare`` and ``save``.
 
-One entry point, :func:`prepare`, turns the input model into the trainable one for a method;
-:func:`train` runs ``Trainer`` on SFT features (loss on the answer only) and returns the loss
-history; :func:`save` writes the artifact the next stage loads (see ``ptqlib.artifacts``).
+:func:`prepare` turns the input model into the trainable one for a method (``ptqlib.methods``: full,
+lora / qlora, l4q, qat_lora, qblora / qalora / qablora, loftq); :func:`train` runs ``Trainer`` on SFT
+features (loss on the answer only) and returns the loss history; :func:`save` writes the artifact
+the next stage loads (see ``ptqlib.artifacts``).
 """
 from __future__ import annotations
 
@@ -18,9 +19,6 @@ from ptqlib import artifacts
 from ptqlib.data import collate
 from ptqlib.record import peak_rss_mb
 
-PEFT_METHODS = ("lora", "qlora")
-BLORA_METHODS = ("qblora", "qalora", "qablora")
-
 
 def count_trainable(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
@@ -28,50 +26,12 @@ def count_trainable(model) -> tuple[int, int]:
     return tr, sum(p.numel() for p in model.parameters())
 
 
-def prepare(model, method: str, p: dict):
-    """The trainable model for ``method`` (``p`` are the FinetuneParams as a dict)."""
-    if method == "full":
-        for prm in model.parameters():
-            prm.requires_grad_(True)
-        return model
-    if method in PEFT_METHODS:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def prepare(model, method: str, p: dict, input_ref: str | None = None):
+    """The trainable model for ``method`` (``p``: the FinetuneParams as a dict; ``input_ref``: where
+    ``model`` was loaded from, for methods that read more of their input, such as loftq)."""
+    from ptqlib.methods import finetune_method
 
-        if getattr(model, "is_loaded_in_4bit", False):
-            # casts norms to fp32 and enables input grads; gradient checkpointing only costs time here
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        from ptqlib.adapters.lora_quantlinear import register
-
-        cfg = LoraConfig(r=p["rank"], lora_alpha=p["alpha"], lora_dropout=p["dropout"],
-                         target_modules=list(p["target_modules"]), task_type="CAUSAL_LM")
-        return get_peft_model(model, register(cfg))  # register: LoRA on QuantLinear (GPTQ/RTN base)
-    if method == "l4q":
-        from ptqlib.adapters.l4q import apply_l4q
-
-        return apply_l4q(model, bits=p["bits"], group_size=p["group_size"], rank=p["rank"], alpha=p["alpha"],
-                         target_modules=list(p["target_modules"]))
-    if method == "qat_lora":
-        from ptqlib.adapters.qat_lora import apply_qat_lora
-
-        return apply_qat_lora(model, bits=p["bits"], group_size=p["group_size"], rank=p["rank"], alpha=p["alpha"],
-                              target_modules=list(p["target_modules"]))
-    if method in BLORA_METHODS:
-        from ptqlib.adapters.blora import apply_adapter
-
-        model = apply_adapter(model, method, rank=p["rank"], alpha=p["alpha"], pool=p["pool"] or None,
-                              repeat=p["repeat"] or None, target_modules=list(p["target_modules"]))
-        if method in ("qalora", "qablora") and p["group_size"] > 0:  # validated against the study; checked here
-            layers = model.ptqlib_adapter_config["layers"]
-            bad = {n: l["pool"] for n, l in layers.items() if l["pool"] != p["group_size"]}
-            if bad:
-                raise ValueError(f"group_size {p['group_size']} differs from the base's quantization group in "
-                                 + ", ".join(f"{n} ({g})" for n, g in list(bad.items())[:3]))
-        if getattr(model, "is_quantized", False):
-            # transformers' Trainer refuses a bnb-quantized model unless it knows adapters are
-            # attached; this flag is how its own adapter integration says so
-            model._hf_peft_config_loaded = True
-        return model
-    raise ValueError(f"unknown fine-tuning method {method!r}")
+    return finetune_method(method).prepare(model, p, input_ref)
 
 
 def train(model, tokenizer, features: list[dict], p: dict, seed: int, progress: bool = False) -> dict:
@@ -111,71 +71,10 @@ def train(model, tokenizer, features: list[dict], p: dict, seed: int, progress: 
     return {"loss_history": hist, "metrics": metrics}
 
 
-def _dequantized_copy(input_ref: str):
-    """The input model with every quantized linear replaced by its de-quantized float weight.
-
-    Used to merge a QLoRA adapter: peft would re-quantize a bnb layer on merge, and a GPTQ
-    layer cannot absorb it; a float model is what a later PTQ stage needs anyway.
-    """
-    from ptqlib.models import plain_copy
-
-    model, tok, _ = artifacts.load(input_ref)
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = plain_copy(model.dequantize())
-    else:
-        from ptqlib.ptq import dequantize_model
-
-        dequantize_model(model)
-    return model.float(), tok
-
-
 def save(model, tokenizer, method: str, p: dict, output_dir: str | Path, input_ref: str) -> dict:
-    """Write the artifact of a fine-tuning stage; returns its artifact.json."""
-    out = Path(output_dir)
-    if method == "full":
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-        info = {"type": "hf", "path": "model"}
-    elif method in PEFT_METHODS:
-        model.save_pretrained(out / "adapter")
-        if p["merge"]:
-            from peft import PeftModel
+    """Write the artifact of a fine-tuning stage (the method's layout); returns its artifact.json."""
+    from ptqlib.methods import finetune_method
 
-            if method == "qlora":
-                base, tok = _dequantized_copy(input_ref)
-            else:
-                base, tok, _ = artifacts.load(input_ref)
-            merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()  # base is float here
-            merged.save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
-            info = {"type": "hf", "path": "model", "merged_from": "adapter"}
-        else:
-            info = {"type": "peft", "adapter": "adapter", "base": artifacts.base_ref(out, input_ref)}
-    elif method == "l4q":
-        from ptqlib.adapters.l4q import export_l4q
-        from ptqlib.quant.checkpoint import save_quantized
-
-        export_l4q(model)
-        save_quantized(model, out / "model", tokenizer=tokenizer)
-        info = {"type": "quant", "path": "model", "exported_from": "l4q"}
-    elif method == "qat_lora":
-        from ptqlib.adapters.qat_lora import save_exported
-
-        save_exported(model, out / "model", out / "adapter", tokenizer=tokenizer)
-        info = {"type": "qat_lora", "path": "model", "adapter": "adapter"}
-    elif method in BLORA_METHODS:
-        from ptqlib.adapters import blora
-
-        blora.save_adapters(model, out / "adapter")
-        if method in ("qalora", "qablora"):
-            from ptqlib.quant.checkpoint import save_quantized
-
-            blora.merge_adapters(model)
-            save_quantized(model, out / "model", tokenizer=tokenizer)
-            info = {"type": "quant", "path": "model", "merged_from": "adapter"}
-        else:
-            info = {"type": "blora", "adapter": "adapter", "base": artifacts.base_ref(out, input_ref)}
-    else:
-        raise ValueError(f"unknown fine-tuning method {method!r}")
-    artifacts.save(out, info)
+    info = finetune_method(method).save(model, tokenizer, p, output_dir, input_ref)
+    artifacts.save(output_dir, info, input_ref)
     return info

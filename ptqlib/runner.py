@@ -42,14 +42,14 @@ class StageNode:
     pipelines: list[str] = field(default_factory=list)
 
     def label(self) -> str:
+        from ptqlib.methods import finetune_method, label_extra, quantize_method
+
         p = self.params
         if self.kind == "quantize":
-            extra = f", {p['bits']}b, g{p['group_size']}" if p["method"] in ("rtn", "gptq") else ""
-            return f"quantize({p['method']}{extra})"
+            return f"quantize({p['method']}{label_extra(quantize_method(p['method']), p)})"
         if self.kind == "finetune":
-            bits = f", {p['bits']}b" if p["method"] in ("l4q", "qat_lora") else ""
-            bits += f", g{p['group_size']}" if p["method"] in ("l4q", "qat_lora", "qalora", "qablora") else ""
-            return f"finetune({p['method']}{bits}, {p['steps']} steps, seed {self.seed}{', merge' if p['merge'] else ''})"
+            extra = label_extra(finetune_method(p["method"]), p)
+            return f"finetune({p['method']}{extra}, {p['steps']} steps, seed {self.seed}{', merge' if p['merge'] else ''})"
         return "evaluate"
 
 

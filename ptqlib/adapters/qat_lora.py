@@ -146,12 +146,10 @@ def save_exported(model: nn.Module, model_dir: str | Path, adapter_dir: str | Pa
     """Export (if needed) and save: the quantized base in the GPTQ layout, the LoRA branch apart.
 
     The base goes through ``save_quantized`` like any RTN / GPTQ model; the branch is a
-    safetensors file of ``<layer>.lora_A / .lora_B`` plus the scaling of each layer.
+    safetensors file of ``<layer>.lora_A / .lora_B`` plus the scaling of each layer
+    (``ptqlib.adapters.io``, the store the balanced adapters use).
     """
-    import json
-
-    from safetensors.torch import save_file
-
+    from ptqlib.adapters.io import save_adapter
     from ptqlib.quant import save_quantized
     from ptqlib.quant.layers import set_module
 
@@ -159,29 +157,26 @@ def save_exported(model: nn.Module, model_dir: str | Path, adapter_dir: str | Pa
     wrapped = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinearWithLoRA)}
     tensors, scaling = {}, {}
     for name, m in wrapped.items():
-        tensors[f"{name}.lora_A"] = m.lora_A.detach().float().contiguous().cpu()
-        tensors[f"{name}.lora_B"] = m.lora_B.detach().float().contiguous().cpu()
+        tensors[f"{name}.lora_A"] = m.lora_A.float()
+        tensors[f"{name}.lora_B"] = m.lora_B.float()
         scaling[name] = m.scaling
         set_module(model, name, m.base)  # unwrap: the checkpoint holds plain QuantLinear layers
-    Path(adapter_dir).mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(Path(adapter_dir) / "qat_lora.safetensors"))
-    (Path(adapter_dir) / "qat_lora.json").write_text(json.dumps({"scaling": scaling}, indent=1))
+    save_adapter(adapter_dir, tensors, {"scaling": scaling}, *_FILES)
     save_quantized(model, model_dir, tokenizer=tokenizer)
     for name, m in wrapped.items():  # re-wrap, so the caller's model is unchanged
         set_module(model, name, m)
 
 
+_FILES = ("qat_lora.safetensors", "qat_lora.json")
+
+
 def load_exported(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Wrap the ``QuantLinear`` layers of a loaded base with their saved LoRA branches."""
-    import json
-
-    from safetensors.torch import load_file
-
+    from ptqlib.adapters.io import load_adapter
     from ptqlib.quant.layers import set_module
 
-    tensors = load_file(str(Path(adapter_dir) / "qat_lora.safetensors"))
-    scaling = json.loads((Path(adapter_dir) / "qat_lora.json").read_text())["scaling"]
-    for name, s in scaling.items():
+    tensors, cfg = load_adapter(adapter_dir, *_FILES)
+    for name, s in cfg["scaling"].items():
         base = model.get_submodule(name)
         dev = base.qweight.device
         set_module(model, name, QuantLinearWithLoRA(base, tensors[f"{name}.lora_A"].to(dev),

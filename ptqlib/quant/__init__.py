@@ -5,7 +5,7 @@ Public API (contract: docs/INTERFACES.md):
 * ``grid``: the grid's rules (supported bits, groups, signed ranges), torch-free
 * ``uniform``: ``find_params``, ``quantize``, ``dequantize``, ``rtn_quantize``
 * ``pack``: int32 packing in the GPTQ ("gptq" v1) checkpoint layout
-* ``QuantLinear`` (``qlinear``), ``quantized_nbytes``
+* ``QuantLinear`` (``qlinear``), ``quantized_nbytes``, ``dequantize_model``
 * ``rtn_quantize_model``, ``gptq_quantize_model``, ``GPTQ`` (one layer)
 * ``save_quantized``, ``load_quantized`` (``checkpoint``)
 * ``find_linear_layers``, ``get_decoder_layers``, ``set_module`` (``layers``)
@@ -19,7 +19,7 @@ _EXPORTS = {
     "GPTQ": "gptq", "GPTQResult": "gptq", "gptq_quantize_model": "gptq",
     "find_linear_layers": "layers", "get_decoder_layers": "layers", "set_module": "layers",
     "pack_qweight": "pack", "pack_qzeros": "pack", "unpack_qweight": "pack", "unpack_qzeros": "pack",
-    "QuantLinear": "qlinear", "quantized_nbytes": "qlinear",
+    "QuantLinear": "qlinear", "quantized_nbytes": "qlinear", "dequantize_model": "qlinear",
     "rtn_quantize_model": "rtn",
     "dequantize": "uniform", "find_params": "uniform", "quantize": "uniform", "rtn_quantize": "uniform",
 }
@@ -32,7 +32,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "QuantLinear", "quantized_nbytes",
+    "QuantLinear", "quantized_nbytes", "dequantize_model",
     "find_params", "quantize", "dequantize", "rtn_quantize",
     "pack_qweight", "unpack_qweight", "pack_qzeros", "unpack_qzeros",
     "rtn_quantize_model", "gptq_quantize_model", "GPTQ", "GPTQResult",

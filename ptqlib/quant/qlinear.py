@@ -152,6 +152,31 @@ class QuantLinear(nn.Module):
         self.register_buffer("fzeros", fz)
         self.float_zeros = True
 
+    @torch.no_grad()
+    def fold_group_offset(self, D: Tensor, name: str = "") -> "QuantLinear":
+        """A copy computing ``W + D[o, g_idx[i]]``: a constant ``D (out, G)`` per (row, group) cell
+        folded into the zero points, ``zero' = zero - D / scale`` (``W = scale (q - zero)``).
+
+        Codes, scales, g_idx and bias are unchanged; the zero points become float (the
+        ``ptqlib_fzeros`` checkpoint format). This is how QA-LoRA / QA-BLoRA merge into a low-bit
+        layer (``ptqlib.adapters.balanced.merge_into_quantlinear`` computes ``D``).
+        """
+        import copy
+
+        if D.shape != (self.out_features, self.n_groups):
+            raise ValueError(f"layer {name!r}: D must be (out, G) = {(self.out_features, self.n_groups)}, "
+                             f"got {tuple(D.shape)}")
+        zeros = self.zero_points()  # (out, G)
+        scales = self.scales.t().float()  # storage (G, out) -> (out, G)
+        D = D.float().to(zeros.device)
+        if (scales == 0).any():
+            if ((scales == 0) & (D != 0)).any():
+                raise ValueError(f"layer {name!r}: a group has scale 0, a nonzero offset cannot be folded into its zero point")
+            scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+        merged = copy.deepcopy(self)
+        merged.set_float_zeros(zeros - D / scales)
+        return merged
+
     # ---- views of the stored weight ---------------------------------------------------------
     def unpack_codes(self) -> Tensor:
         """Codes ``q (out, in)`` as long."""
@@ -255,3 +280,24 @@ def _persistent_buffers(model: nn.Module):
         for name, buf in mod.named_buffers(recurse=False):
             if buf is not None and name not in mod._non_persistent_buffers_set:
                 yield f"{mod_name}.{name}", buf
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every ``QuantLinear`` by an fp32 ``nn.Linear`` holding its de-quantized weight (in place).
+
+    What merging an adapter into a float copy needs (a QuantLinear cannot absorb a dense update).
+    """
+    from .layers import set_module
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                            device=mod.scales.device, dtype=torch.float32)
+            with torch.no_grad():
+                lin.weight.copy_(mod.dequantize_weight(torch.float32))
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            set_module(model, name, lin)
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        del model.config.quantization_config
+    return model

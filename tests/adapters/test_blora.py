@@ -18,7 +18,6 @@ from ptqlib.adapters.blora import (
     load_adapters,
     lora_param_count,
     merge_adapters,
-    replace_with_bnb_4bit,
     save_adapters,
 )
 from ptqlib.quant import QuantLinear, rtn_quantize_model
@@ -251,9 +250,10 @@ def test_loss_falls_on_quantlinear_base(kind):
 def test_qblora_loss_falls_on_bnb_nf4_base():
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
-    from ptqlib.tiny import build_tiny_model
 
-    model = replace_with_bnb_4bit(build_tiny_model(seed=0), quant_type="nf4")
+    from ptqlib import ptq
+
+    model = ptq.quantize("tiny", {"method": "nf4", "double_quant": True, "blocksize": 64})[0]
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_state.quant_type == "nf4"
     apply_adapter(model, "qblora", rank=4, alpha=8)

@@ -25,6 +25,7 @@ pipelines:
   qalora_gptq: [{quantize: {method: gptq, bits: 4}}, {finetune: qalora}]  # group 32 from the base
   qablora_gptq: [{quantize: {method: gptq, bits: 4}}, {finetune: qablora}]
   merge_gptq: [{quantize: nf4}, {finetune: {method: qlora, merge: true}}, {quantize: {method: gptq, bits: 3}}]
+  loftq_nf4: [{quantize: nf4}, {finetune: loftq}]
 """
 # the fully quantized models deployed: exported to GGUF Q4_1 and scored in llama.cpp (same stages up to evaluate)
 DEPLOY = """
@@ -43,7 +44,7 @@ def test_all_methods_run_and_deploy(tmp_path):
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-5000:]
     rows = {r["pipeline"]: r for r in csv.DictReader(open(tmp_path / "reports/methods/results.csv"))}
-    assert set(rows) == {"l4q_w3", "qat_lora_w4", "qblora_nf4", "qalora_gptq", "qablora_gptq", "merge_gptq"} | (
+    assert set(rows) == {"l4q_w3", "qat_lora_w4", "qblora_nf4", "qalora_gptq", "qablora_gptq", "merge_gptq", "loftq_nf4"} | (
         {"l4q_w3_gguf", "qablora_gguf"} if deploy else set())
     for name, r in rows.items():
         assert r["status"] == "ok", name
@@ -58,6 +59,7 @@ def test_all_methods_run_and_deploy(tmp_path):
     assert artifacts["l4q"]["type"] == "quant"
     assert artifacts["qalora"]["type"] == "quant" and artifacts["qablora"]["type"] == "quant"
     assert artifacts["qblora"]["type"] == "blora" and artifacts["qat_lora"]["type"] == "qat_lora"
+    assert artifacts["loftq"]["type"] == "peft"  # QLoRA's adapter on the nf4 stage's codes, started by LoftQ
     assert artifacts["qlora"]["type"] == "hf"  # merged into the de-quantized weights
     # equal trainable parameters for Q-BLoRA and LoRA-r: r*(in+out) summed over the 14 target layers
     r = 4

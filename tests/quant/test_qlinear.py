@@ -122,3 +122,28 @@ def test_training_forward_saves_no_weight_and_matches_dense():
     (y ** 2).sum().backward()
     ((x_ref @ dense.t()) ** 2).sum().backward()
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_fold_group_offset_adds_a_constant_per_row_and_group(permuted, device):
+    """W' = W + D[o, g_idx[i]] with codes and scales untouched: the QA-LoRA merge's one operation."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 128, device=device)
+    codes, scales, zeros = rtn_quantize(w, 4, 32, sym=False)
+    g_idx = (torch.arange(128, device=device) // 32)
+    if permuted:
+        g_idx = g_idx[torch.randperm(128, device=device)]
+    layer = QuantLinear.from_codes(codes, scales.float(), zeros, g_idx=g_idx, bits=4, group_size=32)
+    before = layer.dequantize_weight(torch.float32).clone()
+    D = torch.randn(48, 4, device=device) * 0.01
+    merged = layer.fold_group_offset(D)
+    assert torch.allclose(merged.dequantize_weight(torch.float32), before + D[:, g_idx.long()], atol=1e-6)
+    assert torch.equal(merged.unpack_codes(), layer.unpack_codes()) and torch.equal(merged.scales, layer.scales)
+    assert merged.float_zeros and not layer.float_zeros  # a copy; the layer itself is unchanged
+    assert torch.equal(layer.dequantize_weight(torch.float32), before)
+    with pytest.raises(ValueError, match=r"D must be \(out, G\) = \(48, 4\), got \(48, 3\)"):
+        layer.fold_group_offset(D[:, :3])
+    layer.scales[0, 0] = 0  # a constant group: nothing can be added to its weights through the zero
+    with pytest.raises(ValueError, match="scale 0"):
+        layer.fold_group_offset(D)
+    assert layer.fold_group_offset(torch.where(torch.arange(4, device=device) == 0, 0.0, D)).float_zeros

@@ -107,11 +107,12 @@ def test_rejects_bad_settings():
 def test_grid_rules_are_stated_once():
     """The bit widths and group rules of every quantizer come from ptqlib.quant.grid."""
     from ptqlib.adapters import l4q
-    from ptqlib.config import FT_BITS, QUANT_BITS
+    from ptqlib.methods import finetune_methods, quantize_methods
     from ptqlib.quant import grid, uniform
 
     assert uniform.SUPPORTED_BITS is grid.SUPPORTED_BITS is l4q.SUPPORTED_BITS
-    assert QUANT_BITS["gptq"] is QUANT_BITS["rtn"] is FT_BITS is grid.SUPPORTED_BITS
+    q, f = quantize_methods(), finetune_methods()
+    assert q["gptq"].bits is q["rtn"].bits is f["l4q"].bits is f["qat_lora"].bits is grid.SUPPORTED_BITS
     assert grid.effective_group_size(576, -1) == 576 and grid.effective_group_size(576, 64) == 64
     with pytest.raises(ValueError, match="positive divisor of in_features=576, got 128"):
         grid.effective_group_size(576, 128)

@@ -1,0 +1,151 @@
+"""The method registry: one entry per quantization and per fine-tuning method.
+
+Each method is one module of this package that calls :func:`register` at import; every module
+here is imported when the registry is first read, so adding a method is adding its module (plus
+its tests and a study file). Methods outside ptqlib register the same way from a module named in
+the environment variable ``PTQLIB_METHODS`` (comma-separated import paths), imported after the
+built-in ones in every process that reads the registry, the stage kernels included.
+
+Who reads an entry:
+
+- ``config`` validation: the method names, the bits a method allows, which input a fine-tuning
+  method needs and what the next stage gets from it (``_check_pipeline``);
+- the quantize / finetune stages (``ptq.quantize``, ``finetune.prepare`` / ``save``): the entry's
+  functions;
+- ``artifacts.load``: the artifact types the modules register (:class:`ArtifactType`);
+- the runner's stage labels and the report's settings columns (``label_keys``, ``settings``).
+
+This module imports no torch (the study file is validated without it); method modules import it
+inside their functions.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+# What a fine-tuning method needs as input:
+#   float      a float model (no quantized layer)
+#   quantized  any quantized model (bitsandbytes 4-bit or a uniform QuantLinear grid)
+#   uniform    a uniform (integer codes, scale and zero per group) grid: rtn / gptq / l4q output
+#   bnb        a bitsandbytes 4-bit model (nf4 / fp4 output)
+Needs = Literal["float", "quantized", "uniform", "bnb"]
+# What the next stage gets from it:
+#   float      a float model (full fine-tuning)
+#   adapter    the input plus an unmerged adapter (merge: true makes it a float model, if can_merge)
+#   quantized  a new uniform grid of the method's own bits / group, plus an adapter if keeps_adapter
+#   merged     the input's uniform grid, the adapter merged into it (still quantized, same group)
+Gives = Literal["float", "adapter", "quantized", "merged"]
+Grid = Literal["uniform", "bnb"]
+
+
+@dataclass(frozen=True)
+class QuantizeMethod:
+    name: str
+    summary: str  # one line for --help and the docs
+    bits: tuple[int, ...]  # the weight bits it supports
+    grid: Grid  # uniform: QuantLinear (codes, scale, zero per group); bnb: bitsandbytes Linear4bit
+    quantize: Callable  # (input_ref, p: dict, calib | None, progress) -> (model, tokenizer, stats)
+    save: Callable  # (model, tokenizer, p, output_dir) -> artifact info (artifact.json)
+    settings: tuple[str, ...] = ()  # the params a reader needs next to its numbers (report, results.csv)
+    label_keys: tuple[str, ...] = ()  # params shown in the stage label: bits -> "4b", group_size -> "g64"
+    calibration: bool = False  # needs calibration windows (calib_samples x calib_seq_len tokens)
+
+
+@dataclass(frozen=True)
+class FinetuneMethod:
+    name: str
+    summary: str
+    needs: Needs
+    gives: Gives
+    prepare: Callable  # (model, p: dict, input_ref) -> the trainable model
+    save: Callable  # (model, tokenizer, p, output_dir, input_ref) -> artifact info
+    settings: tuple[str, ...] = ()
+    label_keys: tuple[str, ...] = ()
+    bits: tuple[int, ...] = ()  # its own weight bits (gives quantized); empty: bits is not read
+    group: Literal["", "own", "base"] = ""  # group_size: "" not read; own: its grid's (0 -> 64); base: the input's
+    can_merge: bool = False  # merge: true folds the adapter into a float copy of the weights
+    keeps_adapter: bool = False  # gives quantized with a separate adapter (cannot be quantized again)
+
+
+@dataclass(frozen=True)
+class ArtifactType:
+    """A kind of stage output (``artifact.json`` ``type``) and how to load it."""
+
+    name: str
+    load: Callable  # (ref, info, device) -> (model, tokenizer)
+    quantized: bool | Literal["base"]  # "base": as quantized as the artifact it sits on (info["base"])
+
+
+QUANTIZE: dict[str, QuantizeMethod] = {}
+FINETUNE: dict[str, FinetuneMethod] = {}
+ARTIFACTS: dict[str, ArtifactType] = {}
+_TABLES = {QuantizeMethod: QUANTIZE, FinetuneMethod: FINETUNE, ArtifactType: ARTIFACTS}
+_loaded = False
+# the built-in modules imported first, so that lists in messages read in the studies' order; any
+# other module of the package is imported after them (a new method needs no entry here)
+_FIRST = ("uniform", "bnb", "full", "lora", "l4q", "qat_lora", "blora")
+
+
+def register(*entries: QuantizeMethod | FinetuneMethod | ArtifactType) -> None:
+    """Add entries to the registry; a name can be registered once per table."""
+    for e in entries:
+        table = _TABLES[type(e)]
+        if e.name in table and table[e.name] != e:
+            raise ValueError(f"{type(e).__name__} {e.name!r} is registered twice "
+                             f"({table[e.name].__module__ if hasattr(table[e.name], '__module__') else ''})")
+        table[e.name] = e
+
+
+def load_all() -> None:
+    """Import every method module of this package, then those named in ``PTQLIB_METHODS``."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    for mod in [m for m in _FIRST if m in found] + [m for m in found if m not in _FIRST]:
+        importlib.import_module(f"{__name__}.{mod}")
+    for name in filter(None, (s.strip() for s in os.environ.get("PTQLIB_METHODS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ImportError(f"PTQLIB_METHODS names {name!r}, which does not import: {e}") from e
+
+
+def quantize_methods() -> dict[str, QuantizeMethod]:
+    load_all()
+    return QUANTIZE
+
+
+def finetune_methods() -> dict[str, FinetuneMethod]:
+    load_all()
+    return FINETUNE
+
+
+def artifact_types() -> dict[str, ArtifactType]:
+    load_all()
+    return ARTIFACTS
+
+
+def _get(table: dict, kind: str, name: str):
+    load_all()
+    if name not in table:
+        raise ValueError(f"unknown {kind} method {name!r}; valid: {', '.join(table)}")
+    return table[name]
+
+
+def quantize_method(name: str) -> QuantizeMethod:
+    return _get(QUANTIZE, "quantize", name)
+
+
+def finetune_method(name: str) -> FinetuneMethod:
+    return _get(FINETUNE, "fine-tuning", name)
+
+
+def label_extra(entry: QuantizeMethod | FinetuneMethod, p: dict) -> str:
+    """``", 4b, g64"`` for the entry's label keys (the runner's stage labels)."""
+    fmt = {"bits": "{}b", "group_size": "g{}"}
+    return "".join(", " + fmt.get(k, k + " {}").format(p[k]) for k in entry.label_keys)

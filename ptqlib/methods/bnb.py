@@ -1,0 +1,62 @@
+"""bitsandbytes NF4 / FP4 (QLoRA's data types): ``Linear4bit`` through transformers' ``BitsAndBytesConfig``.
+
+Block-wise absmax scaling (``blocksize`` weights per constant), optionally with the constants
+quantized again (double quantization); saved with transformers' 4-bit serialization. bitsandbytes
+runs these on CPU since 0.46.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ptqlib.methods import ArtifactType, QuantizeMethod, register
+
+
+def bnb_config(method: str, double_quant: bool = True, blocksize: int = 64):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    # compute in fp32 on CPU (bf16 matmuls are slow there), in bf16 on GPU
+    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    kw = {"bnb_4bit_quant_storage": torch.uint8}
+    if blocksize != 64:
+        kw["bnb_4bit_blocksize"] = blocksize  # newer transformers only; 64 is the universal default
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute, **kw)
+
+
+def quantize(input_ref: str, p: dict, calib=None, progress: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    from ptqlib import artifacts
+    from ptqlib.models import load_tokenizer
+    from ptqlib.ptq import float_model_dir
+
+    src = float_model_dir(input_ref)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=bnb_config(p["method"], p["double_quant"], p["blocksize"]),
+        device_map=artifacts.default_device())
+    return model, load_tokenizer(src), {}
+
+
+def save(model, tokenizer, p: dict, output_dir) -> dict:
+    out = Path(output_dir)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {"type": "bnb", "path": "model", "method": p["method"]}
+
+
+def load(ref, info: dict, device: str):
+    from transformers import AutoModelForCausalLM
+
+    from ptqlib.models import load_tokenizer
+
+    path = Path(ref) / info["path"]
+    return AutoModelForCausalLM.from_pretrained(path, device_map=device), load_tokenizer(path)
+
+
+_SETTINGS = ("blocksize", "double_quant")
+register(
+    QuantizeMethod("nf4", "bitsandbytes 4-bit NormalFloat, absmax per block", (4,), "bnb", quantize, save, _SETTINGS),
+    QuantizeMethod("fp4", "bitsandbytes 4-bit float, absmax per block", (4,), "bnb", quantize, save, _SETTINGS),
+    ArtifactType("bnb", load, quantized=True),
+)

@@ -1,0 +1,77 @@
+"""LoRA and QLoRA through peft: ``W x + s B A x`` with ``s = alpha / r``; only A and B train.
+
+``qlora`` is LoRA on a frozen quantized base: bitsandbytes ``Linear4bit`` (peft's own backend) or
+ptqlib's ``QuantLinear`` (the peft backend in ``ptqlib.adapters.lora_quantlinear``). With
+``merge: true`` the adapter is folded into a float copy of the (de-quantized) weights, the input a
+later PTQ stage needs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ptqlib.methods import ArtifactType, FinetuneMethod, register
+
+
+def prepare(model, p: dict, input_ref: str):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from ptqlib.adapters.lora_quantlinear import register as register_quantlinear
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        # casts norms to fp32 and enables input grads; gradient checkpointing only costs time here
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    cfg = LoraConfig(r=p["rank"], lora_alpha=p["alpha"], lora_dropout=p["dropout"],
+                     target_modules=list(p["target_modules"]), task_type="CAUSAL_LM")
+    return get_peft_model(model, register_quantlinear(cfg))  # LoRA on QuantLinear too (GPTQ/RTN base)
+
+
+def float_copy(input_ref: str):
+    """The input model with every quantized linear replaced by its de-quantized float weight.
+
+    What a merged adapter is folded into: peft would re-quantize a bnb layer on merge, and a
+    QuantLinear cannot absorb a dense update; a float model is what a later PTQ stage needs anyway.
+    """
+    from ptqlib import artifacts
+    from ptqlib.models import plain_copy
+    from ptqlib.quant import dequantize_model
+
+    model, tok, _ = artifacts.load(input_ref)
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = plain_copy(model.dequantize())
+    else:
+        dequantize_model(model)
+    return model.float(), tok
+
+
+def save(model, tokenizer, p: dict, output_dir, input_ref: str) -> dict:
+    from ptqlib import artifacts
+
+    out = Path(output_dir)
+    model.save_pretrained(out / "adapter")
+    if not p["merge"]:
+        return {"type": "peft", "adapter": "adapter", "base": artifacts.base_ref(out, input_ref)}
+    from peft import PeftModel
+
+    base, _ = float_copy(input_ref)
+    merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()  # base is float here
+    merged.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {"type": "hf", "path": "model", "merged_from": "adapter"}
+
+
+def load(ref, info: dict, device: str):
+    from ptqlib import artifacts
+    from ptqlib.adapters.lora_quantlinear import load_adapter
+
+    base, tok, _ = artifacts.load(artifacts.base_of(ref, info), device)
+    return load_adapter(base, str(Path(ref) / info["adapter"])), tok  # float, bnb and QuantLinear bases
+
+
+_SETTINGS = ("lr", "steps", "rank", "alpha")
+register(
+    FinetuneMethod("lora", "LoRA on a float model (peft)", needs="float", gives="adapter", prepare=prepare,
+                   save=save, settings=_SETTINGS, can_merge=True),
+    FinetuneMethod("qlora", "LoRA on a frozen quantized model (peft; bnb or QuantLinear base)", needs="quantized",
+                   gives="adapter", prepare=prepare, save=save, settings=_SETTINGS, can_merge=True),
+    ArtifactType("peft", load, quantized="base"),
+)
