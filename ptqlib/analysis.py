@@ -322,3 +322,70 @@ def plot_metrics(results: pd.DataFrame, metrics: list[str], title: str = ""):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# ---- what the analysis notebook (04) shows and writes --------------------------------------------
+CLAIM_COLUMNS = ["claim", "metric", "relation", "min_effect", "mean_a", "mean_b", "difference", "interval",
+                 "seed_sd", "n_seeds", "n_examples", "verdict"]
+
+
+@dataclass
+class StudyOutputs:
+    """What ``python -m ptqlib run`` leaves in ``reports/<study>/`` (see ``ptqlib.report``)."""
+
+    results: pd.DataFrame  # results.csv: one row per pipeline run
+    units: pd.DataFrame | None  # units.csv: per-example scores and per-window NLL (None: not written)
+    meta: dict  # study.json: file, description, claims, runs_dir
+    stages: dict  # stages.json: stage id -> label, status, pipelines, position
+
+
+def load_outputs(study_dir) -> StudyOutputs:
+    import json
+    from pathlib import Path
+
+    sd = Path(study_dir)
+    if not (sd / "results.csv").exists():
+        raise FileNotFoundError(f"{sd}: no results.csv; run the study first (python -m ptqlib run <study file>)")
+
+    def _json(name: str) -> dict:
+        return json.loads((sd / name).read_text()) if (sd / name).exists() else {}
+
+    units = pd.read_csv(sd / "units.csv") if (sd / "units.csv").exists() else None
+    return StudyOutputs(pd.read_csv(sd / "results.csv"), units, _json("study.json"), _json("stages.json"))
+
+
+def write_summary(results: pd.DataFrame, study_dir) -> pd.DataFrame:
+    """Mean ± sd per pipeline of the quality metrics, size and speed -> ``summary.csv`` (returned)."""
+    from pathlib import Path
+
+    compact = mean_pm(results, [m for m in QUALITY + ["size_mb_deploy", "gen_tokens_per_s"] if m in results])
+    compact.to_csv(Path(study_dir) / "summary.csv", index_label="pipeline")
+    return compact
+
+
+def write_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame | None, study_dir) -> pd.DataFrame:
+    """:func:`check_claims` -> ``claims.csv`` (machine-readable); returns the table with an
+    ``interval`` column (``[lo, hi]`` as text) for display."""
+    from pathlib import Path
+
+    table = check_claims(claims, results, units)
+    table.to_csv(Path(study_dir) / "claims.csv", index=False)
+    return table.assign(interval=[f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(table.ci_low, table.ci_high)])
+
+
+def sample_generations(results: pd.DataFrame, runs_dir, n: int = 2) -> pd.DataFrame:
+    """The first ``n`` generations of every pipeline's evaluate stage, next to the references
+    (read from the stage records ``runs/<eval_stage>/metrics.json``)."""
+    import json
+    from pathlib import Path
+
+    rows = []
+    for r in results.itertuples():
+        rec = Path(runs_dir) / str(r.eval_stage) / "metrics.json"
+        if rec.exists():
+            gens = json.loads(rec.read_text()).get("outputs", {}).get("generations") or []
+            rows += [{"example": i, "pipeline": r.pipeline, "output": g["output"], "reference": g["reference"]}
+                     for i, g in enumerate(gens[:n])]
+    if not rows:
+        return pd.DataFrame(columns=["example", "pipeline", "output", "reference"])
+    return pd.DataFrame(rows).sort_values(["example", "pipeline"]).drop_duplicates(["example", "pipeline"])

@@ -69,18 +69,35 @@ def _artifact_type(ref, info: dict):
 
 def load(ref: str | Path, device: str | None = None):
     """(model, tokenizer, info) for any stage output or model name, in eval mode."""
-    from ptqlib.models import load_model
+    from ptqlib.models import load_model, load_tokenizer
 
     device = device or default_device()
     info = describe(ref)
     if info["type"] == "name":
         model, tok = load_model(info["name"], device=device)
-    elif info["type"] in ("hf", "quant"):  # load_model reads a QuantLinear checkpoint from its config.json
+    elif info["type"] == "hf":
         model, tok = load_model(Path(ref) / info["path"], device=device)
+    elif info["type"] == "quant":
+        from ptqlib.quant.checkpoint import load_quantized
+
+        path = Path(ref) / info["path"]
+        model, tok = load_quantized(path).to(device), load_tokenizer(path)
     else:
         model, tok = _artifact_type(ref, info).load(ref, info, device)
     model.eval()
     return model, tok, info
+
+
+def float_model_dir(input_ref: str) -> Path:
+    """The directory of the float model a quantize stage reads (a model name or an ``hf`` artifact)."""
+    from ptqlib.models import resolve_model
+
+    info = describe(input_ref)
+    if info["type"] == "name":
+        return Path(resolve_model(info["name"]))
+    if info["type"] == "hf":
+        return Path(input_ref) / info["path"]
+    raise ValueError(f"{input_ref}: a {info['type']!r} artifact is not a float model; merge it before quantizing")
 
 
 def input_of(ref: str | Path) -> str:

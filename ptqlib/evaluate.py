@@ -194,3 +194,49 @@ def evaluate_gguf(path, tokenizer, examples: list[Example], ppl_samples: int = 1
         if k in res:
             metrics[k] = res[k]
     return metrics, rows, units
+
+
+def model_metrics(model, input_ref) -> dict[str, float]:
+    """Size of the evaluated model: ``size_mb_deploy`` (every tensor it holds, floats at 16 bits),
+    ``size_mb_stored`` (its artifact's safetensors on disk, base chain included), ``model_params``."""
+    from ptqlib import artifacts
+
+    return {"size_mb_deploy": artifacts.tensor_bytes(model, float_bytes=2) / 2**20,
+            "size_mb_stored": artifacts.dir_bytes(input_ref) / 2**20,
+            "model_params": sum(p.numel() for p in model.parameters())}
+
+
+def run_stage(model, tokenizer, input_ref, examples: list[Example], p: dict, output_dir, progress: bool = False):
+    """The evaluate stage for ``p`` (EvaluateParams as a dict) -> ``(metrics, generations, units)``.
+
+    Runtime ``torch``: the model as loaded (:func:`evaluate_model`, then batch-1 speed if asked);
+    ``llama.cpp``: exported to ``output_dir/model.gguf`` and scored in a llama.cpp process. Then the
+    model's size (:func:`model_metrics`) and the lm-eval tasks, if any (torch only).
+    """
+    from pathlib import Path
+
+    sources = tuple(p["ppl_sources"])
+    if p["runtime"] == "llama.cpp":  # the deployed file: exported here, scored in a llama.cpp process
+        from ptqlib.deploy import deployed_metrics, export_gguf
+
+        gguf = Path(output_dir) / "model.gguf"
+        export = export_gguf(model, tokenizer, gguf, type=p["gguf_type"], lossy=p["gguf_lossy"])
+        metrics, generations, units = evaluate_gguf(gguf, tokenizer, examples, p["ppl_samples"], p["ppl_seq_len"],
+                                                    p["max_new_tokens"], sources, p["speed_prompts"], p["speed_tokens"])
+        metrics.update(deployed_metrics(export, model.config, metrics.get("decode_tokens_per_s")))
+    else:
+        metrics, generations, units = evaluate_model(model, tokenizer, examples, p["ppl_samples"], p["ppl_seq_len"],
+                                                     p["max_new_tokens"], p["batch_size"], progress=progress,
+                                                     ppl_sources=sources)
+        if p["speed_prompts"]:
+            metrics.update(decode_speed(model, tokenizer, [e.prompt for e in examples[:p["speed_prompts"]]],
+                                        p["speed_tokens"]))
+    metrics.update(model_metrics(model, input_ref))
+    if p["lm_eval_tasks"]:  # MMLU / commonsense through lm-evaluation-harness
+        from ptqlib.lmeval import run_lm_eval
+
+        metrics.update(run_lm_eval(model, tokenizer, list(p["lm_eval_tasks"]),
+                                   num_fewshot=None if p["lm_eval_fewshot"] < 0 else p["lm_eval_fewshot"],
+                                   limit=p["lm_eval_limit"] or None, batch_size=p["batch_size"],
+                                   include_path=p["lm_eval_include"] or None))
+    return metrics, generations, units

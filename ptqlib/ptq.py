@@ -14,18 +14,6 @@ import torch
 from ptqlib import artifacts
 
 
-def float_model_dir(input_ref: str) -> Path:
-    """The directory of the float model a quantize stage reads (a model name or an ``hf`` artifact)."""
-    from ptqlib.models import resolve_model
-
-    info = artifacts.describe(input_ref)
-    if info["type"] == "name":
-        return Path(resolve_model(info["name"]))
-    if info["type"] == "hf":
-        return Path(input_ref) / info["path"]
-    raise ValueError(f"{input_ref}: a {info['type']!r} artifact is not a float model; merge it before quantizing")
-
-
 def calibration_windows(input_ref: str, p: dict) -> torch.Tensor | None:
     """GPTQ's calibration data: ``calib_samples`` windows of ``calib_seq_len`` tokens of pydoc's
     train split (``calib_seed`` picks them), tokenized as the input model; None for a method that
@@ -36,7 +24,7 @@ def calibration_windows(input_ref: str, p: dict) -> torch.Tensor | None:
 
     if not quantize_method(p["method"]).calibration:
         return None
-    tok = load_tokenizer(float_model_dir(input_ref))
+    tok = load_tokenizer(artifacts.float_model_dir(input_ref))
     return text_windows(tok, "train", p["calib_seq_len"], p["calib_samples"], seed=p["calib_seed"])
 
 

@@ -205,3 +205,32 @@ def test_cost_table_keeps_each_fine_tuning():
     assert t.loc["ft_nf4_qlora", "finetune (s)"] == pytest.approx(100.5)  # mean over seeds
     assert t.loc["ft_nf4_qlora", "finetune2 (s)"] == 50.0 and t.loc["ft_nf4_qlora", "total (s)"] == 190.5
     assert t.loc["base", "evaluate (s)"] == 40.0 and math.isnan(t.loc["base", "finetune (s)"])
+
+
+def test_notebook_outputs_are_written_and_read_back(tmp_path):
+    """What 04_analyse writes (summary.csv, claims.csv) and reads (results, units, records)."""
+    import json
+
+    from ptqlib.analysis import load_outputs, sample_generations, write_claims, write_summary
+
+    res, units = records(BASE + 0.2, BASE)
+    with pytest.raises(FileNotFoundError, match="no results.csv"):
+        load_outputs(tmp_path)
+    res.assign(eval_stage=["s0", "s1", "s2", "s3"]).to_csv(tmp_path / "results.csv", index=False)
+    units.to_csv(tmp_path / "units.csv", index=False)
+    (tmp_path / "study.json").write_text(json.dumps({"claims": claim(">")}))
+    out = load_outputs(tmp_path)
+    assert len(out.results) == 4 and len(out.units) == 4 * 128 and out.stages == {}
+    summary = write_summary(out.results, tmp_path)
+    assert list(pd.read_csv(tmp_path / "summary.csv", index_col=0).index) == list(summary.index) == ["a", "b"]
+    table = write_claims(out.meta["claims"], out.results, out.units, tmp_path)
+    on_disk = pd.read_csv(tmp_path / "claims.csv")
+    assert on_disk.verdict.tolist() == table.verdict.tolist() == ["holds"]
+    assert table.interval[0] == f"[{table.ci_low[0]:+.3f}, {table.ci_high[0]:+.3f}]"
+    runs = tmp_path / "runs"
+    (runs / "s0").mkdir(parents=True)
+    gens = [{"output": f"o{i}", "reference": f"r{i}"} for i in range(3)]
+    (runs / "s0" / "metrics.json").write_text(json.dumps({"outputs": {"generations": gens}}))
+    shown = sample_generations(out.results.assign(eval_stage=["s0", "s1", "s2", "s3"]), runs, n=2)
+    assert shown[["example", "output"]].values.tolist() == [[0, "o0"], [1, "o1"]]
+    assert sample_generations(out.results.assign(eval_stage="none"), runs).empty

@@ -49,3 +49,23 @@ def test_evaluate_keeps_units_that_give_back_the_metrics(tiny):
         if den is None or sum(den):
             assert st(units["task"][st.num], den) == pytest.approx(metrics[name])
     assert metrics["task_examples"] == 3
+
+
+def test_run_stage_is_evaluate_model_plus_the_models_size(tiny):
+    """The stage's one call: the same numbers as evaluate_model, then size and parameter count."""
+    from ptqlib import artifacts
+    from ptqlib.config import EvaluateParams
+    from ptqlib.evaluate import run_stage
+
+    model, tok = tiny
+    ex = load_task("meetings-hard", "test", 2)
+    p = EvaluateParams(ppl_samples=2, ppl_seq_len=32, ppl_sources=["stdlib"], task_samples=2, max_new_tokens=4,
+                       batch_size=2).__dict__
+    metrics, rows, units = run_stage(model, tok, "tiny", ex, p, output_dir=None)
+    ref, _, _ = evaluate_model(model, tok, ex, 2, 32, 4, 2, ppl_sources=("stdlib",))
+    assert {k: metrics[k] for k in ("ppl_stdlib", "field_f1", "exact_match")} == \
+        {k: ref[k] for k in ("ppl_stdlib", "field_f1", "exact_match")}
+    assert "ppl" not in metrics and len(rows) == 2 and set(units) == {"ppl_stdlib", "task"}
+    assert metrics["model_params"] == sum(prm.numel() for prm in model.parameters())
+    assert metrics["size_mb_deploy"] == artifacts.tensor_bytes(model, float_bytes=2) / 2**20
+    assert metrics["size_mb_stored"] == artifacts.dir_bytes("tiny") / 2**20 > 0

@@ -29,9 +29,8 @@ def quantize(input_ref: str, p: dict, calib=None, progress: bool = False):
 
     from ptqlib import artifacts
     from ptqlib.models import load_tokenizer
-    from ptqlib.ptq import float_model_dir
 
-    src = float_model_dir(input_ref)
+    src = artifacts.float_model_dir(input_ref)
     model = AutoModelForCausalLM.from_pretrained(
         src, quantization_config=bnb_config(p["method"], p["double_quant"], p["blocksize"]),
         device_map=artifacts.default_device())

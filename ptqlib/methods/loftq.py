@@ -92,12 +92,11 @@ def loftq_initialise(peft_model, float_dir: str | Path, adapter: str = "default"
 
 def prepare(model, p: dict, input_ref: str | None):
     from ptqlib import artifacts
-    from ptqlib.ptq import float_model_dir
 
     if input_ref is None:
         raise ValueError("loftq needs input_ref (the nf4 / fp4 stage it trains on) to find the float weights")
     model = lora.prepare(model, p, input_ref)  # QLoRA's adapters on the bnb base
-    errors = loftq_initialise(model, float_model_dir(artifacts.input_of(input_ref)))
+    errors = loftq_initialise(model, artifacts.float_model_dir(artifacts.input_of(input_ref)))
     before = sum(e[0] for e in errors.values()) / len(errors)
     after = sum(e[1] for e in errors.values()) / len(errors)
     print(f"LoftQ start on {len(errors)} layers: mean ||W - Q|| / ||W|| {before:.4f} -> "
