@@ -15,7 +15,7 @@ from ptqlib.errors import ConfigError
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ptqlib", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,analyse,export}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,analyse,export,methods}")
     run = sub.add_parser("run", help="run (or --dry-run) a study: the stages not cached yet, then the report",
                          description="Run the stages of a study that are not cached yet, then render its report.")
     run.add_argument("study", help="the study file, e.g. parameters/default.yaml")
@@ -56,7 +56,23 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--lossy", action="store_true",
                      help="re-quantize layers the type cannot hold exactly (NF4, act-order, groups not a multiple of 32)")
     exp.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+    sub.add_parser("methods", help="list the registered quantization and fine-tuning methods",
+                   description="The methods a study file can name (ptqlib.methods, plus modules named in "
+                               "PTQLIB_METHODS): what each needs as input, gives the next stage, and its settings.")
     return ap
+
+
+def methods_table() -> str:
+    """The registry as text: one line per method (``python -m ptqlib methods``)."""
+    from ptqlib.methods import finetune_methods, quantize_methods
+
+    lines = ["quantize:"]
+    for m in quantize_methods().values():
+        lines.append(f"  {m.name:<9} {m.grid:<8} bits {','.join(map(str, m.bits)):<8} {m.summary}")
+    lines.append("finetune:")
+    for m in finetune_methods().values():
+        lines.append(f"  {m.name:<9} {m.needs:>9} -> {m.gives:<9} {m.summary}")
+    return "\n".join(lines)
 
 
 def _export(args) -> int:
@@ -85,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "export":
         return _export(args)
+    if args.cmd == "methods":
+        print(methods_table())
+        return 0
     try:
         study = load_study(args.study, allow_network=not (args.cmd == "run" and args.dry_run))
         if args.cmd == "analyse":

@@ -56,7 +56,7 @@ def _positive(name: str, value: Any, kind=int) -> None:
 class QuantizeParams:
     """Post-training quantization of the input model (weights only)."""
 
-    method: str = "rtn"  # rtn | gptq | nf4 | fp4 (ptqlib.methods)
+    method: str = "rtn"  # a registered quantization method: rtn, gptq, nf4, fp4 (python -m ptqlib methods)
     bits: int = 4  # weight bits: rtn/gptq 2, 3, 4, 8; nf4/fp4 4
     group_size: int = 64  # rtn/gptq: input columns per scale/zero (-1 = whole row); must divide every layer's input size
     sym: bool = False  # rtn/gptq: symmetric grid (zero fixed at 2^(b-1))
@@ -96,7 +96,7 @@ class QuantizeParams:
 class FinetuneParams:
     """Training on the task's train split (loss on the answer only), with transformers Trainer."""
 
-    method: str = "lora"  # full | lora | qlora | l4q | qat_lora | qblora | qalora | qablora | loftq (ptqlib.methods)
+    method: str = "lora"  # a registered fine-tuning method: full, lora, qlora, l4q, ... (python -m ptqlib methods lists them)
     steps: int = 40  # optimizer steps
     lr: float = 2e-4  # peak learning rate (cosine schedule)
     warmup_ratio: float = 0.1  # share of steps for linear warm-up
@@ -234,6 +234,17 @@ def id_params(kind: str, params: dict) -> dict:
 
 
 STAGE_PARAMS = {"quantize": QuantizeParams, "finetune": FinetuneParams, "evaluate": EvaluateParams}
+
+
+def as_params(kind: str, p):
+    """The typed, validated params of a stage kind from a dataclass (returned as it is) or a dict
+    (a stage record's ``params``, or a few keys with the rest defaulted): what the stage code takes."""
+    cls = STAGE_PARAMS[kind]
+    if isinstance(p, cls):
+        return p
+    if isinstance(p, dict):
+        return cls(**p)
+    raise TypeError(f"{kind} params must be a {cls.__name__} or a dict, got {type(p).__name__}")
 LIST_KEYS = {"target_modules", "lm_eval_tasks", "ppl_sources"}  # list-valued by nature: never a grid axis
 TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims", "executor"}
 # the `executor:` section (run --executor slurm): where and with what resources each stage job runs

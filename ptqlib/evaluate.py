@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from ptqlib.data import Example, format_prompt, text_windows
 from ptqlib.metrics import example_scores, ppl_statistic, task_scores
+
+if TYPE_CHECKING:
+    from ptqlib.config import EvaluateParams
 
 
 def _device(model) -> torch.device:
@@ -206,8 +210,8 @@ def model_metrics(model, input_ref) -> dict[str, float]:
             "model_params": sum(p.numel() for p in model.parameters())}
 
 
-def run_stage(model, tokenizer, input_ref, examples: list[Example], p: dict, output_dir, progress: bool = False):
-    """The evaluate stage for ``p`` (EvaluateParams as a dict) -> ``(metrics, generations, units)``.
+def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateParams, output_dir, progress: bool = False):
+    """The evaluate stage for ``p`` (EvaluateParams, or a dict of them) -> ``(metrics, generations, units)``.
 
     Runtime ``torch``: the model as loaded (:func:`evaluate_model`, then batch-1 speed if asked);
     ``llama.cpp``: exported to ``output_dir/model.gguf`` and scored in a llama.cpp process. Then the
@@ -215,28 +219,31 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: dict, out
     """
     from pathlib import Path
 
-    sources = tuple(p["ppl_sources"])
-    if p["runtime"] == "llama.cpp":  # the deployed file: exported here, scored in a llama.cpp process
+    from ptqlib.config import as_params
+
+    p = as_params("evaluate", p)
+    sources = tuple(p.ppl_sources)
+    if p.runtime == "llama.cpp":  # the deployed file: exported here, scored in a llama.cpp process
         from ptqlib.deploy import deployed_metrics, export_gguf
 
         gguf = Path(output_dir) / "model.gguf"
-        export = export_gguf(model, tokenizer, gguf, type=p["gguf_type"], lossy=p["gguf_lossy"])
-        metrics, generations, units = evaluate_gguf(gguf, tokenizer, examples, p["ppl_samples"], p["ppl_seq_len"],
-                                                    p["max_new_tokens"], sources, p["speed_prompts"], p["speed_tokens"])
+        export = export_gguf(model, tokenizer, gguf, type=p.gguf_type, lossy=p.gguf_lossy)
+        metrics, generations, units = evaluate_gguf(gguf, tokenizer, examples, p.ppl_samples, p.ppl_seq_len,
+                                                    p.max_new_tokens, sources, p.speed_prompts, p.speed_tokens)
         metrics.update(deployed_metrics(export, model.config, metrics.get("decode_tokens_per_s")))
     else:
-        metrics, generations, units = evaluate_model(model, tokenizer, examples, p["ppl_samples"], p["ppl_seq_len"],
-                                                     p["max_new_tokens"], p["batch_size"], progress=progress,
+        metrics, generations, units = evaluate_model(model, tokenizer, examples, p.ppl_samples, p.ppl_seq_len,
+                                                     p.max_new_tokens, p.batch_size, progress=progress,
                                                      ppl_sources=sources)
-        if p["speed_prompts"]:
-            metrics.update(decode_speed(model, tokenizer, [e.prompt for e in examples[:p["speed_prompts"]]],
-                                        p["speed_tokens"]))
+        if p.speed_prompts:
+            metrics.update(decode_speed(model, tokenizer, [e.prompt for e in examples[:p.speed_prompts]],
+                                        p.speed_tokens))
     metrics.update(model_metrics(model, input_ref))
-    if p["lm_eval_tasks"]:  # MMLU / commonsense through lm-evaluation-harness
+    if p.lm_eval_tasks:  # MMLU / commonsense through lm-evaluation-harness
         from ptqlib.lmeval import run_lm_eval
 
-        metrics.update(run_lm_eval(model, tokenizer, list(p["lm_eval_tasks"]),
-                                   num_fewshot=None if p["lm_eval_fewshot"] < 0 else p["lm_eval_fewshot"],
-                                   limit=p["lm_eval_limit"] or None, batch_size=p["batch_size"],
-                                   include_path=p["lm_eval_include"] or None))
+        metrics.update(run_lm_eval(model, tokenizer, list(p.lm_eval_tasks),
+                                   num_fewshot=None if p.lm_eval_fewshot < 0 else p.lm_eval_fewshot,
+                                   limit=p.lm_eval_limit or None, batch_size=p.batch_size,
+                                   include_path=p.lm_eval_include or None))
     return metrics, generations, units

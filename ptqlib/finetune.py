@@ -12,12 +12,16 @@ import math
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ptqlib import artifacts
 from ptqlib.data import collate
 from ptqlib.record import peak_rss_mb
+
+if TYPE_CHECKING:
+    from ptqlib.config import FinetuneParams
 
 
 def count_trainable(model) -> tuple[int, int]:
@@ -26,25 +30,30 @@ def count_trainable(model) -> tuple[int, int]:
     return tr, sum(p.numel() for p in model.parameters())
 
 
-def prepare(model, method: str, p: dict, input_ref: str | None = None):
+def prepare(model, method: str, p: FinetuneParams, input_ref: str | None = None):
     """The trainable model for ``method`` (``p``: the FinetuneParams as a dict; ``input_ref``: where
     ``model`` was loaded from, for methods that read more of their input, such as loftq)."""
+    from ptqlib.config import as_params
     from ptqlib.methods import finetune_method
 
-    return finetune_method(method).prepare(model, p, input_ref)
+    return finetune_method(method).prepare(model, as_params("finetune", p), input_ref)
 
 
-def train(model, tokenizer, features: list[dict], p: dict, seed: int, progress: bool = False) -> dict:
-    """Run Trainer for ``p['steps']`` optimizer steps -> {loss_history, metrics}."""
+def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, progress: bool = False) -> dict:
+    """Run Trainer for ``p.steps`` optimizer steps -> {loss_history, metrics}."""
     from transformers import Trainer, TrainingArguments, set_seed
+
+    from ptqlib.config import as_params
+
+    p = as_params("finetune", p)
 
     set_seed(seed)
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, max_steps=p["steps"], per_device_train_batch_size=p["batch_size"],
-            gradient_accumulation_steps=p["grad_accum"], learning_rate=p["lr"], lr_scheduler_type="cosine",
-            warmup_steps=int(p["warmup_ratio"] * p["steps"]), weight_decay=p["weight_decay"], logging_steps=1,
+            output_dir=tmp, max_steps=p.steps, per_device_train_batch_size=p.batch_size,
+            gradient_accumulation_steps=p.grad_accum, learning_rate=p.lr, lr_scheduler_type="cosine",
+            warmup_steps=int(p.warmup_ratio * p.steps), weight_decay=p.weight_decay, logging_steps=1,
             save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not cuda,
             disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch",
         )
@@ -57,11 +66,11 @@ def train(model, tokenizer, features: list[dict], p: dict, seed: int, progress: 
         secs = time.perf_counter() - t0
     hist = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     n_tok = sum(sum(1 for l in f["input_ids"]) for f in features)
-    seen = p["steps"] * p["batch_size"] * p["grad_accum"]
+    seen = p.steps * p.batch_size * p.grad_accum
     tokens = n_tok / len(features) * seen  # average tokens per example x examples seen
     trainable, total = count_trainable(model)
     metrics = {
-        "train_seconds": secs, "train_tokens_per_s": tokens / secs, "step_seconds": secs / p["steps"],
+        "train_seconds": secs, "train_tokens_per_s": tokens / secs, "step_seconds": secs / p.steps,
         "train_loss_first": hist[0][1] if hist else math.nan,
         "train_loss_last": sum(l for _, l in hist[-5:]) / max(1, len(hist[-5:])) if hist else math.nan,
         "trainable_params": trainable, "total_params": total,
@@ -71,10 +80,11 @@ def train(model, tokenizer, features: list[dict], p: dict, seed: int, progress: 
     return {"loss_history": hist, "metrics": metrics}
 
 
-def save(model, tokenizer, method: str, p: dict, output_dir: str | Path, input_ref: str) -> dict:
+def save(model, tokenizer, method: str, p: FinetuneParams, output_dir: str | Path, input_ref: str) -> dict:
     """Write the artifact of a fine-tuning stage (the method's layout); returns its artifact.json."""
+    from ptqlib.config import as_params
     from ptqlib.methods import finetune_method
 
-    info = finetune_method(method).save(model, tokenizer, p, output_dir, input_ref)
+    info = finetune_method(method).save(model, tokenizer, as_params("finetune", p), output_dir, input_ref)
     artifacts.save(output_dir, info, input_ref)
     return info

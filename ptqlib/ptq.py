@@ -8,31 +8,39 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ptqlib import artifacts
 
+if TYPE_CHECKING:
+    from ptqlib.config import QuantizeParams
 
-def calibration_windows(input_ref: str, p: dict) -> torch.Tensor | None:
+
+def calibration_windows(input_ref: str, p: QuantizeParams) -> torch.Tensor | None:
     """GPTQ's calibration data: ``calib_samples`` windows of ``calib_seq_len`` tokens of pydoc's
     train split (``calib_seed`` picks them), tokenized as the input model; None for a method that
     needs none."""
+    from ptqlib.config import as_params
     from ptqlib.data import text_windows
     from ptqlib.methods import quantize_method
     from ptqlib.models import load_tokenizer
 
-    if not quantize_method(p["method"]).calibration:
+    p = as_params("quantize", p)
+    if not quantize_method(p.method).calibration:
         return None
     tok = load_tokenizer(artifacts.float_model_dir(input_ref))
-    return text_windows(tok, "train", p["calib_seq_len"], p["calib_samples"], seed=p["calib_seed"])
+    return text_windows(tok, "train", p.calib_seq_len, p.calib_samples, seed=p.calib_seed)
 
 
-def quantize(input_ref: str, p: dict, calib: torch.Tensor | None = None, progress: bool = False):
+def quantize(input_ref: str, p: QuantizeParams, calib: torch.Tensor | None = None, progress: bool = False):
     """Quantize the float model at ``input_ref`` -> (model, tokenizer, stats incl. quant_seconds)."""
+    from ptqlib.config import as_params
     from ptqlib.methods import quantize_method
 
-    method = quantize_method(p["method"])
+    p = as_params("quantize", p)
+    method = quantize_method(p.method)
     t0 = time.perf_counter()
     model, tok, stats = method.quantize(input_ref, p, calib, progress)
     stats = dict(stats or {})
@@ -41,11 +49,13 @@ def quantize(input_ref: str, p: dict, calib: torch.Tensor | None = None, progres
     return model, tok, stats
 
 
-def save(model, tokenizer, p: dict, output_dir: str | Path, input_ref: str | None = None) -> dict:
+def save(model, tokenizer, p: QuantizeParams, output_dir: str | Path, input_ref: str | None = None) -> dict:
     """Write the stage's artifact (the method's layout) and its artifact.json; returns the latter."""
+    from ptqlib.config import as_params
     from ptqlib.methods import quantize_method
 
-    info = quantize_method(p["method"]).save(model, tokenizer, p, output_dir)
+    p = as_params("quantize", p)
+    info = quantize_method(p.method).save(model, tokenizer, p, output_dir)
     artifacts.save(output_dir, info, input_ref)
     return info
 

@@ -68,4 +68,5 @@ def test_setup_cell_passes_every_parameter_on(name, cls, tmp_path):
     ns.update(given, output_dir=str(tmp_path / "out"))
     setup = code[1].source.split("\nout = Path(output_dir)")[0]  # imports and p = ..., not the model loading
     exec(setup, ns)
-    assert {k: ns["p"][k] for k in given} == given
+    assert {k: getattr(ns["p"], k) for k in given} == given
+    assert isinstance(ns["p"], cls)  # the typed params flow into the stage code

@@ -47,7 +47,7 @@ class QuantizeMethod:
     summary: str  # one line for --help and the docs
     bits: tuple[int, ...]  # the weight bits it supports
     grid: Grid  # uniform: QuantLinear (codes, scale, zero per group); bnb: bitsandbytes Linear4bit
-    quantize: Callable  # (input_ref, p: dict, calib | None, progress) -> (model, tokenizer, stats)
+    quantize: Callable  # (input_ref, p: QuantizeParams, calib | None, progress) -> (model, tokenizer, stats)
     save: Callable  # (model, tokenizer, p, output_dir) -> artifact info (artifact.json)
     settings: tuple[str, ...] = ()  # the params a reader needs next to its numbers (report, results.csv)
     label_keys: tuple[str, ...] = ()  # params shown in the stage label: bits -> "4b", group_size -> "g64"
@@ -60,7 +60,7 @@ class FinetuneMethod:
     summary: str
     needs: Needs
     gives: Gives
-    prepare: Callable  # (model, p: dict, input_ref) -> the trainable model
+    prepare: Callable  # (model, p: FinetuneParams, input_ref) -> the trainable model
     save: Callable  # (model, tokenizer, p, output_dir, input_ref) -> artifact info
     settings: tuple[str, ...] = ()
     label_keys: tuple[str, ...] = ()
@@ -146,6 +146,6 @@ def finetune_method(name: str) -> FinetuneMethod:
 
 
 def label_extra(entry: QuantizeMethod | FinetuneMethod, p: dict) -> str:
-    """``", 4b, g64"`` for the entry's label keys (the runner's stage labels)."""
+    """``", 4b, g64"`` for the entry's label keys (the runner's stage labels; ``p``: a stage's params dict)."""
     fmt = {"bits": "{}b", "group_size": "g{}"}
     return "".join(", " + fmt.get(k, k + " {}").format(p[k]) for k in entry.label_keys)

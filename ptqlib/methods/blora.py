@@ -8,21 +8,25 @@ is the input's uniform grid with the adapter folded in (still low-bit).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ptqlib.methods import ArtifactType, FinetuneMethod, register
 
+if TYPE_CHECKING:
+    from ptqlib.config import FinetuneParams
 
-def prepare(model, p: dict, input_ref: str):
+
+def prepare(model, p: FinetuneParams, input_ref: str):
     from ptqlib.adapters.blora import apply_adapter
 
-    method = p["method"]
-    model = apply_adapter(model, method, rank=p["rank"], alpha=p["alpha"], pool=p["pool"] or None,
-                          repeat=p["repeat"] or None, target_modules=list(p["target_modules"]))
-    if method in ("qalora", "qablora") and p["group_size"] > 0:  # validated against the study; checked here
+    method = p.method
+    model = apply_adapter(model, method, rank=p.rank, alpha=p.alpha, pool=p.pool or None,
+                          repeat=p.repeat or None, target_modules=list(p.target_modules))
+    if method in ("qalora", "qablora") and p.group_size > 0:  # validated against the study; checked here
         layers = model.ptqlib_adapter_config["layers"]
-        bad = {n: l["pool"] for n, l in layers.items() if l["pool"] != p["group_size"]}
+        bad = {n: l["pool"] for n, l in layers.items() if l["pool"] != p.group_size}
         if bad:
-            raise ValueError(f"group_size {p['group_size']} differs from the base's quantization group in "
+            raise ValueError(f"group_size {p.group_size} differs from the base's quantization group in "
                              + ", ".join(f"{n} ({g})" for n, g in list(bad.items())[:3]))
     if getattr(model, "is_quantized", False):
         # transformers' Trainer refuses a bnb-quantized model unless it knows adapters are
@@ -31,13 +35,13 @@ def prepare(model, p: dict, input_ref: str):
     return model
 
 
-def save(model, tokenizer, p: dict, output_dir, input_ref: str) -> dict:
+def save(model, tokenizer, p: FinetuneParams, output_dir, input_ref: str) -> dict:
     from ptqlib import artifacts
     from ptqlib.adapters import blora
 
     out = Path(output_dir)
     blora.save_adapters(model, out / "adapter")
-    if p["method"] == "qblora":
+    if p.method == "qblora":
         return {"type": "blora", "adapter": "adapter", "base": artifacts.base_ref(out, input_ref)}
     from ptqlib.quant.checkpoint import save_quantized
 

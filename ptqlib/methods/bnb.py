@@ -7,8 +7,12 @@ runs these on CPU since 0.46.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ptqlib.methods import ArtifactType, QuantizeMethod, register
+
+if TYPE_CHECKING:
+    from ptqlib.config import QuantizeParams
 
 
 def bnb_config(method: str, double_quant: bool = True, blocksize: int = 64):
@@ -24,7 +28,7 @@ def bnb_config(method: str, double_quant: bool = True, blocksize: int = 64):
                               bnb_4bit_compute_dtype=compute, **kw)
 
 
-def quantize(input_ref: str, p: dict, calib=None, progress: bool = False):
+def quantize(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
     from transformers import AutoModelForCausalLM
 
     from ptqlib import artifacts
@@ -32,16 +36,16 @@ def quantize(input_ref: str, p: dict, calib=None, progress: bool = False):
 
     src = artifacts.float_model_dir(input_ref)
     model = AutoModelForCausalLM.from_pretrained(
-        src, quantization_config=bnb_config(p["method"], p["double_quant"], p["blocksize"]),
+        src, quantization_config=bnb_config(p.method, p.double_quant, p.blocksize),
         device_map=artifacts.default_device())
     return model, load_tokenizer(src), {}
 
 
-def save(model, tokenizer, p: dict, output_dir) -> dict:
+def save(model, tokenizer, p: QuantizeParams, output_dir) -> dict:
     out = Path(output_dir)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    return {"type": "bnb", "path": "model", "method": p["method"]}
+    return {"type": "bnb", "path": "model", "method": p.method}
 
 
 def load(ref, info: dict, device: str):

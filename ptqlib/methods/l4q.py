@@ -4,19 +4,23 @@ fully quantized model (``QuantLinear``, the GPTQ layout) of the method's own bit
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ptqlib.methods import FinetuneMethod, register
 from ptqlib.quant.grid import SUPPORTED_BITS
 
+if TYPE_CHECKING:
+    from ptqlib.config import FinetuneParams
 
-def prepare(model, p: dict, input_ref: str):
+
+def prepare(model, p: FinetuneParams, input_ref: str):
     from ptqlib.adapters.l4q import apply_l4q
 
-    return apply_l4q(model, bits=p["bits"], group_size=p["group_size"], rank=p["rank"], alpha=p["alpha"],
-                     target_modules=list(p["target_modules"]))
+    return apply_l4q(model, bits=p.bits, group_size=p.group_size, rank=p.rank, alpha=p.alpha,
+                     target_modules=list(p.target_modules))
 
 
-def save(model, tokenizer, p: dict, output_dir, input_ref: str) -> dict:
+def save(model, tokenizer, p: FinetuneParams, output_dir, input_ref: str) -> dict:
     from ptqlib.adapters.l4q import export_l4q
     from ptqlib.quant.checkpoint import save_quantized
 

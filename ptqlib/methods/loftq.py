@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
+    from ptqlib.config import FinetuneParams
     from torch import Tensor
 
 from ptqlib.methods import FinetuneMethod, register
@@ -90,7 +91,7 @@ def loftq_initialise(peft_model, float_dir: str | Path, adapter: str = "default"
     return errors
 
 
-def prepare(model, p: dict, input_ref: str | None):
+def prepare(model, p: FinetuneParams, input_ref: str | None):
     from ptqlib import artifacts
 
     if input_ref is None:
@@ -100,7 +101,7 @@ def prepare(model, p: dict, input_ref: str | None):
     before = sum(e[0] for e in errors.values()) / len(errors)
     after = sum(e[1] for e in errors.values()) / len(errors)
     print(f"LoftQ start on {len(errors)} layers: mean ||W - Q|| / ||W|| {before:.4f} -> "
-          f"||W - Q - sBA|| / ||W|| {after:.4f} (rank {p['rank']})")
+          f"||W - Q - sBA|| / ||W|| {after:.4f} (rank {p.rank})")
     return model
 
 

@@ -8,11 +8,15 @@ later PTQ stage needs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ptqlib.methods import ArtifactType, FinetuneMethod, register
 
+if TYPE_CHECKING:
+    from ptqlib.config import FinetuneParams
 
-def prepare(model, p: dict, input_ref: str):
+
+def prepare(model, p: FinetuneParams, input_ref: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from ptqlib.adapters.lora_quantlinear import register as register_quantlinear
@@ -20,8 +24,8 @@ def prepare(model, p: dict, input_ref: str):
     if getattr(model, "is_loaded_in_4bit", False):
         # casts norms to fp32 and enables input grads; gradient checkpointing only costs time here
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    cfg = LoraConfig(r=p["rank"], lora_alpha=p["alpha"], lora_dropout=p["dropout"],
-                     target_modules=list(p["target_modules"]), task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                     target_modules=list(p.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, register_quantlinear(cfg))  # LoRA on QuantLinear too (GPTQ/RTN base)
 
 
@@ -43,12 +47,12 @@ def float_copy(input_ref: str):
     return model.float(), tok
 
 
-def save(model, tokenizer, p: dict, output_dir, input_ref: str) -> dict:
+def save(model, tokenizer, p: FinetuneParams, output_dir, input_ref: str) -> dict:
     from ptqlib import artifacts
 
     out = Path(output_dir)
     model.save_pretrained(out / "adapter")
-    if not p["merge"]:
+    if not p.merge:
         return {"type": "peft", "adapter": "adapter", "base": artifacts.base_ref(out, input_ref)}
     from peft import PeftModel
 

@@ -6,8 +6,13 @@ Hessian of the calibration inputs); both write the GPTQ checkpoint layout (``ptq
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ptqlib.methods import QuantizeMethod, register
 from ptqlib.quant.grid import SUPPORTED_BITS
+
+if TYPE_CHECKING:
+    from ptqlib.config import QuantizeParams
 
 
 def _float_model(input_ref: str):
@@ -16,36 +21,36 @@ def _float_model(input_ref: str):
     return artifacts.load(input_ref, artifacts.default_device())
 
 
-def quantize_rtn(input_ref: str, p: dict, calib=None, progress: bool = False):
+def quantize_rtn(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
     from ptqlib.quant import rtn_quantize_model
 
     model, tok, _ = _float_model(input_ref)
-    stats = rtn_quantize_model(model, bits=p["bits"], group_size=p["group_size"], sym=p["sym"], progress=progress,
-                               sym_grid=p["sym_grid"])
+    stats = rtn_quantize_model(model, bits=p.bits, group_size=p.group_size, sym=p.sym, progress=progress,
+                               sym_grid=p.sym_grid)
     return model, tok, stats
 
 
-def quantize_gptq(input_ref: str, p: dict, calib=None, progress: bool = False):
+def quantize_gptq(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
     from ptqlib.quant.gptq import gptq_quantize_model
 
     if calib is None:
         raise ValueError("gptq needs calibration windows (ptqlib.ptq.calibration_windows)")
     model, tok, _ = _float_model(input_ref)
     stats = gptq_quantize_model(
-        model, [c.unsqueeze(0) for c in calib], bits=p["bits"], group_size=p["group_size"], sym=p["sym"],
-        act_order=p["act_order"], static_groups=p["static_groups"], true_sequential=p["true_sequential"],
-        damp=p["damp"], block_size=p["block_size"], progress=progress, group_grid=p["group_grid"],
-        sym_grid=p["sym_grid"])
+        model, [c.unsqueeze(0) for c in calib], bits=p.bits, group_size=p.group_size, sym=p.sym,
+        act_order=p.act_order, static_groups=p.static_groups, true_sequential=p.true_sequential,
+        damp=p.damp, block_size=p.block_size, progress=progress, group_grid=p.group_grid,
+        sym_grid=p.sym_grid)
     return model, tok, stats
 
 
-def save_uniform(model, tokenizer, p: dict, output_dir) -> dict:
+def save_uniform(model, tokenizer, p: QuantizeParams, output_dir) -> dict:
     from pathlib import Path
 
     from ptqlib.quant import save_quantized
 
     save_quantized(model, Path(output_dir) / "model", tokenizer=tokenizer)
-    return {"type": "quant", "path": "model", "method": p["method"]}
+    return {"type": "quant", "path": "model", "method": p.method}
 
 
 register(
