@@ -85,7 +85,7 @@ def test_a_method_from_its_own_module_runs_through_the_runner(tmp_path):
     assert row["status"] == "ok" and float(row["ppl"]) > 1
     assert row["finetune.method"] == "norm_only" and row["quantize.method"] == "rtn"
     listed = subprocess.run([sys.executable, "-m", "ptqlib", "methods"], env=env, capture_output=True, text=True)
-    assert "norm_only         float -> float" in listed.stdout and "loftq" in listed.stdout
+    assert "norm_only     float -> float" in listed.stdout and "loftq" in listed.stdout
     # without the module the same study is refused before anything runs, naming the method
     env.pop("PTQLIB_METHODS")
     p = subprocess.run([sys.executable, "-m", "ptqlib", "run", "toy.yaml", "--dry-run"], cwd=tmp_path, env=env,
