@@ -94,9 +94,14 @@ def register(*entries: QuantizeMethod | FinetuneMethod | ArtifactType) -> None:
     for e in entries:
         table = _TABLES[type(e)]
         if e.name in table and table[e.name] != e:
-            raise ValueError(f"{type(e).__name__} {e.name!r} is registered twice "
-                             f"({table[e.name].__module__ if hasattr(table[e.name], '__module__') else ''})")
+            raise ValueError(f"{type(e).__name__} {e.name!r} is registered twice: by {_origin(table[e.name])} "
+                             f"and by {_origin(e)}")
         table[e.name] = e
+
+
+def _origin(e) -> str:
+    fn = getattr(e, "prepare", None) or getattr(e, "quantize", None) or e.load
+    return getattr(fn, "__module__", "?")
 
 
 def load_all() -> None:
