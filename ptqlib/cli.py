@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=int, default=None, metavar="N",
                      help="stages running at once, each in its own process, dependency order kept; CPU threads are "
                           "split between them (default: 1, or one per --gpus device; slurm: every ready stage)")
+    run.add_argument("--threads", type=int, default=None, metavar="T",
+                     help="torch threads per local job (default: CPU cores // --jobs); the count moves the last "
+                          "bits of the results, so give a serial run's count to reproduce its records exactly")
     run.add_argument("--gpus", default=None, metavar="0,1,...",
                      help="GPU ids for local jobs: each running stage gets one (CUDA_VISIBLE_DEVICES)")
     run.add_argument("--executor", default=None, choices=["local", "slurm", "submitit-local"],
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             section[key] = int(value) if value.isdigit() else value
         try:
             executor = make_executor(args.executor or "local", runner.runs, args.jobs, gpus, args.kernel,
-                                     args.progress, section)
+                                     args.progress, section, args.threads)
         except (ValueError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

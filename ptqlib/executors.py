@@ -236,20 +236,25 @@ class SubmititExecutor:
 
 
 def make_executor(kind: str, runs: Path, jobs: int | None = None, gpus: list[str] | None = None,
-                  kernel: str | None = None, progress: bool = False, section: dict | None = None):
+                  kernel: str | None = None, progress: bool = False, section: dict | None = None,
+                  threads: int | None = None):
     """The executor for ``run --executor KIND --jobs N --gpus ...``.
 
     ``jobs``: stages running at once (local default: 1, or one per listed GPU; slurm default: every
-    ready stage is submitted)."""
+    ready stage is submitted). ``threads``: torch threads per local job (default ``cpu_count // jobs``);
+    the thread count changes the float summation order, so a run meant to reproduce a serial run's
+    records bit for bit gives each job the serial run's count (GPTQ codes flip with it)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     if kind not in EXECUTORS:
         raise ValueError(f"executor {kind!r} is not valid; valid: {', '.join(EXECUTORS)}")
     if jobs is not None and jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     if kind == "local":
         jobs = jobs or (len(gpus) if gpus else 1)
-        if jobs == 1 and not gpus:
+        if jobs == 1 and not gpus and threads is None:
             return InlineExecutor(runs, kernel, progress)
-        return LocalExecutor(runs, jobs, gpus, kernel, progress)
+        return LocalExecutor(runs, jobs, gpus, kernel, progress, threads)
     cluster = "slurm" if kind == "slurm" else "local"
     return SubmititExecutor(runs, cluster, submitit_parameters(section), kernel, progress,
                             slots=jobs or (10_000 if cluster == "slurm" else 1))

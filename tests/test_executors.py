@@ -27,6 +27,10 @@ def test_make_executor_choices(tmp_path):
         make_executor("local", tmp_path, jobs=0)
     with pytest.raises(ValueError, match="gpus must be distinct"):
         make_executor("local", tmp_path, jobs=2, gpus=["0", "0"])
+    with pytest.raises(ValueError, match="--threads must be >= 1, got 0"):
+        make_executor("local", tmp_path, jobs=2, threads=0)
+    ex = make_executor("local", tmp_path, jobs=2, threads=3)  # a serial run's count, kept under --jobs 2
+    assert ex.stage_env(None)["OMP_NUM_THREADS"] == "3"
 
 
 def test_each_running_stage_gets_its_own_gpu_and_a_share_of_the_threads(tmp_path, monkeypatch):
