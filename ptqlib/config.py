@@ -438,7 +438,7 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                             if int(si) == i:
                                 p[k] = val
                                 label[k] = val
-                        swhere = f"{where}[{i}].{kind}" if kind != "evaluate" else f"defaults.evaluate"
+                        swhere = f"{where}[{i}].{kind}" if kind != "evaluate" else "defaults.evaluate"
                         _check_types(STAGE_PARAMS[kind], path, swhere, p)
                         obj = _build(STAGE_PARAMS[kind], path, swhere, p)
                         built.append(Stage(kind, dataclasses.asdict(obj)))
