@@ -167,6 +167,12 @@ def tensor_bytes(model: torch.nn.Module, float_bytes: int | None = None) -> int:
     return total
 
 
+def size_metrics(model: torch.nn.Module, ref: str | Path) -> dict[str, float]:
+    """``size_mb_deploy``: every tensor ``model`` holds, floats at 16 bits (:func:`tensor_bytes`);
+    ``size_mb_stored``: the safetensors on disk of the artifact at ``ref``, base chain included."""
+    return {"size_mb_deploy": tensor_bytes(model, float_bytes=2) / 2**20, "size_mb_stored": dir_bytes(ref) / 2**20}
+
+
 def dir_bytes(ref: str | Path) -> int:
     """Bytes on disk of an artifact including its base chain (a model name counts its cache dir)."""
     from ptqlib.models import resolve_model

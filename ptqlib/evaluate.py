@@ -201,13 +201,10 @@ def evaluate_gguf(path, tokenizer, examples: list[Example], ppl_samples: int = 1
 
 
 def model_metrics(model, input_ref) -> dict[str, float]:
-    """Size of the evaluated model: ``size_mb_deploy`` (every tensor it holds, floats at 16 bits),
-    ``size_mb_stored`` (its artifact's safetensors on disk, base chain included), ``model_params``."""
+    """Size of the evaluated model: ``artifacts.size_metrics`` (deployed and stored MB) and ``model_params``."""
     from ptqlib import artifacts
 
-    return {"size_mb_deploy": artifacts.tensor_bytes(model, float_bytes=2) / 2**20,
-            "size_mb_stored": artifacts.dir_bytes(input_ref) / 2**20,
-            "model_params": sum(p.numel() for p in model.parameters())}
+    return {**artifacts.size_metrics(model, input_ref), "model_params": sum(p.numel() for p in model.parameters())}
 
 
 def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateParams, output_dir, progress: bool = False):

@@ -81,14 +81,10 @@ def weight_error(model_fp, model_q) -> dict[str, float]:
 
 
 def quantize_metrics(model, werr: dict[str, float], stats: dict, output_dir: str | Path) -> dict:
-    """The quantize stage's metrics: time, mean relative weight error, deployed / stored size.
-
-    ``size_mb_deploy``: every tensor the model holds, floats at 16 bits (``artifacts.tensor_bytes``);
-    ``size_mb_stored``: the artifact's safetensors files on disk.
-    """
+    """The quantize stage's metrics: time, mean relative weight error, deployed / stored size
+    (``artifacts.size_metrics``)."""
     metrics = {"quant_seconds": stats["quant_seconds"], "weight_rel_err_mean": sum(werr.values()) / max(1, len(werr)),
-               "size_mb_deploy": artifacts.tensor_bytes(model, float_bytes=2) / 2**20,
-               "size_mb_stored": artifacts.dir_bytes(output_dir) / 2**20}
+               **artifacts.size_metrics(model, output_dir)}
     for k in ("mean_gptq_rel_err", "mean_rtn_rel_err", "total_damp_retries", "n_fallback"):
         if k in stats:
             metrics[k] = stats[k]

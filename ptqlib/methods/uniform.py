@@ -15,27 +15,23 @@ if TYPE_CHECKING:
     from ptqlib.config import QuantizeParams
 
 
-def _float_model(input_ref: str):
-    from ptqlib import artifacts
-
-    return artifacts.load(input_ref, artifacts.default_device())
-
-
 def quantize_rtn(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
+    from ptqlib import artifacts
     from ptqlib.quant import rtn_quantize_model
 
-    model, tok, _ = _float_model(input_ref)
+    model, tok, _ = artifacts.load(input_ref)  # on CUDA where there is one
     stats = rtn_quantize_model(model, bits=p.bits, group_size=p.group_size, sym=p.sym, progress=progress,
                                sym_grid=p.sym_grid)
     return model, tok, stats
 
 
 def quantize_gptq(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
+    from ptqlib import artifacts
     from ptqlib.quant.gptq import gptq_quantize_model
 
     if calib is None:
         raise ValueError("gptq needs calibration windows (ptqlib.ptq.calibration_windows)")
-    model, tok, _ = _float_model(input_ref)
+    model, tok, _ = artifacts.load(input_ref)
     stats = gptq_quantize_model(
         model, [c.unsqueeze(0) for c in calib], bits=p.bits, group_size=p.group_size, sym=p.sym,
         act_order=p.act_order, static_groups=p.static_groups, true_sequential=p.true_sequential,
