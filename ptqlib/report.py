@@ -65,13 +65,7 @@ def write_results(runner: "Runner") -> Path:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    path = runner.reports / "results.csv"
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+    path = _write_csv(runner.reports / "results.csv", keys, rows)
     write_units(runner)
     # per-stage pages, linked from the index
     pages = runner.reports / "stages"
@@ -113,7 +107,12 @@ def write_units(runner: "Runner") -> Path:
                 row = {"pipeline": pl.name, "family": pl.family, "seed": pl.seed, "group": group, "unit": i}
                 row.update({c: v[i] for c, v in cols.items()})
                 rows.append(row)
-    path = runner.reports / "units.csv"
+    return _write_csv(runner.reports / "units.csv", keys, rows)
+
+
+def _write_csv(path: Path, keys: list[str], rows: list[dict]) -> Path:
+    """Write ``rows`` under the header ``keys`` to a temp file, then rename it over ``path`` (a
+    reader never sees half a table)."""
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
