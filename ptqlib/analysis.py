@@ -314,7 +314,7 @@ def plot_metrics(results: pd.DataFrame, metrics: list[str], title: str = ""):
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.45 * results["pipeline"].nunique() + 2.2),
                              squeeze=False)
     label = results["pipeline"].str.replace(r",?seed=\d+", "", regex=True).str.replace("[]", "", regex=False)
-    data = results.assign(label=label)
+    data = results[["pipeline", *metrics]].assign(label=label)  # only what is drawn (a wide results frame is fragmented)
     for ax, m in zip(axes[0], metrics):
         sns.barplot(data=data, y="label", x=m, ax=ax, errorbar="sd", color="#4c72b0")
         ax.set_ylabel("")

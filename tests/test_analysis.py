@@ -234,3 +234,25 @@ def test_notebook_outputs_are_written_and_read_back(tmp_path):
     shown = sample_generations(out.results.assign(eval_stage=["s0", "s1", "s2", "s3"]), runs, n=2)
     assert shown[["example", "output"]].values.tolist() == [[0, "o0"], [1, "o1"]]
     assert sample_generations(out.results.assign(eval_stage="none"), runs).empty
+
+
+def test_plot_metrics_wide_results_draw_without_warnings():
+    """A study's results frame has one column per stage parameter (hundreds, added one by one):
+    the plot must not print pandas' fragmentation warning into the rendered report."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ptqlib.analysis import plot_metrics
+
+    res = pd.DataFrame({"pipeline": ["a[seed=0]", "a[seed=1]", "b[seed=0]", "b[seed=1]"],
+                        "field_f1": [0.8, 0.82, 0.6, 0.62]})
+    for i in range(120):  # fragmented as results.csv's frame is after the report adds columns
+        res[f"p{i}"] = i
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_metrics(res, ["field_f1", "ppl"])
+    assert fig is not None and len(fig.axes) == 1  # ppl is absent: one panel
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["a", "b"]
