@@ -236,6 +236,7 @@ def test_notebook_outputs_are_written_and_read_back(tmp_path):
     assert sample_generations(out.results.assign(eval_stage="none"), runs).empty
 
 
+@pytest.mark.filterwarnings("ignore::pandas.errors.PerformanceWarning")  # the set-up fragments on purpose
 def test_plot_metrics_wide_results_draw_without_warnings():
     """A study's results frame has one column per stage parameter (hundreds, added one by one):
     the plot must not print pandas' fragmentation warning into the rendered report."""
