@@ -255,6 +255,9 @@ def make_executor(kind: str, runs: Path, jobs: int | None = None, gpus: list[str
         if jobs == 1 and not gpus and threads is None:
             return InlineExecutor(runs, kernel, progress)
         return LocalExecutor(runs, jobs, gpus, kernel, progress, threads)
+    if threads is not None:  # a cluster job's CPUs come from the study's executor section
+        raise ValueError(f"--threads {threads} applies to --executor local only; for {kind!r} set the CPUs per job "
+                         "with the study file's executor section (cpus: N)")
     cluster = "slurm" if kind == "slurm" else "local"
     return SubmititExecutor(runs, cluster, submitit_parameters(section), kernel, progress,
                             slots=jobs or (10_000 if cluster == "slurm" else 1))

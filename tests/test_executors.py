@@ -31,6 +31,8 @@ def test_make_executor_choices(tmp_path):
         make_executor("local", tmp_path, jobs=2, threads=0)
     ex = make_executor("local", tmp_path, jobs=2, threads=3)  # a serial run's count, kept under --jobs 2
     assert ex.stage_env(None)["OMP_NUM_THREADS"] == "3"
+    with pytest.raises(ValueError, match="--threads 2 applies to --executor local only"):
+        make_executor("submitit-local", tmp_path, threads=2)  # accepted and ignored before
 
 
 def test_each_running_stage_gets_its_own_gpu_and_a_share_of_the_threads(tmp_path, monkeypatch):
