@@ -114,6 +114,7 @@ class FinetuneParams:
     group_size: int = 0  # l4q/qat_lora: quantization group (0 = 64, -1 = whole row); qalora/qablora: as the quantized base (0 = take it from the base; another value is an error); other methods: leave 0
     pool: int = 0  # qblora/qablora: input pool factor (0 = the method's default)
     repeat: int = 0  # qblora/qablora: output repeat factor (0 = the method's default)
+    pool_norm: str = "mean"  # qblora/qalora/qablora: reduce a pooled block by its mean (official code) or sum (QA-LoRA's Algorithm 1; = mean at alpha x pool)
 
     def __post_init__(self) -> None:
         _choice("method", self.method, finetune_methods())
@@ -136,6 +137,11 @@ class FinetuneParams:
                               f"{', '.join(grouped)} only (leave it out)")
         if m.group == "own" and self.group_size == 0:
             self.group_size = DEFAULT_FT_GROUP
+        _choice("pool_norm", self.pool_norm, ("mean", "sum"))  # ptqlib.adapters.balanced.POOL_NORMS (torch-free here)
+        if self.pool_norm != "mean" and "pool_norm" not in m.settings:
+            pooled = [n for n, e in finetune_methods().items() if "pool_norm" in e.settings]
+            raise ConfigError(f"pool_norm: {self.pool_norm!r} has no effect on method {self.method!r}; it applies to "
+                              f"{', '.join(pooled)} only (leave it out)")
         if not isinstance(self.target_modules, list) or not self.target_modules:
             raise ConfigError(f"target_modules: {self.target_modules!r} must be a non-empty list of layer names")
         if self.merge and not m.can_merge:
@@ -214,7 +220,8 @@ def from_namespace(cls, ns: dict):
 # the zero >= 1 rule that came with them changes no code of a cached stage (none had a zero of 0).
 ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated"},
               "evaluate": {"runtime": "torch", "gguf_type": "auto", "gguf_lossy": False, "speed_prompts": 0,
-                           "speed_tokens": 64}}
+                           "speed_tokens": 64},
+              "finetune": {"pool_norm": "mean"}}
 
 
 

@@ -176,6 +176,29 @@ def test_qa_group_size_comes_from_the_base(tmp_path):
     assert "g32" in nodes[chains["g32"][1]].label()
 
 
+def test_qa_pool_norm_keeps_cached_ids_and_is_refused_where_it_does_nothing(tmp_path):
+    """pool_norm: the mean (the code before the key) keeps the ids stages were cached under; the
+    sum is a new stage with its own label; a method without a pooled adapter refuses the key."""
+    from ptqlib.config import ID_NEUTRAL
+
+    text = ("model: tiny\npipelines:\n"
+            "  mean: [{quantize: {method: rtn, group_size: 32}}, {finetune: qalora}]\n"
+            "  sum: [{quantize: {method: rtn, group_size: 32}}, {finetune: {method: qalora, pool_norm: sum}}]\n")
+    s = load_study(write(tmp_path, text))
+    nodes, chains = build_graph(s)
+    ft = {p.name: p.stages[1].params for p in s.pipelines}
+    assert ft["mean"]["pool_norm"] == "mean" and ft["sum"]["pool_norm"] == "sum"
+    before = {k: v for k, v in ft["mean"].items() if k not in ID_NEUTRAL["finetune"]}  # params as cached before
+    assert stage_id("finetune", before, chains["mean"][0], "tiny", "meetings", 0) == chains["mean"][1]
+    assert chains["sum"][1] != chains["mean"][1]
+    assert "sum pool" in nodes[chains["sum"][1]].label() and "pool" not in nodes[chains["mean"][1]].label()
+    with pytest.raises(ConfigError, match=r"pool_norm: 'sum' has no effect on method 'lora'; it applies to "
+                                          r"qblora, qalora, qablora only"):
+        load_study(write(tmp_path, "model: tiny\npipelines:\n  a: [{finetune: {method: lora, pool_norm: sum}}]\n"))
+    with pytest.raises(ConfigError, match=r"pool_norm.*'max'.*mean, sum"):
+        load_study(write(tmp_path, "model: tiny\npipelines:\n  a: [{quantize: rtn}, {finetune: {method: qalora, pool_norm: max}}]\n"))
+
+
 def test_dry_run_notes_an_uncached_hub_model(tmp_path, monkeypatch, capsys):
     from ptqlib.cli import main
 

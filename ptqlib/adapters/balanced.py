@@ -21,6 +21,12 @@ qalora     group size g        1       r (as published: fewer params than LoRA) 
 qablora    group size g        k (2)   r' raised to LoRA-r's parameter count      yes
 =========  ==================  ======  =========================================  ==========
 
+Pool normalisation. The official QA-LoRA and Q-BLoRA code average each block (above); QA-LoRA's
+Algorithm 1 sums it (``QA(x) * group_size``, as ModelScope swift does). A sum pool is the average
+pool with ``s`` multiplied by ``p`` (``pool_norm="sum"``): the same function family, but under Adam,
+whose steps ignore the gradient's scale, the average learns about ``p`` times slower at equal
+``alpha``, which at ``p = g = 64`` is the difference between learning a task in 20 steps or not.
+
 Rank rule. LoRA-r has ``r (in + out)`` parameters; the balanced adapter has
 ``r' (in/p + out/k)``. With ``match_params`` we take ``r' = floor(r (in + out) / (in/p + out/k))``
 (rounded down, so the count never exceeds LoRA-r's; exact when the division is exact, e.g.
@@ -69,6 +75,7 @@ from ptqlib.quant.qlinear import QuantLinear
 
 Kind = Literal["qblora", "qalora", "qablora"]
 KINDS: tuple[str, ...] = ("qblora", "qalora", "qablora")
+POOL_NORMS: tuple[str, ...] = ("mean", "sum")  # how a pooled block of inputs is reduced (BalancedLoRA)
 # Fold pool / repeat into the weights while the extra GEMM width r'(1 - 1/f) is at most this
 # (see BalancedLoRA.__init__); a speed choice only, both paths are exact.
 _FOLD_MAX_EXTRA = 48
@@ -138,6 +145,11 @@ class BalancedLoRA(nn.Module):
         match_params: raise the rank to ``r' = balanced_rank(...)`` (equal parameters to LoRA-r);
             False keeps ``r' = r`` (QA-LoRA as published).
         dropout: dropout on the pooled input (as in LoRA / the reference code), 0 by default.
+        pool_norm: ``"mean"`` averages each pooled block (the official QA-LoRA and Q-BLoRA code's
+            ``AvgPool1d``); ``"sum"`` adds it up (QA-LoRA's Algorithm 1, ``QA(x) * group_size``).
+            The two are one function at ``alpha`` scaled by ``p``: under Adam, whose step size
+            ignores the gradient's scale, ``"mean"`` learns about ``p`` times slower at the same
+            ``alpha`` (the adapter output per unit change of ``B`` is ``1/p`` of ``"sum"``'s).
         name: the layer's name, used in error messages.
         fold: compute pool / repeat by folding them into the weights (True), on the
             activations (False), or pick the faster per layer (None, default); results agree
@@ -155,6 +167,7 @@ class BalancedLoRA(nn.Module):
         *,
         match_params: bool = True,
         dropout: float = 0.0,
+        pool_norm: str = "mean",
         name: str = "",
         fold: bool | None = None,
         device: torch.device | str | None = None,
@@ -170,12 +183,16 @@ class BalancedLoRA(nn.Module):
                 f"in_features (remainder {in_features % pool}) and repeat factor {repeat} must divide out_features "
                 f"(remainder {out_features % repeat})"
             )
+        if pool_norm not in POOL_NORMS:
+            raise ValueError(f"{where}: pool_norm {pool_norm!r} is not one of {', '.join(POOL_NORMS)}")
         self.in_features, self.out_features = in_features, out_features
-        self.pool, self.repeat = pool, repeat
+        self.pool, self.repeat, self.pool_norm = pool, repeat, pool_norm
         self.rank, self.alpha = rank, float(alpha)
         self.match_params = match_params
         self.rank_eff = balanced_rank(in_features, out_features, rank, pool, repeat) if match_params else rank
-        self.scale = self.alpha / rank  # s = alpha / r, with the nominal r (paper and official code)
+        # s = alpha / r, with the nominal r (paper and official code); a sum pool is the average
+        # pool times p, carried in s so that every formula below (dW = (s/p) B A) stays as it is
+        self.scale = self.alpha / rank * (pool if pool_norm == "sum" else 1)
         self.name = name
         # A: (r', in/p), B: (out/k, r') -- nn.Linear weight layout, so B @ A is (out/k, in/p).
         self.lora_A = nn.Parameter(torch.empty(self.rank_eff, in_features // pool, device=device, dtype=dtype))
@@ -252,7 +269,7 @@ class BalancedLoRA(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, pool={self.pool}, repeat={self.repeat}, "
-            f"r={self.rank}, r'={self.rank_eff}, alpha={self.alpha:g}, s={self.scale:g}, "
+            f"r={self.rank}, r'={self.rank_eff}, alpha={self.alpha:g}, s={self.scale:g}, pool_norm={self.pool_norm}, "
             f"fold_in={self.expand_in}, fold_out={self.expand_out}"
         )
 
@@ -278,6 +295,7 @@ class QBLoRALinear(nn.Module):
         *,
         match_params: bool = True,
         dropout: float = 0.0,
+        pool_norm: str = "mean",
         kind: str = "qblora",
         name: str = "",
         fold: bool | None = None,
@@ -294,7 +312,8 @@ class QBLoRALinear(nn.Module):
         self.in_features, self.out_features = int(base.in_features), int(base.out_features)
         self.adapter = BalancedLoRA(
             self.in_features, self.out_features, rank, alpha, pool, repeat,
-            match_params=match_params, dropout=dropout, name=name, fold=fold, device=_base_device(base), dtype=dtype,
+            match_params=match_params, dropout=dropout, pool_norm=pool_norm, name=name, fold=fold,
+            device=_base_device(base), dtype=dtype,
         )
 
     @classmethod
@@ -308,12 +327,14 @@ class QBLoRALinear(nn.Module):
         repeat: int | None = None,
         *,
         dropout: float = 0.0,
+        pool_norm: str = "mean",
         name: str = "",
         dtype: torch.dtype = torch.float32,
     ) -> "QBLoRALinear":
         """Build with the factor defaults of ``kind`` (group size from a QuantLinear base)."""
         pool, repeat, match = default_factors(kind, base, pool, repeat, name)
-        return cls(base, rank, alpha, pool, repeat, match_params=match, dropout=dropout, kind=kind, name=name, dtype=dtype)
+        return cls(base, rank, alpha, pool, repeat, match_params=match, dropout=dropout, pool_norm=pool_norm,
+                   kind=kind, name=name, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.adapter.add_to(self.base(x), x)

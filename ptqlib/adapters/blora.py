@@ -59,6 +59,7 @@ def apply_adapter(
     target_modules: Iterable[str] | None = None,
     *,
     dropout: float = 0.0,
+    pool_norm: str = "mean",
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Wrap linear layers with ``QBLoRALinear`` in place and freeze everything else.
@@ -66,7 +67,8 @@ def apply_adapter(
     ``target_modules``: name suffixes (``["q_proj", "v_proj"]``); default: every QuantLinear /
     Linear4bit / nn.Linear inside the decoder layers (not ``lm_head``, not embeddings).
     ``pool``/``repeat`` default per kind (see ``default_factors``); for qalora/qablora the pool
-    is each layer's own quantization group size. Returns the model.
+    is each layer's own quantization group size; ``pool_norm`` averages (``"mean"``, the official
+    code) or sums (``"sum"``, QA-LoRA's Algorithm 1) each pooled block. Returns the model.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown adapter kind {kind!r}; valid: {', '.join(KINDS)}")
@@ -81,14 +83,16 @@ def apply_adapter(
     layers = {}
     for n in names:
         wrapped = QBLoRALinear.for_kind(
-            model.get_submodule(n), kind, rank, alpha, pool, repeat, dropout=dropout, name=n, dtype=dtype
+            model.get_submodule(n), kind, rank, alpha, pool, repeat, dropout=dropout, pool_norm=pool_norm, name=n,
+            dtype=dtype,
         )
         set_module(model, n, wrapped)
         a = wrapped.adapter
         layers[n] = {"pool": a.pool, "repeat": a.repeat, "rank_eff": a.rank_eff, "match_params": a.match_params}
     model.ptqlib_adapter_config = {
         "format": _FORMAT, "kind": kind, "rank": rank, "alpha": float(alpha), "pool": pool, "repeat": repeat,
-        "target_modules": targets, "dropout": dropout, "dtype": str(dtype).removeprefix("torch."), "layers": layers,
+        "target_modules": targets, "dropout": dropout, "pool_norm": pool_norm, "dtype": str(dtype).removeprefix("torch."),
+        "layers": layers,
     }
     return model
 
@@ -149,7 +153,8 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     if not adapter_layers(model):
         apply_adapter(
             model, cfg["kind"], cfg["rank"], cfg["alpha"], cfg["pool"], cfg["repeat"], cfg["target_modules"],
-            dropout=cfg.get("dropout", 0.0), dtype=getattr(torch, cfg.get("dtype", "float32")),
+            dropout=cfg.get("dropout", 0.0), pool_norm=cfg.get("pool_norm", "mean"),  # saved before pool_norm: mean
+            dtype=getattr(torch, cfg.get("dtype", "float32")),
         )
     layers = adapter_layers(model)
     if set(layers) != set(cfg["layers"]):
@@ -160,6 +165,9 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
         got = {"pool": a.pool, "repeat": a.repeat, "rank_eff": a.rank_eff, "match_params": a.match_params}
         if got != want:
             raise ValueError(f"layer {n!r}: adapter shape {got} differs from the saved {want}")
+        if a.pool_norm != cfg.get("pool_norm", "mean"):
+            raise ValueError(f"layer {n!r}: adapter pool_norm {a.pool_norm!r} differs from the saved "
+                             f"{cfg.get('pool_norm', 'mean')!r} (its scale would be off by the pool factor)")
         with torch.no_grad():
             a.lora_A.copy_(sd[f"{n}.lora_A"])
             a.lora_B.copy_(sd[f"{n}.lora_B"])

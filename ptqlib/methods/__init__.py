@@ -152,5 +152,10 @@ def finetune_method(name: str) -> FinetuneMethod:
 
 def label_extra(entry: QuantizeMethod | FinetuneMethod, p: dict) -> str:
     """``", 4b, g64"`` for the entry's label keys (the runner's stage labels; ``p``: a stage's params dict)."""
-    fmt = {"bits": "{}b", "group_size": "g{}"}
-    return "".join(", " + fmt.get(k, k + " {}").format(p[k]) for k in entry.label_keys)
+    fmt = {"bits": "{}b", "group_size": "g{}", "pool_norm": "{} pool"}
+    return "".join(", " + fmt.get(k, k + " {}").format(p[k]) for k in entry.label_keys
+                   if k in p and _LABEL_QUIET.get(k, object()) != p[k])
+
+
+# label keys whose default is left out of labels (stages cached before the key existed computed it)
+_LABEL_QUIET = {"pool_norm": "mean"}

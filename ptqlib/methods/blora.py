@@ -21,7 +21,7 @@ def prepare(model, p: FinetuneParams, input_ref: str):
 
     method = p.method
     model = apply_adapter(model, method, rank=p.rank, alpha=p.alpha, pool=p.pool or None,
-                          repeat=p.repeat or None, target_modules=list(p.target_modules))
+                          repeat=p.repeat or None, target_modules=list(p.target_modules), pool_norm=p.pool_norm)
     if method in ("qalora", "qablora") and p.group_size > 0:  # validated against the study; checked here
         layers = model.ptqlib_adapter_config["layers"]
         bad = {n: l["pool"] for n, l in layers.items() if l["pool"] != p.group_size}
@@ -58,16 +58,16 @@ def load(ref, info: dict, device: str):
     return blora.load_adapters(base, Path(ref) / info["adapter"]), tok
 
 
-_QA = ("group_size", "lr", "steps", "rank", "alpha")
+_QA = ("group_size", "lr", "steps", "rank", "alpha", "pool_norm")
 register(
     FinetuneMethod("qblora", "balanced LoRA (pooled input, repeated output) on a quantized base", needs="quantized",
                    gives="adapter", prepare=prepare, save=save,
-                   settings=("lr", "steps", "rank", "alpha", "pool", "repeat")),
+                   settings=("lr", "steps", "rank", "alpha", "pool", "repeat", "pool_norm"), label_keys=("pool_norm",)),
     FinetuneMethod("qalora", "QA-LoRA: input pooled over the base's groups, merged into its zero points",
                    needs="uniform", gives="merged", prepare=prepare, save=save, settings=_QA,
-                   label_keys=("group_size",), group="base"),
+                   label_keys=("group_size", "pool_norm"), group="base"),
     FinetuneMethod("qablora", "QA-BLoRA: balanced and pooled over the base's groups, merged into its zero points",
                    needs="uniform", gives="merged", prepare=prepare, save=save, settings=_QA,
-                   label_keys=("group_size",), group="base"),
+                   label_keys=("group_size", "pool_norm"), group="base"),
     ArtifactType("blora", load, quantized="base"),
 )

@@ -134,6 +134,56 @@ def test_divisibility_errors():
         apply_adapter(build_tiny_model(), "qalora", 4, 8)  # nn.Linear base: no group size to pool over
 
 
+@pytest.mark.parametrize("fold", [True, False])
+def test_sum_pool_is_mean_pool_at_alpha_times_p(fold):
+    """pool_norm="sum" (QA-LoRA's Algorithm 1) is the same function as the mean pool (the official
+    code) at alpha x p, and its dW sums each block: dW = s (B A)[i // k, j // p]."""
+    p, k = 32, 2
+    sum_ = BalancedLoRA(IN, OUT, 4, 8, pool=p, repeat=k, pool_norm="sum", fold=fold)
+    mean = BalancedLoRA(IN, OUT, 4, 8 * p, pool=p, repeat=k, fold=fold)
+    mean.load_state_dict(sum_.state_dict())
+    _randomize(sum_), _randomize(mean)
+    x = torch.randn(3, 5, IN)
+    torch.testing.assert_close(sum_(x), mean(x), rtol=1e-5, atol=1e-6)
+    pooled_sum = x.unflatten(-1, (IN // p, p)).sum(-1)  # (.., in/p): the block sums
+    want = (pooled_sum @ sum_.lora_A.t() @ sum_.lora_B.t()).repeat_interleave(k, dim=-1) * (8 / 4)
+    torch.testing.assert_close(sum_(x), want, rtol=1e-5, atol=1e-6)
+    # the same adapter weights under the mean pool give 1/p of the sum pool's output
+    mean_same_alpha = BalancedLoRA(IN, OUT, 4, 8, pool=p, repeat=k, fold=fold)
+    mean_same_alpha.load_state_dict(sum_.state_dict())
+    torch.testing.assert_close(mean_same_alpha(x) * p, sum_(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"pool_norm 'max' is not one of mean, sum"):
+        BalancedLoRA(IN, OUT, 4, 8, pool=p, pool_norm="max")
+
+
+@pytest.mark.parametrize("kind", ["qalora", "qablora"])
+def test_sum_pool_merges_exactly_and_saves(tmp_path, device, kind):
+    base = _quant_base(4, 32, device)
+    layer = QBLoRALinear.for_kind(base, kind, rank=4, alpha=8, pool_norm="sum")
+    _randomize(layer.adapter)
+    x = torch.randn(4, 9, IN, device=device)
+    torch.testing.assert_close(layer.merge()(x), layer(x), atol=2e-5, rtol=1e-5)
+    # model level: the saved config carries pool_norm, so a load reproduces the outputs, and a
+    # model wrapped with the other norm is refused (its scale would be off by the pool factor)
+    from ptqlib.tiny import build_tiny_model
+
+    def fresh():
+        m = build_tiny_model(seed=0)
+        rtn_quantize_model(m, bits=4, group_size=32)
+        return m
+
+    model = apply_adapter(fresh(), kind, rank=4, alpha=8, pool_norm="sum")
+    for i, m in enumerate(adapter_layers(model).values()):
+        _randomize(m.adapter, seed=i)
+    save_adapters(model, tmp_path / "ad")
+    loaded = load_adapters(fresh(), tmp_path / "ad")
+    ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    with pytest.raises(ValueError, match=r"pool_norm 'mean' differs from the saved 'sum'"):
+        load_adapters(apply_adapter(fresh(), kind, rank=4, alpha=8), tmp_path / "ad")
+
+
 # ---- exact merge into the low-bit layer -------------------------------------------------------
 @pytest.mark.parametrize("kind", ["qalora", "qablora"])
 @pytest.mark.parametrize("group_size", [32, 64])
