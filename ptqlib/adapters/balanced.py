@@ -23,9 +23,9 @@ qablora    group size g        k (2)   r' raised to LoRA-r's parameter count    
 
 Pool normalisation. The official QA-LoRA and Q-BLoRA code average each block (above); QA-LoRA's
 Algorithm 1 sums it (``QA(x) * group_size``, as ModelScope swift does). A sum pool is the average
-pool with ``s`` multiplied by ``p`` (``pool_norm="sum"``): the same function family, but under Adam,
-whose steps ignore the gradient's scale, the average learns about ``p`` times slower at equal
-``alpha``, which at ``p = g = 64`` is the difference between learning a task in 20 steps or not.
+pool with ``s`` multiplied by ``p`` (``pool_norm="sum"``): the same function family, so the choice
+is one of step size. Adam's steps ignore the gradient's scale, so for the same ``A``, ``B`` and
+steps the sum moves the adapter's output ``p`` times as far as the average does at equal ``alpha``.
 
 Rank rule. LoRA-r has ``r (in + out)`` parameters; the balanced adapter has
 ``r' (in/p + out/k)``. With ``match_params`` we take ``r' = floor(r (in + out) / (in/p + out/k))``
@@ -146,10 +146,9 @@ class BalancedLoRA(nn.Module):
             False keeps ``r' = r`` (QA-LoRA as published).
         dropout: dropout on the pooled input (as in LoRA / the reference code), 0 by default.
         pool_norm: ``"mean"`` averages each pooled block (the official QA-LoRA and Q-BLoRA code's
-            ``AvgPool1d``); ``"sum"`` adds it up (QA-LoRA's Algorithm 1, ``QA(x) * group_size``).
-            The two are one function at ``alpha`` scaled by ``p``: under Adam, whose step size
-            ignores the gradient's scale, ``"mean"`` learns about ``p`` times slower at the same
-            ``alpha`` (the adapter output per unit change of ``B`` is ``1/p`` of ``"sum"``'s).
+            ``AvgPool1d``); ``"sum"`` adds it up (QA-LoRA's Algorithm 1, ``QA(x) * group_size``),
+            which is ``"mean"`` at ``alpha * p``: for the same ``A``, ``B`` its output is ``p`` times
+            as large, and so is each Adam step's change of it.
         name: the layer's name, used in error messages.
         fold: compute pool / repeat by folding them into the weights (True), on the
             activations (False), or pick the faster per layer (None, default); results agree
