@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     ana.add_argument("study", help="the study file, e.g. parameters/default.yaml")
     ana.add_argument("--runs", default="runs", help="stage cache directory to read (default: runs)")
     ana.add_argument("--reports", default="reports", help="reports directory to write (default: reports)")
+    for sp in (run, ana):
+        sp.add_argument("--fresh-report", action="store_true",
+                        help="write the report from the stage cache alone; by default a pipeline run whose "
+                             "stages are not in the cache keeps its row from the report already there "
+                             "when its stage ids are unchanged")
     exp = sub.add_parser("export", help="write a stage's model as a GGUF file that llama.cpp runs",
                          description="Export a model (a run directory of a quantize / finetune stage, or a model "
                                      "name) to GGUF. Quantized layers keep their codes exactly where GGUF can "
@@ -110,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_study(args.study, allow_network=not (args.cmd == "run" and args.dry_run))
         if args.cmd == "analyse":
-            r = Runner(study, args.runs, args.reports)
+            r = Runner(study, args.runs, args.reports, keep_previous=not args.fresh_report)
             r.write_results()
             return 0 if r.analyse(force=True) else 1
-        runner = Runner(study, args.runs, args.reports, kernel=args.kernel)
+        runner = Runner(study, args.runs, args.reports, kernel=args.kernel, keep_previous=not args.fresh_report)
         if args.dry_run:
             print(runner.describe(args.only, args.force))
             for note in study.notes:

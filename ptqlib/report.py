@@ -1,7 +1,10 @@
 """A study's results and report: ``results.csv``, ``units.csv``, the stage pages, ``index.html``.
 
 Reads the finished records of a ``Runner``'s graph; runs no stage (``python -m ptqlib analyse``
-is this module alone). The claims' statistics live in ``ptqlib.analysis``; the page is the
+is this module alone). A pipeline run whose stages are not in ``runs/`` (a fresh clone, a cache
+cleaned or lost, another machine's runs) keeps its row from the report already in
+``reports/<study>/`` when that row's evaluate stage id is the one the study computes now: the id
+hashes every parameter of the chain, so the row is the same computation (``previous_report``). The claims' statistics live in ``ptqlib.analysis``; the page is the
 ``04_analyse`` notebook, executed by papermill and rendered without its code.
 """
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,14 +63,61 @@ def study_rows(runner: "Runner") -> list[dict]:
     return rows
 
 
+@dataclass
+class PreviousReport:
+    """The finished pipeline runs of the report already in ``reports/<study>/``, as written."""
+
+    rows: dict[str, dict]  # pipeline -> its results.csv row (status ok)
+    units: dict[str, list[dict]]  # pipeline -> its units.csv rows
+
+
+def previous_report(reports: Path) -> PreviousReport:
+    """Read ``results.csv`` and ``units.csv`` of ``reports`` (empty when absent)."""
+    rows: dict[str, dict] = {}
+    units: dict[str, list[dict]] = {}
+    if (reports / "results.csv").exists():
+        with open(reports / "results.csv", newline="") as f:
+            rows = {r["pipeline"]: r for r in csv.DictReader(f) if r.get("status") == "ok" and r.get("eval_stage")}
+    if (reports / "units.csv").exists():
+        with open(reports / "units.csv", newline="") as f:
+            for r in csv.DictReader(f):
+                units.setdefault(r["pipeline"], []).append(r)
+    return PreviousReport(rows, units)
+
+
+def keep_previous(runner: "Runner", rows: list[dict], prev: PreviousReport) -> list[str]:
+    """Replace, in place, each unfinished row by the previous report's finished row of the same
+    pipeline and evaluate stage id; returns the pipelines kept. Rows from ``runs/`` say ``source: runs``."""
+    kept = []
+    for i, row in enumerate(rows):
+        old = prev.rows.get(row["pipeline"])
+        if row["status"] != "ok" and old is not None and old["eval_stage"] == row["eval_stage"]:
+            rows[i] = {**old, "source": "previous report"}
+            kept.append(row["pipeline"])
+        else:
+            row["source"] = "runs"
+    # a row the study can no longer reproduce (its chain changed) and that nothing in runs/ replaces
+    stale = [r["pipeline"] for r in rows if r["status"] != "ok" and r["pipeline"] in prev.rows
+             and r["pipeline"] not in kept]
+    if kept:
+        log.info("kept %d pipeline runs from the previous report %s (same stage ids, stages not in %s): %s",
+                 len(kept), runner.reports / "results.csv", runner.runs, ", ".join(kept))
+    if stale:
+        log.warning("dropped %d pipeline runs of the previous report whose stages the study file has since "
+                    "changed (another evaluate stage id): %s", len(stale), ", ".join(stale))
+    return kept
+
+
 def write_results(runner: "Runner") -> Path:
     runner.reports.mkdir(parents=True, exist_ok=True)
+    prev = previous_report(runner.reports) if runner.keep_previous else PreviousReport({}, {})
     rows = study_rows(runner)
+    kept = keep_previous(runner, rows, prev)
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
     path = _write_csv(runner.reports / "results.csv", keys, rows)
-    write_units(runner)
+    write_units(runner, {p: prev.units.get(p, []) for p in kept})
     # per-stage pages, linked from the index
     pages = runner.reports / "stages"
     pages.mkdir(exist_ok=True)
@@ -77,9 +128,11 @@ def write_results(runner: "Runner") -> Path:
             shutil.copyfile(src, pages / f"{sid}.html")
     # in pipeline order (the order a reader follows), each stage once, at its first pipeline
     order = list(dict.fromkeys(s for p in runner.study.pipelines for s in runner.chains[p.name]))
+    kept_stages = {s for p in kept for s in runner.chains[p]}
     stages = {sid: {"position": i, "label": runner.nodes[sid].label(), "kind": runner.nodes[sid].kind,
                     "pipelines": runner.nodes[sid].pipelines,
-                    "status": (runner.record(sid) or {}).get("status", "missing")} for i, sid in enumerate(order)}
+                    "status": (runner.record(sid) or {}).get("status")
+                    or ("ok (previous report)" if sid in kept_stages else "missing")} for i, sid in enumerate(order)}
     write_json_atomic(runner.reports / "stages.json", stages)
     write_json_atomic(runner.reports / "study.json", {
         "name": runner.study.name, "file": str(runner.study.path), "description": runner.study.description,
@@ -88,16 +141,22 @@ def write_results(runner: "Runner") -> Path:
     return path
 
 
-def write_units(runner: "Runner") -> Path:
+def write_units(runner: "Runner", kept: dict[str, list[dict]] | None = None) -> Path:
     """``units.csv``: every finished pipeline run's per-unit scores (task examples, ppl windows).
 
     One row per (pipeline run, group, unit); the columns are those of
     ``metrics.example_scores`` and ``nll`` / ``tokens``. The claims' paired bootstrap reads it.
+    ``kept``: the rows of pipeline runs kept from the previous report (``keep_previous``).
     """
     keys = ["pipeline", "family", "seed", "group", "unit"]
     rows: list[dict] = []
     for pl in runner.study.pipelines:
         chain = runner.chains[pl.name]
+        if kept and pl.name in kept:
+            for row in kept[pl.name]:
+                keys += [c for c in row if c not in keys]
+            rows += kept[pl.name]
+            continue
         if not all(runner.finished(s) for s in chain):
             continue
         units = (runner.record(chain[-1]).get("outputs") or {}).get("units") or {}

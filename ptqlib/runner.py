@@ -83,8 +83,10 @@ def build_graph(study: Study) -> tuple[dict[str, StageNode], dict[str, list[str]
 
 class Runner:
     def __init__(self, study: Study, runs_dir: str | Path = "runs", reports_dir: str | Path = "reports",
-                 kernel: str | None = None):
+                 kernel: str | None = None, keep_previous: bool = True):
         self.study = study
+        # pipeline runs not in runs_dir keep their rows from the report already written (same stage ids)
+        self.keep_previous = keep_previous
         self.runs = Path(runs_dir)
         self.reports = Path(reports_dir) / study.name
         self.kernel = kernel

@@ -1,0 +1,99 @@
+"""The study's results tables: pipeline runs whose stages are gone from runs/ keep their rows from
+the report already written, when (and only when) their stage ids are unchanged."""
+import csv
+import logging
+import shutil
+
+import pandas as pd
+
+from ptqlib import analysis
+from ptqlib.config import load_study
+from ptqlib.record import write_json_atomic
+from ptqlib.runner import Runner
+
+STUDY = """model: tiny
+seeds: [0, 1]
+pipelines:
+  ft16: [{finetune: {method: full, steps: STEPS}}]
+  base: []
+claims:
+  - {claim: fine-tuning helps, a: ft16, b: base, metric: field_f1, relation: ">"}
+"""
+
+
+def _runner(tmp_path, steps: int = 4, keep: bool = True) -> Runner:
+    f = tmp_path / "s.yaml"
+    f.write_text(STUDY.replace("STEPS", str(steps)))
+    return Runner(load_study(f), tmp_path / "runs", tmp_path / "reports", keep_previous=keep)
+
+
+def _finish(r: Runner, pipeline: str, f1: list[float]) -> None:
+    """Write ok records for a pipeline's chain, its evaluate with per-example field F1 ``f1``."""
+    for sid in r.chains[pipeline]:
+        n = r.nodes[sid]
+        rec = {"status": "ok", "kind": n.kind, "label": n.label(), "model": n.model, "timings": {"wall_s": 1.0},
+               "metrics": {}}
+        if n.kind == "evaluate":
+            rec["metrics"] = {"field_f1": sum(f1) / len(f1)}
+            rec["outputs"] = {"units": {"task": {"field_f1": f1}}}
+        write_json_atomic(r.runs / sid / "metrics.json", rec)
+
+
+def _csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_lost_stage_cache_keeps_the_report_rows(tmp_path, caplog):
+    r = _runner(tmp_path)
+    f1 = {p.name: [0.9, 0.8, 1.0, 0.7] if p.family == "ft16" else [0.1, 0.2, 0.0, 0.3] for p in r.study.pipelines}
+    for name, scores in f1.items():
+        _finish(r, name, scores)
+    r.write_results()
+    first_rows, first_units = _csv(r.reports / "results.csv"), _csv(r.reports / "units.csv")
+    assert {row["source"] for row in first_rows} == {"runs"} and len(first_units) == 4 * len(f1)
+
+    shutil.rmtree(r.runs)  # a fresh clone: the committed report, no stage cache
+    with caplog.at_level(logging.INFO):
+        _runner(tmp_path).write_results()
+    assert "kept 3 pipeline runs from the previous report" in caplog.text
+    again = _csv(r.reports / "results.csv")
+    assert [{**row, "source": "runs"} for row in again] == first_rows  # the same values, marked as kept
+    assert {row["source"] for row in again} == {"previous report"}
+    assert _csv(r.reports / "units.csv") == first_units
+    out = analysis.load_outputs(r.reports)
+    assert set(out.stages[s]["status"] for s in out.stages) == {"ok (previous report)"}
+    verdict = analysis.check_claims(out.meta["claims"], out.results, out.units)
+    assert verdict.loc[0, "n_examples"] == 4 and verdict.loc[0, "difference"] > 0.6  # the claims still pair the units
+
+    # one pipeline re-run into runs/ replaces its kept row; the others stay kept
+    r2 = _runner(tmp_path)
+    _finish(r2, "ft16[seed=0]", [0.5, 0.5, 0.5, 0.5])
+    r2.write_results()
+    rows = {row["pipeline"]: row for row in _csv(r.reports / "results.csv")}
+    assert rows["ft16[seed=0]"]["source"] == "runs" and float(rows["ft16[seed=0]"]["field_f1"]) == 0.5
+    assert rows["ft16[seed=1]"]["source"] == "previous report"
+    units = pd.read_csv(r.reports / "units.csv")
+    assert units[units.pipeline == "ft16[seed=0]"].field_f1.tolist() == [0.5] * 4
+    assert units[units.pipeline == "ft16[seed=1]"].field_f1.tolist() == f1["ft16[seed=1]"]
+
+
+def test_changed_stages_or_a_fresh_report_keep_nothing(tmp_path, caplog):
+    r = _runner(tmp_path)
+    for p in r.study.pipelines:
+        _finish(r, p.name, [1.0, 0.0])
+    r.write_results()
+    shutil.rmtree(r.runs)
+
+    changed = _runner(tmp_path, steps=8)  # ft16's finetune (so its evaluate) has another id now
+    with caplog.at_level(logging.WARNING):
+        changed.write_results()
+    rows = {row["pipeline"]: row for row in _csv(r.reports / "results.csv")}
+    assert rows["ft16[seed=0]"]["status"] == "missing" and rows["ft16[seed=0]"]["source"] == "runs"
+    assert rows["base"]["source"] == "previous report"  # its chain did not change
+    assert "dropped 2 pipeline runs" in caplog.text and "ft16[seed=0]" in caplog.text
+    assert {u["pipeline"] for u in _csv(r.reports / "units.csv")} == {"base"}
+
+    _runner(tmp_path, keep=False).write_results()
+    assert {row["status"] for row in _csv(r.reports / "results.csv")} == {"missing"}
+    assert _csv(r.reports / "units.csv") == []
