@@ -149,6 +149,26 @@ def test_deleting_a_stage_reruns_it_and_its_dependants_only(smoke):
     assert new[dependant]["outputs"]["units"] == recs[dependant]["outputs"]["units"]
 
 
+def test_a_fresh_clone_re_decides_the_committed_claims(smoke, tmp_path):
+    """The committed report, no stage cache: analyse keeps every row and decides the same claims;
+    --fresh-report drops them."""
+    import shutil
+
+    work, _, _ = smoke
+    shutil.copytree(work / "reports/smoke", tmp_path / "reports/smoke")
+    p = cli("analyse", str(ROOT / "parameters/smoke.yaml"), "--runs", str(tmp_path / "no_runs"), "--reports",
+            str(tmp_path / "reports"), cwd=tmp_path)
+    assert "kept 6 pipeline runs from the previous report" in p.stderr
+    rows = list(csv.DictReader(open(tmp_path / "reports/smoke/results.csv")))
+    assert {r["source"] for r in rows} == {"previous report"} and {r["status"] for r in rows} == {"ok"}
+    assert open(tmp_path / "reports/smoke/claims.csv").read() == open(work / "reports/smoke/claims.csv").read()
+    assert open(tmp_path / "reports/smoke/units.csv").read() == open(work / "reports/smoke/units.csv").read()
+    cli("analyse", str(ROOT / "parameters/smoke.yaml"), "--runs", str(tmp_path / "no_runs"), "--reports",
+        str(tmp_path / "reports"), "--fresh-report", cwd=tmp_path, check=False)
+    rows = list(csv.DictReader(open(tmp_path / "reports/smoke/results.csv")))
+    assert {r["status"] for r in rows} == {"missing"}
+
+
 def test_failed_stage_is_recorded_and_others_go_on(smoke, tmp_path):
     work, _, _ = smoke
     study = tmp_path / "bad.yaml"
