@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--fresh-report", action="store_true",
                         help="write the report from the stage cache alone; by default a pipeline run whose "
                              "stages are not in the cache keeps its row from the report already there "
-                             "when its stage ids are unchanged")
+                             "when its stage ids are unchanged, or from another study's report with "
+                             "its evaluate stage id")
     exp = sub.add_parser("export", help="write a stage's model as a GGUF file that llama.cpp runs",
                          description="Export a model (a run directory of a quantize / finetune stage, or a model "
                                      "name) to GGUF. Quantized layers keep their codes exactly where GGUF can "

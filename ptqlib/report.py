@@ -4,8 +4,10 @@ Reads the finished records of a ``Runner``'s graph; runs no stage (``python -m p
 is this module alone). A pipeline run whose stages are not in ``runs/`` (a fresh clone, a cache
 cleaned or lost, another machine's runs) keeps its row from the report already in
 ``reports/<study>/`` when that row's evaluate stage id is the one the study computes now: the id
-hashes every parameter of the chain, so the row is the same computation (``previous_report``). The claims' statistics live in ``ptqlib.analysis``; the page is the
-``04_analyse`` notebook, executed by papermill and rendered without its code.
+hashes every parameter of the chain, so the row is the same computation. Failing that, it takes
+the row of another study's report under ``reports/`` with that evaluate stage id, as studies share
+``runs/`` (``previous_report``). The claims' statistics live in ``ptqlib.analysis``; the page is
+the ``04_analyse`` notebook, executed by papermill and rendered without its code.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,14 +67,15 @@ def study_rows(runner: "Runner") -> list[dict]:
 
 @dataclass
 class PreviousReport:
-    """The finished pipeline runs of the report already in ``reports/<study>/``, as written."""
+    """The finished pipeline runs of the reports already written, as written."""
 
-    rows: dict[str, dict]  # pipeline -> its results.csv row (status ok)
+    rows: dict[str, dict]  # pipeline -> its results.csv row in this study's report (status ok)
     units: dict[str, list[dict]]  # pipeline -> its units.csv rows
+    # evaluate stage id -> (study, results.csv row, units.csv rows) in the other studies' reports
+    others: dict[str, tuple[str, dict, list[dict]]] = field(default_factory=dict)
 
 
-def previous_report(reports: Path) -> PreviousReport:
-    """Read ``results.csv`` and ``units.csv`` of ``reports`` (empty when absent)."""
+def _read_report(reports: Path) -> tuple[dict[str, dict], dict[str, list[dict]]]:
     rows: dict[str, dict] = {}
     units: dict[str, list[dict]] = {}
     if (reports / "results.csv").exists():
@@ -82,26 +85,56 @@ def previous_report(reports: Path) -> PreviousReport:
         with open(reports / "units.csv", newline="") as f:
             for r in csv.DictReader(f):
                 units.setdefault(r["pipeline"], []).append(r)
-    return PreviousReport(rows, units)
+    return rows, units
 
 
-def keep_previous(runner: "Runner", rows: list[dict], prev: PreviousReport) -> list[str]:
+def previous_report(reports: Path, others: bool = True) -> PreviousReport:
+    """Read ``results.csv`` and ``units.csv`` of ``reports`` (empty when absent) and, with
+    ``others``, of every sibling study's report, indexed by evaluate stage id (the first study in
+    name order wins where two reports hold one id)."""
+    rows, units = _read_report(reports)
+    found: dict[str, tuple[str, dict, list[dict]]] = {}
+    if others and reports.parent.is_dir():
+        for d in sorted(reports.parent.iterdir()):
+            if d.resolve() == reports.resolve() or not (d / "results.csv").exists():
+                continue
+            orows, ounits = _read_report(d)
+            for pipeline, row in orows.items():
+                found.setdefault(row["eval_stage"], (d.name, row, ounits.get(pipeline, [])))
+    return PreviousReport(rows, units, found)
+
+
+def keep_previous(runner: "Runner", rows: list[dict], prev: PreviousReport) -> dict[str, list[dict]]:
     """Replace, in place, each unfinished row by the previous report's finished row of the same
-    pipeline and evaluate stage id; returns the pipelines kept. Rows from ``runs/`` say ``source: runs``."""
-    kept = []
+    pipeline and evaluate stage id, or else by another study's row of that evaluate stage id
+    (renamed to this pipeline); returns the kept pipelines' units.csv rows. The ``source`` column
+    says ``runs``, ``previous report`` or ``report <study>``."""
+    kept: dict[str, list[dict]] = {}
     for i, row in enumerate(rows):
-        old = prev.rows.get(row["pipeline"])
-        if row["status"] != "ok" and old is not None and old["eval_stage"] == row["eval_stage"]:
+        p = row["pipeline"]
+        old = prev.rows.get(p)
+        if row["status"] == "ok":
+            row["source"] = "runs"
+        elif old is not None and old["eval_stage"] == row["eval_stage"]:
             rows[i] = {**old, "source": "previous report"}
-            kept.append(row["pipeline"])
+            kept[p] = prev.units.get(p, [])
+        elif row["eval_stage"] in prev.others:
+            study, old, units = prev.others[row["eval_stage"]]
+            # the same computation under another study's name: this study's names and grid, its values
+            own = {k: v for k, v in row.items() if k in ("pipeline", "family", "model", "task", "seed")
+                   or k.startswith("grid.")}
+            rows[i] = {**{k: v for k, v in old.items() if not k.startswith("grid.")}, **own,
+                       "source": f"report {study}"}
+            kept[p] = [{**u, "pipeline": p, "family": row["family"]} for u in units]
         else:
             row["source"] = "runs"
-    # a row the study can no longer reproduce (its chain changed) and that nothing in runs/ replaces
+    # a row the study can no longer reproduce (its chain changed) and that nothing replaces
     stale = [r["pipeline"] for r in rows if r["status"] != "ok" and r["pipeline"] in prev.rows
              and r["pipeline"] not in kept]
     if kept:
-        log.info("kept %d pipeline runs from the previous report %s (same stage ids, stages not in %s): %s",
-                 len(kept), runner.reports / "results.csv", runner.runs, ", ".join(kept))
+        log.info("kept %d pipeline runs from the reports in %s (same stage ids, stages not in %s): %s",
+                 len(kept), runner.reports.parent, runner.runs,
+                 ", ".join(f"{r['pipeline']} ({r['source']})" for r in rows if r["pipeline"] in kept))
     if stale:
         log.warning("dropped %d pipeline runs of the previous report whose stages the study file has since "
                     "changed (another evaluate stage id): %s", len(stale), ", ".join(stale))
@@ -117,7 +150,7 @@ def write_results(runner: "Runner") -> Path:
     for r in rows:
         keys += [k for k in r if k not in keys]
     path = _write_csv(runner.reports / "results.csv", keys, rows)
-    write_units(runner, {p: prev.units.get(p, []) for p in kept})
+    write_units(runner, kept)
     # per-stage pages, linked from the index
     pages = runner.reports / "stages"
     pages.mkdir(exist_ok=True)
@@ -128,11 +161,12 @@ def write_results(runner: "Runner") -> Path:
             shutil.copyfile(src, pages / f"{sid}.html")
     # in pipeline order (the order a reader follows), each stage once, at its first pipeline
     order = list(dict.fromkeys(s for p in runner.study.pipelines for s in runner.chains[p.name]))
-    kept_stages = {s for p in kept for s in runner.chains[p]}
+    source = {r["pipeline"]: r["source"] for r in rows}
+    kept_stages = {s: source[p] for p in kept for s in runner.chains[p]}
     stages = {sid: {"position": i, "label": runner.nodes[sid].label(), "kind": runner.nodes[sid].kind,
                     "pipelines": runner.nodes[sid].pipelines,
                     "status": (runner.record(sid) or {}).get("status")
-                    or ("ok (previous report)" if sid in kept_stages else "missing")} for i, sid in enumerate(order)}
+                    or (f"ok ({kept_stages[sid]})" if sid in kept_stages else "missing")} for i, sid in enumerate(order)}
     write_json_atomic(runner.reports / "stages.json", stages)
     write_json_atomic(runner.reports / "study.json", {
         "name": runner.study.name, "file": str(runner.study.path), "description": runner.study.description,

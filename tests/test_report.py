@@ -56,7 +56,7 @@ def test_a_lost_stage_cache_keeps_the_report_rows(tmp_path, caplog):
     shutil.rmtree(r.runs)  # a fresh clone: the committed report, no stage cache
     with caplog.at_level(logging.INFO):
         _runner(tmp_path).write_results()
-    assert "kept 3 pipeline runs from the previous report" in caplog.text
+    assert "kept 3 pipeline runs from the reports" in caplog.text
     again = _csv(r.reports / "results.csv")
     assert [{**row, "source": "runs"} for row in again] == first_rows  # the same values, marked as kept
     assert {row["source"] for row in again} == {"previous report"}
@@ -97,3 +97,35 @@ def test_changed_stages_or_a_fresh_report_keep_nothing(tmp_path, caplog):
     _runner(tmp_path, keep=False).write_results()
     assert {row["status"] for row in _csv(r.reports / "results.csv")} == {"missing"}
     assert _csv(r.reports / "units.csv") == []
+
+
+def test_another_studys_report_fills_a_row_with_the_same_stage_ids(tmp_path, caplog):
+    """Studies share runs/: a pipeline whose chain another study already ran (same evaluate stage id)
+    takes that study's committed row and units under its own name; a changed chain takes nothing."""
+    r = _runner(tmp_path)
+    for p in r.study.pipelines:
+        _finish(r, p.name, [0.9, 0.8] if p.family == "ft16" else [0.1, 0.2])
+    r.write_results()
+    shutil.rmtree(r.runs)
+
+    other = tmp_path / "t.yaml"  # another study: the same ft16 chain under another name, a new step count
+    other.write_text(STUDY.replace("STEPS", "4").replace("ft16", "full_ft")
+                     .replace("base: []", "ft8: [{finetune: {method: full, steps: 8}}]")
+                     .replace("b: base", "b: ft8"))
+    r2 = Runner(load_study(other), tmp_path / "runs", tmp_path / "reports")
+    assert r2.reports != r.reports
+    with caplog.at_level(logging.INFO):
+        r2.write_results()
+    rows = {row["pipeline"]: row for row in _csv(r2.reports / "results.csv")}
+    assert rows["full_ft[seed=0]"]["source"] == f"report {r.reports.name}"
+    assert rows["full_ft[seed=0]"]["family"] == "full_ft" and abs(float(rows["full_ft[seed=0]"]["field_f1"]) - 0.85) < 1e-12
+    assert rows["ft8[seed=0]"]["status"] == "missing" and rows["ft8[seed=0]"]["source"] == "runs"
+    units = pd.read_csv(r2.reports / "units.csv")
+    assert set(units.pipeline) == {"full_ft[seed=0]", "full_ft[seed=1]"} and set(units.family) == {"full_ft"}
+    assert units[units.pipeline == "full_ft[seed=1]"].field_f1.tolist() == [0.9, 0.8]
+    out = analysis.load_outputs(r2.reports)
+    assert {s["status"] for s in out.stages.values()} == {f"ok (report {r.reports.name})", "missing"}
+
+    # the study's own report comes first: a re-render keeps its own rows, not the other study's
+    _runner(tmp_path).write_results()
+    assert {row["source"] for row in _csv(r.reports / "results.csv")} == {"previous report"}

@@ -158,7 +158,7 @@ def test_a_fresh_clone_re_decides_the_committed_claims(smoke, tmp_path):
     shutil.copytree(work / "reports/smoke", tmp_path / "reports/smoke")
     p = cli("analyse", str(ROOT / "parameters/smoke.yaml"), "--runs", str(tmp_path / "no_runs"), "--reports",
             str(tmp_path / "reports"), cwd=tmp_path)
-    assert "kept 6 pipeline runs from the previous report" in p.stderr
+    assert "kept 6 pipeline runs from the reports" in p.stderr
     rows = list(csv.DictReader(open(tmp_path / "reports/smoke/results.csv")))
     assert {r["source"] for r in rows} == {"previous report"} and {r["status"] for r in rows} == {"ok"}
     assert open(tmp_path / "reports/smoke/claims.csv").read() == open(work / "reports/smoke/claims.csv").read()
