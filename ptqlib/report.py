@@ -166,7 +166,8 @@ def write_results(runner: "Runner") -> Path:
     stages = {sid: {"position": i, "label": runner.nodes[sid].label(), "kind": runner.nodes[sid].kind,
                     "pipelines": runner.nodes[sid].pipelines,
                     "status": (runner.record(sid) or {}).get("status")
-                    or (f"ok ({kept_stages[sid]})" if sid in kept_stages else "missing")} for i, sid in enumerate(order)}
+                    or (f"ok ({kept_stages[sid]})" if sid in kept_stages else "missing")}
+              for i, sid in enumerate(order)}
     write_json_atomic(runner.reports / "stages.json", stages)
     write_json_atomic(runner.reports / "study.json", {
         "name": runner.study.name, "file": str(runner.study.path), "description": runner.study.description,

@@ -118,7 +118,8 @@ def test_another_studys_report_fills_a_row_with_the_same_stage_ids(tmp_path, cap
         r2.write_results()
     rows = {row["pipeline"]: row for row in _csv(r2.reports / "results.csv")}
     assert rows["full_ft[seed=0]"]["source"] == f"report {r.reports.name}"
-    assert rows["full_ft[seed=0]"]["family"] == "full_ft" and abs(float(rows["full_ft[seed=0]"]["field_f1"]) - 0.85) < 1e-12
+    assert rows["full_ft[seed=0]"]["family"] == "full_ft"
+    assert abs(float(rows["full_ft[seed=0]"]["field_f1"]) - 0.85) < 1e-12  # the other study's value
     assert rows["ft8[seed=0]"]["status"] == "missing" and rows["ft8[seed=0]"]["source"] == "runs"
     units = pd.read_csv(r2.reports / "units.csv")
     assert set(units.pipeline) == {"full_ft[seed=0]", "full_ft[seed=1]"} and set(units.family) == {"full_ft"}
