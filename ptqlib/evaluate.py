@@ -170,7 +170,8 @@ def evaluate_gguf(path, tokenizer, examples: list[Example], ppl_samples: int = 1
     """:func:`evaluate_model` for a GGUF file run by llama.cpp: the same windows, prompts and scores.
 
     Adds ``ttft_s`` and ``decode_tokens_per_s`` (batch 1, see :func:`decode_speed`) and
-    ``peak_rss_mb`` of the llama.cpp process. Generation is one prompt at a time (llama.cpp's
+    ``peak_rss_mb`` of the llama.cpp process, and ``llamacpp_extra_buffers`` (1.0 when llama.cpp
+    repacked the weights at load, see ``deploy.llamacpp``). Generation is one prompt at a time (llama.cpp's
     single-sequence API), so ``gen_tokens_per_s`` is not comparable with batched torch generation.
     """
     from ptqlib.deploy import llamacpp
@@ -197,6 +198,7 @@ def evaluate_gguf(path, tokenizer, examples: list[Example], ppl_samples: int = 1
     for k in ("ttft_s", "decode_tokens_per_s", "peak_rss_mb", "load_seconds"):
         if k in res:
             metrics[k] = res[k]
+    metrics["llamacpp_extra_buffers"] = float(res["extra_buffers"])  # 1: weights repacked at load
     return metrics, rows, units
 
 

@@ -8,6 +8,11 @@ difference between runtimes is a difference of weights and kernels, never of tok
 llama.cpp runs in a child process (``spawn``): its peak resident memory is then the memory of
 the deployed model (weights mapped from the file, KV cache, compute buffers) plus a bare Python,
 not of the torch model the stage loaded to export it.
+
+llama.cpp may repack weights at load into "extra" buffer types (AMX tiles, wider SIMD blocks).
+On a CPU with AMX, llama-cpp-python 0.3.36's AMX path crashes the process (segfault) on the
+Q4_1 tensors of the test suite's tiny model, so there the extra buffers are off by default
+(``default_extra_buffers``); ``run`` reports which setting a measurement used.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import os
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -36,16 +42,56 @@ def require() -> None:
                           "(builds llama.cpp from source once, then pip caches the wheel)")
 
 
-class LlamaCppModel:
-    """One GGUF file loaded in llama.cpp; every call starts from an empty KV cache."""
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX (Linux: the ``amx_int8`` flag in /proc/cpuinfo)."""
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
-    def __init__(self, path: str | Path, n_ctx: int = 2048, n_threads: int | None = None, logits_all: bool = False):
+
+def default_extra_buffers() -> bool:
+    """llama.cpp's extra (repacked) weight buffers: on, except on an AMX CPU (module docstring)."""
+    return not cpu_has_amx()
+
+
+@contextmanager
+def _model_params(use_extra_bufts: bool):
+    """``Llama()`` has no argument for ``llama_model_params.use_extra_bufts``; it reads the
+    defaults from ``llama_model_default_params``, so that function is wrapped while one loads."""
+    import llama_cpp.llama_cpp as C
+
+    default = C.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = use_extra_bufts
+        return p
+
+    C.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        C.llama_model_default_params = default
+
+
+class LlamaCppModel:
+    """One GGUF file loaded in llama.cpp; every call starts from an empty KV cache.
+
+    ``extra_buffers``: let llama.cpp repack weights into its extra buffer types (None:
+    ``default_extra_buffers()``).
+    """
+
+    def __init__(self, path: str | Path, n_ctx: int = 2048, n_threads: int | None = None, logits_all: bool = False,
+                 extra_buffers: bool | None = None):
         require()
         from llama_cpp import Llama
 
         threads = n_threads or max(1, len(os.sched_getaffinity(0)))
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=threads,
-                         n_threads_batch=threads, logits_all=logits_all, verbose=False)
+        self.extra_buffers = default_extra_buffers() if extra_buffers is None else extra_buffers
+        with _model_params(self.extra_buffers):
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), n_threads=threads,
+                             n_threads_batch=threads, logits_all=logits_all, verbose=False)
         self.logits_all = logits_all
 
     def close(self) -> None:
@@ -113,6 +159,7 @@ def _worker(path: str, windows: dict[str, list[list[int]]], prompts: list[list[i
         scorer.close()
     gen = LlamaCppModel(path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False)
     res.setdefault("load_seconds", time.perf_counter() - t0)
+    res["extra_buffers"] = gen.extra_buffers
     if speed_prompts:
         gen.generate(speed_prompts[0], 4, eos_id)  # warm-up, untimed
     t0 = time.perf_counter()
@@ -146,7 +193,7 @@ def run(path: str | Path, windows: dict[str, list[list[int]]], prompts: list[lis
     Returns ``windows`` (per source: ``nll``, ``tokens``), ``outputs`` (new ids per prompt, EOS
     included when produced), ``gen_tokens``, ``gen_seconds``, ``ppl_seconds``, ``load_seconds``,
     ``ttft_s`` (median prefill + first token), ``decode_tokens_per_s`` (batch 1, after the first
-    token) and ``peak_rss_mb`` of that process.
+    token), ``peak_rss_mb`` of that process and ``extra_buffers`` (repacked weights or not).
     """
     require()
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as ex:

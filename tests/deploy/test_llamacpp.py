@@ -69,6 +69,25 @@ def test_logits_match_ptqlib_forward(sharp_tiny, tiny_tok, tmp_path, kind):
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
 
 
+def test_extra_buffers_are_applied_and_keep_the_logits(sharp_tiny, tiny_tok, tmp_path):
+    """Repacked weights or not, llama.cpp computes the same logits (f16, which no AMX kernel takes);
+    the setting reaches llama.cpp, the library default is restored, and the default is off
+    exactly on an AMX CPU (where llama-cpp-python 0.3.36 crashes on Q4_1)."""
+    import llama_cpp.llama_cpp as C
+
+    export_gguf(sharp_tiny, tiny_tok, tmp_path / "m.gguf")
+    ids = _text_ids(tiny_tok)
+    got = {}
+    for extra in (False, True):
+        with llamacpp.LlamaCppModel(tmp_path / "m.gguf", n_ctx=128, n_threads=1, logits_all=True,
+                                    extra_buffers=extra) as lm:
+            assert lm.llm.model_params.use_extra_bufts is extra
+            got[extra] = lm.logits(ids)
+    np.testing.assert_allclose(got[True], got[False], rtol=1e-3, atol=1e-3 * float(np.abs(got[False]).max()))
+    assert C.llama_model_default_params().use_extra_bufts is True
+    assert llamacpp.default_extra_buffers() is (not llamacpp.cpu_has_amx())
+
+
 def test_greedy_tokens_and_tokenization_match(sharp_tiny, tiny_tok, tmp_path):
     import copy
 
@@ -109,3 +128,4 @@ def test_evaluate_gguf_scores_the_same_units(tiny_tok, tmp_path):
         assert u_g[k]["tokens"] == u_t[k]["tokens"]
         assert abs(m_g[k] / m_t[k] - 1) < 0.01, (k, m_g[k], m_t[k])
     assert m_g["decode_tokens_per_s"] > 0 and m_g["ttft_s"] > 0 and m_g["peak_rss_mb"] > 10
+    assert m_g["llamacpp_extra_buffers"] == float(llamacpp.default_extra_buffers())
