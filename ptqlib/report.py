@@ -88,13 +88,13 @@ def _read_report(reports: Path) -> tuple[dict[str, dict], dict[str, list[dict]]]
     return rows, units
 
 
-def previous_report(reports: Path, others: bool = True) -> PreviousReport:
-    """Read ``results.csv`` and ``units.csv`` of ``reports`` (empty when absent) and, with
-    ``others``, of every sibling study's report, indexed by evaluate stage id (the first study in
-    name order wins where two reports hold one id)."""
+def previous_report(reports: Path) -> PreviousReport:
+    """Read ``results.csv`` and ``units.csv`` of ``reports`` (empty when absent) and of every
+    sibling study's report, indexed by evaluate stage id (the first study in name order wins
+    where two reports hold one id)."""
     rows, units = _read_report(reports)
     found: dict[str, tuple[str, dict, list[dict]]] = {}
-    if others and reports.parent.is_dir():
+    if reports.parent.is_dir():
         for d in sorted(reports.parent.iterdir()):
             if d.resolve() == reports.resolve() or not (d / "results.csv").exists():
                 continue

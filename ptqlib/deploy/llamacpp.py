@@ -10,9 +10,9 @@ the deployed model (weights mapped from the file, KV cache, compute buffers) plu
 not of the torch model the stage loaded to export it.
 
 llama.cpp may repack weights at load into "extra" buffer types (AMX tiles, wider SIMD blocks).
-On a CPU with AMX, llama-cpp-python 0.3.36's AMX path crashes the process (segfault) on the
-Q4_1 tensors of the test suite's tiny model, so there the extra buffers are off by default
-(``default_extra_buffers``); ``run`` reports which setting a measurement used.
+On a CPU with AMX, llama-cpp-python 0.3.36's AMX path crashes the process (segfault) on Q4_1
+tensors (the test suite's tiny model and SmolLM2-135M alike), so there the extra buffers are off
+by default (``default_extra_buffers``); ``run`` reports which setting a measurement used.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from functools import cache
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def require() -> None:
                           "(builds llama.cpp from source once, then pip caches the wheel)")
 
 
+@cache
 def cpu_has_amx() -> bool:
     """Whether this CPU has Intel AMX (Linux: the ``amx_int8`` flag in /proc/cpuinfo)."""
     try:
