@@ -37,6 +37,7 @@ import yaml
 
 from ptqlib.errors import ConfigError
 from ptqlib.methods import finetune_methods, quantize_methods
+from ptqlib.precision import PRECISIONS
 from ptqlib.quant.grid import GROUP_GRIDS, SYM_GRIDS
 
 DEFAULT_FT_GROUP = 64  # the group of a method with its own grid (l4q, qat_lora) when group_size is left at 0
@@ -71,7 +72,8 @@ class QuantizeParams:
     block_size: int = 128  # gptq: columns per lazy batch update
     calib_samples: int = 32  # gptq: calibration windows of pydoc train text
     calib_seq_len: int = 256  # gptq: tokens per calibration window
-    calib_seed: int = 0  # gptq: which windows
+    calib_seed: int = -1  # gptq: which calibration windows (-1: the pipeline's seed, so each seed is its own GPTQ draw)
+    precision: str = "auto"  # auto | fp32 | bf16: calibration forwards (ptqlib.precision; auto = bf16 where the hardware computes it)
 
     def __post_init__(self) -> None:
         _choice("method", self.method, quantize_methods())
@@ -90,6 +92,9 @@ class QuantizeParams:
         _choice("group_grid", self.group_grid, GROUP_GRIDS)
         if not 0 < self.damp < 1:
             raise ConfigError(f"damp: {self.damp!r} must be in (0, 1)")
+        if isinstance(self.calib_seed, bool) or not isinstance(self.calib_seed, int) or self.calib_seed < -1:
+            raise ConfigError(f"calib_seed: {self.calib_seed!r} must be -1 (the pipeline's seed) or an integer >= 0")
+        _choice("precision", self.precision, PRECISIONS)
 
 
 @dataclass
@@ -115,6 +120,7 @@ class FinetuneParams:
     pool: int = 0  # qblora/qablora: input pool factor (0 = the method's default)
     repeat: int = 0  # qblora/qablora: output repeat factor (0 = the method's default)
     pool_norm: str = "mean"  # qblora/qalora/qablora: reduce a pooled block by its mean (official code) or sum (QA-LoRA's Algorithm 1; = mean at alpha x pool)
+    precision: str = "auto"  # auto | fp32 | bf16: bf16 autocast with fp32 master weights and optimizer state (auto = bf16 where the hardware computes it)
 
     def __post_init__(self) -> None:
         _choice("method", self.method, finetune_methods())
@@ -137,6 +143,7 @@ class FinetuneParams:
                               f"{', '.join(grouped)} only (leave it out)")
         if m.group == "own" and self.group_size == 0:
             self.group_size = DEFAULT_FT_GROUP
+        _choice("precision", self.precision, PRECISIONS)
         _choice("pool_norm", self.pool_norm, ("mean", "sum"))  # ptqlib.adapters.balanced.POOL_NORMS (torch-free here)
         if self.pool_norm != "mean" and "pool_norm" not in m.settings:
             pooled = [n for n, e in finetune_methods().items() if "pool_norm" in e.settings]
@@ -171,8 +178,10 @@ class EvaluateParams:
     gguf_lossy: bool = False  # llama.cpp runtime: allow re-quantizing layers GGUF cannot hold exactly (NF4, act-order, g16)
     speed_prompts: int = 0  # batch-1 latency: time to first token and decode tokens/s over this many prompts (0: off)
     speed_tokens: int = 64  # tokens decoded per speed prompt (EOS ignored)
+    precision: str = "auto"  # auto | fp32 | bf16: the model's float weights for perplexity and generation (auto = bf16 where the hardware computes it)
 
     def __post_init__(self) -> None:
+        _choice("precision", self.precision, PRECISIONS)
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime: {self.runtime!r} is not a runtime; valid: {', '.join(RUNTIMES)}")
         from ptqlib.deploy.gguf import TYPES as GGUF_TYPES
@@ -218,10 +227,11 @@ def from_namespace(cls, ns: dict):
 # left out of the stage id (runner.stage_id), so adding them invalidated no cache. The quantize
 # grid rules' old values are the rules GPTQ / RTN used before (their new defaults change the id);
 # the zero >= 1 rule that came with them changes no code of a cached stage (none had a zero of 0).
-ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated"},
+# ``precision: fp32`` is what every stage computed before the setting existed.
+ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated", "precision": "fp32"},
               "evaluate": {"runtime": "torch", "gguf_type": "auto", "gguf_lossy": False, "speed_prompts": 0,
-                           "speed_tokens": 64},
-              "finetune": {"pool_norm": "mean"}}
+                           "speed_tokens": 64, "precision": "fp32"},
+              "finetune": {"pool_norm": "mean", "precision": "fp32"}}
 
 
 
@@ -237,6 +247,10 @@ def id_params(kind: str, params: dict) -> dict:
         dynamic = params.get("group_size") != -1 and not (params.get("act_order") and params.get("static_groups"))
         if params.get("method") != "gptq" or not dynamic:
             out.pop("group_grid", None)
+        if params.get("method") in quantize_methods() and not quantize_methods()[params["method"]].calibration:
+            out.pop("precision", None)  # only calibration forwards run at the stage's precision
+    if kind == "evaluate" and params.get("runtime") == "llama.cpp":
+        out.pop("precision", None)  # llama.cpp computes in its own types
     return out
 
 
@@ -356,6 +370,27 @@ def _check_types(cls, path, where: str, params: dict) -> None:
             )
 
 
+def _at(point: dict, i: int, params: dict, key: str):
+    """Stage ``i``'s value of ``key`` at a grid ``point`` (else its params', else the default)."""
+    default = _fields(QuantizeParams)[key].default
+    return point.get(f"{i}.{key}", params.get(key, default))
+
+
+def _resolve(path, where: str, kind: str, p: dict, seed: int) -> dict:
+    """Values that depend on the pipeline or the machine, made concrete for the stage id and record:
+    ``precision: auto`` -> fp32 / bf16 (``ptqlib.precision``); ``calib_seed: -1`` -> the pipeline's
+    seed where the method calibrates, 0 (unread) where it does not (the id such stages always had)."""
+    from ptqlib.precision import resolve
+
+    try:
+        p["precision"] = resolve(p["precision"])
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {where}.{e}") from None
+    if kind == "quantize" and p["calib_seed"] == -1:
+        p["calib_seed"] = seed if quantize_methods()[p["method"]].calibration else 0
+    return p
+
+
 def load_study(path: str | Path, check_models: bool = True, allow_network: bool = True) -> Study:
     """Parse, validate and expand a study file. Raises ConfigError before anything runs.
 
@@ -436,7 +471,13 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
         trains = any(kind == "finetune" for kind, _ in parsed)
         for model in models:
             for point in _grid(axes) or [{}]:
-                for seed in (seeds if trains else seeds[:1]):
+                # a pipeline is replicated over the seeds when a stage draws from the seed: training,
+                # or a calibration left at the pipeline's seed (each seed its own GPTQ draw)
+                draws = trains or any(
+                    kind == "quantize" and _at(point, i, params, "calib_seed") == -1
+                    and getattr(quantize_methods().get(_at(point, i, params, "method")), "calibration", False)
+                    for i, (kind, params) in enumerate(parsed))
+                for seed in (seeds if draws else seeds[:1]):
                     built, label = [], {}
                     for i, (kind, params) in enumerate(parsed):
                         p = dict(params)
@@ -448,12 +489,12 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                         swhere = f"{where}[{i}].{kind}" if kind != "evaluate" else "defaults.evaluate"
                         _check_types(STAGE_PARAMS[kind], path, swhere, p)
                         obj = _build(STAGE_PARAMS[kind], path, swhere, p)
-                        built.append(Stage(kind, dataclasses.asdict(obj)))
+                        built.append(Stage(kind, _resolve(path, swhere, kind, dataclasses.asdict(obj), int(seed))))
                     _check_pipeline(path, where, built, str(model), sizes_cache, linear_input_sizes,
                                     functools.partial(model_config, allow_network=allow_network), check_models)
                     if len(models) > 1:
                         label["model"] = model
-                    if trains and len(seeds) > 1:
+                    if draws and len(seeds) > 1:
                         label["seed"] = seed
                     suffix = "[" + ",".join(f"{k}={v}" for k, v in label.items()) + "]" if label else ""
                     pipelines.append(Pipeline(f"{pname}{suffix}", pname, str(model), task, int(seed), label, built))

@@ -231,12 +231,16 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
                                                     p.max_new_tokens, sources, p.speed_prompts, p.speed_tokens)
         metrics.update(deployed_metrics(export, model.config, metrics.get("decode_tokens_per_s")))
     else:
+        from ptqlib.precision import cast_for_inference, resolve
+
+        cast_for_inference(model, p.precision)  # bf16: the float weights in bf16, QuantLinear codes as they are
         metrics, generations, units = evaluate_model(model, tokenizer, examples, p.ppl_samples, p.ppl_seq_len,
                                                      p.max_new_tokens, p.batch_size, progress=progress,
                                                      ppl_sources=sources)
         if p.speed_prompts:
             metrics.update(decode_speed(model, tokenizer, [e.prompt for e in examples[:p.speed_prompts]],
                                         p.speed_tokens))
+        metrics["precision"] = resolve(p.precision)
     metrics.update(model_metrics(model, input_ref))
     if p.lm_eval_tasks:  # MMLU / commonsense through lm-evaluation-harness
         from ptqlib.lmeval import run_lm_eval

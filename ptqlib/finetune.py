@@ -39,13 +39,18 @@ def prepare(model, method: str, p: FinetuneParams, input_ref: str | None = None)
     return finetune_method(method).prepare(model, as_params("finetune", p), input_ref)
 
 
-def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, progress: bool = False) -> dict:
-    """Run Trainer for ``p.steps`` optimizer steps -> {loss_history, metrics}."""
+def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, progress: bool = False,
+          callbacks: list | None = None) -> dict:
+    """Run Trainer for ``p.steps`` optimizer steps -> {loss_history, metrics}.
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (``bench/stage_speed.py`` times steps)."""
     from transformers import Trainer, TrainingArguments, set_seed
 
     from ptqlib.config import as_params
+    from ptqlib.precision import resolve
 
     p = as_params("finetune", p)
+    precision = resolve(p.precision)  # bf16: autocast, fp32 master weights and AdamW state (Trainer's bf16)
 
     set_seed(seed)
     cuda = torch.cuda.is_available()
@@ -56,9 +61,11 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
             warmup_steps=int(p.warmup_ratio * p.steps), weight_decay=p.weight_decay, logging_steps=1,
             save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not cuda,
             disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch",
+            bf16=precision == "bf16",
         )
         trainer = Trainer(model=model, args=args, train_dataset=features,
-                          data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id))
+                          data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id),
+                          callbacks=callbacks)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -75,6 +82,7 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
         "train_loss_last": sum(l for _, l in hist[-5:]) / max(1, len(hist[-5:])) if hist else math.nan,
         "trainable_params": trainable, "total_params": total,
         "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb(),
+        "precision": precision,
     }
     model.eval()
     return {"loss_history": hist, "metrics": metrics}

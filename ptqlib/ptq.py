@@ -45,6 +45,10 @@ def quantize(input_ref: str, p: QuantizeParams, calib: torch.Tensor | None = Non
     model, tok, stats = method.quantize(input_ref, p, calib, progress)
     stats = dict(stats or {})
     stats["quant_seconds"] = time.perf_counter() - t0
+    if method.calibration:  # the precision of the calibration forwards (the codes' arithmetic is fp32)
+        from ptqlib.precision import resolve
+
+        stats["precision"] = resolve(p.precision)
     model.eval()
     return model, tok, stats
 
@@ -85,7 +89,7 @@ def quantize_metrics(model, werr: dict[str, float], stats: dict, output_dir: str
     (``artifacts.size_metrics``)."""
     metrics = {"quant_seconds": stats["quant_seconds"], "weight_rel_err_mean": sum(werr.values()) / max(1, len(werr)),
                **artifacts.size_metrics(model, output_dir)}
-    for k in ("mean_gptq_rel_err", "mean_rtn_rel_err", "total_damp_retries", "n_fallback"):
+    for k in ("mean_gptq_rel_err", "mean_rtn_rel_err", "total_damp_retries", "n_fallback", "precision"):
         if k in stats:
             metrics[k] = stats[k]
     return metrics

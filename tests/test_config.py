@@ -181,7 +181,7 @@ def test_qa_pool_norm_keeps_cached_ids_and_is_refused_where_it_does_nothing(tmp_
     sum is a new stage with its own label; a method without a pooled adapter refuses the key."""
     from ptqlib.config import ID_NEUTRAL
 
-    text = ("model: tiny\npipelines:\n"
+    text = ("model: tiny\ndefaults:\n  finetune: {precision: fp32}\npipelines:\n"  # fp32: as cached before
             "  mean: [{quantize: {method: rtn, group_size: 32}}, {finetune: qalora}]\n"
             "  sum: [{quantize: {method: rtn, group_size: 32}}, {finetune: {method: qalora, pool_norm: sum}}]\n")
     s = load_study(write(tmp_path, text))
@@ -227,7 +227,7 @@ def test_evaluate_entry_overrides_defaults_and_neutral_keys_keep_stage_ids(tmp_p
     from ptqlib.runner import build_graph
 
     f = tmp_path / "s.yaml"
-    f.write_text("model: tiny\ndefaults:\n  evaluate: {ppl_samples: 4, task_samples: 2}\npipelines:\n"
+    f.write_text("model: tiny\ndefaults:\n  evaluate: {ppl_samples: 4, task_samples: 2, precision: fp32}\npipelines:\n"
                  "  t: []\n  g: [{evaluate: {runtime: llama.cpp, speed_prompts: 2}}]\n"
                  "  t2: [{evaluate: {runtime: torch, speed_prompts: 0}}]\n")
     study = load_study(f)

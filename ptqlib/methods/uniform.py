@@ -36,7 +36,7 @@ def quantize_gptq(input_ref: str, p: QuantizeParams, calib=None, progress: bool 
         model, [c.unsqueeze(0) for c in calib], bits=p.bits, group_size=p.group_size, sym=p.sym,
         act_order=p.act_order, static_groups=p.static_groups, true_sequential=p.true_sequential,
         damp=p.damp, block_size=p.block_size, progress=progress, group_grid=p.group_grid,
-        sym_grid=p.sym_grid)
+        sym_grid=p.sym_grid, precision=p.precision)
     return model, tok, stats
 
 
