@@ -7,24 +7,28 @@ Claims are declared in the study file::
         a: ft_nf4_qlora                       # pipeline family on the left
         b: ft_nf4                             # ... and on the right
         metric: field_f1                      # a column of results.csv
-        relation: ">"                         # ">" beats, ">=" matches or beats, "==" unchanged
+        relation: ">"                         # ">" beats, ">=" not worse by more than min_effect, "==" within it
         min_effect: 0.02                      # optional: the smallest difference that counts
 
-Verdict rule. ``d = stat(a) - stat(b)`` on the pooled units (task examples or perplexity
-windows) of all paired seeds, with a 95% *paired hierarchical bootstrap* interval: each
-replicate resamples the seeds, then the examples (the same draw for a and b, so the pair is
-compared example by example), and recomputes the metric from its units (``metrics.statistic``:
-means, micro-averaged ratios, exp of the mean NLL). Seeds pair by value; a pipeline that does not
-train (one run) pairs with every seed of the other. Metrics without units (size, speed, training
-loss) are bootstrapped over seeds only. With ``m = min_effect`` and the interval ``[lo, hi]`` of
-the signed difference (sign-flipped where lower is better, so positive means "a is better"):
+Verdict rule (docs/statistics.md). ``d = stat(a) - stat(b)`` on the pooled units (task examples
+or perplexity windows) of all paired seeds, with a 95% t interval from a crossed seeds x examples
+model (``ptqlib.inference``): the per-seed spread of the paired difference plus the example
+component the seeds share, on each unit's influence value (delta method), so means,
+micro-averaged ratios and exp(mean NLL) are handled alike; Satterthwaite degrees of freedom.
+Seeds pair by value; a pipeline that does not train (one run) pairs with every seed of the other.
+Metrics without units (size, speed, training loss) get a t interval over the per-seed
+differences. A claim where a pipeline trains needs >= 3 paired seeds to be decided. With
+``m = min_effect`` and the interval ``[lo, hi]`` of the signed difference (sign-flipped where lower
+is better, so positive means "a is better"):
 
 - ``>``: holds if ``lo > m``, does not hold if ``hi < m``;
-- ``>=``: holds if ``lo > -m``, does not hold if ``hi < -m`` (non-inferiority with margin m);
-- ``==``: holds if ``-m <= lo`` and ``hi <= m``, does not hold if ``lo > m`` or ``hi < -m``;
+- ``>=``: holds if ``lo > -m``, does not hold if ``hi < -m`` (not worse by more than m);
+- ``==``: holds if ``-m < lo`` and ``hi < m`` (equivalence), does not hold if ``lo > m`` or ``hi < -m``;
 
-and undecided otherwise: the interval contains the boundary, so the data cannot tell.
-The RNG seed is fixed, so a report is reproducible.
+and undecided otherwise: the interval contains the boundary, so the data cannot tell. Each
+decidable claim also gets the one-sided p-value of "holds" (the same test: p < 0.025 exactly when
+the interval says holds), Holm-adjusted over the study's claims (``verdict_holm``), and a flag
+when a pipeline sits at the floor or ceiling of a bounded metric. Closed form: reproducible.
 """
 from __future__ import annotations
 
@@ -34,11 +38,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ptqlib.inference import holm, paired_interval, p_holds
 from ptqlib.metrics import Statistic, ppl_statistic, statistic
 
 LOWER_IS_BETTER = {"size_mb_deploy", "size_mb_stored", "train_seconds", "step_seconds", "peak_mem_mb",
                    "train_loss_last"}
 RELATIONS = (">", ">=", "==")
+MIN_SEEDS = 3  # paired seeds a claim on trained pipelines needs: fewer leave the seed variance unknown
+HOLM_ALPHA = 0.025  # one-sided, the level of each bound of the 95% interval (see docs/statistics.md)
+BOUNDED = ("field_f1", "exact_match", "rouge_l")  # and fact_*: scores in [0, 1] with a floor and a ceiling
+FLOOR, CEILING = 0.05, 0.98
 QUALITY = ["ppl", "ppl_stdlib", "exact_match", "field_f1", "rouge_l", "fact_precision", "fact_recall"]
 COST = ["size_mb_deploy", "size_mb_stored", "gen_tokens_per_s", "finetune.train_seconds", "finetune.peak_mem_mb",
         "quantize.quant_seconds"]
@@ -131,6 +140,10 @@ def paired_bootstrap(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, de
     Inputs are (S, N): S paired seeds (row i of a with row i of b), N paired units. Each replicate
     draws S seeds and then N units with replacement, one draw shared by a and b; the statistic is
     recomputed from the drawn units' pooled sums (``transform(sum num / sum den)``).
+
+    Superseded for claims by :func:`ptqlib.inference.paired_interval`: with 2-5 seeds resampling
+    them under-states the seed variance (the interval under-covers, tests/test_coverage.py); kept
+    to compare with.
     """
     rng = np.random.default_rng(seed)
     S, N = num_a.shape
@@ -156,17 +169,37 @@ def paired_bootstrap(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, de
 def decide(relation: str, lo: float, hi: float, min_effect: float = 0.0) -> str:
     """holds / does not hold / undecided from the interval of the signed difference (see the module doc)."""
     m = min_effect
+    if relation not in RELATIONS:
+        raise ValueError(f"relation {relation!r}; valid: {', '.join(RELATIONS)}")
     if math.isnan(lo) or math.isnan(hi):
         return "undecided (no interval)"
     if relation == ">":
         return "holds" if lo > m else ("does not hold" if hi < m else "undecided (interval contains the boundary)")
     if relation == ">=":
         return "holds" if lo > -m else ("does not hold" if hi < -m else "undecided (interval contains the boundary)")
-    if relation == "==":
-        if -m <= lo and hi <= m:
-            return "holds"
-        return "does not hold" if (lo > m or hi < -m) else "undecided (interval contains the boundary)"
-    raise ValueError(f"relation {relation!r}; valid: {', '.join(RELATIONS)}")
+    if -m < lo and hi < m:  # ==: the whole interval inside the margin (two one-sided tests)
+        return "holds"
+    return "does not hold" if (lo > m or hi < -m) else "undecided (interval contains the boundary)"
+
+
+def hypothesis(claim: Claim) -> str:
+    """What "holds" accepts, in words, on the signed difference: e.g. ``a - b > -0.02 (not worse by
+    more than 0.02)``; where lower is better the difference is b - a."""
+    m, lower = f"{claim.min_effect:g}", lower_is_better(claim.metric)
+    d = f"{claim.b} - {claim.a}" if lower else f"{claim.a} - {claim.b}"
+    notes = []
+    if claim.relation == ">":
+        text = f"{d} > {m}"
+    elif claim.relation == ">=":
+        text = f"{d} > -{m}" if claim.min_effect else f"{d} > 0"
+        notes.append(f"not worse by more than {m}" if claim.min_effect else "no margin: as strict as '>'")
+    elif claim.relation == "==":
+        text = f"|{claim.a} - {claim.b}| < {m}"
+        notes += [] if claim.min_effect else ["no margin: cannot hold"]
+    else:
+        raise ValueError(f"relation {claim.relation!r}; valid: {', '.join(RELATIONS)}")
+    notes += ["lower is better"] if lower and claim.relation != "==" else []
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _seed_sd(runs: pd.DataFrame, metric: str) -> float:
@@ -174,23 +207,16 @@ def _seed_sd(runs: pd.DataFrame, metric: str) -> float:
     return float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = None, n_boot: int = 2000,
-            seed: int = 0) -> dict:
-    """The difference a - b, its 95% paired bootstrap interval, the seed spread and the verdict."""
-    ra, rb = _runs(results, claim.a), _runs(results, claim.b)
-    row: dict = {"claim": claim.claim, "a": claim.a, "b": claim.b, "metric": claim.metric, "relation": claim.relation,
-                 "min_effect": claim.min_effect}
-    nan = math.nan
-    row.update(mean_a=nan, mean_b=nan, difference=nan, ci_low=nan, ci_high=nan,
-               seed_sd=max(_seed_sd(ra, claim.metric), _seed_sd(rb, claim.metric)), n_seeds=0, n_examples=0)
-    for fam, runs in ((claim.a, ra), (claim.b, rb)):
-        if runs["seed"].duplicated().any():
-            row["verdict"] = f"undecided ({fam} has a grid: claims compare one grid point, make it its own pipeline)"
-            return row
-    pairs = _seed_pairs(ra, rb) if len(ra) and len(rb) else []
-    if not pairs or claim.metric not in results:
-        row["verdict"] = "undecided (no data)"
-        return row
+def _trains(runs: pd.DataFrame) -> bool:
+    return "stages" in runs and runs["stages"].astype(str).str.contains("finetune").any()
+
+
+def _paired(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None, ra: pd.DataFrame, rb: pd.DataFrame,
+            pairs: list[tuple[int, int]]) -> tuple | str:
+    """(num_a, den_a, num_b, den_b, statistic), each array (seeds, units), or why there is nothing to pair.
+
+    A run-level metric (no units) is one unit per run: the statistic is then the mean over seeds.
+    """
     sa, sb = [p[0] for p in pairs], [p[1] for p in pairs]
     st = statistic(claim.metric)
     have_units = (st is not None and units is not None and len(units) and st.num in units
@@ -199,39 +225,82 @@ def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = No
         num_a, den_a = _unit_arrays(units, claim.a, sa, st)
         num_b, den_b = _unit_arrays(units, claim.b, sb, st)
         if num_a.shape != num_b.shape:
-            row["verdict"] = f"undecided (unpaired units: {num_a.shape} vs {num_b.shape})"
-            return row
-        row["n_examples"] = num_a.shape[1]
-    else:  # a run-level metric: one unit per run, resampled over seeds only
-        st = Statistic("run", "value")
-        trains = any(r["stages"].str.contains("finetune").any() for r in (ra, rb) if "stages" in r)
-        if trains and len(pairs) < 2:
-            row["verdict"] = "undecided (needs >= 2 seeds)"
-            return row
+            return f"undecided (unpaired units: {num_a.shape} vs {num_b.shape})"
+        return num_a, den_a, num_b, den_b, st
 
-        def col(runs, seeds):
-            v = runs.drop_duplicates("seed").set_index("seed")[claim.metric]
-            return pd.to_numeric(v.reindex(seeds), errors="coerce").to_numpy(float)[:, None]
+    def col(runs, seeds):
+        v = runs.drop_duplicates("seed").set_index("seed")[claim.metric]
+        return pd.to_numeric(v.reindex(seeds), errors="coerce").to_numpy(float)[:, None]
 
-        num_a, num_b = col(ra, sa), col(rb, sb)
-        den_a = den_b = np.ones_like(num_a)
-        if np.isnan(num_a).any() or np.isnan(num_b).any():
-            row["verdict"] = "undecided (no data)"
+    num_a, num_b = col(ra, sa), col(rb, sb)
+    if np.isnan(num_a).any() or np.isnan(num_b).any():
+        return "undecided (no data)"
+    return num_a, np.ones_like(num_a), num_b, np.ones_like(num_b), Statistic("run", "value")
+
+
+def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = None) -> dict:
+    """The difference a - b, its 95% interval (``ptqlib.inference``), the seed spread, the verdict and
+    the p-value of "holds" (NaN where the claim cannot be decided)."""
+    ra, rb = _runs(results, claim.a), _runs(results, claim.b)
+    row: dict = {"claim": claim.claim, "a": claim.a, "b": claim.b, "metric": claim.metric, "relation": claim.relation,
+                 "min_effect": claim.min_effect, "tested": hypothesis(claim)}
+    nan = math.nan
+    row.update(mean_a=nan, mean_b=nan, difference=nan, ci_low=nan, ci_high=nan, se=nan, df=nan,
+               seed_sd=max(_seed_sd(ra, claim.metric), _seed_sd(rb, claim.metric)), n_seeds=0, n_examples=0,
+               verdict="", p_holds=nan)
+    for fam, runs in ((claim.a, ra), (claim.b, rb)):
+        if runs["seed"].duplicated().any():
+            row["verdict"] = f"undecided ({fam} has a grid: claims compare one grid point, make it its own pipeline)"
             return row
-    row["n_seeds"] = len(pairs)
-    row["mean_a"], row["mean_b"] = st(num_a.ravel(), den_a.ravel()), st(num_b.ravel(), den_b.ravel())
-    d, lo, hi = paired_bootstrap(num_a, den_a, num_b, den_b, st, n_boot, seed)
-    row.update(difference=d, ci_low=lo, ci_high=hi)
+    pairs = _seed_pairs(ra, rb) if len(ra) and len(rb) else []
+    data = _paired(claim, results, units, ra, rb, pairs) if pairs and claim.metric in results else "undecided (no data)"
+    if isinstance(data, str):
+        row["verdict"] = data
+        return row
+    num_a, den_a, num_b, den_b, st = data
+    trains = _trains(ra) or _trains(rb)
+    # one run of pipelines that do not train is the whole distribution of a run-level number
+    iv = paired_interval(num_a, den_a, num_b, den_b, st, exact=not trains and num_a.size == 1)
+    row.update(n_seeds=len(pairs), n_examples=num_a.shape[1] if st.group != "run" else 0,
+               mean_a=st(num_a.ravel(), den_a.ravel()), mean_b=st(num_b.ravel(), den_b.ravel()),
+               difference=float(iv.difference), ci_low=float(iv.lo), ci_high=float(iv.hi), se=float(iv.se),
+               df=float(iv.df))
+    if trains and len(pairs) < MIN_SEEDS:
+        row["verdict"] = f"undecided (needs >= {MIN_SEEDS} seeds; has {len(pairs)})"
+        return row
     sign = -1.0 if lower_is_better(claim.metric) else 1.0
-    slo, shi = sorted((sign * lo, sign * hi))
+    slo, shi = sorted((sign * row["ci_low"], sign * row["ci_high"]))
     row["verdict"] = decide(claim.relation, slo, shi, claim.min_effect)
+    row["p_holds"] = p_holds(claim.relation, sign * row["difference"], row["se"], row["df"], claim.min_effect)
     return row
 
 
-def check_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame | None = None,
-                 n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """One row per claim (see :func:`verdict`); the bootstrap's RNG seed is fixed for reproducible reports."""
-    return pd.DataFrame([verdict(Claim(**c), results, units, n_boot, seed) for c in claims])
+def flags(row: dict) -> str:
+    """Pipelines whose mean of a bounded metric is < FLOOR or > CEILING, e.g. ``b at floor (field_f1 0.000)``:
+    there a difference says little (no room to move) and the t interval's normal approximation is poor."""
+    name = str(row["metric"]).rsplit(".", 1)[-1]
+    if name not in BOUNDED and not name.startswith("fact_"):
+        return ""
+    out = []
+    for side in ("a", "b"):
+        v = row[f"mean_{side}"]
+        if v < FLOOR or v > CEILING:
+            out.append(f"{side} at {'floor' if v < FLOOR else 'ceiling'} ({name} {v:.3f})")
+    return "; ".join(out)
+
+
+def check_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per claim (see :func:`verdict`), with the Holm-adjusted p-values and verdicts over the
+    claims given (one study's) and the floor / ceiling flags."""
+    rows = [verdict(Claim(**c), results, units) for c in claims]
+    for row, adjusted in zip(rows, holm([r["p_holds"] for r in rows])):
+        row["p_holm"] = adjusted
+        if adjusted < HOLM_ALPHA:  # NaN compares False: a claim not tested never holds
+            row["verdict_holm"] = "holds"
+        else:
+            row["verdict_holm"] = "undecided (after Holm)" if row["verdict"] == "holds" else row["verdict"]
+        row["flags"] = flags(row)
+    return pd.DataFrame(rows)
 
 
 def _settings(method: str) -> tuple[str, ...]:
@@ -325,8 +394,8 @@ def plot_metrics(results: pd.DataFrame, metrics: list[str], title: str = ""):
 
 
 # ---- what the analysis notebook (04) shows and writes --------------------------------------------
-CLAIM_COLUMNS = ["claim", "metric", "relation", "min_effect", "mean_a", "mean_b", "difference", "interval",
-                 "seed_sd", "n_seeds", "n_examples", "verdict"]
+CLAIM_COLUMNS = ["claim", "metric", "tested", "mean_a", "mean_b", "difference", "interval", "seed_sd", "n_seeds",
+                 "n_examples", "verdict", "p_holds", "p_holm", "verdict_holm", "flags"]
 
 
 @dataclass
@@ -365,12 +434,22 @@ def write_summary(results: pd.DataFrame, study_dir) -> pd.DataFrame:
 
 def write_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame | None, study_dir) -> pd.DataFrame:
     """:func:`check_claims` -> ``claims.csv`` (machine-readable); returns the table with an
-    ``interval`` column (``[lo, hi]`` as text) for display."""
+    ``interval`` column (``[lo, hi]`` as text, empty where there is none) for display."""
     from pathlib import Path
 
     table = check_claims(claims, results, units)
     table.to_csv(Path(study_dir) / "claims.csv", index=False)
-    return table.assign(interval=[f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(table.ci_low, table.ci_high)])
+    return table.assign(interval=[f"[{lo:+.3f}, {hi:+.3f}]" if not (math.isnan(lo) or math.isnan(hi)) else ""
+                                  for lo, hi in zip(table.ci_low, table.ci_high)])
+
+
+def redecide(study_dir) -> pd.DataFrame:
+    """Decide the claims of ``study.json`` again from the committed ``results.csv`` / ``units.csv``
+    of ``reports/<study>/`` -> ``claims.csv``; runs no stage and leaves the other files alone."""
+    out = load_outputs(study_dir)
+    if not out.meta.get("claims"):
+        raise ValueError(f"{study_dir}: study.json declares no claims; nothing to decide")
+    return write_claims(out.meta["claims"], out.results, out.units, study_dir)
 
 
 def sample_generations(results: pd.DataFrame, runs_dir, n: int = 2) -> pd.DataFrame:

@@ -15,7 +15,7 @@ from ptqlib.errors import ConfigError
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ptqlib", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,analyse,export,methods}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,analyse,export,methods,findings}")
     run = sub.add_parser("run", help="run (or --dry-run) a study: the stages not cached yet, then the report",
                          description="Run the stages of a study that are not cached yet, then render its report.")
     run.add_argument("study", help="the study file, e.g. parameters/default.yaml")
@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the registered quantization and fine-tuning methods",
                    description="The methods a study file can name (ptqlib.methods, plus modules named in "
                                "PTQLIB_METHODS): what each needs as input, gives the next stage, and its settings.")
+    fin = sub.add_parser("findings", help="write the README's findings table from reports/*/claims.csv",
+                         description="Rewrite the text between <!-- findings:begin --> and <!-- findings:end --> "
+                                     "in the README: per study, the claims tested, holding, and holding after "
+                                     "Holm, with the differences and intervals of those that hold after Holm.")
+    fin.add_argument("--check", action="store_true",
+                     help="write nothing; exit 1 with a diff when the README's table is not what would be written")
+    fin.add_argument("--readme", default="README.md", help="the file with the markers (default: README.md)")
+    fin.add_argument("--reports", default="reports", help="reports directory to read (default: reports)")
     return ap
 
 
@@ -100,8 +108,30 @@ def _export(args) -> int:
     return 0
 
 
+def _findings(args) -> int:
+    from ptqlib.findings import update
+
+    try:
+        same, diff = update(args.readme, args.reports, check=args.check)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if same:
+        print(f"{args.readme}: findings up to date")
+        return 0
+    if args.check:
+        print(diff, end="")
+        print(f"{args.readme}: findings differ from {args.reports}/*/claims.csv; run python -m ptqlib findings",
+              file=sys.stderr)
+        return 1
+    print(f"{args.readme}: findings written")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "findings":  # reads CSVs only: no study file, no torch
+        return _findings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("papermill").setLevel(logging.WARNING)  # one line per stage from the runner is enough
 

@@ -21,6 +21,10 @@ overrides ``defaults.evaluate`` for that pipeline (e.g. ``runtime: llama.cpp``).
 expands the pipeline into a grid, except for keys whose value is a list by nature
 (``target_modules``). The parameters of each stage kind are the dataclasses below: their
 field comments are the documentation, and ``__post_init__`` validates each value.
+A finetune setting given as ``{select: [candidates], metric: field_f1}`` (in a stage or in
+``defaults.finetune``; one per pipeline) is chosen on the task's validation split: each candidate
+trains at the first seed and is scored on validation (pipelines ``<name>~select[lr=...]``), and
+the best one is the value of the pipeline's test-set runs (all seeds). See ``ptqlib.selection``.
 Errors are ``ConfigError`` naming file, key, bad value and what is valid, raised before any stage runs.
 """
 from __future__ import annotations
@@ -167,6 +171,7 @@ class EvaluateParams:
     ppl_seq_len: int = 256  # tokens per window
     ppl_sources: list = field(default_factory=lambda: ["pydoc", "stdlib"])  # held-out text: pydoc (language reference -> ppl), stdlib (library source code -> ppl_stdlib)
     task_samples: int = 128  # held-out task examples generated greedily
+    split: str = "test"  # test | validation: which held-out task examples are generated (validation: for select)
     max_new_tokens: int = 64  # generation length limit
     batch_size: int = 32  # generation / perplexity batch size
     lm_eval_tasks: list = field(default_factory=list)  # lm-eval tasks or presets (mmlu, commonsense); needs the lmeval extra
@@ -209,6 +214,7 @@ class EvaluateParams:
                               f"valid: {', '.join(TEXT_SOURCES)}")
         if not isinstance(self.task_samples, int) or self.task_samples < 0:
             raise ConfigError(f"task_samples: {self.task_samples!r} must be an integer >= 0")
+        _choice("split", self.split, ("test", "validation"))
 
 
 def from_namespace(cls, ns: dict):
@@ -230,7 +236,7 @@ def from_namespace(cls, ns: dict):
 # ``precision: fp32`` is what every stage computed before the setting existed.
 ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated", "precision": "fp32"},
               "evaluate": {"runtime": "torch", "gguf_type": "auto", "gguf_lossy": False, "speed_prompts": 0,
-                           "speed_tokens": 64, "precision": "fp32"},
+                           "speed_tokens": 64, "precision": "fp32", "split": "test"},
               "finetune": {"pool_norm": "mean", "precision": "fp32"}}
 
 
@@ -303,6 +309,7 @@ class Study:
     claims: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what validation could not check (dry-run, uncached hub model)
     executor: dict = field(default_factory=dict)  # the `executor:` section (EXECUTOR_KEYS)
+    selections: list = field(default_factory=list)  # ptqlib.selection.Selection: each select, per grid point
 
 
 def _where(path, *keys) -> str:
@@ -391,6 +398,76 @@ def _resolve(path, where: str, kind: str, p: dict, seed: int) -> dict:
     return p
 
 
+SELECT_KEYS = {"select", "metric"}
+
+
+def _check_selects(path, where: str, kind: str, params: dict) -> None:
+    """Validate each ``{select: [...], metric: ...}`` value of a stage's (or defaults') params."""
+    from ptqlib.selection import known_metric, metric_names
+
+    for k, v in params.items():
+        if not isinstance(v, dict):
+            continue
+        w = f"{path}: {where}.{k}"
+        if kind != "finetune":
+            raise ConfigError(f"{w}: {v!r}: only finetune settings can be selected, not {kind} settings")
+        if set(v) - SELECT_KEYS or "select" not in v:
+            raise ConfigError(f"{w}: {v!r} is not a value; give a value, a list (a grid) or "
+                              "{select: [candidates], metric: <metric>} (keys: select, metric)")
+        scalar = [f for f, fd in _fields(FinetuneParams).items()
+                  if f not in LIST_KEYS and f != "method" and fd.default is not dataclasses.MISSING]
+        if k not in scalar:
+            raise ConfigError(f"{w}: {k!r} cannot be selected (a method is a pipeline of its own; a list setting "
+                              f"is not a scalar); valid: {', '.join(scalar)}")
+        cands = v["select"]
+        if not isinstance(cands, list) or not cands:
+            raise ConfigError(f"{w}.select: {cands!r} must be a non-empty list of candidate values")
+        default = _fields(FinetuneParams)[k].default
+        for c in cands:  # the values themselves are validated with the pipeline (FinetuneParams)
+            if c is None or not ((isinstance(c, type(default)) or isinstance(default, float) and isinstance(c, int))
+                                 and not (isinstance(c, bool) and not isinstance(default, bool))):
+                raise ConfigError(f"{w}.select: candidate {c!r} has type {type(c).__name__}; "
+                                  f"expected {type(default).__name__}")
+        dup = next((c for i, c in enumerate(cands) if c in cands[:i]), None)
+        if dup is not None:
+            raise ConfigError(f"{w}.select: candidate {dup!r} is listed twice in {cands!r}")
+        m = v.get("metric")
+        if not known_metric(m):
+            raise ConfigError(f"{w}.metric: {m!r} is not a metric to select by; valid: {', '.join(metric_names())}")
+
+
+def _take_select(path, where: str, parsed: list[tuple[str, dict]], entries: list) -> tuple | None:
+    """The pipeline's select, if any: (stage index, key, candidates, metric, where it is written),
+    with the candidates put in its place so that the grid expands over them."""
+    found = [(i, k, v) for i, (kind, params) in enumerate(parsed) for k, v in params.items() if isinstance(v, dict)]
+    if not found:
+        return None
+    origin = [f"{where}[{i}].finetune.{k}" if isinstance(entries[i], dict) and isinstance(entries[i].get("finetune"), dict)
+              and k in entries[i]["finetune"] else f"defaults.finetune.{k} (in {where}[{i}])" for i, k, _ in found]
+    if len(found) > 1:
+        raise ConfigError(f"{path}: {where}: selects {' and '.join(origin)}; one select per pipeline (give the "
+                          "other stages a value of their own)")
+    (i, k, spec), = found
+    clash = [j for j, (_, params) in enumerate(parsed) if j != i and isinstance(params.get(k), list) and k not in LIST_KEYS]
+    if clash:
+        raise ConfigError(f"{path}: {origin[0]}: {k!r} is also a grid axis of {where}[{clash[0]}]; a setting "
+                          "name is either selected or a grid axis in one pipeline")
+    parsed[i][1][k] = list(spec["select"])
+    return i, k, list(spec["select"]), spec["metric"], origin[0]
+
+
+def _split_selection(path, family_pls: list, select: tuple, first_seed: int) -> tuple[list, list]:
+    """A family expanded over its candidates -> (its selection pipelines, its selections); its
+    evaluate stage must record the metric."""
+    from ptqlib.selection import missing_metric, split_family
+
+    stage, key, cands, metric, origin = select
+    why = missing_metric(metric, family_pls[0].stages[-1].params)
+    if why:
+        raise ConfigError(f"{path}: {origin}.metric: {metric!r} is not recorded by the pipeline's evaluate stage: {why}")
+    return split_family(family_pls, stage, key, cands, metric, first_seed)
+
+
 def load_study(path: str | Path, check_models: bool = True, allow_network: bool = True) -> Study:
     """Parse, validate and expand a study file. Raises ConfigError before anything runs.
 
@@ -439,11 +516,16 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: defaults.{kind}: expected a mapping, got {d!r}")
         _check_keys(path, f"defaults.{kind}", d, _fields(STAGE_PARAMS[kind]))
+        _check_selects(path, f"defaults.{kind}", kind, d)
 
     sizes_cache: dict[str, dict] = {}
     pipelines: list[Pipeline] = []
+    selections: list = []
     for pname, stages in raw["pipelines"].items():
         where = f"pipelines.{pname}"
+        if "~" in str(pname):
+            raise ConfigError(f"{path}: {where}: '~' is reserved in pipeline names (selection pipelines are "
+                              "<name>~select[...]); rename it")
         if stages is None:
             stages = []
         if not isinstance(stages, list):
@@ -452,6 +534,7 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
         eval_over: dict = {}
         for i, entry in enumerate(stages):
             kind, params = _normalise_stage(path, f"{where}[{i}]", entry)
+            _check_selects(path, f"{where}[{i}].{kind}", kind, params)
             if kind == "evaluate":
                 if i != len(stages) - 1:
                     raise ConfigError(f"{path}: {where}[{i}]: evaluate can only be the last entry (every pipeline "
@@ -460,6 +543,8 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                 continue
             parsed.append((kind, {**copy.deepcopy(defaults.get(kind, {})), **params}))
         parsed.append(("evaluate", {**copy.deepcopy(defaults.get("evaluate", {})), **eval_over}))
+        select = _take_select(path, where, parsed, stages)  # its candidates become a grid axis, split off below
+        start = len(pipelines)
         # grid axes: every list value that is not list-valued by nature, per stage
         axes: dict[str, list] = {}
         for i, (kind, params) in enumerate(parsed):
@@ -498,6 +583,9 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                         label["seed"] = seed
                     suffix = "[" + ",".join(f"{k}={v}" for k, v in label.items()) + "]" if label else ""
                     pipelines.append(Pipeline(f"{pname}{suffix}", pname, str(model), task, int(seed), label, built))
+        if select:
+            pipelines[start:], sels = _split_selection(path, pipelines[start:], select, int(seeds[0]))
+            selections += sels
     claims = raw.get("claims") or []
     if not isinstance(claims, list):
         raise ConfigError(f"{path}: claims: expected a list of {{claim, a, b, metric, relation}}")
@@ -530,7 +618,8 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
         if k in executor and (isinstance(executor[k], bool) or not isinstance(executor[k], (int, float))
                               or executor[k] < 0):
             raise ConfigError(f"{path}: executor.{k}: {executor[k]!r} must be a number >= 0 ({EXECUTOR_KEYS[k]})")
-    return Study(name, path, str(raw.get("description", "")), pipelines, claims, notes, dict(executor))
+    return Study(name, path, str(raw.get("description", "")), pipelines, claims, notes, dict(executor),
+                 selections=selections)
 
 
 def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, linear_input_sizes, model_config,

@@ -8,6 +8,10 @@ Task names (the ``task`` key of a study):
 - ``jsonl:<path>``: the user's own prompt / completion pairs, one JSON object a line.
 - ``hf:<dataset>[:<config>]``: a hub dataset through ``datasets`` (online machines only).
 
+Every task has three disjoint splits: ``train`` (fine-tuning), ``validation`` (choosing settings:
+``select`` in a study file, ``ptqlib.selection``) and ``test`` (the reported numbers). How each
+is drawn: :func:`load_task`.
+
 Real text for calibration and held-out perplexity: ``pydoc`` (CPython's language reference,
 ``pydoc_data.topics``), split by topic, deterministically (a topic is held out when the
 SHA-1 of its name is 0 mod 5: 19 of 79 topics, 88 K of 465 K characters).
@@ -25,6 +29,9 @@ from ptqlib.errors import ConfigError
 TEXT_SOURCES = ("pydoc", "stdlib")
 TASKS = ("meetings", "meetings-hard")
 TASK_PREFIXES = ("jsonl:", "hf:")
+SPLITS = ("train", "validation", "test")
+# seed bases of the generated tasks' splits: example i of a split is generated from base + i
+MEETINGS_BASES = {"train": 0, "test": 1_000_000, "validation": 2_000_000}
 
 
 @dataclass
@@ -219,8 +226,10 @@ def _meeting_hard(rng: random.Random) -> Example:
 
 
 def meetings(split: str, n: int, hard: bool = False) -> list[Example]:
-    """Seeded examples; train and test come from disjoint seed ranges, identical on every call."""
-    base = 0 if split == "train" else 1_000_000
+    """Seeded examples, identical on every call; each split has its own seed range
+    (:data:`MEETINGS_BASES`, disjoint for ``n`` < 10^6): validation got a new base, so train and
+    test are the examples they were before it existed."""
+    base = MEETINGS_BASES[split]
     make = _meeting_hard if hard else _meeting
     return [make(random.Random(base + i)) for i in range(n)]
 
@@ -281,7 +290,22 @@ def _hf_examples(spec: str, split: str) -> list[Example]:
     else:
         raise ConfigError(f"task 'hf:{spec}': no prompt/completion columns among {sorted(cols)}")
     rows = [Example(prompt=r[p] + (("\n\n" + r["input"]) if r.get("input") else ""), completion=r[c]) for r in ds]
-    return [e for i, e in enumerate(rows) if (i % 10 == 0) == (split == "test")]
+    return [e for i, e in enumerate(rows) if _hf_split(i) == split]
+
+
+def _hf_split(i: int) -> str:
+    """The split of row ``i`` of a hub dataset: test every 10th from 0 (as always), validation
+    every 10th from 5 (taken from what was train)."""
+    return "test" if i % 10 == 0 else "validation" if i % 10 == 5 else "train"
+
+
+def _jsonl_split(i: int, n: int) -> str:
+    """The split of line ``i`` (of ``n`` examples) of a jsonl task: test every 5th from 4 (as
+    always; with fewer than 5 lines the last), validation every 5th from 1 (taken from what was
+    train; none with fewer than 5 lines)."""
+    if n < 5:
+        return "test" if i == n - 1 else "train"
+    return "test" if i % 5 == 4 else "validation" if i % 5 == 1 else "train"
 
 
 def check_task(task: str) -> None:
@@ -296,18 +320,30 @@ def check_task(task: str) -> None:
 
 
 def load_task(task: str, split: str, n: int) -> list[Example]:
-    """Up to ``n`` examples of a task's ``train`` or ``test`` split (deterministic)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    """Up to ``n`` examples of a task's ``train``, ``validation`` or ``test`` split (deterministic,
+    the three disjoint).
+
+    ``meetings`` / ``meetings-hard``: generated from a seed range per split (:func:`meetings`);
+    train and test are unchanged by the validation split. ``jsonl:`` / ``hf:``: by line / row
+    index, so the splits are stable when lines are appended; test is every 5th line (hub: every
+    10th row), as before, and validation is carved out of what was train (every 5th line from
+    line 1; hub: every 10th row from row 5). So these tasks train on 3/5 (8/10) of the data
+    where they trained on 4/5 (9/10) before validation existed, whether or not the study selects
+    anything: one rule, so a model never depends on which other stages a study has. (Their
+    finetune stage ids changed with it, see ``runner.stage_id``.)
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split: {split!r} is not a task split; valid: {', '.join(SPLITS)}")
     check_task(task)
     if task in ("meetings", "meetings-hard"):
         return meetings(split, n, hard=task == "meetings-hard")
     if task.startswith("jsonl:"):
         rows = read_jsonl(task[len("jsonl:"):])
-        # every 5th line is held out (at least one), so the split is stable when lines are appended
-        test = [e for i, e in enumerate(rows) if i % 5 == 4] or rows[-1:]
-        train = [e for i, e in enumerate(rows) if i % 5 != 4] if len(rows) >= 5 else rows[:-1]
-        return (train if split == "train" else test)[:n]
+        out = [e for i, e in enumerate(rows) if _jsonl_split(i, len(rows)) == split]
+        if not out:  # only validation can be empty (read_jsonl needs 2 lines: one train, one test)
+            raise ConfigError(f"task {task!r} has {len(rows)} examples: a validation split needs at least 5 "
+                              "(every 5th line from line 1 is validation)")
+        return out[:n]
     return _hf_examples(task[len("hf:"):], split)[:n]
 
 

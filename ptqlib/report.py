@@ -7,7 +7,9 @@ cleaned or lost, another machine's runs) keeps its row from the report already i
 hashes every parameter of the chain, so the row is the same computation. Failing that, it takes
 the row of another study's report under ``reports/`` with that evaluate stage id, as studies share
 ``runs/`` (``previous_report``). The claims' statistics live in ``ptqlib.analysis``; the page is
-the ``04_analyse`` notebook, executed by papermill and rendered without its code.
+the ``04_analyse`` notebook, executed by papermill and rendered without its code. Selection
+pipelines (``ptqlib.selection``) are no rows of ``results.csv`` / ``units.csv``: their validation
+scores are ``selection.csv``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ptqlib import selection
 from ptqlib.record import write_json_atomic
 from ptqlib.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
 
@@ -35,6 +38,8 @@ def study_rows(runner: "Runner") -> list[dict]:
     """One row per pipeline x grid point with its parameters and metrics."""
     rows = []
     for pl in runner.study.pipelines:
+        if selection.is_selection(pl):  # validation-split runs: selection.csv, never a claim's row
+            continue
         chain = runner.chains[pl.name]
         row: dict = {"pipeline": pl.name, "family": pl.family, "model": pl.model, "task": pl.task,
                      "seed": pl.seed, **{f"grid.{k}": v for k, v in pl.grid.items()},
@@ -151,6 +156,7 @@ def write_results(runner: "Runner") -> Path:
         keys += [k for k in r if k not in keys]
     path = _write_csv(runner.reports / "results.csv", keys, rows)
     write_units(runner, kept)
+    write_selection(runner)
     # per-stage pages, linked from the index
     pages = runner.reports / "stages"
     pages.mkdir(exist_ok=True)
@@ -186,6 +192,8 @@ def write_units(runner: "Runner", kept: dict[str, list[dict]] | None = None) -> 
     keys = ["pipeline", "family", "seed", "group", "unit"]
     rows: list[dict] = []
     for pl in runner.study.pipelines:
+        if selection.is_selection(pl):
+            continue
         chain = runner.chains[pl.name]
         if kept and pl.name in kept:
             for row in kept[pl.name]:
@@ -202,6 +210,16 @@ def write_units(runner: "Runner", kept: dict[str, list[dict]] | None = None) -> 
                 row.update({c: v[i] for c, v in cols.items()})
                 rows.append(row)
     return _write_csv(runner.reports / "units.csv", keys, rows)
+
+
+def write_selection(runner: "Runner") -> Path | None:
+    """``selection.csv``: each select's candidates with their validation value and which one was
+    chosen (``selection.table``); none (an old one removed) when the study selects nothing."""
+    path = runner.reports / "selection.csv"
+    if not runner.study.selections:
+        path.unlink(missing_ok=True)
+        return None
+    return _write_csv(path, selection.TABLE, selection.table(runner))
 
 
 def _write_csv(path: Path, keys: list[str], rows: list[dict]) -> Path:
@@ -222,7 +240,9 @@ def analyse(runner: "Runner", force: bool = False) -> Path | None:
 
     csv_path = runner.reports / "results.csv"
     units_path = runner.reports / "units.csv"
+    sel_path = runner.reports / "selection.csv"
     digest = hashlib.sha256(csv_path.read_bytes() + (units_path.read_bytes() if units_path.exists() else b"")
+                            + (sel_path.read_bytes() if sel_path.exists() else b"")
                             + json.dumps(runner.study.claims, sort_keys=True).encode()
                             + (ROOT / "notebooks" / ANALYSE).read_bytes()).hexdigest()[:16]
     stamp = runner.reports / ".analysis"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-from ptqlib import report
+from ptqlib import report, selection
 from ptqlib.config import Pipeline, Study, id_params
 from ptqlib.record import RECORD, read_json
 from ptqlib.stage import BUSY, DONE_ELSEWHERE, OK, finished, fresh, kernel_name, render_html, stage_busy
@@ -50,7 +50,7 @@ class StageNode:
         if self.kind == "finetune":
             extra = label_extra(finetune_method(p["method"]), p)
             return f"finetune({p['method']}{extra}, {p['steps']} steps, seed {self.seed}{', merge' if p['merge'] else ''})"
-        return "evaluate"
+        return "evaluate(validation)" if p.get("split") == "validation" else "evaluate"
 
 
 def stage_id(kind: str, params: dict, input_id: str | None, model: str, task: str, seed: int) -> str:
@@ -61,6 +61,9 @@ def stage_id(kind: str, params: dict, input_id: str | None, model: str, task: st
         key["task"] = task  # quantize calibrates on pydoc text: the task does not change it
     if kind == "finetune":
         key["seed"] = seed  # the only stage with randomness
+        if task.startswith(("jsonl:", "hf:")):
+            # their train split lost the validation lines (data.load_task): not the models cached before
+            key["train_split"] = "without-validation"
     blob = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -90,7 +93,16 @@ class Runner:
         self.runs = Path(runs_dir)
         self.reports = Path(reports_dir) / study.name
         self.kernel = kernel
+        # stages this run has run -> "ok" / "failed": the selection phase's are not run again after it
+        self.done: dict[str, str] = {}
         self.nodes, self.chains = build_graph(study)
+        self.resolve_selections()
+
+    def resolve_selections(self) -> None:
+        """Add the test-set pipelines of each select whose validation runs are recorded (ptqlib.selection)."""
+        if any(s.chosen is None for s in self.study.selections):
+            self.study = selection.resolve(self.study, selection.recorded(self))
+            self.nodes, self.chains = build_graph(self.study)
 
     # ----------------------------------------------------------------------------- state
     def record(self, sid: str) -> dict | None:
@@ -103,7 +115,9 @@ class Runner:
         pls = self.study.pipelines
         if not only:
             return pls
-        chosen = [p for p in pls if any(fnmatch(p.name, pat) or fnmatch(p.family, pat) for pat in only)]
+        # a name as it is (grid names hold [...], a pattern to fnmatch); a family also names its selection pipelines
+        chosen = [p for p in pls if any(p.name == pat or fnmatch(p.name, pat) or fnmatch(p.family, pat)
+                                        or fnmatch(p.family.removesuffix(selection.SUFFIX), pat) for pat in only)]
         if not chosen:
             from ptqlib.errors import ConfigError
 
@@ -125,7 +139,10 @@ class Runner:
         (a finished record describes an output made from the old input)."""
         todo: list[str] = []
         for sid in plan:
-            if force or not self.finished(sid) or self.nodes[sid].input_id in todo:
+            if sid in self.done:  # run already in this run (by the selection phase): ok, or failed for good
+                continue
+            inp = self.nodes[sid].input_id
+            if force or not self.finished(sid) or inp in todo or inp in self.done:
                 todo.append(sid)
         return todo
 
@@ -138,8 +155,11 @@ class Runner:
             for sid in self.chains[pl.name]:
                 parts.append(f"{self.nodes[sid].label()} [{sid} {'to run' if sid in todo else 'cached'}]")
             lines.append(f"  {pl.name}: " + " -> ".join(parts))
+        lines += selection.describe(self, only)
         cached = len(plan) - len(todo)
-        lines.append(f"{len(plan)} distinct stages: {cached} cached, {len(plan) - cached} to run")
+        lines.append(f"{len(plan)} distinct stages: {cached} cached, {len(plan) - cached} to run"
+                     + (" (then the stages of the test-set pipelines that wait for a selection)"
+                        if selection.waiting(self.study, only) else ""))
         return "\n".join(lines)
 
     # ----------------------------------------------------------------------------- running
@@ -156,6 +176,7 @@ class Runner:
         from ptqlib import kernels
 
         self.runs.mkdir(parents=True, exist_ok=True)
+        self.done = {}
         executor = executor or InlineExecutor(self.runs, self.kernel, progress)
         # stage kernels fork from one pre-loaded process (local runs; a cluster job has its own)
         with stage_environment(progress):  # the zygote's imports see the stages' environment
@@ -168,8 +189,23 @@ class Runner:
                     zygote.close()
 
     def _run(self, only, force, executor) -> int:
+        """The selection pipelines whose choice is not known yet (their results decide the stages of
+        their family's test-set pipelines), then everything ``only`` asks for."""
+        first = selection.waiting(self.study, only)
+        if first:
+            log.info("selection on the validation split first: %s", ", ".join(first))
+            self._run_stages(first, force, executor, report=False)
+            self.resolve_selections()
+            for sel in self.study.selections:
+                if sel.chosen is None and selection.matches(sel, only):
+                    log.error("%s: no %s chosen (a selection pipeline did not finish): its test-set pipelines "
+                              "do not run", sel.where(), sel.key)
+        self._run_stages(only, force, executor)
+        return sum(v == "failed" for v in self.done.values())
+
+    def _run_stages(self, only, force, executor, report: bool = True) -> int:
         plan = self.plan(only)
-        status: dict[str, str] = {sid: "cached" for sid in plan}
+        status: dict[str, str] = {sid: self.done.get(sid, "cached") for sid in plan}
         t_all = time.time()
         todo = self.to_run(plan, force)
         log.info("study %s: %d stages, %d cached, %d to run%s", self.study.name, len(plan), len(plan) - len(todo),
@@ -207,7 +243,7 @@ class Runner:
                     progress_line.skip(sid, restart=True)
                     elsewhere.add(sid)
                     continue
-                status[sid] = "ok" if res in (OK, DONE_ELSEWHERE) else "failed"
+                status[sid] = self.done[sid] = "ok" if res in (OK, DONE_ELSEWHERE) else "failed"
                 progress_line.done(sid, status[sid] == "ok", by_other=res == DONE_ELSEWHERE)
             for sid in list(elsewhere):
                 if stage_busy(self.runs, sid):
@@ -223,8 +259,9 @@ class Runner:
         progress_line.close()
         failed = [s for s, v in status.items() if v == "failed"]
         skipped = [s for s, v in status.items() if v == "skipped"]
-        self.write_results()
-        self.analyse()  # also with failures: the report shows what finished and marks the rest
+        if report:
+            self.write_results()
+            self.analyse()  # also with failures: the report shows what finished and marks the rest
         log.info("done in %.0f s: %d ran, %d cached, %d failed, %d skipped", time.time() - t_all,
                  sum(v == "ok" for v in status.values()), sum(v == "cached" for v in status.values()),
                  len(failed), len(skipped))

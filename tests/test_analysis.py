@@ -1,11 +1,15 @@
-"""Claim verdicts on synthetic records whose truth is known: paired bootstrap over seeds and examples."""
+"""Claim verdicts on synthetic records whose truth is known: the crossed seeds x examples t interval,
+the seed rule, Holm, the flags (coverage: tests/test_coverage.py)."""
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from ptqlib.analysis import check_claims, decide, mean_pm, paired_bootstrap, summarise
+from scipy import stats
+
+from ptqlib.analysis import check_claims, decide, mean_pm, paired_bootstrap, summarise, hypothesis, Claim
+from ptqlib.inference import holm, paired_interval, p_holds
 from ptqlib.metrics import Statistic
 
 
@@ -18,13 +22,14 @@ def results(a_vals, b_vals, metric="field_f1", trains=True):
     return pd.DataFrame(rows)
 
 
-def records(per_seed_a, per_seed_b, col="field_f1", group="task"):
+def records(per_seed_a, per_seed_b, col="field_f1", group="task", trains=True):
     """results + units for families a and b; per_seed_*: one list of per-example values per seed."""
     rows, units = [], []
     for fam, seeds in (("a", per_seed_a), ("b", per_seed_b)):
         for seed, vals in enumerate(seeds):
             rows.append({"pipeline": f"{fam}[seed={seed}]", "family": fam, "model": "m", "seed": seed,
-                         "stages": "finetune(lora) -> evaluate", col: float(np.mean(vals)), "status": "ok"})
+                         "stages": "finetune(lora) -> evaluate" if trains else "quantize(nf4) -> evaluate",
+                         col: float(np.mean(vals)), "status": "ok"})
             units += [{"pipeline": f"{fam}[seed={seed}]", "family": fam, "seed": seed, "group": group, "unit": i,
                        col: v} for i, v in enumerate(vals)]
     return pd.DataFrame(rows), pd.DataFrame(units)
@@ -35,7 +40,7 @@ def claim(relation=">", metric="field_f1", **kw):
 
 
 RNG = np.random.default_rng(1)
-BASE = RNG.uniform(0.3, 0.9, size=(2, 128)).round(3)  # two seeds x 128 examples
+BASE = RNG.uniform(0.3, 0.9, size=(3, 128)).round(3)  # three seeds x 128 examples
 
 
 def test_identical_pipelines_are_undecided():
@@ -47,11 +52,14 @@ def test_identical_pipelines_are_undecided():
     assert check_claims(claim("==", min_effect=0.01), res, units).loc[0, "verdict"] == "holds"
 
 
+NOISE = np.random.default_rng(3).normal(0, 0.02, size=BASE.shape)  # a per-example, per-seed wobble
+
+
 def test_clear_shift_is_decided_both_ways():
-    res, units = records(np.clip(BASE + 0.1, 0, 1), BASE)
+    res, units = records(np.clip(BASE + 0.1 + NOISE, 0, 1), BASE)
     t = check_claims(claim(">"), res, units)
     assert t.loc[0, "verdict"] == "holds" and 0 < t.loc[0, "ci_low"] < t.loc[0, "difference"] < t.loc[0, "ci_high"]
-    assert t.loc[0, "n_examples"] == 128 and t.loc[0, "n_seeds"] == 2
+    assert t.loc[0, "n_examples"] == 128 and t.loc[0, "n_seeds"] == 3
     res, units = records(BASE, np.clip(BASE + 0.1, 0, 1))
     assert check_claims(claim(">"), res, units).loc[0, "verdict"] == "does not hold"
     assert check_claims(claim(">="), res, units).loc[0, "verdict"] == "does not hold"
@@ -61,10 +69,10 @@ def test_clear_shift_is_decided_both_ways():
 def test_one_example_difference_on_128_does_not_decide():
     a = BASE[:1].copy()
     a[0, 5] = min(1.0, a[0, 5] + 1.0)  # one example better, the other 127 equal
-    res, units = records(a, BASE[:1])
+    res, units = records(a, BASE[:1], trains=False)  # one run each: only the example component
     t = check_claims(claim(">"), res, units)
-    assert t.loc[0, "difference"] > 0 and t.loc[0, "ci_low"] == 0
-    assert t.loc[0, "verdict"].startswith("undecided")
+    assert t.loc[0, "difference"] > 0 and t.loc[0, "ci_low"] < 0
+    assert t.loc[0, "verdict"] == "undecided (interval contains the boundary)"
 
 
 def test_min_effect_is_the_boundary():
@@ -76,27 +84,48 @@ def test_min_effect_is_the_boundary():
     assert check_claims(claim("==", min_effect=0.05), res, units).loc[0, "verdict"] == "holds"
 
 
+def test_equivalence_needs_the_whole_interval_inside_the_margin():
+    """== is two one-sided tests: it holds only when [lo, hi] lies inside [-m, m]."""
+    res, units = records(BASE + 0.01 + NOISE, BASE)  # +0.01 with a wobble: an interval about [0.005, 0.015]
+    t = check_claims(claim("==", min_effect=0.02), res, units).iloc[0]
+    assert -0.02 < t.ci_low and t.ci_high < 0.02 and t.verdict == "holds"
+    t = check_claims(claim("==", min_effect=0.01), res, units).iloc[0]  # the margin inside the interval
+    assert t.ci_low < 0.01 < t.ci_high and t.verdict == "undecided (interval contains the boundary)"
+    t = check_claims(claim("==", min_effect=0.002), res, units).iloc[0]
+    assert t.ci_low > 0.002 and t.verdict == "does not hold"
+
+
 def test_seed_disagreement_widens_the_interval():
-    """Seed 0 says a >> b, seed 1 says a << b: resampling seeds must keep the claim undecided,
+    """Seeds disagree (a >> b, a << b, a >> b): the seed spread must keep the claim undecided,
     although every example-level interval within one seed would decide it."""
-    a = np.stack([np.clip(BASE[0] + 0.3, 0, 1), np.clip(BASE[1] - 0.3, 0, 1)])
+    a = np.stack([np.clip(BASE[0] + 0.3, 0, 1), np.clip(BASE[1] - 0.3, 0, 1), np.clip(BASE[2] + 0.3, 0, 1)])
     res, units = records(a, BASE)
     t = check_claims(claim(">"), res, units)
     assert t.loc[0, "verdict"].startswith("undecided") and t.loc[0, "ci_low"] < 0 < t.loc[0, "ci_high"]
-    assert t.loc[0, "seed_sd"] > 0.3
+    assert t.loc[0, "seed_sd"] > 0.3 and t.loc[0, "df"] < 3  # the seed part dominates: about S - 1 df
+
+
+def test_trained_pipelines_need_three_seeds():
+    """Two seeds do not estimate the seed variance: the interval is shown, the claim is not decided."""
+    res, units = records(np.clip(BASE[:2] + 0.2, 0, 1), BASE[:2])
+    t = check_claims(claim(">"), res, units).iloc[0]
+    assert t.verdict == "undecided (needs >= 3 seeds; has 2)" and t.ci_low > 0 and t.n_seeds == 2
+    assert math.isnan(t.p_holds) and math.isnan(t.p_holm) and t.verdict_holm == t.verdict
+    res, units = records(np.clip(BASE[:2] + 0.2, 0, 1), BASE[:2], trains=False)  # no training: decided
+    assert check_claims(claim(">"), res, units).loc[0, "verdict"] == "holds"
 
 
 def test_single_run_pairs_with_every_seed():
     res, units = records(np.clip(BASE + 0.2, 0, 1), BASE[:1])  # b does not train: one run
     t = check_claims(claim(">"), res, units)
-    assert t.loc[0, "n_seeds"] == 2 and t.loc[0, "verdict"] == "holds"
+    assert t.loc[0, "n_seeds"] == 3 and t.loc[0, "verdict"] == "holds"
 
 
 def test_perplexity_from_windows_lower_is_better():
-    nll_b = RNG.uniform(700, 900, size=(2, 64))
+    nll_b = RNG.uniform(700, 900, size=(3, 64))
     rows, units = [], []
     for fam, nll in (("a", nll_b - 60), ("b", nll_b)):
-        for s in range(2):
+        for s in range(3):
             rows.append({"pipeline": f"{fam}[seed={s}]", "family": fam, "seed": s, "stages": "finetune",
                          "ppl": math.exp(nll[s].sum() / (255 * 64)), "status": "ok"})
             units += [{"pipeline": f"{fam}[seed={s}]", "family": fam, "seed": s, "group": "ppl", "unit": i,
@@ -104,8 +133,9 @@ def test_perplexity_from_windows_lower_is_better():
     res, units = pd.DataFrame(rows), pd.DataFrame(units)
     t = check_claims(claim(">", metric="ppl"), res, units)
     assert t.loc[0, "difference"] < 0 and t.loc[0, "ci_high"] < 0 and t.loc[0, "verdict"] == "holds"
+    assert t.loc[0, "tested"] == "b - a > 0 (lower is better)"  # the sign flip, stated
     # the pooled statistic is exp(total NLL / total tokens), as the evaluate stage computes it
-    assert t.loc[0, "mean_b"] == pytest.approx(math.exp(nll_b.sum() / (255 * 128)))
+    assert t.loc[0, "mean_b"] == pytest.approx(math.exp(nll_b.sum() / (255 * 192)))
 
 
 def test_micro_averaged_ratio_is_resampled_as_a_ratio():
@@ -115,32 +145,58 @@ def test_micro_averaged_ratio_is_resampled_as_a_ratio():
     assert d == pytest.approx(10 / 20 - 0.5) and lo <= d <= hi
 
 
-def test_bootstrap_is_reproducible_and_has_the_normal_width():
+@pytest.mark.parametrize("st", [Statistic("task", "sup", "pred"), Statistic("ppl", "nll", "tokens", exp=True)])
+def test_delta_method_matches_the_example_bootstrap_for_ratios(st):
+    """One seed: the influence-value SE of a micro-averaged ratio and of exp(mean NLL) is the
+    example bootstrap's (the bootstrap recomputes the ratio; the delta method linearises it)."""
+    rng = np.random.default_rng(5)
+    den = rng.integers(1, 9, size=(1, 256)).astype(float) if not st.exp else np.full((1, 256), 255.0)
+    rate = rng.uniform(0.6, 1.0, size=den.shape) if not st.exp else rng.uniform(2.8, 3.4, size=den.shape)
+    num_b = den * rate
+    num_a = num_b + den * rng.normal(0.02, 0.1, size=den.shape)
+    iv = paired_interval(num_a, den, num_b, den, st)
+    d, lo, hi = paired_bootstrap(num_a, den, num_b, den, st, n_boot=4000)
+    assert float(iv.difference) == pytest.approx(d) and iv.df == 255
+    assert float(iv.hi - iv.lo) == pytest.approx(hi - lo, rel=0.1)
+
+
+def test_interval_is_reproducible_and_has_the_textbook_se():
     noise = np.random.default_rng(2).normal(0.05, 0.1, size=BASE.shape)
     res, units = records(BASE + noise, BASE)
     t1, t2 = check_claims(claim(), res, units), check_claims(claim(), res, units)
     assert t1.loc[0, "ci_low"] == t2.loc[0, "ci_low"] and t1.loc[0, "ci_high"] == t2.loc[0, "ci_high"]
-    lo, d, hi = t1.loc[0, "ci_low"], t1.loc[0, "difference"], t1.loc[0, "ci_high"]
+    lo, d, hi, se, df = t1.loc[0, ["ci_low", "difference", "ci_high", "se", "df"]]
     assert d == pytest.approx(noise.mean()) and lo < d < hi
-    normal = 2 * 1.96 * noise.std() / math.sqrt(noise.size)  # iid noise: the textbook interval width
-    assert 0.7 * normal < hi - lo < 1.6 * normal
+    textbook = noise.std() / math.sqrt(noise.size)  # iid noise: no seed or example component
+    assert 0.8 * textbook < se < 1.6 * textbook  # the floor keeps it at least the interaction's share
+    assert hi - lo == pytest.approx(2 * stats.t.ppf(0.975, df) * se)  # with 3 seeds, t with about 2 df
+    assert 2 <= df < 4
+
+
+def test_run_level_interval_is_the_t_interval_over_seeds():
+    d = np.array([0.30, 0.31, 0.27, 0.33])
+    iv = paired_interval(d[:, None], np.ones((4, 1)), np.zeros((4, 1)), np.ones((4, 1)), Statistic("run", "v"))
+    half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2
+    assert iv.df == 3
+    assert float(iv.lo) == pytest.approx(d.mean() - half) and float(iv.hi) == pytest.approx(d.mean() + half)
 
 
 @pytest.mark.parametrize("a, b, relation, verdict", [
-    ([0.80, 0.82], [0.50, 0.52], ">", "holds"),
-    ([0.50, 0.52], [0.80, 0.82], ">", "does not hold"),
-    ([0.50, 0.60], [0.52, 0.58], ">", "undecided (interval contains the boundary)"),
-    ([0.40, 0.41], [0.80, 0.82], ">=", "does not hold"),
-    ([0.8], [0.5], ">", "undecided (needs >= 2 seeds)"),
+    ([0.80, 0.82, 0.79], [0.50, 0.51, 0.52], ">", "holds"),
+    ([0.50, 0.51, 0.52], [0.80, 0.82, 0.79], ">", "does not hold"),
+    ([0.50, 0.60, 0.55], [0.52, 0.58, 0.56], ">", "undecided (interval contains the boundary)"),
+    ([0.40, 0.41, 0.42], [0.80, 0.82, 0.81], ">=", "does not hold"),
+    ([0.80, 0.82], [0.50, 0.52], ">", "undecided (needs >= 3 seeds; has 2)"),
+    ([0.8], [0.5], ">", "undecided (needs >= 3 seeds; has 1)"),
 ])
-def test_run_level_metrics_resample_seeds(a, b, relation, verdict):
+def test_run_level_metrics_use_the_seeds(a, b, relation, verdict):
     """Without per-example units (size, speed, train loss) the interval comes from the seeds alone."""
     t = check_claims(claim(relation), results(a, b))
     assert t.loc[0, "verdict"] == verdict and t.loc[0, "n_examples"] == 0
 
 
 def test_prefixed_lower_is_better_metric():
-    df = results([0.1, 0.12], [0.9, 0.95], metric="finetune.train_loss_last")
+    df = results([0.1, 0.12, 0.11], [0.9, 0.95, 0.91], metric="finetune.train_loss_last")
     t = check_claims(claim(">", metric="finetune.train_loss_last"), df)
     assert t.loc[0, "verdict"] == "holds"
 
@@ -154,6 +210,88 @@ def test_deterministic_pipelines_decide_run_level_metrics():
 def test_decide_rejects_unknown_relation():
     with pytest.raises(ValueError, match="'<'"):
         decide("<", 0.0, 1.0)
+
+
+@pytest.mark.parametrize("metric, relation, m, text", [
+    ("field_f1", ">", 0.02, "a - b > 0.02"),
+    ("field_f1", ">=", 0.02, "a - b > -0.02 (not worse by more than 0.02)"),
+    ("field_f1", ">=", 0.0, "a - b > 0 (no margin: as strict as '>')"),
+    ("field_f1", "==", 0.02, "|a - b| < 0.02"),
+    ("ppl", ">=", 0.5, "b - a > -0.5 (not worse by more than 0.5; lower is better)"),
+    ("ppl", "==", 0.5, "|a - b| < 0.5"),
+    ("field_f1", "==", 0.0, "|a - b| < 0 (no margin: cannot hold)"),
+])
+def test_tested_states_the_hypothesis(metric, relation, m, text):
+    assert hypothesis(Claim("c", "a", "b", metric, relation, m)) == text
+
+
+def test_p_holds_agrees_with_the_interval():
+    """p < 0.025 exactly when the 95% interval says holds, for every relation (TOST for ==)."""
+    se, df, m = 0.01, 4.0, 0.02
+    half = stats.t.ppf(0.975, df) * se
+    for d in np.linspace(-0.08, 0.08, 161):
+        for rel in (">", ">=", "=="):
+            holds = decide(rel, d - half, d + half, m) == "holds"
+            assert (p_holds(rel, d, se, df, m) < 0.025) == holds, (rel, d)
+
+
+def test_holm_adjusts_step_down():
+    adjusted = holm([0.01, 0.04, 0.03, math.nan])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
+
+
+def test_holm_verdict_over_a_studys_claims():
+    """Three claims: a strong one survives Holm, one at p = 0.02 holds alone but not after Holm,
+    one that does not hold keeps its verdict."""
+    res, units = records(np.clip(BASE + 0.05 + NOISE, 0, 1), BASE)
+    one = check_claims(claim(">"), res, units).iloc[0]
+    m = one.difference - stats.t.ppf(0.98, one.df) * one.se  # the margin at which p_holds = 0.02
+    t = check_claims(claim(">") + claim(">", min_effect=m) + claim(">", min_effect=0.2), res, units)
+    assert t.verdict.tolist() == ["holds", "holds", "does not hold"]
+    assert t.p_holds[1] == pytest.approx(0.02) and t.p_holm[1] == pytest.approx(0.04)
+    assert t.verdict_holm.tolist() == ["holds", "undecided (after Holm)", "does not hold"]
+
+
+def test_floor_and_ceiling_are_flagged():
+    zeros = np.zeros_like(BASE)
+    res, units = records(np.clip(BASE + 0.2, 0, 1), zeros)
+    assert check_claims(claim(">"), res, units).loc[0, "flags"] == "b at floor (field_f1 0.000)"
+    res, units = records(np.ones_like(BASE), zeros)
+    assert check_claims(claim(">"), res, units).loc[0, "flags"] == (
+        "a at ceiling (field_f1 1.000); b at floor (field_f1 0.000)")
+    res, units = records(np.clip(BASE + 0.05, 0, 1), BASE)
+    assert check_claims(claim(">"), res, units).loc[0, "flags"] == ""
+
+
+def test_redecide_rewrites_only_the_claims(tmp_path):
+    import json
+
+    from ptqlib.analysis import redecide
+
+    res, units = records(np.clip(BASE[:2] + 0.2, 0, 1), BASE[:2])
+    res.to_csv(tmp_path / "results.csv", index=False)
+    units.to_csv(tmp_path / "units.csv", index=False)
+    before = (tmp_path / "results.csv").read_bytes(), (tmp_path / "units.csv").read_bytes()
+    with pytest.raises(ValueError, match="declares no claims"):
+        redecide(tmp_path)
+    (tmp_path / "study.json").write_text(json.dumps({"claims": claim(">")}))
+    table = redecide(tmp_path)
+    on_disk = pd.read_csv(tmp_path / "claims.csv")
+    assert on_disk.verdict.tolist() == table.verdict.tolist() == ["undecided (needs >= 3 seeds; has 2)"]
+    assert {"tested", "p_holds", "p_holm", "verdict_holm", "flags"} <= set(on_disk.columns)
+    assert ((tmp_path / "results.csv").read_bytes(), (tmp_path / "units.csv").read_bytes()) == before
+
+
+def test_bad_input_names_the_value():
+    st, one = Statistic("task", "x"), np.ones((2, 3))
+    with pytest.raises(ValueError, match=r"unpaired units: a has shape \(2, 3\), b \(2, 4\)"):
+        paired_interval(one, one, np.ones((2, 4)), np.ones((2, 4)), st)
+    with pytest.raises(ValueError, match="level 95: must be in"):
+        paired_interval(one, one, one, one, st, level=95)
+    with pytest.raises(ValueError, match="'<'; valid: >, >=, =="):
+        p_holds("<", 0.1, 0.01, 3.0)
+    with pytest.raises(ValueError, match="'<'; valid"):
+        hypothesis(Claim("c", "a", "b", "field_f1", "<"))
 
 
 def test_summarise_mean_std():
@@ -216,11 +354,12 @@ def test_notebook_outputs_are_written_and_read_back(tmp_path):
     res, units = records(BASE + 0.2, BASE)
     with pytest.raises(FileNotFoundError, match="no results.csv"):
         load_outputs(tmp_path)
-    res.assign(eval_stage=["s0", "s1", "s2", "s3"]).to_csv(tmp_path / "results.csv", index=False)
+    stages = [f"s{i}" for i in range(len(res))]
+    res.assign(eval_stage=stages).to_csv(tmp_path / "results.csv", index=False)
     units.to_csv(tmp_path / "units.csv", index=False)
     (tmp_path / "study.json").write_text(json.dumps({"claims": claim(">")}))
     out = load_outputs(tmp_path)
-    assert len(out.results) == 4 and len(out.units) == 4 * 128 and out.stages == {}
+    assert len(out.results) == 6 and len(out.units) == 6 * 128 and out.stages == {}
     summary = write_summary(out.results, tmp_path)
     assert list(pd.read_csv(tmp_path / "summary.csv", index_col=0).index) == list(summary.index) == ["a", "b"]
     table = write_claims(out.meta["claims"], out.results, out.units, tmp_path)
@@ -231,7 +370,7 @@ def test_notebook_outputs_are_written_and_read_back(tmp_path):
     (runs / "s0").mkdir(parents=True)
     gens = [{"output": f"o{i}", "reference": f"r{i}"} for i in range(3)]
     (runs / "s0" / "metrics.json").write_text(json.dumps({"outputs": {"generations": gens}}))
-    shown = sample_generations(out.results.assign(eval_stage=["s0", "s1", "s2", "s3"]), runs, n=2)
+    shown = sample_generations(out.results.assign(eval_stage=stages), runs, n=2)
     assert shown[["example", "output"]].values.tolist() == [[0, "o0"], [1, "o1"]]
     assert sample_generations(out.results.assign(eval_stage="none"), runs).empty
 

@@ -274,3 +274,104 @@ def test_grid_rules_change_only_the_ids_of_stages_they_change(tmp_path):
 def test_grid_rules_are_validated(tmp_path, key, bad, valid):
     with pytest.raises(ConfigError, match=f"{key}: '{bad}' is not valid; valid: {valid}"):
         load_study(write(tmp_path, f"model: tiny\npipelines:\n  a: [{{quantize: {{method: gptq, {key}: {bad}}}}}]\n"))
+
+
+SELECT = "model: tiny\nseeds: [0, 1]\npipelines:\n  base: []\n  ft: [{finetune: {method: full, lr: %s}}]\n"
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("model: tiny\npipelines:\n  a: [{finetune: {method: full, lrate: {select: [1.0e-4], metric: field_f1}}}]\n",
+     ["s.yaml", "pipelines.a[0].finetune", "unknown key 'lrate'", "valid: ", " lr, "]),
+    (SELECT % "{select: [], metric: field_f1}", ["s.yaml", "pipelines.ft[0].finetune.lr.select", "[]", "non-empty list"]),
+    (SELECT % "{select: 1.0e-4, metric: field_f1}", ["pipelines.ft[0].finetune.lr.select", "0.0001", "non-empty list"]),
+    (SELECT % "{select: [1.0e-4, fast], metric: field_f1}", ["finetune.lr.select", "candidate 'fast'", "expected float"]),
+    (SELECT % "{select: [1.0e-4, 1.0e-4], metric: field_f1}", ["finetune.lr.select", "0.0001 is listed twice"]),
+    (SELECT % "{select: [1.0e-4, -1.0e-3], metric: field_f1}", ["pipelines.ft[0].finetune.lr", "-0.001", "positive"]),
+    (SELECT % "{select: [1.0e-4], metric: accuracy}",
+     ["pipelines.ft[0].finetune.lr.metric", "'accuracy' is not a metric", "field_f1", "ppl_stdlib", "size_mb_deploy",
+      "lmeval.<task>.<metric>"]),
+    (SELECT % "{select: [1.0e-4]}", ["finetune.lr.metric", "None is not a metric", "exact_match"]),
+    (SELECT % "{select: [1.0e-4], metric: field_f1, by: max}", ["finetune.lr", "'by'", "is not a value",
+                                                                "keys: select, metric"]),
+    (SELECT % "{select: [1.0e-4], metric: field_f1}" + "defaults: {evaluate: {task_samples: 0}}\n",
+     ["pipelines.ft[0].finetune.lr.metric", "'field_f1' is not recorded", "task_samples is 0"]),
+    (SELECT % "{select: [1.0e-4], metric: ppl_stdlib}" + "defaults: {evaluate: {ppl_sources: [pydoc]}}\n",
+     ["'ppl_stdlib' is not recorded", "lack 'stdlib'"]),
+    ("model: tiny\npipelines:\n  a: [{finetune: {method: full, target_modules: {select: [[q_proj]], metric: ppl}}}]\n",
+     ["pipelines.a[0].finetune.target_modules", "'target_modules' cannot be selected", "valid: steps, lr"]),
+    ("model: tiny\npipelines:\n  a: [{finetune: {method: {select: [full, lora], metric: ppl}}}]\n",
+     ["pipelines.a[0].finetune.method", "'method' cannot be selected"]),
+    ("model: tiny\npipelines:\n  a: [{quantize: {method: gptq, damp: {select: [0.01, 0.1], metric: ppl}}}]\n",
+     ["s.yaml", "pipelines.a[0].quantize.damp", "{'select': [0.01, 0.1], 'metric': 'ppl'}", "only finetune settings"]),
+    ("model: tiny\npipelines:\n  a: [{evaluate: {task_samples: {select: [4, 8], metric: field_f1}}}]\n",
+     ["pipelines.a[0].evaluate.task_samples", "only finetune settings"]),
+    ("model: tiny\ndefaults: {quantize: {bits: {select: [3, 4], metric: ppl}}}\npipelines:\n  a: []\n",
+     ["defaults.quantize.bits", "only finetune settings"]),
+    ("model: tiny\ndefaults: {finetune: {lr: {select: [1.0e-4], metric: f1}}}\npipelines:\n  a: []\n",
+     ["defaults.finetune.lr.metric", "'f1' is not a metric", "field_f1"]),
+    ("model: tiny\ndefaults: {finetune: {lr: {select: [1.0e-4, 1.0e-3], metric: field_f1}}}\npipelines:\n"
+     "  a: [{finetune: {method: full, steps: {select: [4, 8], metric: ppl}}}]\n",
+     ["pipelines.a", "selects defaults.finetune.lr (in pipelines.a[0])", "pipelines.a[0].finetune.steps",
+      "one select per pipeline"]),
+    ("model: tiny\npipelines:\n  a: [{finetune: {method: full, lr: {select: [1.0e-4], metric: ppl}}}, {quantize: nf4},"
+     " {finetune: {method: qlora, lr: [1.0e-4, 1.0e-3]}}]\n",
+     ["pipelines.a[0].finetune.lr", "also a grid axis of pipelines.a[2]"]),
+    ("model: tiny\npipelines:\n  a~select: []\n", ["pipelines.a~select", "'~' is reserved"]),
+])
+def test_bad_select_is_named(tmp_path, text, expect):
+    with pytest.raises(ConfigError) as e:
+        load_study(write(tmp_path, text))
+    for part in expect:
+        assert part in str(e.value), (part, str(e.value))
+
+
+def test_select_builds_one_validation_pipeline_per_candidate_at_the_first_seed(tmp_path):
+    from ptqlib.config import ID_NEUTRAL
+
+    study = load_study(write(tmp_path, """
+        model: tiny
+        seeds: [3, 5]
+        defaults:
+          finetune: {steps: 4, lr: {select: [1.0e-4, 3.0e-4, 1.0e-3], metric: field_f1}}
+          evaluate: {task_samples: 4}
+        pipelines:
+          base: []
+          ft: [{finetune: full}]
+          ft_rtn: [{finetune: full}, {quantize: {method: rtn, bits: [3, 4], group_size: 32}}]
+        """))
+    names = [p.name for p in study.pipelines]
+    assert names == ["base", "ft~select[lr=0.0001]", "ft~select[lr=0.0003]", "ft~select[lr=0.001]",
+                     "ft_rtn~select[lr=0.0001,bits=3]", "ft_rtn~select[lr=0.0003,bits=3]",
+                     "ft_rtn~select[lr=0.001,bits=3]", "ft_rtn~select[lr=0.0001,bits=4]",
+                     "ft_rtn~select[lr=0.0003,bits=4]", "ft_rtn~select[lr=0.001,bits=4]"]  # test runs wait
+    sel_pls = [p for p in study.pipelines if p.family.endswith("~select")]
+    assert all(p.seed == 3 for p in sel_pls)  # the study's first seed
+    assert all(p.stages[-1].params["split"] == "validation" for p in sel_pls)
+    assert [p.stages[0].params["lr"] for p in sel_pls[:3]] == [1e-4, 3e-4, 1e-3]
+    assert study.pipelines[0].stages[-1].params["split"] == "test"
+    # the evaluate stage differs from the test one in its split only
+    ft = study.selections[0]
+    val_ev = sel_pls[0].stages[-1].params
+    test_ev = ft.options[0][0].stages[-1].params
+    assert {k: v for k, v in val_ev.items() if v != test_ev[k]} == {"split": "validation"}
+    # what each family selects, per grid point
+    assert [(s.family, s.point, s.key, s.metric) for s in study.selections] == [
+        ("ft", {}, "lr", "field_f1"), ("ft_rtn", {"bits": 3}, "lr", "field_f1"), ("ft_rtn", {"bits": 4}, "lr", "field_f1")]
+    assert ft.candidates == [1e-4, 3e-4, 1e-3] and ft.pipelines == names[1:4] and ft.chosen is None
+    # per candidate, the test-set runs: every seed, the test split, the candidate's value, the name without it
+    for cand, runs in zip(ft.candidates, ft.options):
+        assert [(p.name, p.seed, p.grid) for p in runs] == [("ft[seed=3]", 3, {"seed": 3}), ("ft[seed=5]", 5, {"seed": 5})]
+        assert all(p.stages[0].params["lr"] == cand and p.stages[-1].params["split"] == "test" for p in runs)
+    # one validation evaluate stage per candidate; the seed-3 training is shared with the test run of its value
+    nodes, chains = build_graph(study)
+    assert len({chains[n][-1] for n in ft.pipelines}) == 3
+    assert nodes[chains[ft.pipelines[0]][-1]].label() == "evaluate(validation)"
+    # split: test is ID_NEUTRAL: the test split's evaluate stage ids are the ids cached before the field existed
+    assert ID_NEUTRAL["evaluate"]["split"] == "test"
+    assert stage_id("evaluate", {k: v for k, v in test_ev.items() if k != "split"}, None, "tiny", "meetings", 0) \
+        == stage_id("evaluate", test_ev, None, "tiny", "meetings", 0)
+
+
+def test_evaluate_split_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match="split: 'train' is not valid; valid: test, validation"):
+        load_study(write(tmp_path, "model: tiny\npipelines:\n  a: [{evaluate: {split: train}}]\n"))

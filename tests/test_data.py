@@ -34,12 +34,66 @@ def test_meeting_answer_is_grounded_in_source():
 def test_jsonl_task_split(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(10)))
-    train, test = load_task(f"jsonl:{p}", "train", 100), load_task(f"jsonl:{p}", "test", 100)
-    assert len(train) == 8 and len(test) == 2
-    assert not {e.prompt for e in train} & {e.prompt for e in test}
+    train, val, test = (load_task(f"jsonl:{p}", s, 100) for s in ("train", "validation", "test"))
+    assert [e.prompt for e in test] == ["q4", "q9"]  # every 5th line, as before validation existed
+    assert [e.prompt for e in val] == ["q1", "q6"]  # carved out of what was train
+    assert [e.prompt for e in train] == ["q0", "q2", "q3", "q5", "q7", "q8"]
+    assert load_task(f"jsonl:{p}", "validation", 1)[0].prompt == "q1"
+    # fewer than 5 lines: train and test as before (the last line is test), no validation split
+    p.write_text("\n".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(3)))
+    assert [e.prompt for e in load_task(f"jsonl:{p}", "train", 9)] == ["q0", "q1"]
+    assert [e.prompt for e in load_task(f"jsonl:{p}", "test", 9)] == ["q2"]
+    with pytest.raises(ConfigError, match="has 3 examples: a validation split needs at least 5"):
+        load_task(f"jsonl:{p}", "validation", 9)
     with pytest.raises(ConfigError, match="at least 2"):
         p.write_text(json.dumps({"prompt": "q", "completion": "a"}))
         read_jsonl(p)
+
+
+# sha256 of the first 64 examples of each split as generated before the validation split existed
+# (ptqlib.data at 026b108): adding validation must leave train and test, and so every cached
+# stage and reported number, exactly as they were
+BEFORE_VALIDATION = {("meetings", "train"): "98f292d755559cc5", ("meetings", "test"): "ea6afbccc4e82680",
+                     ("meetings-hard", "train"): "98cc1c3d7cc532b6", ("meetings-hard", "test"): "f821eb7eda440d42"}
+
+
+@pytest.mark.parametrize("task", ["meetings", "meetings-hard"])
+def test_generated_tasks_have_a_disjoint_validation_split_and_unchanged_train_test(task):
+    import hashlib
+
+    for split in ("train", "test"):
+        ex = load_task(task, split, 64)
+        digest = hashlib.sha256("\n\n".join(e.prompt + "\n->\n" + e.completion for e in ex).encode()).hexdigest()[:16]
+        assert digest == BEFORE_VALIDATION[(task, split)], split
+    prompts = {s: [e.prompt for e in load_task(task, s, n)] for s, n in (("train", 512), ("validation", 128),
+                                                                          ("test", 128))}
+    assert len(set(prompts["validation"])) == 128  # distinct examples
+    assert prompts["validation"] == [e.prompt for e in load_task(task, "validation", 128)]  # deterministic
+    for a, b in (("train", "validation"), ("validation", "test"), ("train", "test")):
+        assert not set(prompts[a]) & set(prompts[b]), (a, b)
+
+
+def test_hub_task_splits_by_row(monkeypatch):
+    """hf: test is every 10th row from 0 (as before), validation every 10th from 5, train the rest."""
+    import sys
+    import types
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)]
+
+    class FakeDataset(list):
+        column_names = ["instruction", "output"]
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, cfg=None, split=None: FakeDataset(rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    got = {s: [e.prompt for e in load_task("hf:some/set", s, 100)] for s in ("train", "validation", "test")}
+    assert got["test"] == ["q0", "q10", "q20"] and got["validation"] == ["q5", "q15", "q25"]
+    assert len(got["train"]) == 24 and not set(got["train"]) & (set(got["test"]) | set(got["validation"]))
+
+
+def test_load_task_refuses_an_unknown_split():
+    with pytest.raises(ConfigError, match="split: 'dev' is not a task split; valid: train, validation, test"):
+        load_task("meetings", "dev", 4)
 
 
 def test_sft_features_mask_the_prompt():

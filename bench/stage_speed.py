@@ -1,0 +1,217 @@
+"""Stage speed: tokens/s of each stage kind in fp32 and in the ``auto`` precision, side by side.
+
+    python bench/stage_speed.py [--quick] [--model smollm2-135m] [--threads N]
+
+For each stage kind (full-FT step, QLoRA step on a 4-bit QuantLinear base, L4Q step, one GPTQ
+decoder layer, evaluation: perplexity windows and batched greedy generation) it runs the library's
+own code path (``finetune.train`` through transformers Trainer, ``gptq_quantize_model``,
+``evaluate.window_nll`` / ``evaluate.generate``) once at ``precision: fp32`` (the code path every
+stage took before the precision setting) and once at ``auto`` (``ptqlib.precision``: bf16 where
+this machine computes it natively), in one process, alternating, so both see the same machine.
+Each figure is also given as a share of the roofline: this machine's measured matmul FLOP/s at that
+precision (large square-ish GEMMs, best of several), with the stage's FLOPs counted as
+
+- training: 6 N T (full FT: forward 2 N T, input and weight gradients 4 N T), 4 N T for adapters on
+  a frozen base (no weight gradient of the base), N = parameters in matmuls (lm_head included);
+- GPTQ layer: the calibration forwards through the layer (one per true-sequential group and one
+  for the next layer's inputs, 2 N_layer T each) plus the Hessians (2 in^2 T per group);
+- perplexity and generation: 2 N T (attention's own FLOPs left out: at 256 tokens they are < 10%).
+
+The last line is ``speed-up: X.XXx``: the geometric mean over the stage kinds of auto / fp32.
+Not a test: timings on shared machines are noisy; compare the two columns, not runs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import math
+import os
+import platform
+import time
+
+import torch
+
+from ptqlib import precision as P
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_flops(dtype: torch.dtype, device: str, seconds: float = 1.5) -> float:
+    """Best FLOP/s of (m, k) @ (k, n) GEMMs the size of a batch of SmolLM2 activations."""
+    best = 0.0
+    for m, k, n in ((1024, 576, 1536), (1024, 1536, 576), (2048, 1024, 1024)):
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        a @ b  # warm-up
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            a @ b
+            reps += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
+    return best
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls: every linear (lm_head too; the embedding lookup not)."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            n += mod.weight.numel()
+        elif type(mod).__name__ == "QuantLinear":
+            n += mod.in_features * mod.out_features
+    return n
+
+
+class _StepTimer:
+    """A Trainer callback: wall time of each optimizer step (the first one is a warm-up)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class CB(TrainerCallback):
+            def on_step_begin(self, *a, **k):
+                outer.t0 = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                outer.steps.append(time.perf_counter() - outer.t0)
+
+        self.cb, self.steps, self.t0 = CB(), [], 0.0
+
+
+def train_speed(model, tok, method: str, prec: str, steps: int, batch: int, seq: int, **kw) -> float:
+    """Tokens/s of ``steps`` optimizer steps (after one warm-up step) of ``method`` at ``prec``."""
+    from ptqlib import finetune
+    from ptqlib.config import FinetuneParams
+
+    p = FinetuneParams(method=method, steps=steps + 1, batch_size=batch, max_length=seq, lr=1e-5,
+                       precision=prec, rank=16, alpha=32, **kw)
+    m = finetune.prepare(copy.deepcopy(model), method, p)
+    # fixed-length random tokens: every step the same work (loss on the second half)
+    g = torch.Generator().manual_seed(0)
+    feats = []
+    for _ in range(batch * (steps + 1)):
+        ids = torch.randint(10, len(tok) - 10, (seq,), generator=g).tolist()
+        feats.append({"input_ids": ids, "labels": [-100] * (seq // 2) + ids[seq // 2:]})
+    timer = _StepTimer()
+    with contextlib.redirect_stdout(io.StringIO()):  # Trainer prints each step's log when tqdm is off
+        finetune.train(m, tok, feats, p, seed=0, callbacks=[timer.cb])
+    timed = timer.steps[1:]
+    return batch * seq * len(timed) / sum(timed)
+
+
+def gptq_layer_speed(model, prec: str, n_windows: int, seq: int, vocab: int) -> tuple[float, float]:
+    """(tokens/s, FLOP/s) of GPTQ on the first two decoder layers (per layer), no diagnostics."""
+    from ptqlib.quant.gptq import gptq_quantize_model
+    from ptqlib.quant.layers import get_decoder_layers
+
+    m = copy.deepcopy(model)
+    name, layers = get_decoder_layers(m)
+    del layers[2:]
+    m.config.num_hidden_layers = 2
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(10, vocab - 10, (1, seq), generator=g) for _ in range(n_windows)]
+    stats = gptq_quantize_model(m, calib, bits=4, group_size=64, progress=False, diagnostics=False,
+                                precision=P.resolve(prec))
+    secs = stats["time_s"] / 2
+    tokens = n_windows * seq
+    n_layer = sum(p.numel() for p in get_decoder_layers(model)[1][0].parameters() if p.dim() == 2)
+    cfg = model.config
+    # one forward per true-sequential group + one for the next layer; one Hessian per group's input
+    ins = [cfg.hidden_size, cfg.hidden_size, cfg.hidden_size, cfg.intermediate_size]  # qkv, o, up/gate, down
+    flops = (5 * 2 * n_layer + sum(2 * i * i for i in ins)) * tokens
+    return tokens / secs, flops / secs
+
+
+def ppl_speed(model, prec: str, n: int, seq: int, vocab: int) -> float:
+    from ptqlib.evaluate import window_nll
+
+    m = P.cast_for_inference(copy.deepcopy(model), prec)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(10, vocab - 10, (n, seq), generator=g)
+    window_nll(m, w[:2])  # warm-up
+    t0 = time.perf_counter()
+    window_nll(m, w)
+    return n * seq / (time.perf_counter() - t0)
+
+
+def gen_speed(model, tok, prec: str, n: int, new: int) -> float:
+    """(prompt + generated) tokens/s of batched greedy generation of the task's prompts."""
+    from ptqlib.data import format_prompt, load_task
+    from ptqlib.evaluate import generate
+
+    m = P.cast_for_inference(copy.deepcopy(model), prec)
+    prompts = [e.prompt for e in load_task("meetings-hard", "test", n)]
+    prompt_tokens = sum(len(tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"]) for p in prompts)
+    t0 = time.perf_counter()
+    _, n_new, _ = generate(m, tok, prompts, max_new_tokens=new, batch_size=n)
+    return (prompt_tokens + n_new) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short runs (under 5 minutes on 2 cores)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--only", nargs="*", help="stage kinds to run (default: all)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from ptqlib.models import load_model
+    from ptqlib.quant import rtn_quantize_model
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    auto = P.resolve("auto")
+    native, looked = P.bf16_native()
+    print(f"machine: {cpu_name()}, {args.threads} threads, device {dev}; bf16 native: {native} ({looked})")
+    print(f"auto precision here: {auto}; torch {torch.__version__}; model {args.model}")
+    model, tok = load_model(args.model)
+    vocab = len(tok)
+    N = matmul_params(model)
+    q = args.quick
+    steps, batch, seq = (2, 2, 128) if q else (4, 4, 256)
+    roof = {p: matmul_flops(P.dtype(p), dev, 1.5 if q else 4) for p in dict.fromkeys(("fp32", auto))}
+    for p, f in roof.items():
+        print(f"roofline (matmul) {p}: {f / 1e9:.0f} GFLOP/s")
+    qbase = copy.deepcopy(model)
+    rtn_quantize_model(qbase, bits=4, group_size=64, progress=False)
+
+    kinds = {
+        "full FT step": (lambda p: train_speed(model, tok, "full", p, steps, batch, seq), 6 * N),
+        "QLoRA step (4-bit base)": (lambda p: train_speed(qbase, tok, "qlora", p, steps, batch, seq), 4 * N),
+        "L4Q step": (lambda p: train_speed(model, tok, "l4q", p, steps, batch, seq, group_size=64), 4 * N),
+        "GPTQ layer": (lambda p: gptq_layer_speed(model, p, 4 if q else 16, 256, vocab), None),
+        "perplexity windows": (lambda p: ppl_speed(model, p, 4 if q else 16, 256, vocab), 2 * N),
+        "generation": (lambda p: gen_speed(model, tok, p, 8 if q else 32, 24 if q else 56), 2 * N),
+    }
+    if args.only:
+        kinds = {k: v for k, v in kinds.items() if any(o.lower() in k.lower() for o in args.only)}
+    print(f"\n{'stage kind':26s} {'fp32 tok/s':>11s} {'roof':>5s}  {auto + ' tok/s':>11s} {'roof':>5s}  {'ratio':>6s}")
+    ratios = []
+    for name, (fn, flops_per_tok) in kinds.items():
+        row = {}
+        for p in ("fp32", auto):
+            r = fn(p)
+            tps, fl = (r if isinstance(r, tuple) else (r, r * flops_per_tok))
+            row[p] = (tps, fl / roof[p])
+        ratio = row[auto][0] / row["fp32"][0]
+        ratios.append(ratio)
+        print(f"{name:26s} {row['fp32'][0]:11.0f} {row['fp32'][1]:5.0%}  {row[auto][0]:11.0f} {row[auto][1]:5.0%}  "
+              f"{ratio:5.2f}x", flush=True)
+    print(f"speed-up: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Choosing a finetune setting on the task's validation split: ``{select: [...], metric: ...}``.
+
+A study file may give one finetune setting per pipeline as candidates (in the stage, or in
+``defaults.finetune`` for every pipeline, so every method gets the same budget)::
+
+    ft16: [{finetune: {method: full, lr: {select: [1.0e-4, 3.0e-4, 1.0e-3], metric: field_f1}}}]
+
+``config.load_study`` expands such a family into one *selection pipeline* per candidate (family
+``ft16~select``, name ``ft16~select[lr=0.0003]``): the study's first seed, its evaluate stage
+scoring the validation split (``split: validation``, its other settings as the family's). The
+family's test-set pipelines (every seed, the test split, the setting left out of their names) are
+built for every candidate in ``Selection.options``; :func:`resolve` adds the best candidate's to
+the study once every selection pipeline has recorded the metric: higher is better unless
+``analysis.lower_is_better(metric)``, ties go to the first listed, NaN ranks last. Each grid point
+(and model) selects on its own. The runner runs the selection pipelines first when the choice is
+not known yet, then the rest (``Runner._run``); cached, the choice is read at start-up. Selection
+pipelines are no rows of ``results.csv`` (claims compare test-set runs only): ``selection.csv``
+(``report.write_selection``) shows them.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from ptqlib.data import TEXT_SOURCES
+from ptqlib.metrics import STATISTICS
+
+if TYPE_CHECKING:
+    from ptqlib.config import Pipeline, Study
+    from ptqlib.runner import Runner
+
+SUFFIX = "~select"  # a selection pipeline's family is <family>~select ('~' is refused in study pipeline names)
+# the evaluate stage's run-level metrics worth selecting on (ptqlib.evaluate: size, speed)
+RUN_METRICS = ("size_mb_deploy", "size_mb_stored", "model_params", "gen_tokens_per_s", "gen_seconds", "ppl_seconds",
+               "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "load_seconds")
+PPL_METRICS = tuple("ppl" if s == "pydoc" else f"ppl_{s}" for s in TEXT_SOURCES)
+
+
+def metric_names() -> list[str]:
+    """What a select can rank by: the per-unit metrics (``metrics.statistic``), the run-level ones,
+    and ``lmeval.<task>.<metric>``."""
+    return [*STATISTICS, *PPL_METRICS, *RUN_METRICS, "lmeval.<task>.<metric>"]
+
+
+def known_metric(metric) -> bool:
+    return isinstance(metric, str) and (metric in metric_names()[:-1]
+                                        or metric.startswith("lmeval.") and metric.count(".") >= 2)
+
+
+def missing_metric(metric: str, ev: dict) -> str | None:
+    """Why an evaluate stage with params ``ev`` records no ``metric`` (None: it records it)."""
+    if metric in STATISTICS and not ev["task_samples"]:
+        return "its task_samples is 0"
+    if metric in PPL_METRICS:
+        source = TEXT_SOURCES[PPL_METRICS.index(metric)]
+        if source not in ev["ppl_sources"]:
+            return f"its ppl_sources {ev['ppl_sources']} lack {source!r}"
+    if metric in ("ttft_s", "decode_tokens_per_s") and not ev["speed_prompts"]:
+        return "its speed_prompts is 0"
+    if metric in ("peak_rss_mb", "load_seconds") and ev["runtime"] != "llama.cpp":
+        return f"its runtime is {ev['runtime']!r} (llama.cpp only)"
+    if metric.startswith("lmeval.") and not ev["lm_eval_tasks"]:
+        return "its lm_eval_tasks is empty"
+    return None
+
+
+@dataclass
+class Selection:
+    """One family's choice of ``key`` at one grid point (``point``: the other grid values, the model)."""
+
+    family: str  # the pipeline's name in the study file
+    key: str  # the finetune setting chosen
+    stage: int  # the index of its finetune stage in the family's chain
+    candidates: list  # in the study file's order (a tie goes to the first)
+    metric: str
+    point: dict  # the other grid values this choice is for ({} without a grid)
+    pipelines: list[str] = field(default_factory=list)  # the selection pipelines, one per candidate
+    options: list[list["Pipeline"]] = field(default_factory=list)  # per candidate: the test-set pipelines, all seeds
+    values: list[float | None] | None = None  # the metric on the validation split, per candidate (None: not recorded)
+    chosen: int | None = None  # index into candidates, once every value is recorded
+
+    def where(self) -> str:
+        return self.family + _suffix(self.point)
+
+
+def is_selection(pl: "Pipeline") -> bool:
+    return pl.family.endswith(SUFFIX)
+
+
+def _suffix(label: dict) -> str:
+    return "[" + ",".join(f"{k}={v}" for k, v in label.items()) + "]" if label else ""
+
+
+def split_family(pipelines: list["Pipeline"], stage: int, key: str, candidates: list, metric: str,
+                 first_seed: int) -> tuple[list["Pipeline"], list[Selection]]:
+    """A family expanded with its candidates as the grid axis ``key`` -> (its selection pipelines,
+    its selections). A test-set pipeline loses ``key`` from its name and grid; a selection pipeline
+    (the first seed's) loses the seed and scores the validation split."""
+    sels: dict[tuple, Selection] = {}
+    selection_pls: dict[str, "Pipeline"] = {}
+    for pl in pipelines:
+        ci = next(i for i, c in enumerate(candidates) if c == pl.grid[key])  # candidates are distinct (load_study)
+        point = {k: v for k, v in pl.grid.items() if k not in (key, "seed")}
+        sel = sels.setdefault((pl.model, repr(point)), Selection(
+            pl.family, key, stage, list(candidates), metric, point, pipelines=[""] * len(candidates),
+            options=[[] for _ in candidates]))
+        rest = {k: v for k, v in pl.grid.items() if k != key}
+        sel.options[ci].append(dataclasses.replace(pl, name=pl.family + _suffix(rest), grid=rest))
+        if pl.seed == first_seed:
+            grid = {k: v for k, v in pl.grid.items() if k != "seed"}
+            ev = pl.stages[-1]
+            stages = pl.stages[:-1] + [dataclasses.replace(ev, params={**ev.params, "split": "validation"})]
+            name = pl.family + SUFFIX + _suffix(grid)
+            sel.pipelines[ci] = name
+            selection_pls[name] = dataclasses.replace(pl, name=name, family=pl.family + SUFFIX, grid=grid,
+                                                      stages=stages)
+    # grouped by grid point, in candidate order
+    return [selection_pls[n] for s in sels.values() for n in s.pipelines], list(sels.values())
+
+
+def choose(values: list[float | None], metric: str) -> int | None:
+    """The best candidate's index: None until every value is known; higher is better unless
+    ``analysis.lower_is_better(metric)``; a tie goes to the first; NaN ranks last (all NaN: the first)."""
+    if any(v is None for v in values):
+        return None
+    from ptqlib.analysis import lower_is_better
+
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    best = None
+    for i, v in enumerate(values):
+        if not math.isnan(v) and (best is None or sign * v > sign * values[best]):
+            best = i
+    return 0 if best is None else best
+
+
+def resolve(study: "Study", value_of: Callable[[str, str], float | None]) -> "Study":
+    """``study`` with each open selection's values read (``value_of(pipeline, metric)``) and, where
+    all are known, the chosen candidate's test-set pipelines placed after its selection pipelines.
+    Returns a new Study; ``study`` is left as it is."""
+    pls = list(study.pipelines)
+    sels = []
+    for sel in study.selections:
+        if sel.chosen is None:
+            values = [value_of(name, sel.metric) for name in sel.pipelines]
+            sel = dataclasses.replace(sel, values=values, chosen=choose(values, sel.metric))
+            if sel.chosen is not None:
+                names = [p.name for p in pls]
+                at = max(names.index(n) for n in sel.pipelines) + 1
+                pls[at:at] = sel.options[sel.chosen]
+        sels.append(sel)
+    return dataclasses.replace(study, pipelines=pls, selections=sels)
+
+
+def matches(sel: Selection, patterns: list[str] | None) -> bool:
+    """Does ``--only patterns`` ask for this selection's family (its test-set or selection pipelines)?"""
+    if not patterns:
+        return True
+    names = [sel.family, sel.family + SUFFIX, *sel.pipelines, *(p.name for o in sel.options for p in o)]
+    return any(n == pat or fnmatch(n, pat) for pat in patterns for n in names)
+
+
+def waiting(study: "Study", only: list[str] | None = None) -> list[str]:
+    """The selection pipelines to run before the rest: those of the open selections ``only`` asks for."""
+    return [n for s in study.selections if s.chosen is None and matches(s, only) for n in s.pipelines]
+
+
+def recorded(runner: "Runner") -> Callable[[str, str], float | None]:
+    """``value_of`` for :func:`resolve`: the metric in the record of a selection pipeline's evaluate
+    stage when its whole chain is finished (NaN when the record lacks it), else the value in the
+    report's ``selection.csv`` for the same evaluate stage id (unless the runner keeps no previous
+    report), else None."""
+    previous = previous_values(runner.reports) if runner.keep_previous else {}
+
+    def value_of(pipeline: str, metric: str) -> float | None:
+        chain = runner.chains[pipeline]
+        if all(runner.finished(s) for s in chain):
+            v = (runner.record(chain[-1]).get("metrics") or {}).get(metric)
+            return math.nan if v is None else float(v)
+        return previous.get((pipeline, chain[-1]))
+
+    return value_of
+
+
+def previous_values(reports: Path) -> dict[tuple[str, str], float]:
+    """(selection pipeline, evaluate stage id) -> validation value, from ``reports/selection.csv``."""
+    path = Path(reports) / "selection.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {(r["pipeline"], r["eval_stage"]): float(r["validation"]) for r in csv.DictReader(f)
+                if r.get("validation") not in (None, "")}
+
+
+TABLE = ["family", "point", "key", "candidate", "metric", "validation", "chosen", "pipeline", "eval_stage"]
+
+
+def table(runner: "Runner") -> list[dict]:
+    """The rows of ``selection.csv``: one per candidate of each selection (``validation``: the
+    metric on the validation split, empty while not recorded; ``chosen``: True for the one used)."""
+    value_of = recorded(runner)
+    rows = []
+    for sel in runner.study.selections:
+        for i, (cand, name) in enumerate(zip(sel.candidates, sel.pipelines)):
+            v = value_of(name, sel.metric)
+            rows.append({"family": sel.family, "point": _suffix(sel.point)[1:-1],
+                         "key": sel.key, "candidate": cand, "metric": sel.metric,
+                         "validation": "" if v is None else v, "chosen": sel.chosen == i, "pipeline": name,
+                         "eval_stage": runner.chains[name][-1]})
+    return rows
+
+
+def describe(runner: "Runner", only: list[str] | None = None) -> list[str]:
+    """Lines for ``--dry-run``: what each selection chose, or that its test-set pipelines wait for it."""
+    lines = []
+    for sel in runner.study.selections:
+        if not matches(sel, only):
+            continue
+        cands = ", ".join(map(str, sel.candidates))
+        if sel.chosen is None:
+            seeds = sorted({p.seed for p in sel.options[0]})
+            done = sum(v is not None for v in sel.values or [])
+            lines.append(f"  {sel.where()}: {len(sel.options[0])} test-set pipelines (seeds {', '.join(map(str, seeds))}) "
+                         f"wait for the selection of {sel.key} in [{cands}] by {sel.metric} on the validation split "
+                         f"({done} of {len(sel.candidates)} selection pipelines recorded)")
+        else:
+            vals = ", ".join(f"{c}: {v:.4g}" for c, v in zip(sel.candidates, sel.values))
+            lines.append(f"  {sel.where()}: {sel.key} = {sel.candidates[sel.chosen]} chosen by {sel.metric} on the "
+                         f"validation split ({vals})")
+    return lines

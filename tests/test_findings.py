@@ -1,0 +1,74 @@
+"""The README's findings are generated from the committed claims files, never copied by hand."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ptqlib import findings
+from ptqlib.analysis import write_claims
+from ptqlib.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_committed_readme_findings_are_the_generated_ones():
+    same, diff = findings.update(ROOT / "README.md", ROOT / "reports", check=True)
+    assert same, f"README.md's findings differ from reports/*/claims.csv; run python -m ptqlib findings\n{diff}"
+
+
+def _study(reports: Path, name: str, seeds: int, shift: float) -> None:
+    """reports/<name>/claims.csv for two trained pipelines, b + shift vs b, and a claim that fails."""
+    rng = np.random.default_rng(seeds)
+    base = rng.uniform(0.3, 0.9, size=(seeds, 64))
+    rows, units = [], []
+    for fam, vals in (("a", np.clip(base + shift + rng.normal(0, 0.02, base.shape), 0, 1)), ("b", base)):
+        for s in range(seeds):
+            rows.append({"pipeline": f"{fam}[seed={s}]", "family": fam, "seed": s, "status": "ok",
+                         "stages": "finetune(lora) -> evaluate", "field_f1": vals[s].mean()})
+            units += [{"family": fam, "seed": s, "group": "task", "unit": i, "field_f1": v}
+                      for i, v in enumerate(vals[s])]
+    claims = [{"claim": f"{name}: a beats b", "a": "a", "b": "b", "metric": "field_f1", "relation": ">"},
+              {"claim": f"{name}: a beats b by 0.5", "a": "a", "b": "b", "metric": "field_f1", "relation": ">",
+               "min_effect": 0.5}]
+    (reports / name).mkdir(parents=True)
+    write_claims(claims, pd.DataFrame(rows), pd.DataFrame(units), reports / name)
+
+
+def test_findings_from_a_reports_dir(tmp_path):
+    reports = tmp_path / "reports"
+    _study(reports, "three", seeds=3, shift=0.1)  # decided: the first claim holds, also after Holm
+    _study(reports, "two", seeds=2, shift=0.1)  # 2 seeds of trained pipelines: nothing tested
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nintro\n\n{findings.BEGIN}\nhand-copied table\n{findings.END}\n\nrest\n")
+
+    same, diff = findings.update(readme, reports, check=True)
+    assert not same and "-hand-copied table" in diff and "hand-copied" in readme.read_text()  # --check writes nothing
+    assert main(["findings", "--check", "--readme", str(readme), "--reports", str(reports)]) == 1
+    assert main(["findings", "--readme", str(readme), "--reports", str(reports)]) == 0
+    assert main(["findings", "--check", "--readme", str(readme), "--reports", str(reports)]) == 0
+
+    text = readme.read_text()
+    assert text.startswith("# x\n\nintro\n\n") and text.endswith(f"{findings.END}\n\nrest\n")
+    assert "- **three** ([report](reports/three/index.html)): 2 claims; 2 tested; 1 hold; 1 hold after Holm." in text
+    assert "- **two** ([report](reports/two/index.html)): 2 claims; 0 tested (2 need >= 3 paired seeds); " \
+           "0 hold; 0 hold after Holm." in text
+    row = next(line for line in text.splitlines() if line.startswith("| three |"))
+    assert "three: a beats b |" in row and "`a - b > 0`" in row and "[+0." in row
+    assert "by 0.5" not in text and "| two |" not in text  # only claims that hold after Holm are listed
+
+
+def test_findings_errors_name_the_problem(tmp_path):
+    reports = tmp_path / "reports"
+    with pytest.raises(FileNotFoundError, match="no <study>/claims.csv"):
+        findings.render(reports)
+    (reports / "old").mkdir(parents=True)
+    pd.DataFrame([{"claim": "c", "verdict": "holds"}]).to_csv(reports / "old" / "claims.csv", index=False)
+    with pytest.raises(ValueError, match="re-decide it"):
+        findings.render(reports)
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    _study(tmp_path / "ok", "s", seeds=3, shift=0.1)
+    with pytest.raises(ValueError, match="findings:begin"):
+        findings.update(readme, tmp_path / "ok")
+    assert main(["findings", "--readme", str(readme), "--reports", str(tmp_path / "ok")]) == 2

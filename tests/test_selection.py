@@ -1,0 +1,184 @@
+"""Selection on the validation split (ptqlib.selection): the choice, its resolution into test-set
+pipelines, the runner's two phases and the report's selection.csv, on fake stage records."""
+import csv
+import math
+import textwrap
+import time
+
+import pytest
+
+from ptqlib import report, selection
+from ptqlib.config import load_study
+from ptqlib.executors import _Done
+from ptqlib.record import write_json_atomic
+from ptqlib.runner import Runner
+from ptqlib.stage import OK
+
+STUDY = """
+study: sel
+model: tiny
+seeds: [0, 1]
+defaults:
+  finetune: {steps: 4, lr: {select: [1.0e-4, 3.0e-4, 1.0e-3], metric: field_f1}}
+pipelines:
+  base: []
+  ft: [{finetune: full}]
+claims:
+  - {claim: fine-tuning helps, a: ft, b: base, metric: field_f1}
+"""
+
+
+def _study(tmp_path, text=STUDY):
+    f = tmp_path / "s.yaml"
+    f.write_text(textwrap.dedent(text))
+    return load_study(f)
+
+
+def _finish(runner: Runner, sid: str, metrics: dict) -> None:
+    n = runner.nodes[sid]
+    write_json_atomic(runner.runs / sid / "metrics.json", {
+        "status": "ok", "kind": n.kind, "label": n.label(), "model": n.model, "params": n.params, "metrics": metrics,
+        "timings": {"wall_s": 1.0, "started": time.time(), "finished": time.time()}})
+
+
+@pytest.mark.parametrize("values, metric, best", [
+    ([0.5, 0.7, 0.6], "field_f1", 1),  # higher is better
+    ([0.7, 0.5, 0.7], "field_f1", 0),  # a tie goes to the first listed
+    ([0.5, 0.7, 0.7], "field_f1", 1),
+    ([30.0, 20.0, 25.0], "ppl", 1),  # perplexity: lower is better
+    ([30.0, 20.0, 20.0], "ppl_stdlib", 1),
+    ([120.0, 110.0], "size_mb_deploy", 1),
+    ([math.nan, 0.2, 0.1], "field_f1", 1),  # NaN ranks last
+    ([math.nan, math.nan], "ppl", 0),
+])
+def test_choose_picks_the_best_and_the_first_on_a_tie(values, metric, best):
+    assert selection.choose(values, metric) == best
+
+
+def test_choose_waits_for_every_value():
+    assert selection.choose([0.9, None, 0.1], "field_f1") is None
+
+
+def test_resolve_adds_the_chosen_candidates_test_runs(tmp_path):
+    study = _study(tmp_path)
+    assert [p.name for p in study.pipelines] == ["base", "ft~select[lr=0.0001]", "ft~select[lr=0.0003]",
+                                                 "ft~select[lr=0.001]"]
+    values = {"ft~select[lr=0.0001]": 0.40, "ft~select[lr=0.0003]": 0.55, "ft~select[lr=0.001]": 0.50}
+    partial = selection.resolve(study, lambda name, metric: values[name] if name.endswith("0001]") else None)
+    assert partial.selections[0].chosen is None and len(partial.pipelines) == 4  # not all recorded: wait
+    assert partial.selections[0].values == [0.40, None, None]
+    done = selection.resolve(study, lambda name, metric: values[name])
+    assert study.selections[0].chosen is None and len(study.pipelines) == 4  # the input is left as it was
+    assert done.selections[0].chosen == 1 and done.selections[0].values == [0.40, 0.55, 0.50]
+    assert [p.name for p in done.pipelines][4:] == ["ft[seed=0]", "ft[seed=1]"]
+    assert [p.stages[0].params["lr"] for p in done.pipelines[4:]] == [3e-4, 3e-4]
+    assert [p.stages[-1].params["split"] for p in done.pipelines[4:]] == ["test", "test"]
+    assert selection.resolve(done, lambda *a: pytest.fail("a resolved selection is not read again")) is not None
+
+
+def test_runner_reads_cached_choice_and_report_keeps_selection_out_of_results(tmp_path):
+    study = _study(tmp_path)
+    r = Runner(study, tmp_path / "runs", tmp_path / "reports")
+    assert "ft[seed=0]" not in r.chains
+    assert selection.waiting(r.study) == ["ft~select[lr=0.0001]", "ft~select[lr=0.0003]", "ft~select[lr=0.001]"]
+    dry = r.describe()
+    assert "ft: 2 test-set pipelines (seeds 0, 1) wait for the selection of lr in [0.0001, 0.0003, 0.001] by " \
+           "field_f1 on the validation split (0 of 3 selection pipelines recorded)" in dry
+    assert "then the stages of the test-set pipelines that wait for a selection" in dry
+    for name, f1 in (("ft~select[lr=0.0001]", 0.2), ("ft~select[lr=0.0003]", 0.1), ("ft~select[lr=0.001]", 0.3)):
+        ft, ev = r.chains[name]
+        _finish(r, ft, {"train_loss_last": 1.0})
+        _finish(r, ev, {"field_f1": f1})
+    r = Runner(study, tmp_path / "runs", tmp_path / "reports")  # a second run: the choice from the cache
+    assert selection.waiting(r.study) == []
+    assert [p.stages[0].params["lr"] for p in r.study.pipelines if p.family == "ft"] == [1e-3, 1e-3]
+    assert r.chains["ft[seed=0]"][0] == r.chains["ft~select[lr=0.001]"][0]  # the seed-0 training is shared
+    dry = r.describe()
+    assert "ft: lr = 0.001 chosen by field_f1 on the validation split (0.0001: 0.2, 0.0003: 0.1, 0.001: 0.3)" in dry
+    assert "  ft[seed=1]: finetune(full, 4 steps, seed 1)" in dry
+    assert r.selected(["ft"]) == [p for p in r.study.pipelines if p.family.startswith("ft")]
+    assert [p.name for p in r.selected(["ft[seed=1]"])] == ["ft[seed=1]"]  # a grid name as it is
+    report.write_results(r)
+    rows = list(csv.DictReader(open(r.reports / "results.csv")))
+    assert [x["pipeline"] for x in rows] == ["base", "ft[seed=0]", "ft[seed=1]"]  # no validation rows
+    sel = list(csv.DictReader(open(r.reports / "selection.csv")))
+    assert [(x["family"], x["key"], x["candidate"], x["metric"], x["validation"], x["chosen"]) for x in sel] == [
+        ("ft", "lr", "0.0001", "field_f1", "0.2", "False"), ("ft", "lr", "0.0003", "field_f1", "0.1", "False"),
+        ("ft", "lr", "0.001", "field_f1", "0.3", "True")]
+    # without runs/ (a fresh clone), the choice comes from the report's selection.csv (same evaluate stage ids)
+    fresh = Runner(study, tmp_path / "no-runs", tmp_path / "reports")
+    assert [p.name for p in fresh.study.pipelines if p.family == "ft"] == ["ft[seed=0]", "ft[seed=1]"]
+    assert Runner(study, tmp_path / "no-runs", tmp_path / "reports", keep_previous=False).study.selections[0].chosen is None
+
+
+class FakeExecutor:
+    """Records what runs and writes an ok record at once; evaluate scores field_f1 = f(lr upstream)."""
+
+    slots, local = 1, False
+
+    def __init__(self, score):
+        self.score, self.ran, self.runner = score, [], None
+
+    def submit(self, node, force=False):
+        self.ran.append(node)
+        metrics = {}
+        if node.kind == "evaluate" and node.input_id:
+            lr = self.runner.nodes[node.input_id].params["lr"]
+            metrics = {"field_f1": self.score(lr, node.params["split"])}
+        _finish(self.runner, node.id, metrics)
+        return _Done(OK)
+
+    def close(self):
+        pass
+
+
+def test_run_selects_first_then_runs_the_chosen_test_pipelines(tmp_path, monkeypatch):
+    monkeypatch.setattr(Runner, "analyse", lambda self, force=False: None)  # no report notebook here
+    study = _study(tmp_path)
+    ex = FakeExecutor(lambda lr, split: {1e-4: 0.3, 3e-4: 0.6, 1e-3: 0.4}[lr] if split == "validation" else 0.5)
+    r = Runner(study, tmp_path / "runs", tmp_path / "reports")
+    ex.runner = r
+    assert r.run(executor=ex) == 0
+    ex.runner = r  # (the runner rebuilt its graph; nodes are looked up through it)
+    evals = [(n.params["split"], n.seed) for n in ex.ran if n.kind == "evaluate" and n.input_id]
+    assert evals == [("validation", 0)] * 3 + [("test", 0), ("test", 1)]  # selection first
+    trained = [(n.seed, n.params["lr"]) for n in ex.ran if n.kind == "finetune"]
+    assert trained == [(0, 1e-4), (0, 3e-4), (0, 1e-3), (1, 3e-4)]  # the chosen seed-0 model is not trained again
+    assert [p.stages[0].params["lr"] for p in r.study.pipelines if p.family == "ft"] == [3e-4, 3e-4]
+    rows = {x["pipeline"]: x for x in csv.DictReader(open(r.reports / "results.csv"))}
+    assert rows["ft[seed=1]"]["finetune.lr"] == "0.0003" and rows["ft[seed=1]"]["field_f1"] == "0.5"
+    # a second run: nothing
+    ex2 = FakeExecutor(ex.score)
+    r2 = Runner(study, tmp_path / "runs", tmp_path / "reports")
+    ex2.runner = r2
+    assert r2.run(executor=ex2) == 0 and ex2.ran == []
+    # forced: every stage once (the selection's are not run again with the test-set pipelines)
+    ex3 = FakeExecutor(ex.score)
+    r3 = Runner(study, tmp_path / "runs", tmp_path / "reports")
+    ex3.runner = r3
+    r3.run(force=True, executor=ex3)
+    assert sorted(n.id for n in ex3.ran) == sorted({sid for c in r3.chains.values() for sid in c})
+
+
+def test_a_failed_selection_stage_holds_its_test_pipelines_back(tmp_path, monkeypatch, caplog):
+    from ptqlib.stage import FAILED
+
+    monkeypatch.setattr(Runner, "analyse", lambda self, force=False: None)
+    r = Runner(_study(tmp_path), tmp_path / "runs", tmp_path / "reports")
+    ex = FakeExecutor(lambda lr, split: 0.5)
+    ex.runner = r
+    submit = ex.submit
+
+    def failing(node, force=False):  # the lr 3e-4 training fails
+        if node.kind == "finetune" and node.params["lr"] == 3e-4:
+            ex.ran.append(node)
+            return _Done(FAILED)
+        return submit(node, force)
+
+    ex.submit = failing
+    with caplog.at_level("ERROR"):
+        assert r.run(executor=ex) == 1  # one failed stage, counted once over both phases
+    assert "ft: no lr chosen (a selection pipeline did not finish): its test-set pipelines do not run" in caplog.text
+    assert sum(n.kind == "finetune" and n.params["lr"] == 3e-4 for n in ex.ran) == 1  # not retried after the selection
+    assert not any(n.kind == "evaluate" and n.params["split"] == "test" and n.input_id for n in ex.ran)
+    assert [x["pipeline"] for x in csv.DictReader(open(r.reports / "results.csv"))] == ["base"]
