@@ -123,13 +123,26 @@ def _seed_pairs(ra: pd.DataFrame, rb: pd.DataFrame) -> list[tuple[int, int]]:
 
 
 def _unit_arrays(units: pd.DataFrame, family: str, seeds: list[int], st: Statistic) -> tuple[np.ndarray, np.ndarray]:
-    """(num, den), each (n_seeds, n_units), of one family's units for ``seeds`` in order."""
+    """(num, den), each (n_seeds, n_clusters), of one family's units for ``seeds`` in order.
+
+    A cluster is a unit, or all the units of one document where the units carry a ``doc`` (perplexity
+    windows at random positions, ``data.held_out_windows``: windows of one topic / module are not
+    independent). Summing num and den inside a cluster leaves the statistic (a ratio of sums) as it
+    is; the interval then treats documents, not windows, as the independent draws.
+    """
     sub = units[(units["family"] == family) & (units["group"] == st.group)]
     nums, dens = [], []
     for s in seeds:
         rows = sub[sub["seed"] == s].sort_values("unit")
-        nums.append(rows[st.num].to_numpy(float))
-        dens.append(rows[st.den].to_numpy(float) if st.den else np.ones(len(rows)))
+        num = rows[st.num].to_numpy(float)
+        den = rows[st.den].to_numpy(float) if st.den else np.ones(len(rows))
+        if "doc" in rows and (pd.to_numeric(rows["doc"], errors="coerce") >= 0).any():
+            doc = pd.to_numeric(rows["doc"], errors="coerce").fillna(-1).to_numpy()
+            key = np.where(doc >= 0, doc, -1.0 - rows["unit"].to_numpy(float))  # no document: its own cluster
+            order, inv = np.unique(key, return_inverse=True)
+            num, den = np.bincount(inv, num, len(order)), np.bincount(inv, den, len(order))
+        nums.append(num)
+        dens.append(den)
     return np.stack(nums), np.stack(dens)
 
 

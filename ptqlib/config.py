@@ -169,6 +169,7 @@ class EvaluateParams:
 
     ppl_samples: int = 32  # held-out windows per perplexity source (2 sources: 64 x ppl_seq_len tokens in all)
     ppl_seq_len: int = 256  # tokens per window
+    ppl_windows: str = "random"  # random: non-overlapping windows at seeded random positions over all held-out topics / modules (clustered by document in the claims); first: the first consecutive windows (before)
     ppl_sources: list = field(default_factory=lambda: ["pydoc", "stdlib"])  # held-out text: pydoc (language reference -> ppl), stdlib (library source code -> ppl_stdlib)
     task_samples: int = 128  # held-out task examples generated greedily
     split: str = "test"  # test | validation: which held-out task examples are generated (validation: for select)
@@ -187,6 +188,7 @@ class EvaluateParams:
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
+        _choice("ppl_windows", self.ppl_windows, ("random", "first"))  # ptqlib.data.WINDOW_LAYOUTS (torch-free here)
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime: {self.runtime!r} is not a runtime; valid: {', '.join(RUNTIMES)}")
         from ptqlib.deploy.gguf import TYPES as GGUF_TYPES
@@ -236,7 +238,7 @@ def from_namespace(cls, ns: dict):
 # ``precision: fp32`` is what every stage computed before the setting existed.
 ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated", "precision": "fp32"},
               "evaluate": {"runtime": "torch", "gguf_type": "auto", "gguf_lossy": False, "speed_prompts": 0,
-                           "speed_tokens": 64, "precision": "fp32", "split": "test"},
+                           "speed_tokens": 64, "precision": "fp32", "split": "test", "ppl_windows": "first"},
               "finetune": {"pool_norm": "mean", "precision": "fp32"}}
 
 

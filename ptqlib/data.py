@@ -66,19 +66,21 @@ STDLIB_MODULES = ("argparse", "textwrap", "fractions", "heapq", "bisect", "calen
                   "string", "statistics", "dataclasses", "functools", "graphlib", "ipaddress", "configparser")
 
 
-def stdlib_text() -> str:
-    """The source of :data:`STDLIB_MODULES`, concatenated (this interpreter's standard library)."""
+def stdlib_docs() -> dict[str, str]:
+    """Module name -> source of :data:`STDLIB_MODULES` (this interpreter's standard library)."""
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
-    parts = []
-    for name in STDLIB_MODULES:
-        f = root / f"{name}.py"
-        if f.is_file():
-            parts.append(f"# file: {name}.py\n" + f.read_text(encoding="utf-8"))
-    if not parts:
+    docs = {name: (root / f"{name}.py").read_text(encoding="utf-8") for name in STDLIB_MODULES
+            if (root / f"{name}.py").is_file()}
+    if not docs:
         raise ConfigError(f"text source 'stdlib': no module of {STDLIB_MODULES} found under {root}")
-    return "\n\n".join(parts)
+    return docs
+
+
+def stdlib_text() -> str:
+    """The source of :data:`STDLIB_MODULES`, concatenated."""
+    return "\n\n".join(f"# file: {name}.py\n" + text for name, text in stdlib_docs().items())
 
 
 def text_windows(tokenizer, split: str, seq_len: int, n: int, seed: int = 0, source: str = "pydoc"):
@@ -109,6 +111,48 @@ def text_windows(tokenizer, split: str, seq_len: int, n: int, seed: int = 0, sou
     if n > n_avail:
         raise ConfigError(f"held-out {source} text has only {n_avail} windows of {seq_len} tokens; asked for {n}")
     return ids[: n * seq_len].view(-1, seq_len)[:n]
+
+
+WINDOW_LAYOUTS = ("random", "first")
+
+
+def held_out_windows(tokenizer, source: str, seq_len: int, n: int, layout: str = "random", seed: int = 0):
+    """``(windows (n, seq_len) LongTensor, docs: list[int])``: perplexity windows of a held-out source
+    and, per window, the index of the document (pydoc topic, stdlib module) its middle token is in.
+
+    ``layout='random'``: ``n`` non-overlapping windows at seeded random positions over the whole
+    held-out text (every topic / module tokenized on its own, then joined): a random shift in
+    ``[0, seq_len)``, then ``n`` of the aligned slots drawn without replacement, in text order. So
+    the windows represent the domain, not its first pages; windows of one document are not
+    independent, which is why the claims' intervals cluster them by ``docs``. The seed is fixed
+    for evaluation: every pipeline is scored on identical tokens (paired).
+    ``layout='first'``: the first ``n`` consecutive windows of the joined text (ptqlib before).
+    """
+    import torch
+
+    if layout not in WINDOW_LAYOUTS:
+        raise ConfigError(f"ppl_windows: {layout!r} is not a layout; valid: {', '.join(WINDOW_LAYOUTS)}")
+    if layout == "first":
+        w = text_windows(tokenizer, "test", seq_len, n, source=source)
+        return w, [-1] * len(w)  # -1: document not known (each window its own cluster)
+    if source not in TEXT_SOURCES:
+        raise ConfigError(f"unknown text source {source!r}; valid: {', '.join(TEXT_SOURCES)}")
+    docs = stdlib_docs() if source == "stdlib" else pydoc_split()[1]
+    ids: list[int] = []
+    doc_of: list[int] = []
+    for d, text in enumerate(docs.values()):
+        toks = tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
+        ids += toks
+        doc_of += [d] * len(toks)
+    g = torch.Generator().manual_seed(seed)
+    shift = int(torch.randint(0, seq_len, (1,), generator=g))
+    n_slots = (len(ids) - shift) // seq_len
+    if n > n_slots:
+        raise ConfigError(f"held-out {source} text has only {n_slots} windows of {seq_len} tokens; asked for {n}")
+    slots = torch.randperm(n_slots, generator=g)[:n].sort().values.tolist()
+    t = torch.tensor(ids, dtype=torch.long)
+    starts = [shift + k * seq_len for k in slots]
+    return torch.stack([t[a:a + seq_len] for a in starts]), [doc_of[a + seq_len // 2] for a in starts]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from ptqlib.data import Example, format_prompt, text_windows
+from ptqlib.data import Example, format_prompt, held_out_windows
 from ptqlib.metrics import example_scores, ppl_statistic, task_scores
 
 if TYPE_CHECKING:
@@ -107,20 +107,22 @@ def _score_task(texts: list[str], examples: list[Example], n_tokens: int, second
 
 def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int = 16, ppl_seq_len: int = 256,
                    max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False,
-                   ppl_sources: tuple[str, ...] = ("pydoc",)) -> tuple[dict, list[dict], dict]:
+                   ppl_sources: tuple[str, ...] = ("pydoc",), ppl_windows: str = "random"
+                   ) -> tuple[dict, list[dict], dict]:
     """All quality and speed metrics of one model -> (metrics, generated examples, units).
 
     ``units`` holds the per-unit columns by group: ``task`` (one entry per example, see
     ``metrics.example_scores``) and one group per perplexity source (``ppl`` for pydoc,
-    ``ppl_<source>`` for the others: ``nll`` and ``tokens`` per window).
+    ``ppl_<source>`` for the others: ``nll``, ``tokens`` and ``doc`` per window; ``ppl_windows``:
+    the windows' layout, ``data.held_out_windows``).
     """
     metrics: dict = {}
     units: dict[str, dict[str, list[float]]] = {}
     t0 = time.perf_counter()
     for source in ppl_sources:
         name = "ppl" if source == "pydoc" else f"ppl_{source}"
-        windows = text_windows(tokenizer, "test", ppl_seq_len, ppl_samples, source=source)
-        units[name] = window_nll(model, windows, batch_size, progress)
+        windows, docs = held_out_windows(tokenizer, source, ppl_seq_len, ppl_samples, ppl_windows)
+        units[name] = {**window_nll(model, windows, batch_size, progress), "doc": [float(d) for d in docs]}
         metrics[name] = ppl_statistic(name)(units[name]["nll"], units[name]["tokens"])
     metrics["ppl_seconds"] = time.perf_counter() - t0
     rows: list[dict] = []
@@ -165,8 +167,8 @@ def decode_speed(model, tokenizer, prompts: list[str], new_tokens: int = 64) -> 
 
 def evaluate_gguf(path, tokenizer, examples: list[Example], ppl_samples: int = 16, ppl_seq_len: int = 256,
                   max_new_tokens: int = 64, ppl_sources: tuple[str, ...] = ("pydoc",),
-                  speed_prompts: int = 4, speed_tokens: int = 64, n_threads: int | None = None
-                  ) -> tuple[dict, list[dict], dict]:
+                  speed_prompts: int = 4, speed_tokens: int = 64, n_threads: int | None = None,
+                  ppl_windows: str = "random") -> tuple[dict, list[dict], dict]:
     """:func:`evaluate_model` for a GGUF file run by llama.cpp: the same windows, prompts and scores.
 
     Adds ``ttft_s`` and ``decode_tokens_per_s`` (batch 1, see :func:`decode_speed`) and
@@ -176,8 +178,9 @@ def evaluate_gguf(path, tokenizer, examples: list[Example], ppl_samples: int = 1
     """
     from ptqlib.deploy import llamacpp
 
-    windows = {("ppl" if s == "pydoc" else f"ppl_{s}"): text_windows(tokenizer, "test", ppl_seq_len, ppl_samples, source=s).tolist()
-               for s in ppl_sources}
+    held = {("ppl" if s == "pydoc" else f"ppl_{s}"): held_out_windows(tokenizer, s, ppl_seq_len, ppl_samples, ppl_windows)
+            for s in ppl_sources}
+    windows = {name: w.tolist() for name, (w, _) in held.items()}
     prompt_ids = [tokenizer(format_prompt(tokenizer, e.prompt), add_special_tokens=False)["input_ids"] for e in examples]
     n_ctx = max([ppl_seq_len] + [len(p) + max(max_new_tokens, speed_tokens) for p in prompt_ids]) + 8
     res = llamacpp.run(path, windows, prompt_ids, max_new_tokens, tokenizer.eos_token_id,
@@ -186,7 +189,7 @@ def evaluate_gguf(path, tokenizer, examples: list[Example], ppl_samples: int = 1
     metrics: dict = {}
     units: dict[str, dict[str, list[float]]] = {}
     for name, w in res.get("windows", {}).items():
-        units[name] = w
+        units[name] = {**w, "doc": [float(d) for d in held[name][1]]}
         metrics[name] = ppl_statistic(name)(w["nll"], w["tokens"])
     metrics["ppl_seconds"] = res.get("ppl_seconds", 0.0)
     rows: list[dict] = []
@@ -228,7 +231,8 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
         gguf = Path(output_dir) / "model.gguf"
         export = export_gguf(model, tokenizer, gguf, type=p.gguf_type, lossy=p.gguf_lossy)
         metrics, generations, units = evaluate_gguf(gguf, tokenizer, examples, p.ppl_samples, p.ppl_seq_len,
-                                                    p.max_new_tokens, sources, p.speed_prompts, p.speed_tokens)
+                                                    p.max_new_tokens, sources, p.speed_prompts, p.speed_tokens,
+                                                    ppl_windows=p.ppl_windows)
         metrics.update(deployed_metrics(export, model.config, metrics.get("decode_tokens_per_s")))
     else:
         from ptqlib.precision import cast_for_inference, resolve
@@ -236,7 +240,7 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
         cast_for_inference(model, p.precision)  # bf16: the float weights in bf16, QuantLinear codes as they are
         metrics, generations, units = evaluate_model(model, tokenizer, examples, p.ppl_samples, p.ppl_seq_len,
                                                      p.max_new_tokens, p.batch_size, progress=progress,
-                                                     ppl_sources=sources)
+                                                     ppl_sources=sources, ppl_windows=p.ppl_windows)
         if p.speed_prompts:
             metrics.update(decode_speed(model, tokenizer, [e.prompt for e in examples[:p.speed_prompts]],
                                         p.speed_tokens))

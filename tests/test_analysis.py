@@ -396,3 +396,31 @@ def test_plot_metrics_wide_results_draw_without_warnings():
     assert fig is not None and len(fig.axes) == 1  # ppl is absent: one panel
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels == ["a", "b"]
+
+
+def test_windows_of_one_document_are_one_cluster():
+    """Perplexity units with a ``doc``: the statistic is unchanged (a ratio of sums), the interval
+    counts documents, and a document-level shift shared by its windows widens the interval."""
+    rng = np.random.default_rng(5)
+    n_docs, per = 8, 16
+    doc = np.repeat(np.arange(n_docs), per)
+    shift = np.repeat(rng.normal(0, 0.3, n_docs), per)  # a per-document effect on b - a
+
+    def units(with_doc):
+        rows = []
+        for fam, extra in (("a", 0.0), ("b", 1.0)):
+            for seed in range(3):
+                nll = 200 + rng.normal(0, 2, n_docs * per) + (extra * (5 + 40 * shift))
+                rows += [{"pipeline": f"{fam}[seed={seed}]", "family": fam, "seed": seed, "group": "ppl", "unit": i,
+                          "nll": v, "tokens": 63.0, **({"doc": float(d)} if with_doc else {})}
+                         for i, (v, d) in enumerate(zip(nll, doc))]
+        return pd.DataFrame(rows)
+
+    u = units(True)
+    res = pd.DataFrame([{"pipeline": f"{f}[seed={s}]", "family": f, "model": "m", "seed": s, "status": "ok",
+                         "stages": "finetune(lora) -> evaluate", "ppl": 1.0} for f in "ab" for s in range(3)])
+    clustered = check_claims(claim(">", metric="ppl"), res, u).iloc[0]
+    flat = check_claims(claim(">", metric="ppl"), res, u.drop(columns="doc")).iloc[0]
+    assert clustered["difference"] == pytest.approx(flat["difference"], rel=1e-12)
+    assert clustered["n_examples"] == n_docs and flat["n_examples"] == n_docs * per
+    assert clustered["ci_high"] - clustered["ci_low"] > 1.5 * (flat["ci_high"] - flat["ci_low"])

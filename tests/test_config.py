@@ -227,7 +227,7 @@ def test_evaluate_entry_overrides_defaults_and_neutral_keys_keep_stage_ids(tmp_p
     from ptqlib.runner import build_graph
 
     f = tmp_path / "s.yaml"
-    f.write_text("model: tiny\ndefaults:\n  evaluate: {ppl_samples: 4, task_samples: 2, precision: fp32}\npipelines:\n"
+    f.write_text("model: tiny\ndefaults:\n  evaluate: {ppl_samples: 4, task_samples: 2, precision: fp32, ppl_windows: first}\npipelines:\n"
                  "  t: []\n  g: [{evaluate: {runtime: llama.cpp, speed_prompts: 2}}]\n"
                  "  t2: [{evaluate: {runtime: torch, speed_prompts: 0}}]\n")
     study = load_study(f)

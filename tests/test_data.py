@@ -156,3 +156,28 @@ def test_stdlib_windows_are_held_out_code():
         text_windows(tok, "train", 64, 8, source="stdlib")
     with pytest.raises(ConfigError, match="'wiki'.*pydoc, stdlib"):
         text_windows(tok, "test", 64, 8, source="wiki")
+
+
+def test_random_windows_span_the_held_out_documents():
+    """ppl_windows random: non-overlapping, seeded, from many topics / modules (not the first pages),
+    each window tagged with its document; first: the consecutive windows of before."""
+    from ptqlib.data import STDLIB_MODULES, held_out_windows, text_windows
+    from ptqlib.models import load_tokenizer
+
+    tok = load_tokenizer("tiny")
+    for source, n_docs in (("stdlib", len(STDLIB_MODULES)), ("pydoc", 19)):
+        w, docs = held_out_windows(tok, source, 64, 32)
+        assert w.shape == (32, 64) and len(docs) == 32
+        w2, docs2 = held_out_windows(tok, source, 64, 32)
+        assert (w == w2).all() and docs == docs2  # every pipeline scores the same tokens
+        assert len(set(docs)) >= n_docs // 2 and max(docs) > n_docs // 2, docs  # the whole domain, not its start
+        assert docs == sorted(docs)  # in text order
+        rows = {tuple(r) for r in w.tolist()}
+        assert len(rows) == 32  # distinct (non-overlapping slots)
+        first, fdocs = held_out_windows(tok, source, 64, 32, layout="first")
+        assert (first == text_windows(tok, "test", 64, 32, source=source)).all() and set(fdocs) == {-1}
+    assert not (held_out_windows(tok, "pydoc", 64, 8, seed=1)[0] == held_out_windows(tok, "pydoc", 64, 8)[0]).all()
+    with pytest.raises(ConfigError, match=r"ppl_windows: 'middle' is not a layout; valid: random, first"):
+        held_out_windows(tok, "pydoc", 64, 8, layout="middle")
+    with pytest.raises(ConfigError, match=r"only \d+ windows of 64 tokens; asked for 100000"):
+        held_out_windows(tok, "pydoc", 64, 100000)
