@@ -48,7 +48,8 @@ MIN_SEEDS = 3  # paired seeds a claim on trained pipelines needs: fewer leave th
 HOLM_ALPHA = 0.025  # one-sided, the level of each bound of the 95% interval (see docs/statistics.md)
 BOUNDED = ("field_f1", "exact_match", "rouge_l")  # and fact_*: scores in [0, 1] with a floor and a ceiling
 FLOOR, CEILING = 0.05, 0.98
-QUALITY = ["ppl", "ppl_stdlib", "exact_match", "field_f1", "rouge_l", "fact_precision", "fact_recall"]
+QUALITY = ["ppl", "ppl_stdlib", "kl", "kl_stdlib", "top1_agree", "top1_agree_stdlib", "exact_match", "field_f1",
+           "rouge_l", "fact_precision", "fact_recall"]
 COST = ["size_mb_deploy", "size_mb_stored", "gen_tokens_per_s", "finetune.train_seconds", "finetune.peak_mem_mb",
         "quantize.quant_seconds"]
 
@@ -102,7 +103,8 @@ def mean_pm(results: pd.DataFrame, metrics: list[str], digits: int = 3) -> pd.Da
 def lower_is_better(metric: str) -> bool:
     """Perplexities, sizes, times and losses; stage-prefixed columns ("finetune.peak_mem_mb") by their name."""
     name = metric.rsplit(".", 1)[-1]
-    return name in LOWER_IS_BETTER or ppl_statistic(name) is not None
+    return (name in LOWER_IS_BETTER or ppl_statistic(name) is not None or name == "kl" or name.startswith("kl_")
+            or name == "empty_outputs")
 
 
 def _runs(results: pd.DataFrame, family: str) -> pd.DataFrame:

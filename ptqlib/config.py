@@ -170,6 +170,7 @@ class EvaluateParams:
     ppl_samples: int = 32  # held-out windows per perplexity source (2 sources: 64 x ppl_seq_len tokens in all)
     ppl_seq_len: int = 256  # tokens per window
     ppl_windows: str = "random"  # random: non-overlapping windows at seeded random positions over all held-out topics / modules (clustered by document in the claims); first: the first consecutive windows (before)
+    kl_reference: bool = True  # KL divergence and top-1 agreement of next-token distributions vs the pipeline's 16-bit reference (the input of its first quantizing stage) on the perplexity windows; off where nothing quantizes and for llama.cpp
     ppl_sources: list = field(default_factory=lambda: ["pydoc", "stdlib"])  # held-out text: pydoc (language reference -> ppl), stdlib (library source code -> ppl_stdlib)
     task_samples: int = 128  # held-out task examples generated greedily
     split: str = "test"  # test | validation: which held-out task examples are generated (validation: for select)
@@ -238,7 +239,8 @@ def from_namespace(cls, ns: dict):
 # ``precision: fp32`` is what every stage computed before the setting existed.
 ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated", "precision": "fp32"},
               "evaluate": {"runtime": "torch", "gguf_type": "auto", "gguf_lossy": False, "speed_prompts": 0,
-                           "speed_tokens": 64, "precision": "fp32", "split": "test", "ppl_windows": "first"},
+                           "speed_tokens": 64, "precision": "fp32", "split": "test", "ppl_windows": "first",
+                           "kl_reference": False},
               "finetune": {"pool_norm": "mean", "precision": "fp32"}}
 
 
@@ -377,6 +379,13 @@ def _check_types(cls, path, where: str, params: dict) -> None:
             raise ConfigError(
                 f"{path}: {where}.{k}: {v!r} has type {type(v).__name__}; expected {type(default).__name__}"
             )
+
+
+def quantizes(stage: Stage) -> bool:
+    """Does the stage make a quantized model from a float one (PTQ, or a method that trains into a grid)?"""
+    if stage.kind == "quantize":
+        return True
+    return stage.kind == "finetune" and finetune_methods()[stage.params["method"]].gives in ("quantized", "merged")
 
 
 def _at(point: dict, i: int, params: dict, key: str):
@@ -577,6 +586,8 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                         _check_types(STAGE_PARAMS[kind], path, swhere, p)
                         obj = _build(STAGE_PARAMS[kind], path, swhere, p)
                         built.append(Stage(kind, _resolve(path, swhere, kind, dataclasses.asdict(obj), int(seed))))
+                    if not any(quantizes(st) for st in built) or built[-1].params["runtime"] != "torch":
+                        built[-1].params["kl_reference"] = False  # nothing to compare with (or llama.cpp)
                     _check_pipeline(path, where, built, str(model), sizes_cache, linear_input_sizes,
                                     functools.partial(model_config, allow_network=allow_network), check_models)
                     if len(models) > 1:

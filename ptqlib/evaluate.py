@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ptqlib.data import Example, format_prompt, held_out_windows
-from ptqlib.metrics import example_scores, ppl_statistic, task_scores
+from ptqlib.metrics import example_scores, ppl_statistic, statistic, task_scores
 
 if TYPE_CHECKING:
     from ptqlib.config import EvaluateParams
@@ -25,21 +25,35 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> dict[str, list[float]]:
-    """Per window of ``windows`` (n, L): summed next-token NLL and the number of predicted tokens.
+def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False,
+               reference=None) -> dict[str, list[float]]:
+    """Per window of ``windows`` (n, L): summed next-token NLL and the number of predicted tokens;
+    with a ``reference`` model also the summed ``KL(P_ref || P_model)`` of the next-token
+    distributions (``kl``) and the number of positions whose most likely token agrees (``top1``),
+    as llama.cpp's ``perplexity --kl-divergence`` reports them (far more sensitive than perplexity
+    to what quantization changes). Both models run on the same batch, so no reference logits are
+    stored: the KL is exact over the whole vocabulary, not a top-k approximation.
 
-    At most 8 windows per forward: the full-vocabulary logits are (b, L, vocab) floats, and a
-    larger batch only costs memory (a forward is compute-bound on CPU).
+    At most 8 windows per forward (4 with a reference): the full-vocabulary logits are
+    (b, L, vocab) floats, and a larger batch only costs memory (a forward is compute-bound on CPU).
     """
     dev = _device(model)
-    nll: list[float] = []
-    batch_size = min(batch_size, 8)
+    out: dict[str, list[float]] = {"nll": [], "tokens": [float(windows.shape[1] - 1)] * len(windows)}
+    if reference is not None:
+        out.update(kl=[], top1=[])
+    batch_size = min(batch_size, 8 if reference is None else 4)
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
         x = windows[i : i + batch_size].to(dev)
         logits = model(input_ids=x).logits[:, :-1].float()  # (b, L-1, vocab)
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (b, L-1)
-        nll += loss.sum(1).tolist()
-    return {"nll": nll, "tokens": [float(windows.shape[1] - 1)] * len(windows)}
+        out["nll"] += loss.sum(1).tolist()
+        if reference is not None:
+            lp = torch.log_softmax(logits, -1)
+            del logits
+            lr = torch.log_softmax(reference(input_ids=x.to(_device(reference))).logits[:, :-1].float(), -1).to(dev)
+            out["kl"] += (lr.exp() * (lr - lp)).sum(-1).sum(1).tolist()  # sum over tokens of KL per token
+            out["top1"] += (lr.argmax(-1) == lp.argmax(-1)).sum(1).float().tolist()
+    return out
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
@@ -107,14 +121,16 @@ def _score_task(texts: list[str], examples: list[Example], n_tokens: int, second
 
 def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int = 16, ppl_seq_len: int = 256,
                    max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False,
-                   ppl_sources: tuple[str, ...] = ("pydoc",), ppl_windows: str = "random"
+                   ppl_sources: tuple[str, ...] = ("pydoc",), ppl_windows: str = "random", reference=None
                    ) -> tuple[dict, list[dict], dict]:
     """All quality and speed metrics of one model -> (metrics, generated examples, units).
 
     ``units`` holds the per-unit columns by group: ``task`` (one entry per example, see
     ``metrics.example_scores``) and one group per perplexity source (``ppl`` for pydoc,
     ``ppl_<source>`` for the others: ``nll``, ``tokens`` and ``doc`` per window; ``ppl_windows``:
-    the windows' layout, ``data.held_out_windows``).
+    the windows' layout, ``data.held_out_windows``; with a ``reference`` model also ``kl`` and
+    ``top1`` per window, giving the metrics ``kl`` / ``kl_<source>`` and ``top1_agree`` /
+    ``top1_agree_<source>``, see :func:`window_nll`).
     """
     metrics: dict = {}
     units: dict[str, dict[str, list[float]]] = {}
@@ -122,8 +138,13 @@ def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int =
     for source in ppl_sources:
         name = "ppl" if source == "pydoc" else f"ppl_{source}"
         windows, docs = held_out_windows(tokenizer, source, ppl_seq_len, ppl_samples, ppl_windows)
-        units[name] = {**window_nll(model, windows, batch_size, progress), "doc": [float(d) for d in docs]}
+        units[name] = {**window_nll(model, windows, batch_size, progress, reference), "doc": [float(d) for d in docs]}
         metrics[name] = ppl_statistic(name)(units[name]["nll"], units[name]["tokens"])
+        if reference is not None:
+            suffix = name[len("ppl"):]  # "" or "_<source>"
+            for metric in ("kl" + suffix, "top1_agree" + suffix):
+                st = statistic(metric)
+                metrics[metric] = st(units[name][st.num], units[name][st.den])
     metrics["ppl_seconds"] = time.perf_counter() - t0
     rows: list[dict] = []
     if examples:
@@ -212,12 +233,16 @@ def model_metrics(model, input_ref) -> dict[str, float]:
     return {**artifacts.size_metrics(model, input_ref), "model_params": sum(p.numel() for p in model.parameters())}
 
 
-def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateParams, output_dir, progress: bool = False):
+def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateParams, output_dir, progress: bool = False,
+              reference: str | None = None):
     """The evaluate stage for ``p`` (EvaluateParams, or a dict of them) -> ``(metrics, generations, units)``.
 
     Runtime ``torch``: the model as loaded (:func:`evaluate_model`, then batch-1 speed if asked);
     ``llama.cpp``: exported to ``output_dir/model.gguf`` and scored in a llama.cpp process. Then the
     model's size (:func:`model_metrics`) and the lm-eval tasks, if any (torch only).
+    ``reference``: the pipeline's 16-bit reference (a model name or a stage's run directory; the
+    runner passes the input of the pipeline's first quantizing stage): with ``p.kl_reference`` the
+    KL divergence and top-1 agreement against it on the perplexity windows (torch runtime).
     """
     from pathlib import Path
 
@@ -238,9 +263,15 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
         from ptqlib.precision import cast_for_inference, resolve
 
         cast_for_inference(model, p.precision)  # bf16: the float weights in bf16, QuantLinear codes as they are
+        ref = None
+        if p.kl_reference and reference:
+            from ptqlib import artifacts
+
+            ref = cast_for_inference(artifacts.load(reference)[0], p.precision).eval()
         metrics, generations, units = evaluate_model(model, tokenizer, examples, p.ppl_samples, p.ppl_seq_len,
                                                      p.max_new_tokens, p.batch_size, progress=progress,
-                                                     ppl_sources=sources, ppl_windows=p.ppl_windows)
+                                                     ppl_sources=sources, ppl_windows=p.ppl_windows, reference=ref)
+        del ref
         if p.speed_prompts:
             metrics.update(decode_speed(model, tokenizer, [e.prompt for e in examples[:p.speed_prompts]],
                                         p.speed_tokens))

@@ -138,9 +138,19 @@ def ppl_statistic(metric: str) -> Statistic | None:
     return None
 
 
+def kl_statistic(metric: str) -> Statistic | None:
+    """``kl`` / ``kl_<source>``: mean per-token KL(reference || model) on the windows of ``ppl`` /
+    ``ppl_<source>``; ``top1_agree`` / ``top1_agree_<source>``: the share of those tokens whose most
+    likely next token is the reference's (``evaluate.window_nll``)."""
+    for prefix, col in (("kl", "kl"), ("top1_agree", "top1")):
+        if metric == prefix or metric.startswith(prefix + "_"):
+            return Statistic("ppl" + metric[len(prefix):], col, "tokens")
+    return None
+
+
 def statistic(metric: str) -> Statistic | None:
     """The per-unit definition of ``metric``, or None for a run-level metric (size, speed, loss)."""
-    return STATISTICS.get(metric) or ppl_statistic(metric)
+    return STATISTICS.get(metric) or ppl_statistic(metric) or kl_statistic(metric)
 
 
 def task_scores(preds: list[str], refs: list[str], sources: list[str]) -> dict[str, float]:

@@ -21,7 +21,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from ptqlib import report, selection
-from ptqlib.config import Pipeline, Study, id_params
+from ptqlib.config import Pipeline, Study, id_params, quantizes
 from ptqlib.record import RECORD, read_json
 from ptqlib.stage import BUSY, DONE_ELSEWHERE, OK, finished, fresh, kernel_name, render_html, stage_busy
 from ptqlib.stage import kernel_manager_kwargs, stage_environment  # noqa: F401 (kernel_manager_kwargs: the runner's name before the split)
@@ -40,6 +40,9 @@ class StageNode:
     task: str
     seed: int
     pipelines: list[str] = field(default_factory=list)
+    # evaluate: the pipeline's 16-bit reference, the input of its first quantizing stage (a stage id,
+    # or "" for the model itself); None where nothing quantizes. Fixed by the input chain, so not in the id.
+    reference: str | None = None
 
     def label(self) -> str:
         from ptqlib.methods import finetune_method, label_extra, quantize_method
@@ -73,10 +76,13 @@ def build_graph(study: Study) -> tuple[dict[str, StageNode], dict[str, list[str]
     nodes: dict[str, StageNode] = {}
     chains: dict[str, list[str]] = {}
     for pl in study.pipelines:
-        prev, chain = None, []
+        prev, chain, reference = None, [], None
         for st in pl.stages:
+            if reference is None and quantizes(st):
+                reference = prev or ""
             sid = stage_id(st.kind, st.params, prev, pl.model, pl.task, pl.seed)
-            node = nodes.setdefault(sid, StageNode(sid, st.kind, st.params, prev, pl.model, pl.task, pl.seed))
+            node = nodes.setdefault(sid, StageNode(sid, st.kind, st.params, prev, pl.model, pl.task, pl.seed,
+                                                   reference=reference if st.kind == "evaluate" else None))
             node.pipelines.append(pl.name)
             chain.append(sid)
             prev = sid

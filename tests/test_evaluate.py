@@ -69,3 +69,45 @@ def test_run_stage_is_evaluate_model_plus_the_models_size(tiny):
     assert metrics["model_params"] == sum(prm.numel() for prm in model.parameters())
     assert metrics["size_mb_deploy"] == artifacts.tensor_bytes(model, float_bytes=2) / 2**20
     assert metrics["size_mb_stored"] == artifacts.dir_bytes("tiny") / 2**20 > 0
+
+
+def test_kl_against_the_reference_is_zero_for_itself_and_grows_with_quantization():
+    """KL(P_ref || P_model) and top-1 agreement on the perplexity windows: 0 and 1 against the model
+    itself; RTN 3-bit moves further from the float model than RTN 8-bit."""
+    import copy
+
+    from ptqlib.evaluate import evaluate_model
+    from ptqlib.metrics import statistic
+    from ptqlib.models import load_model
+    from ptqlib.quant import rtn_quantize_model
+
+    model, tok = load_model("tiny")
+    m, _, u = evaluate_model(model, tok, [], ppl_samples=4, ppl_seq_len=32, reference=model,
+                             ppl_sources=("pydoc", "stdlib"))
+    assert m["kl"] == pytest.approx(0, abs=1e-6) and m["top1_agree"] == 1.0 and m["kl_stdlib"] == pytest.approx(0, abs=1e-6)
+    assert len(u["ppl"]["kl"]) == 4 and statistic("kl_stdlib").group == "ppl_stdlib"
+    kl = {}
+    for bits in (8, 3):
+        q = copy.deepcopy(model)
+        rtn_quantize_model(q, bits=bits, group_size=32, progress=False)
+        mq, _, _ = evaluate_model(q, tok, [], ppl_samples=4, ppl_seq_len=32, reference=model)
+        kl[bits] = mq["kl"]
+        assert 0 < mq["kl"] and 0 < mq["top1_agree"] <= 1
+    assert kl[3] > 10 * kl[8]
+
+
+def test_the_runner_passes_the_input_of_the_first_quantizing_stage_as_reference(tmp_path):
+    from ptqlib.config import load_study
+    from ptqlib.runner import build_graph
+
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\ndefaults:\n  quantize: {group_size: 32}\npipelines:\n  base: []\n"
+                 "  q: [{finetune: full}, {quantize: rtn}, {finetune: qlora}]\n  l4q: [{finetune: l4q}]\n"
+                 "  ll: [{quantize: rtn}, {evaluate: {runtime: llama.cpp}}]\n")
+    study = load_study(f)
+    nodes, chains = build_graph(study)
+    ev = {n: nodes[c[-1]] for n, c in chains.items()}
+    assert ev["base"].reference is None and not ev["base"].params["kl_reference"]
+    assert ev["q"].reference == chains["q"][0] and ev["q"].params["kl_reference"]  # the fine-tuned float model
+    assert ev["l4q"].reference == "" and ev["l4q"].params["kl_reference"]  # the model itself
+    assert not ev["ll"].params["kl_reference"]  # llama.cpp: no logits to compare

@@ -17,7 +17,8 @@ COMMON = {"input_model", "output_dir", "task", "seed", "progress"}
 def test_parameters_cell_matches_stage_schema(name, cls):
     params = pm.inspect_notebook(str(NB / f"{name}.ipynb"))
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    assert set(params) == set(fields) | COMMON
+    context = {"reference_model"} if cls is EvaluateParams else set()  # set by the runner from the stage graph
+    assert set(params) == set(fields) | COMMON | context
     for k, info in params.items():
         assert info["inferred_type_name"] != "None", f"{name}.{k} has no type annotation"
         assert info["help"], f"{name}.{k} has no comment"
@@ -44,7 +45,7 @@ NON_DEFAULT = {
                          grad_accum=2, max_length=64, train_samples=8, rank=4, alpha=8.0, dropout=0.1,
                          target_modules=["q_proj"], merge=False, bits=3, group_size=32, pool=2, repeat=1,
                          pool_norm="sum", precision="fp32"),
-    EvaluateParams: dict(precision="fp32", ppl_windows="first", ppl_samples=4, ppl_seq_len=64, ppl_sources=["stdlib"], task_samples=3, split="validation",
+    EvaluateParams: dict(precision="fp32", ppl_windows="first", kl_reference=False, ppl_samples=4, ppl_seq_len=64, ppl_sources=["stdlib"], task_samples=3, split="validation",
                          max_new_tokens=8,
                          batch_size=2, lm_eval_tasks=["arc_easy"], lm_eval_fewshot=0, lm_eval_limit=5,
                          lm_eval_include="", runtime="torch", gguf_type="auto", gguf_lossy=False,
