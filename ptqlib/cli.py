@@ -176,4 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"reports: {runner.reports / 'index.html'}  table: {runner.reports / 'results.csv'}")
-    return 1 if failed else 0
+    if not runner.analysis_ok:
+        print("error: the analysis failed (see the log above): the report is not up to date", file=sys.stderr)
+    return 1 if failed or not runner.analysis_ok else 0

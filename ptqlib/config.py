@@ -33,6 +33,8 @@ import copy
 import dataclasses
 import functools
 import itertools
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +55,10 @@ def _choice(name: str, value: Any, valid) -> None:
 
 
 def _positive(name: str, value: Any, kind=int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-        raise ConfigError(f"{name}: {value!r} must be a positive {'number' if kind is float else 'integer'}")
+    # value <= 0 is False for NaN, and inf is positive: neither is a learning rate or a scale
+    if (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not value > 0
+            or not math.isfinite(value)):
+        raise ConfigError(f"{name}: {value!r} must be a positive {'finite number' if kind is float else 'integer'}")
 
 
 @dataclass
@@ -381,6 +385,20 @@ def _check_types(cls, path, where: str, params: dict) -> None:
             )
 
 
+# what a claim can compare: the evaluate stage's per-unit metrics and its run-level ones (ptqlib.evaluate)
+CLAIM_METRICS = ("ppl", "ppl_stdlib", "kl", "kl_stdlib", "top1_agree", "top1_agree_stdlib", "exact_match", "field_f1",
+                 "rouge_l", "fact_precision", "fact_recall", "empty_outputs", "size_mb_deploy", "size_mb_stored",
+                 "model_params", "gen_tokens_per_s", "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "load_seconds",
+                 "gen_seconds", "ppl_seconds")
+
+
+def claim_metric(metric: str) -> bool:
+    """A column results.csv will have: an evaluate metric, a stage's (``finetune.train_loss_last``,
+    ``quantize2.quant_seconds``) or an lm-eval score."""
+    return (metric in CLAIM_METRICS or re.fullmatch(r"(quantize|finetune)\d*\.\w+", metric) is not None
+            or re.fullmatch(r"lmeval\.[\w-]+\.\w+", metric) is not None)
+
+
 def quantizes(stage: Stage) -> bool:
     """Does the stage make a quantized model from a float one (PTQ, or a method that trains into a grid)?"""
     if stage.kind == "quantize":
@@ -501,14 +519,27 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
     if "pipelines" not in raw or not isinstance(raw["pipelines"], dict) or not raw["pipelines"]:
         raise ConfigError(f"{path}: pipelines: a non-empty mapping of name -> list of stages is required")
     name = str(raw.get("study", path.stem))
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in (".", ".."):
+        raise ConfigError(f"{path}: study: {name!r} names the folder reports/<study>/: letters, digits, '_', '-', '.' "
+                          "only (no path separators)")
     models = raw.get("model", "smollm2-135m")
     models = models if isinstance(models, list) else [models]
     task = raw.get("task", "meetings")
     seeds = raw.get("seeds", [0])
     seeds = seeds if isinstance(seeds, list) else [seeds]
+    if not seeds:
+        raise ConfigError(f"{path}: seeds: an empty list runs nothing; give at least one seed, e.g. [0, 1, 2]")
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise ConfigError(f"{path}: seeds: {s!r} is not an integer")
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"{path}: seeds: {s!r} is not an integer >= 0")
+    for key, values in (("seeds", seeds), ("model", models)):
+        dup = sorted({str(v) for v in values if values.count(v) > 1})
+        if dup:
+            raise ConfigError(f"{path}: {key}: {', '.join(dup)} given twice; each value once (a repeat would be "
+                              "counted as another replicate)")
+    if not isinstance(task, str):
+        raise ConfigError(f"{path}: task: {task!r} is not a task name; valid: meetings, meetings-hard, "
+                          "'jsonl:<path>', 'hf:<dataset>[:<config>]'")
     try:
         check_task(task)
     except ConfigError as e:
@@ -563,6 +594,9 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                 if isinstance(v, list) and k not in LIST_KEYS:
                     if not v:
                         raise ConfigError(f"{path}: {where}[{i}].{kind}.{k}: an empty list gives an empty grid")
+                    if len({repr(x) for x in v}) < len(v):
+                        raise ConfigError(f"{path}: {where}[{i}].{kind}.{k}: {v!r} repeats a value; each grid value "
+                                          "once (a repeat would duplicate report rows)")
                     axes[f"{i}.{k}"] = v
         trains = any(kind == "finetune" for kind, _ in parsed)
         for model in models:
@@ -613,11 +647,15 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
             if c[k] not in raw["pipelines"]:
                 raise ConfigError(f"{path}: claims[{i}].{k}: {c[k]!r} is not a pipeline; valid: "
                                   + ", ".join(raw["pipelines"]))
+        if not claim_metric(c["metric"]):
+            raise ConfigError(f"{path}: claims[{i}].metric: {c['metric']!r} is not a metric a study records; valid: "
+                              f"{', '.join(CLAIM_METRICS)}, <stage>.<metric> of a quantize / finetune stage "
+                              "(e.g. finetune.train_loss_last), lmeval.<task>.<metric>")
         c.setdefault("relation", ">")
         if c["relation"] not in (">", ">=", "=="):
             raise ConfigError(f"{path}: claims[{i}].relation: {c['relation']!r}; valid: >, >=, ==")
         m = c.setdefault("min_effect", 0.0)
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or m < 0:
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0 or not math.isfinite(m):
             raise ConfigError(f"{path}: claims[{i}].min_effect: {m!r} must be a number >= 0 (the smallest difference "
                               "that counts, in the metric's units)")
         c["min_effect"] = float(m)

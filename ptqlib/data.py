@@ -303,7 +303,12 @@ def read_jsonl(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise ConfigError(f"task 'jsonl:{path}': file not found")
     out = []
-    for no, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#x}); save the file as UTF-8") from None
+    for no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -313,6 +318,10 @@ def read_jsonl(path: str | Path) -> list[Example]:
         if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "completion")):
             raise ConfigError(f"{path}:{no}: each line must be an object with string 'prompt' and 'completion'; "
                               f"{JSONL_FORMAT}")
+        if not rec["prompt"].strip() or not rec["completion"].strip():
+            # an empty reference would score an empty output as an exact match
+            raise ConfigError(f"{path}:{no}: empty {'prompt' if not rec['prompt'].strip() else 'completion'}; "
+                              "every example needs both")
         out.append(Example(prompt=rec["prompt"], completion=rec["completion"], source=rec.get("source", rec["prompt"])))
     if len(out) < 2:
         raise ConfigError(f"{path}: needs at least 2 examples (one to train, one to test), found {len(out)}")

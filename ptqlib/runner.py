@@ -101,6 +101,7 @@ class Runner:
         self.kernel = kernel
         # stages this run has run -> "ok" / "failed": the selection phase's are not run again after it
         self.done: dict[str, str] = {}
+        self.analysis_ok = True  # False when the last run's report could not be written (run exits non-zero)
         self.nodes, self.chains = build_graph(study)
         self.resolve_selections()
 
@@ -267,7 +268,8 @@ class Runner:
         skipped = [s for s, v in status.items() if v == "skipped"]
         if report:
             self.write_results()
-            self.analyse()  # also with failures: the report shows what finished and marks the rest
+            # also with failures: the report shows what finished and marks the rest
+            self.analysis_ok = self.analyse() is not None
         log.info("done in %.0f s: %d ran, %d cached, %d failed, %d skipped", time.time() - t_all,
                  sum(v == "ok" for v in status.values()), sum(v == "cached" for v in status.values()),
                  len(failed), len(skipped))

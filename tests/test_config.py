@@ -375,3 +375,37 @@ def test_select_builds_one_validation_pipeline_per_candidate_at_the_first_seed(t
 def test_evaluate_split_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="split: 'train' is not valid; valid: test, validation"):
         load_study(write(tmp_path, "model: tiny\npipelines:\n  a: [{evaluate: {split: train}}]\n"))
+
+
+@pytest.mark.parametrize("body, expect", [
+    ("pipelines:\n  a: [{finetune: {method: full, lr: .inf}}]\n", r"lr: inf must be a positive finite number"),
+    ("pipelines:\n  a: [{finetune: {method: full, lr: .nan}}]\n", r"lr: nan must be a positive finite number"),
+    ("pipelines:\n  a: [{finetune: {method: lora, alpha: .nan}}]\n", r"alpha: nan must be a positive finite number"),
+    ("pipelines:\n  a: []\nclaims:\n  - {claim: c, a: a, b: a, metric: ppl, min_effect: .nan}\n",
+     r"min_effect: nan must be a number >= 0"),
+    ("seeds: [0, 0]\npipelines:\n  a: [{finetune: full}]\n", r"seeds: 0 given twice"),
+    ("seeds: []\npipelines:\n  a: [{finetune: full}]\n", r"seeds: an empty list runs nothing"),
+    ("seeds: [-1]\npipelines:\n  a: [{finetune: full}]\n", r"seeds: -1 is not an integer >= 0"),
+    ("pipelines:\n  a: [{quantize: {method: rtn, bits: [4, 4]}}]\n", r"bits: \[4, 4\] repeats a value"),
+    ("pipelines:\n  a: []\nclaims:\n  - {claim: c, a: a, b: a, metric: field_f2}\n",
+     r"claims\[0\].metric: 'field_f2' is not a metric a study records; valid: ppl, .*field_f1"),
+    ("study: ../../x\npipelines:\n  a: []\n", r"study: '../../x' names the folder reports/<study>/"),
+    ("task: 5\npipelines:\n  a: []\n", r"task: 5 is not a task name; valid: meetings"),
+])
+def test_values_that_would_run_wrong_are_refused(tmp_path, body, expect):
+    """Input the fault probe found running to a wrong "ok" (NaN metrics, duplicated rows, a silent
+    "no data" claim, a report outside reports/): refused before any stage, naming the value."""
+    with pytest.raises(ConfigError, match=expect):
+        load_study(write(tmp_path, "model: tiny\n" + body))
+
+
+def test_duplicate_models_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"model: tiny given twice"):
+        load_study(write(tmp_path, "model: [tiny, tiny]\npipelines:\n  a: []\n"))
+
+
+def test_claim_metrics_of_stages_and_lmeval_are_accepted(tmp_path):
+    text = ("model: tiny\npipelines:\n  a: [{finetune: full}]\nclaims:\n"
+            "  - {claim: c, a: a, b: a, metric: finetune.train_loss_last}\n"
+            "  - {claim: d, a: a, b: a, metric: lmeval.arc_easy.acc}\n  - {claim: e, a: a, b: a, metric: kl_stdlib}\n")
+    assert len(load_study(write(tmp_path, text)).claims) == 3

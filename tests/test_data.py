@@ -181,3 +181,15 @@ def test_random_windows_span_the_held_out_documents():
         held_out_windows(tok, "pydoc", 64, 8, layout="middle")
     with pytest.raises(ConfigError, match=r"only \d+ windows of 64 tokens; asked for 100000"):
         held_out_windows(tok, "pydoc", 64, 100000)
+
+
+def test_jsonl_with_an_empty_completion_or_bad_bytes_is_refused(tmp_path):
+    from ptqlib.data import read_jsonl
+
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": " "}\n')
+    with pytest.raises(ConfigError, match=r"t.jsonl:2: empty completion"):
+        read_jsonl(f)
+    f.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "d"}\n')
+    with pytest.raises(ConfigError, match=r"t.jsonl:2: not UTF-8 text \(byte 0xff\)"):
+        read_jsonl(f)

@@ -66,3 +66,19 @@ def test_stage_environment_is_restored():
     with stage_environment(progress=False):
         assert "IProgress" in os.environ["PYTHONWARNINGS"] and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     assert dict(os.environ) == before
+
+
+def test_run_exits_non_zero_when_the_analysis_fails(tmp_path, monkeypatch, capsys):
+    """A study whose report could not be written is not a success (the probe saw exit 0)."""
+    from ptqlib import report
+    from ptqlib.cli import main
+    from ptqlib.runner import Runner
+
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\npipelines:\n  base: []\n")
+    monkeypatch.setattr(Runner, "to_run", lambda self, plan, force=False: [])  # nothing to run
+    monkeypatch.setattr(report, "analyse", lambda runner, force=False: None)  # the analysis notebook failed
+    assert main(["run", str(f), "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]) == 1
+    assert "the analysis failed" in capsys.readouterr().err
+    monkeypatch.setattr(report, "analyse", lambda runner, force=False: tmp_path / "index.html")
+    assert main(["run", str(f), "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]) == 0
