@@ -53,10 +53,22 @@ def _jsonable(o):
 
 
 def read_json(path: str | Path) -> dict | None:
+    """The JSON object at ``path``, or None when it is missing, truncated, not UTF-8 or not an object:
+    one damaged record must not make a runs directory unusable (its stage just runs again)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return obj if isinstance(obj, dict) else None
+
+
+def complete(rec: dict | None) -> bool:
+    """A finished record as the runner writes it (``stage.execute``): ``status: ok``, the metrics
+    and the timings. A valid-JSON but partial record (``{"status": "ok"}``) is not trusted."""
+    if not rec or rec.get("status") != "ok" or not isinstance(rec.get("metrics"), dict):
+        return False
+    t = rec.get("timings")
+    return isinstance(t, dict) and isinstance(t.get("wall_s"), (int, float))
 
 
 def save_outputs(output_dir: str | Path, metrics: dict, **extra) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ptqlib import selection
-from ptqlib.record import write_json_atomic
+from ptqlib.record import complete, write_json_atomic
 from ptqlib.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
 
 if TYPE_CHECKING:
@@ -48,8 +48,10 @@ def study_rows(runner: "Runner") -> list[dict]:
         seen_kinds: dict[str, int] = {}
         for sid in chain:
             rec = runner.record(sid)
-            statuses.append((rec or {}).get("status", "missing"))
-            if not rec or rec.get("status") != "ok":
+            ok = complete(rec)  # a partial record (valid JSON, keys missing) counts as not finished
+            statuses.append("ok" if ok else "incomplete" if (rec or {}).get("status") == "ok"
+                            else (rec or {}).get("status", "missing"))
+            if not ok:
                 continue
             node = runner.nodes[sid]
             # finetune, finetune2, ...: a pipeline such as FT -> PTQ -> QLoRA trains twice
@@ -84,10 +86,10 @@ def _read_report(reports: Path) -> tuple[dict[str, dict], dict[str, list[dict]]]
     rows: dict[str, dict] = {}
     units: dict[str, list[dict]] = {}
     if (reports / "results.csv").exists():
-        with open(reports / "results.csv", newline="") as f:
+        with open(reports / "results.csv", newline="", encoding="utf-8") as f:
             rows = {r["pipeline"]: r for r in csv.DictReader(f) if r.get("status") == "ok" and r.get("eval_stage")}
     if (reports / "units.csv").exists():
-        with open(reports / "units.csv", newline="") as f:
+        with open(reports / "units.csv", newline="", encoding="utf-8") as f:
             for r in csv.DictReader(f):
                 units.setdefault(r["pipeline"], []).append(r)
     return rows, units
@@ -103,7 +105,11 @@ def previous_report(reports: Path) -> PreviousReport:
         for d in sorted(reports.parent.iterdir()):
             if d.resolve() == reports.resolve() or not (d / "results.csv").exists():
                 continue
-            orows, ounits = _read_report(d)
+            try:
+                orows, ounits = _read_report(d)
+            except (UnicodeDecodeError, csv.Error, KeyError) as e:  # another study's damaged report: not ours to fail on
+                log.warning("skipping %s: its results.csv / units.csv cannot be read (%s)", d, e)
+                continue
             for pipeline, row in orows.items():
                 found.setdefault(row["eval_stage"], (d.name, row, ounits.get(pipeline, [])))
     return PreviousReport(rows, units, found)

@@ -320,7 +320,8 @@ class Progress:
         self.history: dict[str, list[float]] = {}  # similarity key -> recorded wall seconds
         for d in runner.runs.iterdir() if runner.runs.exists() else []:
             rec = read_json(d / RECORD) if d.is_dir() else None
-            if rec and rec.get("status") == "ok" and d.name not in self.todo:
+            wall = ((rec or {}).get("timings") or {}).get("wall_s")
+            if (rec or {}).get("status") == "ok" and isinstance(wall, (int, float)) and d.name not in self.todo:
                 key = self._key_of(rec.get("kind", ""), rec.get("label", ""), rec.get("model", ""))
                 self.history.setdefault(key, []).append(rec["timings"]["wall_s"])
         self.this_run: dict[str, list[float]] = {}

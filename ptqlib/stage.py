@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ptqlib.record import OUTPUTS, RECORD, git_commit, read_json, versions, write_json_atomic
+from ptqlib.record import OUTPUTS, RECORD, complete, git_commit, read_json, versions, write_json_atomic
 
 if TYPE_CHECKING:
     from ptqlib.runner import StageNode
@@ -73,15 +73,14 @@ def stage_busy(runs: Path, sid: str) -> bool:
 
 
 def finished(runs: Path, sid: str) -> bool:
-    rec = read_json(Path(runs) / sid / RECORD)
-    return bool(rec and rec.get("status") == "ok")
+    return complete(read_json(Path(runs) / sid / RECORD))
 
 
 def fresh(runs: Path, node: "StageNode") -> bool:
     """Finished, and from its input as it is now: started after the input's record was written
     (a stage whose input was re-run holds a result of the old input)."""
     rec = read_json(Path(runs) / node.id / RECORD)
-    if not (rec and rec.get("status") == "ok"):
+    if not complete(rec):
         return False
     if node.input_id is None:
         return True

@@ -122,9 +122,9 @@ def test_a_record_older_than_its_input_is_not_fresh(tmp_path):
     r = _runner(tmp_path)
     ft, ev = r.chains["b"]
     node = r.nodes[ev]
-    write_json_atomic(r.runs / ft / "metrics.json", {"status": "ok", "timings": {"started": 10.0, "finished": 20.0}})
-    write_json_atomic(r.runs / ev / "metrics.json", {"status": "ok", "timings": {"started": 25.0, "finished": 30.0}})
+    write_json_atomic(r.runs / ft / "metrics.json", {"status": "ok", "metrics": {}, "timings": {"wall_s": 10.0, "started": 10.0, "finished": 20.0}})
+    write_json_atomic(r.runs / ev / "metrics.json", {"status": "ok", "metrics": {}, "timings": {"wall_s": 5.0, "started": 25.0, "finished": 30.0}})
     assert fresh(r.runs, node)
-    write_json_atomic(r.runs / ft / "metrics.json", {"status": "ok", "timings": {"started": 40.0, "finished": 50.0}})
+    write_json_atomic(r.runs / ft / "metrics.json", {"status": "ok", "metrics": {}, "timings": {"wall_s": 10.0, "started": 40.0, "finished": 50.0}})
     assert not fresh(r.runs, node)  # the fine-tune re-ran after this evaluation
     assert fresh(r.runs, r.nodes[ft])  # a root-input stage is fresh when finished
