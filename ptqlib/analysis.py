@@ -40,6 +40,7 @@ import pandas as pd
 
 from ptqlib.inference import holm, paired_interval, p_holds
 from ptqlib.metrics import Statistic, ppl_statistic, statistic
+from ptqlib.record import write_atomic
 
 LOWER_IS_BETTER = {"size_mb_deploy", "size_mb_stored", "train_seconds", "step_seconds", "peak_mem_mb",
                    "train_loss_last"}
@@ -443,7 +444,7 @@ def write_summary(results: pd.DataFrame, study_dir) -> pd.DataFrame:
     from pathlib import Path
 
     compact = mean_pm(results, [m for m in QUALITY + ["size_mb_deploy", "gen_tokens_per_s"] if m in results])
-    compact.to_csv(Path(study_dir) / "summary.csv", index_label="pipeline")
+    write_atomic(Path(study_dir) / "summary.csv", compact.to_csv(index_label="pipeline"))
     return compact
 
 
@@ -453,7 +454,7 @@ def write_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame 
     from pathlib import Path
 
     table = check_claims(claims, results, units)
-    table.to_csv(Path(study_dir) / "claims.csv", index=False)
+    write_atomic(Path(study_dir) / "claims.csv", table.to_csv(index=False))
     return table.assign(interval=[f"[{lo:+.3f}, {hi:+.3f}]" if not (math.isnan(lo) or math.isnan(hi)) else ""
                                   for lo, hi in zip(table.ci_low, table.ci_high)])
 

@@ -9,6 +9,8 @@ table of the claims that hold after Holm, with their difference and 95% interval
 """
 from __future__ import annotations
 
+from ptqlib.record import write_atomic
+
 import difflib
 import os
 from pathlib import Path
@@ -93,5 +95,5 @@ def update(readme: str | Path, reports: str | Path, check: bool = False) -> tupl
     diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"{readme} (committed)",
                                         f"{readme} (generated)"))
     if not check and new != old:
-        readme.write_text(new)
+        write_atomic(readme, new)
     return new == old, diff

@@ -38,6 +38,27 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to a unique temp file beside ``path``, then rename it over ``path``: a reader
+    (or a full disk, or a second writer) never leaves or sees half a file; the temp goes on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> Path:
+    """:func:`write_atomic` of ``src``'s bytes to ``dst``."""
+    return write_atomic(dst, Path(src).read_bytes())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -14,16 +14,16 @@ scores are ``selection.csv``.
 from __future__ import annotations
 
 import csv
+import io
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ptqlib import selection
-from ptqlib.record import complete, write_json_atomic
+from ptqlib.record import complete, copy_atomic, write_atomic, write_json_atomic
 from ptqlib.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def write_results(runner: "Runner") -> Path:
         src = runner.runs / sid / "report.html"
         if src.exists() and (not (pages / f"{sid}.html").exists()
                              or src.stat().st_mtime > (pages / f"{sid}.html").stat().st_mtime):
-            shutil.copyfile(src, pages / f"{sid}.html")
+            copy_atomic(src, pages / f"{sid}.html")  # a full disk leaves the old page, never half a new one
     # in pipeline order (the order a reader follows), each stage once, at its first pipeline
     order = list(dict.fromkeys(s for p in runner.study.pipelines for s in runner.chains[p.name]))
     source = {r["pipeline"]: r["source"] for r in rows}
@@ -231,13 +231,11 @@ def write_selection(runner: "Runner") -> Path | None:
 def _write_csv(path: Path, keys: list[str], rows: list[dict]) -> Path:
     """Write ``rows`` under the header ``keys`` to a temp file, then rename it over ``path`` (a
     reader never sees half a table)."""
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    return write_atomic(path, buf.getvalue())
 
 
 def analyse(runner: "Runner", force: bool = False) -> Path | None:
@@ -270,9 +268,9 @@ def analyse(runner: "Runner", force: bool = False) -> Path | None:
     except Exception as e:  # noqa: BLE001
         log.error("analysis failed: %s (see %s)", short_error(e), work / "notebook.ipynb")
         render_html(work, "index.html", exclude_input=True)
-        shutil.copyfile(work / "index.html", index) if (work / "index.html").exists() else None
+        copy_atomic(work / "index.html", index) if (work / "index.html").exists() else None
         return None
     render_html(work, "index.html", exclude_input=True)
-    shutil.copyfile(work / "index.html", index)
-    stamp.write_text(digest)
+    copy_atomic(work / "index.html", index)
+    write_atomic(stamp, digest)
     return index

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ptqlib.record import OUTPUTS, RECORD, complete, git_commit, read_json, versions, write_json_atomic
+from ptqlib.record import OUTPUTS, RECORD, complete, git_commit, read_json, versions, write_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from ptqlib.runner import StageNode
@@ -193,7 +193,7 @@ def render_html(out: Path, name: str = "report.html", exclude_input: bool = Fals
         exporter.exclude_input_prompt = exporter.exclude_output_prompt = exclude_input
         exporter.log.addFilter(_NoAltTextWarning())  # matplotlib figures carry no alt text; not actionable
         body, _ = exporter.from_notebook_node(nb)
-        (out / name).write_text(body)
+        write_atomic(out / name, body)
     except Exception as e:  # noqa: BLE001 — a missing page must not lose a computed stage
         log.warning("could not render %s: %s", nb_path, e)
 

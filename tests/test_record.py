@@ -3,6 +3,8 @@ import json
 import os
 import stat
 
+import pytest
+
 from ptqlib.record import read_json, write_json_atomic
 
 
@@ -36,3 +38,26 @@ def test_damaged_or_partial_records_count_as_not_finished(tmp_path):
     assert read_json(rec) == {"status": "ok"} and not complete(read_json(rec)) and not finished(tmp_path, "abc")
     rec.write_text('{"status": "ok", "metrics": {}, "timings": {"wall_s": 1.0}}')
     assert finished(tmp_path, "abc")
+
+
+def test_atomic_writes_leave_the_old_file_on_failure(tmp_path, monkeypatch):
+    """A failed write (a full disk) keeps the previous file whole and leaves no temp behind; two
+    writers use distinct temp names."""
+    import os
+
+    from ptqlib import record
+
+    path = tmp_path / "claims.csv"
+    record.write_atomic(path, "old\n")
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(record.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        record.write_atomic(path, "new, but cut short\n")
+    monkeypatch.setattr(record.os, "replace", real_replace)
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["claims.csv"]
+    record.copy_atomic(path, tmp_path / "copy.csv")
+    assert (tmp_path / "copy.csv").read_text() == "old\n"
