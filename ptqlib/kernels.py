@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -53,8 +54,18 @@ class Zygote:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        Path(self.path).unlink(missing_ok=True)
-        Path(self.path + ".pid").unlink(missing_ok=True)
+        _cleanup(self.path)
+
+
+def _cleanup(path: str) -> None:
+    """Remove the socket, its pid file and their private directory."""
+    Path(path).unlink(missing_ok=True)
+    Path(path + ".pid").unlink(missing_ok=True)
+    Path(path + ".tmp").unlink(missing_ok=True)
+    try:
+        Path(path).parent.rmdir()
+    except OSError:
+        pass
 
 
 def start(env: dict | None = None) -> Zygote | None:
@@ -66,7 +77,9 @@ def start(env: dict | None = None) -> Zygote | None:
         # a library that asks CUDA for its devices at import time makes every fork unable to use
         # CUDA; next to GPU-sized stages the imports hardly matter anyway
         return None
-    path = os.path.join(tempfile.gettempdir(), f"ptqlib-zygote-{os.getpid()}-{time.time_ns() % 10**9}.sock")
+    # the socket lives in a 0700 directory of its own (mkdtemp): only this user can connect, whatever
+    # the umask; serve() also checks each peer's uid (SO_PEERCRED), as a fork runs what it is sent
+    path = os.path.join(tempfile.mkdtemp(prefix=f"ptqlib-zygote-{os.getpid()}-"), "zygote.sock")
     proc = subprocess.Popen([sys.executable, "-m", "ptqlib.kernels", path], env={**os.environ, **(env or {})},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -192,6 +205,15 @@ def _child(req: dict) -> None:
         os._exit(code)
 
 
+def _peer_uid(conn: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (Linux ``SO_PEERCRED``)."""
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return None
+    return struct.unpack("3i", creds)[1]
+
+
 def serve(path: str) -> None:
     """Import ``PRELOAD``, then fork a kernel for every request on the socket ``path``."""
     import importlib
@@ -214,7 +236,7 @@ def serve(path: str) -> None:
         os.replace(tmp, path)  # the socket appears only once the imports are done
         while True:
             if os.getppid() != runner:  # the runner died (even by SIGKILL): so do we, and then our kernels
-                Path(path).unlink(missing_ok=True)
+                _cleanup(path)
                 return
             try:
                 conn, _ = srv.accept()
@@ -222,6 +244,8 @@ def serve(path: str) -> None:
                 continue
             conn.settimeout(None)
             with conn:
+                if _peer_uid(conn) != os.getuid():  # another user: refused (the directory should stop them first)
+                    continue
                 try:
                     req = json.loads(conn.makefile().readline())
                 except ValueError:

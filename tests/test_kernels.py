@@ -36,9 +36,12 @@ def test_kernels_fork_from_the_zygote_and_keep_the_inline_backend(tmp_path, monk
         assert images == 1  # figures still reach the notebook (matplotlib is not pre-imported)
         preloaded2, parent2, pid2, _ = _run(tmp_path, "b", env={"PTQLIB_PROBE": "42"})
         assert parent2 == z.proc.pid and pid2 != pid  # one process per kernel
+        # only this user can reach the socket that forks processes: a 0700 directory of its own
+        assert os.stat(os.path.dirname(z.path)).st_mode & 0o777 == 0o700
     finally:
         z.close()
     assert kernels.ENV not in os.environ and not os.path.exists(z.path)
+    assert not os.path.exists(os.path.dirname(z.path))  # socket, pid file and directory gone
 
 
 def test_without_a_zygote_kernels_start_normally(tmp_path, monkeypatch):
@@ -65,6 +68,10 @@ def test_the_zygote_dies_with_its_runner(tmp_path):
         time.sleep(0.2)
     runner.send_signal(signal.SIGKILL)
     runner.wait()
+    deadline = time.time() + 30
+    while os.path.exists(os.path.dirname(path)):  # the zygote cleans up its socket directory as it goes
+        assert time.time() < deadline, "the zygote left its socket directory behind"
+        time.sleep(0.2)
     while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] != "Z":
         assert time.time() < deadline, "the zygote outlived its runner"
         time.sleep(0.2)
