@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from ptqlib.errors import ConfigError
 
@@ -79,6 +80,23 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _unwritable(d: Path) -> str | None:
+    """Why files cannot be written under ``d`` (None: they can): made if missing, probed with a temp file."""
+    import tempfile
+
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".ptqlib-probe-"):
+            pass
+    except OSError as e:
+        return f"not writable ({e.strerror or e})"
+    return None
+
+
+class Terminated(Exception):
+    """SIGTERM received while a study runs."""
+
+
 def methods_table() -> str:
     """The registry as text: one line per method (``python -m ptqlib methods``)."""
     from ptqlib.methods import finetune_methods, quantize_methods
@@ -97,11 +115,17 @@ def _export(args) -> int:
 
     from ptqlib import artifacts
     from ptqlib.deploy import ExportError, export_gguf
+    from ptqlib.errors import ConfigError
 
-    model, tok, info = artifacts.load(args.model, device="cpu")
+    try:
+        model, tok, info = artifacts.load(args.model, device="cpu")
+    except (ConfigError, OSError, ValueError, KeyError) as e:
+        print(f"error: export {args.model!r}: cannot load a model from it ({e}); give a quantize or finetune "
+              "stage's run directory (runs/<id>) or a model name", file=sys.stderr)
+        return 2
     try:
         report = export_gguf(model, tok, args.output, type=args.type, lossy=args.lossy)
-    except ExportError as e:
+    except (ExportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report.summary(), indent=1))
@@ -157,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from ptqlib.executors import make_executor
 
+        for d in (Path(args.runs), Path(args.reports)):  # before any stage: a result must have a place to go
+            problem = _unwritable(d)
+            if problem:
+                print(f"error: {d}: {problem}; no stage ran (choose another directory with --runs / --reports)",
+                      file=sys.stderr)
+                return 2
+
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
         section = dict(study.executor)
         for opt in args.executor_opt or []:  # flags override the study file's executor: section
@@ -171,7 +202,19 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        failed = runner.run(args.only, args.force, args.progress, executor=executor)
+        import signal
+
+        def _terminate(signum, frame):  # SIGTERM (a scheduler, kill): stop as Ctrl-C does, and say so
+            raise Terminated()
+
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            failed = runner.run(args.only, args.force, args.progress, executor=executor)
+        except (KeyboardInterrupt, Terminated) as e:
+            print(runner.interrupted(), file=sys.stderr)
+            return 143 if isinstance(e, Terminated) else 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

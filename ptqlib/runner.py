@@ -102,6 +102,7 @@ class Runner:
         # stages this run has run -> "ok" / "failed": the selection phase's are not run again after it
         self.done: dict[str, str] = {}
         self.analysis_ok = True  # False when the last run's report could not be written (run exits non-zero)
+        self.progress: Progress | None = None  # the running phase's progress (which stages run now)
         self.nodes, self.chains = build_graph(study)
         self.resolve_selections()
 
@@ -217,7 +218,7 @@ class Runner:
         todo = self.to_run(plan, force)
         log.info("study %s: %d stages, %d cached, %d to run%s", self.study.name, len(plan), len(plan) - len(todo),
                  len(todo), f" ({executor.slots} at a time)" if executor.slots > 1 else "")
-        progress_line = Progress(self, todo, executor.slots)
+        progress_line = self.progress = Progress(self, todo, executor.slots)
         pending = list(todo)  # dependency order
         running: dict[str, object] = {}  # sid -> executor handle
         elsewhere: set[str] = set()  # stages another runner holds: waited for, then taken if unfinished
@@ -280,6 +281,20 @@ class Runner:
         if failed:
             log.error("see runs/<id>/notebook.ipynb and report.html of the failed stages")
         return len(failed)
+
+    def interrupted(self) -> str:
+        """After Ctrl-C / SIGTERM: say which stages were cut short and what finished, and write
+        results.csv / units.csv for the finished pipelines (``ptqlib analyse`` renders the report)."""
+        running = list(self.progress.started) if self.progress else []
+        done = sum(v == "ok" for v in self.done.values())
+        try:
+            self.write_results()
+            written = f"{self.reports / 'results.csv'} holds what finished; python -m ptqlib analyse renders the report"
+        except Exception as e:  # noqa: BLE001 — interrupted anyway: say so, do not hide the interruption
+            written = f"results.csv not written ({e})"
+        cut = ", ".join(f"{sid} {self.nodes[sid].label()}" for sid in running) or "none"
+        return (f"interrupted: stages cut short (they run again next time): {cut}; {done} stages finished in this "
+                f"run; {written}")
 
     def kernel_name(self) -> str:
         return kernel_name(self.kernel)

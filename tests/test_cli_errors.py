@@ -1,0 +1,61 @@
+"""The command line's answers to interruption and bad arguments: a message and an exit code, never a traceback."""
+import os
+import signal
+
+import pytest
+
+from ptqlib.cli import main
+from ptqlib.runner import Runner
+
+
+def _study(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\npipelines:\n  base: []\n")
+    return [str(f), "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
+
+
+@pytest.mark.parametrize("how, code", [("ctrl-c", 130), ("sigterm", 143)])
+def test_an_interrupted_run_says_what_was_cut_short(tmp_path, monkeypatch, capsys, how, code):
+    def run(self, *a, **k):
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at once, inside run
+
+    monkeypatch.setattr(Runner, "run", run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["run", *_study(tmp_path)]) == code
+    err = capsys.readouterr().err
+    assert "interrupted: stages cut short" in err and "Traceback" not in err
+    assert (tmp_path / "reports" / "s" / "results.csv").exists()  # what finished is written down
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the run's only
+
+
+def test_export_of_something_that_is_not_a_model_is_an_error_message(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing"), "-o", str(tmp_path / "m.gguf")]) == 2
+    assert "cannot load a model from it" in capsys.readouterr().err
+    (tmp_path / "evaluate_stage").mkdir()  # an evaluate stage's run directory holds no model
+    assert main(["export", str(tmp_path / "evaluate_stage"), "-o", str(tmp_path / "m.gguf")]) == 2
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_a_read_only_runs_dir_is_refused_before_any_stage(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        args = _study(tmp_path)
+        args[args.index("--runs") + 1] = str(ro)
+        assert main(["run", *args]) == 2
+        assert "not writable" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o755)
+
+
+def test_a_runs_path_that_is_a_file_is_refused_before_any_stage(tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    args = _study(tmp_path)
+    args[args.index("--runs") + 1] = str(tmp_path / "afile")
+    monkeypatch.setattr(Runner, "run", lambda *a, **k: pytest.fail("a stage ran"))
+    assert main(["run", *args]) == 2
+    assert "afile: not writable" in capsys.readouterr().err
