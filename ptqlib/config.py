@@ -659,8 +659,9 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
             raise ConfigError(f"{path}: claims[{i}].min_effect: {m!r} must be a number >= 0 (the smallest difference "
                               "that counts, in the metric's units)")
         c["min_effect"] = float(m)
+    uncached = dict.fromkeys(k[1] if isinstance(k, tuple) else k for k, cfg in sizes_cache.items() if cfg is None)
     notes = [f"model {m!r} is not in the local cache: it will be fetched at run time (its group sizes are checked then)"
-             for m, cfg in sizes_cache.items() if cfg is None]
+             for m in uncached]
     executor = raw.get("executor") or {}
     if not isinstance(executor, dict):
         raise ConfigError(f"{path}: executor: expected a mapping of {', '.join(EXECUTOR_KEYS)}, got {executor!r}")
@@ -673,10 +674,36 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                  selections=selections)
 
 
+def _check_against_config(path, where, stages: list[Stage], model: str, cache: dict, model_config) -> None:
+    """Token windows the model cannot position (GPTQ once ran 5 minutes before failing on one) and
+    adapter targets that name no layer of a Llama-style model, from its config (when it is known)."""
+    if ("cfg", model) not in cache:
+        cache[("cfg", model)] = model_config(model)
+    cfg = cache[("cfg", model)]
+    if cfg is None:
+        return
+    cfg = cfg.get("text_config", cfg)
+    limit = cfg.get("max_position_embeddings")
+    llama_like = cfg.get("model_type") in ("llama", "mistral", "qwen2", "qwen3")
+    layers = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for i, st in enumerate(stages):
+        swhere = f"{where}[{i}].{st.kind}" if st.kind != "evaluate" else "defaults.evaluate"
+        for key in ("calib_seq_len", "ppl_seq_len", "max_length"):
+            if limit and key in st.params and st.params[key] > limit:
+                raise ConfigError(f"{path}: {swhere}.{key}: {st.params[key]} is more tokens than model {model!r} "
+                                  f"has positions ({limit}); valid: 1 to {limit}")
+        unknown = [t for t in st.params.get("target_modules", []) if t not in layers] if st.kind == "finetune" else []
+        if llama_like and unknown:
+            raise ConfigError(f"{path}: {swhere}.target_modules: {', '.join(map(repr, unknown))} names no layer of "
+                              f"model {model!r}; valid: {', '.join(layers)}")
+
+
 def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, linear_input_sizes, model_config,
                     check_models: bool) -> None:
     """Checks that need the whole chain: what each method needs as input (``FinetuneMethod.needs``,
     tracked through what the stages before it give) and layer sizes."""
+    if check_models:
+        _check_against_config(path, where, stages, model, sizes_cache, model_config)
     ft = finetune_methods()
     grid = None  # the current model's quantized grid: None (float), "uniform" (QuantLinear) or "bnb"
     base_group: int | None = None  # group size of the current uniform grid

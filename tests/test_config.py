@@ -409,3 +409,16 @@ def test_claim_metrics_of_stages_and_lmeval_are_accepted(tmp_path):
             "  - {claim: c, a: a, b: a, metric: finetune.train_loss_last}\n"
             "  - {claim: d, a: a, b: a, metric: lmeval.arc_easy.acc}\n  - {claim: e, a: a, b: a, metric: kl_stdlib}\n")
     assert len(load_study(write(tmp_path, text)).claims) == 3
+
+
+@pytest.mark.parametrize("stage, expect", [
+    ("{quantize: {method: gptq, calib_seq_len: 4096}}", r"calib_seq_len: 4096 is more tokens than model 'tiny' has "
+                                                        r"positions \(1024\); valid: 1 to 1024"),
+    ("{finetune: {method: lora, target_modules: [q_proj, attn_out]}}", r"target_modules: 'attn_out' names no layer "
+                                                                      r"of model 'tiny'; valid: q_proj"),
+])
+def test_settings_the_model_cannot_take_are_refused_before_any_stage(tmp_path, stage, expect):
+    with pytest.raises(ConfigError, match=expect):
+        load_study(write(tmp_path, f"model: tiny\npipelines:\n  a: [{stage}]\n"))
+    with pytest.raises(ConfigError, match=r"defaults.evaluate.ppl_seq_len: 2048 is more tokens"):
+        load_study(write(tmp_path, "model: tiny\ndefaults:\n  evaluate: {ppl_seq_len: 2048}\npipelines:\n  a: []\n"))

@@ -73,3 +73,20 @@ def test_setup_cell_passes_every_parameter_on(name, cls, tmp_path):
     exec(setup, ns)
     assert {k: getattr(ns["p"], k) for k in given} == given
     assert isinstance(ns["p"], cls)  # the typed params flow into the stage code
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_runs_perplexity_only(tmp_path):
+    """task_samples: 0 (documented: perplexity only) runs the notebook to its record (it crashed on
+    the empty table of generations)."""
+    import json
+
+    from ptqlib.stage import kernel_name
+
+    out = tmp_path / "out"
+    pm.execute_notebook(str(NB / "03_evaluate.ipynb"), str(tmp_path / "nb.ipynb"), kernel_name=kernel_name(),
+                        progress_bar=False, cwd=str(tmp_path),
+                        parameters=dict(input_model="tiny", output_dir=str(out), task_samples=0, ppl_samples=2,
+                                        ppl_seq_len=32, progress=False, precision="fp32"))
+    rec = json.loads((out / "outputs.json").read_text())
+    assert rec["metrics"]["ppl"] > 1 and "field_f1" not in rec["metrics"]
