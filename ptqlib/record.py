@@ -59,6 +59,15 @@ def copy_atomic(src: str | Path, dst: str | Path) -> Path:
     return write_atomic(dst, Path(src).read_bytes())
 
 
+def normalise_modes(root: str | Path) -> None:
+    """One mode for a run's files: safetensors writes weights 0600 while JSON and pages follow the
+    umask; give every file under ``root`` the umask's mode (0644 under umask 022)."""
+    mode = 0o666 & ~_umask()
+    for f in Path(root).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

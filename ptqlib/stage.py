@@ -23,7 +23,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ptqlib.record import OUTPUTS, RECORD, complete, git_commit, read_json, versions, write_atomic, write_json_atomic
+from ptqlib.record import (OUTPUTS, RECORD, complete, git_commit, normalise_modes, read_json, versions, write_atomic,
+                           write_json_atomic)
 
 if TYPE_CHECKING:
     from ptqlib.runner import StageNode
@@ -149,6 +150,10 @@ def execute(runs: Path, node: "StageNode", kernel: str | None = None, progress: 
         "timings": {"wall_s": round(wall, 2), "started": t0, "finished": time.time()},
         "versions": versions(), "git_commit": git_commit(ROOT), "device": (outputs or {}).get("device"),
     }
+    try:
+        normalise_modes(out)
+    except OSError as e:  # a mode is not worth losing a computed stage
+        log.warning("could not set file modes under %s: %s", out, e)
     write_json_atomic(out / RECORD, rec)  # last: from here on the stage counts as finished
     if error:
         log.error("   FAILED %s: %s", node.id, error["message"])

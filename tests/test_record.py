@@ -61,3 +61,16 @@ def test_atomic_writes_leave_the_old_file_on_failure(tmp_path, monkeypatch):
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["claims.csv"]
     record.copy_atomic(path, tmp_path / "copy.csv")
     assert (tmp_path / "copy.csv").read_text() == "old\n"
+
+
+def test_a_run_dir_has_one_file_mode(tmp_path):
+    from ptqlib.record import _umask, normalise_modes
+
+    (tmp_path / "model").mkdir()
+    w = tmp_path / "model" / "model.safetensors"
+    w.write_bytes(b"x")
+    w.chmod(0o600)  # as safetensors writes it
+    (tmp_path / "metrics.json").write_text("{}")
+    normalise_modes(tmp_path)
+    modes = {stat.S_IMODE(f.stat().st_mode) for f in tmp_path.rglob("*") if f.is_file()}
+    assert modes == {0o666 & ~_umask()}
