@@ -14,6 +14,7 @@ temporary directory and renamed, so a killed conversion never leaves a half mode
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -209,6 +210,8 @@ def model_config(name: str, allow_network: bool = True) -> dict | None:
     try:
         if offline:
             raise OSError("HF_HUB_OFFLINE is set and the model is not in the local cache")
+        if not hub_reachable():  # fail in seconds, not after a minute of download retries
+            raise OSError("the hub (huggingface.co:443) cannot be reached from this machine")
         return AutoConfig.from_pretrained(name).to_dict()
     except OSError as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -216,6 +219,20 @@ def model_config(name: str, allow_network: bool = True) -> dict | None:
             f"model {name!r} is not in the local cache and cannot be downloaded here ({reason}); "
             "use 'smollm2-135m', 'tiny' or a local directory"
         ) from e
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can this machine open a connection to the Hugging Face hub (``HF_ENDPOINT`` or huggingface.co)?"""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def linear_input_sizes(cfg: dict) -> dict[str, int]:

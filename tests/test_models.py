@@ -48,3 +48,22 @@ def test_layer_sizes():
     assert linear_input_sizes(model_config("tiny"))["down_proj"] == 256
     assert linear_input_sizes(model_config("smollm2-135m")) == {
         "q_proj": 576, "k_proj": 576, "v_proj": 576, "o_proj": 576, "gate_proj": 576, "up_proj": 576, "down_proj": 1536}
+
+
+def test_an_unreachable_hub_fails_in_seconds(monkeypatch):
+    """A hub id on a machine without the network: refused at once, naming the reason (the probe
+    saw a minute of retries)."""
+    import time
+
+    import ptqlib.models as models
+    from ptqlib.errors import ConfigError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens on the discard port
+    models.hub_reachable.cache_clear()
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=r"'someorg/somemodel' is not in the local cache and cannot be downloaded "
+                                          r"here \(the hub .* cannot be reached"):
+        models.model_config("someorg/somemodel")
+    assert time.time() - t0 < 10
+    models.hub_reachable.cache_clear()
