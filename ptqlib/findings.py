@@ -52,7 +52,8 @@ def holding_rows(name: str, table: pd.DataFrame) -> list[str]:
     for r in table[table["verdict_holm"] == "holds"].itertuples():
         ci = f"{_num(r.difference)} [{_num(r.ci_low)}, {_num(r.ci_high)}]"
         flag = r.flags if isinstance(r.flags, str) else ""
-        rows.append(f"| {name} | {r.claim} | `{r.tested}` | {r.metric} | {ci} | {r.p_holm:.2g} | {flag} |")
+        cell = lambda text: str(text).replace("|", "\\|")  # a '|' (as in |a - b| < m) would end the table cell
+        rows.append(f"| {name} | {cell(r.claim)} | `{cell(r.tested)}` | {r.metric} | {ci} | {r.p_holm:.2g} | {flag} |")
     return rows
 
 
