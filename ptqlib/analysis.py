@@ -39,11 +39,9 @@ import numpy as np
 import pandas as pd
 
 from ptqlib.inference import holm, paired_interval, p_holds
-from ptqlib.metrics import Statistic, ppl_statistic, statistic
+from ptqlib.metrics import LOWER_IS_BETTER, Statistic, lower_is_better, ppl_statistic, statistic  # noqa: F401 (re-exported)
 from ptqlib.record import write_atomic
 
-LOWER_IS_BETTER = {"size_mb_deploy", "size_mb_stored", "train_seconds", "step_seconds", "peak_mem_mb",
-                   "train_loss_last"}
 RELATIONS = (">", ">=", "==")
 MIN_SEEDS = 3  # paired seeds a claim on trained pipelines needs: fewer leave the seed variance unknown
 HOLM_ALPHA = 0.025  # one-sided, the level of each bound of the 95% interval (see docs/statistics.md)
@@ -99,13 +97,6 @@ def mean_pm(results: pd.DataFrame, metrics: list[str], digits: int = 3) -> pd.Da
                 cells[m] = f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
         rows[fam] = cells
     return pd.DataFrame.from_dict(rows, orient="index")
-
-
-def lower_is_better(metric: str) -> bool:
-    """Perplexities, sizes, times and losses; stage-prefixed columns ("finetune.peak_mem_mb") by their name."""
-    name = metric.rsplit(".", 1)[-1]
-    return (name in LOWER_IS_BETTER or ppl_statistic(name) is not None or name == "kl" or name.startswith("kl_")
-            or name == "empty_outputs")
 
 
 def _runs(results: pd.DataFrame, family: str) -> pd.DataFrame:

@@ -43,6 +43,8 @@ import yaml
 
 from ptqlib.errors import ConfigError
 from ptqlib.methods import finetune_methods, quantize_methods
+from ptqlib.metrics import evaluate_metric_names, known_evaluate_metric
+from ptqlib.neutral import ID_NEUTRAL  # re-exported: config.ID_NEUTRAL
 from ptqlib.precision import PRECISIONS
 from ptqlib.quant.grid import GROUP_GRIDS, SYM_GRIDS
 
@@ -236,19 +238,6 @@ def from_namespace(cls, ns: dict):
     return cls(**{n: copy.deepcopy(ns[n]) for n in names})
 
 
-# Keys added after studies were cached, at the value that computes what they computed before:
-# left out of the stage id (runner.stage_id), so adding them invalidated no cache. The quantize
-# grid rules' old values are the rules GPTQ / RTN used before (their new defaults change the id);
-# the zero >= 1 rule that came with them changes no code of a cached stage (none had a zero of 0).
-# ``precision: fp32`` is what every stage computed before the setting existed.
-ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated", "precision": "fp32"},
-              "evaluate": {"runtime": "torch", "gguf_type": "auto", "gguf_lossy": False, "speed_prompts": 0,
-                           "speed_tokens": 64, "precision": "fp32", "split": "test", "ppl_windows": "first",
-                           "kl_reference": False},
-              "finetune": {"pool_norm": "mean", "precision": "fp32"}}
-
-
-
 def id_params(kind: str, params: dict) -> dict:
     """The params that enter a stage's id: all, less ``ID_NEUTRAL`` values and grid rules that
     cannot act (``sym_grid`` of an asymmetric or NF4 run, ``group_grid`` of a GPTQ run without
@@ -385,18 +374,10 @@ def _check_types(cls, path, where: str, params: dict) -> None:
             )
 
 
-# what a claim can compare: the evaluate stage's per-unit metrics and its run-level ones (ptqlib.evaluate)
-CLAIM_METRICS = ("ppl", "ppl_stdlib", "kl", "kl_stdlib", "top1_agree", "top1_agree_stdlib", "exact_match", "field_f1",
-                 "rouge_l", "fact_precision", "fact_recall", "empty_outputs", "size_mb_deploy", "size_mb_stored",
-                 "model_params", "gen_tokens_per_s", "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "load_seconds",
-                 "gen_seconds", "ppl_seconds")
-
-
 def claim_metric(metric: str) -> bool:
-    """A column results.csv will have: an evaluate metric, a stage's (``finetune.train_loss_last``,
-    ``quantize2.quant_seconds``) or an lm-eval score."""
-    return (metric in CLAIM_METRICS or re.fullmatch(r"(quantize|finetune)\d*\.\w+", metric) is not None
-            or re.fullmatch(r"lmeval\.[\w-]+\.\w+", metric) is not None)
+    """A column results.csv will have: an evaluate metric (``metrics.evaluate_metric_names``) or a
+    stage's (``finetune.train_loss_last``, ``quantize2.quant_seconds``)."""
+    return known_evaluate_metric(metric) or re.fullmatch(r"(quantize|finetune)\d*\.\w+", metric) is not None
 
 
 def quantizes(stage: Stage) -> bool:
@@ -432,8 +413,6 @@ SELECT_KEYS = {"select", "metric"}
 
 def _check_selects(path, where: str, kind: str, params: dict) -> None:
     """Validate each ``{select: [...], metric: ...}`` value of a stage's (or defaults') params."""
-    from ptqlib.selection import known_metric, metric_names
-
     for k, v in params.items():
         if not isinstance(v, dict):
             continue
@@ -461,8 +440,8 @@ def _check_selects(path, where: str, kind: str, params: dict) -> None:
         if dup is not None:
             raise ConfigError(f"{w}.select: candidate {dup!r} is listed twice in {cands!r}")
         m = v.get("metric")
-        if not known_metric(m):
-            raise ConfigError(f"{w}.metric: {m!r} is not a metric to select by; valid: {', '.join(metric_names())}")
+        if not known_evaluate_metric(m):
+            raise ConfigError(f"{w}.metric: {m!r} is not a metric to select by; valid: {', '.join(evaluate_metric_names())}")
 
 
 def _take_select(path, where: str, parsed: list[tuple[str, dict]], entries: list) -> tuple | None:
@@ -649,8 +628,8 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                                   + ", ".join(raw["pipelines"]))
         if not claim_metric(c["metric"]):
             raise ConfigError(f"{path}: claims[{i}].metric: {c['metric']!r} is not a metric a study records; valid: "
-                              f"{', '.join(CLAIM_METRICS)}, <stage>.<metric> of a quantize / finetune stage "
-                              "(e.g. finetune.train_loss_last), lmeval.<task>.<metric>")
+                              f"{', '.join(evaluate_metric_names())}, <stage>.<metric> of a quantize / finetune stage "
+                              "(e.g. finetune.train_loss_last)")
         c.setdefault("relation", ">")
         if c["relation"] not in (">", ">=", "=="):
             raise ConfigError(f"{path}: claims[{i}].relation: {c['relation']!r}; valid: >, >=, ==")
@@ -685,7 +664,9 @@ def _check_against_config(path, where, stages: list[Stage], model: str, cache: d
     cfg = cfg.get("text_config", cfg)
     limit = cfg.get("max_position_embeddings")
     llama_like = cfg.get("model_type") in ("llama", "mistral", "qwen2", "qwen3")
-    layers = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    from ptqlib.models import linear_input_sizes
+
+    layers = tuple(linear_input_sizes(cfg)) if llama_like else ()  # the decoder linears of a Llama-style block
     for i, st in enumerate(stages):
         swhere = f"{where}[{i}].{st.kind}" if st.kind != "evaluate" else "defaults.evaluate"
         for key in ("calib_seq_len", "ppl_seq_len", "max_length"):

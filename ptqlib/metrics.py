@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from ptqlib.data import parse_fields
+from ptqlib.data import TEXT_SOURCES, parse_fields
 
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?![\w])")
 _NAME = re.compile(r"\b[A-Z][a-zA-Z]+(?:\s+[A-Z][a-zA-Z]+)*")
@@ -163,3 +163,31 @@ def task_scores(preds: list[str], refs: list[str], sources: list[str]) -> dict[s
         den = cols[st.den] if st.den else None
         out[name] = st(cols[st.num], den) if not den or sum(den) else math.nan
     return out
+
+
+# ---- the names an evaluate stage records (what a claim compares, what a select ranks by) ---------
+# run-level metrics of ptqlib.evaluate: size and speed
+RUN_METRICS = ("size_mb_deploy", "size_mb_stored", "model_params", "gen_tokens_per_s", "gen_seconds", "ppl_seconds",
+               "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "load_seconds")
+PPL_METRICS = tuple("ppl" if s == "pydoc" else f"ppl_{s}" for s in TEXT_SOURCES)
+KL_METRICS = tuple(f"{m}{p[len('ppl'):]}" for p in PPL_METRICS for m in ("kl", "top1_agree"))
+
+
+def evaluate_metric_names() -> list[str]:
+    """Every metric the evaluate stage can record, per-unit first; ``lmeval.<task>.<metric>`` last."""
+    return [*PPL_METRICS, *KL_METRICS, *STATISTICS, *RUN_METRICS, "lmeval.<task>.<metric>"]
+
+
+def known_evaluate_metric(metric) -> bool:
+    return isinstance(metric, str) and (metric in evaluate_metric_names()[:-1]
+                                        or re.fullmatch(r"lmeval\.[\w-]+\.\w+", metric) is not None)
+
+
+LOWER_IS_BETTER = {"empty_outputs", "size_mb_deploy", "size_mb_stored", "train_seconds", "step_seconds", "peak_mem_mb",
+                   "train_loss_last"}
+
+
+def lower_is_better(metric: str) -> bool:
+    """Perplexities, sizes, times and losses; stage-prefixed columns ("finetune.peak_mem_mb") by their name."""
+    name = metric.rsplit(".", 1)[-1]
+    return name in LOWER_IS_BETTER or ppl_statistic(name) is not None or name.split("_", 1)[0] == "kl"

@@ -11,7 +11,7 @@ scoring the validation split (``split: validation``, its other settings as the f
 family's test-set pipelines (every seed, the test split, the setting left out of their names) are
 built for every candidate in ``Selection.options``; :func:`resolve` adds the best candidate's to
 the study once every selection pipeline has recorded the metric: higher is better unless
-``analysis.lower_is_better(metric)``, ties go to the first listed, NaN ranks last. Each grid point
+``metrics.lower_is_better(metric)``, ties go to the first listed, NaN ranks last. Each grid point
 (and model) selects on its own. The runner runs the selection pipelines first when the choice is
 not known yet, then the rest (``Runner._run``); cached, the choice is read at start-up. Selection
 pipelines are no rows of ``results.csv`` (claims compare test-set runs only): ``selection.csv``
@@ -28,28 +28,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ptqlib.data import TEXT_SOURCES
-from ptqlib.metrics import STATISTICS
+from ptqlib.metrics import PPL_METRICS, STATISTICS, evaluate_metric_names, known_evaluate_metric, lower_is_better
 
 if TYPE_CHECKING:
     from ptqlib.config import Pipeline, Study
     from ptqlib.runner import Runner
 
 SUFFIX = "~select"  # a selection pipeline's family is <family>~select ('~' is refused in study pipeline names)
-# the evaluate stage's run-level metrics worth selecting on (ptqlib.evaluate: size, speed)
-RUN_METRICS = ("size_mb_deploy", "size_mb_stored", "model_params", "gen_tokens_per_s", "gen_seconds", "ppl_seconds",
-               "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "load_seconds")
-PPL_METRICS = tuple("ppl" if s == "pydoc" else f"ppl_{s}" for s in TEXT_SOURCES)
-
-
-def metric_names() -> list[str]:
-    """What a select can rank by: the per-unit metrics (``metrics.statistic``), the run-level ones,
-    and ``lmeval.<task>.<metric>``."""
-    return [*STATISTICS, *PPL_METRICS, *RUN_METRICS, "lmeval.<task>.<metric>"]
-
-
-def known_metric(metric) -> bool:
-    return isinstance(metric, str) and (metric in metric_names()[:-1]
-                                        or metric.startswith("lmeval.") and metric.count(".") >= 2)
+metric_names = evaluate_metric_names  # what a select can rank by: what the evaluate stage records
+known_metric = known_evaluate_metric
 
 
 def missing_metric(metric: str, ev: dict) -> str | None:
@@ -125,10 +112,9 @@ def split_family(pipelines: list["Pipeline"], stage: int, key: str, candidates: 
 
 def choose(values: list[float | None], metric: str) -> int | None:
     """The best candidate's index: None until every value is known; higher is better unless
-    ``analysis.lower_is_better(metric)``; a tie goes to the first; NaN ranks last (all NaN: the first)."""
+    ``metrics.lower_is_better(metric)``; a tie goes to the first; NaN ranks last (all NaN: the first)."""
     if any(v is None for v in values):
         return None
-    from ptqlib.analysis import lower_is_better
 
     sign = -1.0 if lower_is_better(metric) else 1.0
     best = None

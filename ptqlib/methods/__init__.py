@@ -152,7 +152,7 @@ def finetune_method(name: str) -> FinetuneMethod:
 
 def label_extra(entry: QuantizeMethod | FinetuneMethod, p: dict) -> str:
     """``", 4b, g64"`` for the entry's label keys (the runner's stage labels; ``p``: a stage's params dict)."""
-    from ptqlib.config import ID_NEUTRAL  # a value left out of stage ids is left out of labels too
+    from ptqlib.neutral import ID_NEUTRAL  # a value left out of stage ids is left out of labels too
 
     neutral = ID_NEUTRAL.get("quantize" if isinstance(entry, QuantizeMethod) else "finetune", {})
     fmt = {"bits": "{}b", "group_size": "g{}", "pool_norm": "{} pool"}
