@@ -41,5 +41,6 @@ test-fast: install
 lab: install
 	$(BIN)/jupyter lab notebooks/
 
-clean-runs:
-	rm -rf runs/ reports/*/
+clean-runs:  # keeps each study's README.md (its measured results and history)
+	rm -rf runs/
+	find reports -mindepth 2 ! -name README.md ! -type d -delete
