@@ -177,7 +177,7 @@ class EvaluateParams:
     ppl_seq_len: int = 256  # tokens per window
     ppl_windows: str = "random"  # random: non-overlapping windows at seeded random positions over all held-out topics / modules (clustered by document in the claims); first: the first consecutive windows (before)
     kl_reference: bool = True  # KL divergence and top-1 agreement of next-token distributions vs the pipeline's 16-bit reference (the input of its first quantizing stage) on the perplexity windows; off where nothing quantizes and for llama.cpp
-    ppl_sources: list = field(default_factory=lambda: ["pydoc", "stdlib"])  # held-out text: pydoc (language reference -> ppl), stdlib (library source code -> ppl_stdlib)
+    ppl_sources: list = field(default_factory=lambda: ["pydoc", "stdlib"])  # held-out text: pydoc (language reference -> ppl), stdlib (library source code -> ppl_stdlib); [] for no perplexity
     task_samples: int = 128  # held-out task examples generated greedily
     split: str = "test"  # test | validation: which held-out task examples are generated (validation: for select)
     max_new_tokens: int = 64  # generation length limit
@@ -217,12 +217,15 @@ class EvaluateParams:
             _positive(k, getattr(self, k))
         from ptqlib.data import TEXT_SOURCES
 
-        if (not isinstance(self.ppl_sources, list) or not self.ppl_sources
+        if (not isinstance(self.ppl_sources, list)
                 or any(s not in TEXT_SOURCES for s in self.ppl_sources) or len(set(self.ppl_sources)) < len(self.ppl_sources)):
-            raise ConfigError(f"ppl_sources: {self.ppl_sources!r} must be a non-empty list of distinct text sources; "
-                              f"valid: {', '.join(TEXT_SOURCES)}")
+            raise ConfigError(f"ppl_sources: {self.ppl_sources!r} must be a list of distinct text sources ([] for no "
+                              f"perplexity); valid: {', '.join(TEXT_SOURCES)}")
         if not isinstance(self.task_samples, int) or self.task_samples < 0:
             raise ConfigError(f"task_samples: {self.task_samples!r} must be an integer >= 0")
+        if not self.ppl_sources and not self.task_samples and not self.lm_eval_tasks and not self.speed_prompts:
+            raise ConfigError("the evaluate stage measures nothing: ppl_sources is [] and task_samples is 0 "
+                              "(give a text source, task examples, lm_eval_tasks or speed_prompts)")
         _choice("split", self.split, ("test", "validation"))
 
 

@@ -83,6 +83,20 @@ def _suffix(label: dict) -> str:
     return "[" + ",".join(f"{k}={v}" for k, v in label.items()) + "]" if label else ""
 
 
+def validation_params(ev: dict, metric: str) -> dict:
+    """A selection pipeline's evaluate settings: the family's ``ev`` on the validation split, measuring
+    only what ranks the candidates (a task statistic: no perplexity or KL; a perplexity or KL metric:
+    that source's windows only, no generation), so choosing costs one short evaluation per candidate."""
+    out = {**ev, "split": "validation", "speed_prompts": 0, "lm_eval_tasks": []}
+    if metric in STATISTICS:
+        return {**out, "ppl_sources": [], "kl_reference": False}
+    for i, ppl in enumerate(PPL_METRICS):
+        suffix = ppl[len("ppl"):]
+        if metric in (ppl, "kl" + suffix, "top1_agree" + suffix):
+            return {**out, "ppl_sources": [TEXT_SOURCES[i]], "task_samples": 0, "kl_reference": metric != ppl}
+    return {**ev, "split": "validation"}  # a run metric (size, speed) or lm-eval: measured as the family does
+
+
 def split_family(pipelines: list["Pipeline"], stage: int, key: str, candidates: list, metric: str,
                  first_seed: int) -> tuple[list["Pipeline"], list[Selection]]:
     """A family expanded with its candidates as the grid axis ``key`` -> (its selection pipelines,
@@ -101,7 +115,7 @@ def split_family(pipelines: list["Pipeline"], stage: int, key: str, candidates: 
         if pl.seed == first_seed:
             grid = {k: v for k, v in pl.grid.items() if k != "seed"}
             ev = pl.stages[-1]
-            stages = pl.stages[:-1] + [dataclasses.replace(ev, params={**ev.params, "split": "validation"})]
+            stages = pl.stages[:-1] + [dataclasses.replace(ev, params=validation_params(ev.params, metric))]
             name = pl.family + SUFFIX + _suffix(grid)
             sel.pipelines[ci] = name
             selection_pls[name] = dataclasses.replace(pl, name=name, family=pl.family + SUFFIX, grid=grid,

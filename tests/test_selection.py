@@ -182,3 +182,39 @@ def test_a_failed_selection_stage_holds_its_test_pipelines_back(tmp_path, monkey
     assert sum(n.kind == "finetune" and n.params["lr"] == 3e-4 for n in ex.ran) == 1  # not retried after the selection
     assert not any(n.kind == "evaluate" and n.params["split"] == "test" and n.input_id for n in ex.ran)
     assert [x["pipeline"] for x in csv.DictReader(open(r.reports / "results.csv"))] == ["base"]
+
+
+@pytest.mark.parametrize("metric, sources, task_samples, kl", [
+    ("field_f1", [], 16, False),  # a task statistic: generation only, no perplexity windows
+    ("ppl_stdlib", ["stdlib"], 0, False),  # a perplexity: that source's windows only, no generation
+    ("kl", ["pydoc"], 0, True),
+])
+def test_a_selection_evaluates_only_what_ranks_its_candidates(tmp_path, metric, sources, task_samples, kl):
+    text = f"""
+    study: sel
+    model: tiny
+    seeds: [0, 1]
+    defaults:
+      finetune: {{steps: 4, lr: {{select: [1.0e-4, 3.0e-4, 1.0e-3], metric: {metric}}}}}
+      evaluate: {{task_samples: 16, speed_prompts: 2}}
+    pipelines:
+      ft: [{{quantize: nf4}}, {{finetune: qlora}}]
+    """
+    study = _study(tmp_path, text)
+    sel_pls = [p for p in study.pipelines if selection.is_selection(p)]
+    assert len(sel_pls) == 3
+    for pl in sel_pls:
+        ev = pl.stages[-1].params
+        assert (ev["split"], ev["ppl_sources"], ev["task_samples"], ev["kl_reference"], ev["speed_prompts"]) == \
+            ("validation", sources, task_samples, kl, 0)
+    test_pls = [p for o in study.selections[0].options for p in o]  # the test-set runs measure everything
+    assert all(p.stages[-1].params["ppl_sources"] == ["pydoc", "stdlib"] and p.stages[-1].params["speed_prompts"] == 2
+               for p in test_pls)
+
+
+def test_an_evaluate_stage_that_measures_nothing_is_refused(tmp_path):
+    from ptqlib.config import ConfigError, EvaluateParams
+
+    EvaluateParams(ppl_sources=[], task_samples=8)  # generation only is fine
+    with pytest.raises(ConfigError, match="measures nothing"):
+        EvaluateParams(ppl_sources=[], task_samples=0)
