@@ -21,8 +21,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from ptqlib.record import read_json
+from ptqlib.errors import ArtifactError
+from ptqlib.record import RECORD, damaged_weights, read_json
 
 ARTIFACT = "artifact.json"
 
@@ -69,10 +71,31 @@ def _artifact_type(ref, info: dict):
 
 def load(ref: str | Path, device: str | None = None):
     """(model, tokenizer, info) for any stage output or model name, in eval mode."""
-    from ptqlib.models import load_model, load_tokenizer
-
     device = device or default_device()
     info = describe(ref)
+    check_weights(ref)
+    try:
+        model, tok = _load(ref, info, device)
+    except (SafetensorError, EOFError) as e:  # a cut-short or overwritten weight file, of a run from before sizes were kept
+        raise ArtifactError(f"{ref}: its weights cannot be read ({type(e).__name__}: {e}); re-run the stage that "
+                            f"wrote it (ptqlib run --force, or delete the directory)") from e
+    model.eval()
+    return model, tok, info
+
+
+def check_weights(ref: str | Path) -> None:
+    """Refuse a run dir whose weight files differ from what its record lists (``record.damaged_weights``)."""
+    p = Path(ref)
+    rec = read_json(p / RECORD) if p.is_dir() else None
+    damaged = damaged_weights(p, rec) if rec else []
+    if damaged:
+        raise ArtifactError(f"{ref} (stage {rec.get('label', p.name)}): {'; '.join(damaged)}; re-run the stage "
+                            f"(ptqlib run re-runs it by itself) or delete the directory")
+
+
+def _load(ref: str | Path, info: dict, device: str):
+    from ptqlib.models import load_model, load_tokenizer
+
     if info["type"] == "name":
         model, tok = load_model(info["name"], device=device)
     elif info["type"] == "hf":
@@ -84,8 +107,7 @@ def load(ref: str | Path, device: str | None = None):
         model, tok = load_quantized(path).to(device), load_tokenizer(path)
     else:
         model, tok = _artifact_type(ref, info).load(ref, info, device)
-    model.eval()
-    return model, tok, info
+    return model, tok
 
 
 def float_model_dir(input_ref: str) -> Path:

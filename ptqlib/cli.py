@@ -115,11 +115,11 @@ def _export(args) -> int:
 
     from ptqlib import artifacts
     from ptqlib.deploy import ExportError, export_gguf
-    from ptqlib.errors import ConfigError
+    from ptqlib.errors import ArtifactError, ConfigError
 
     try:
         model, tok, info = artifacts.load(args.model, device="cpu")
-    except (ConfigError, OSError, ValueError, KeyError) as e:
+    except (ArtifactError, ConfigError, OSError, ValueError, KeyError) as e:
         print(f"error: export {args.model!r}: cannot load a model from it ({e}); give a quantize or finetune "
               "stage's run directory (runs/<id>) or a model name", file=sys.stderr)
         return 2

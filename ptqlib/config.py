@@ -523,7 +523,7 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
         raise ConfigError(f"{path}: task: {task!r} is not a task name; valid: meetings, meetings-hard, "
                           "'jsonl:<path>', 'hf:<dataset>[:<config>]'")
     try:
-        check_task(task)
+        check_task(task, allow_network=allow_network)
     except ConfigError as e:
         raise ConfigError(f"{path}: task: {e}") from None
     try:
@@ -644,6 +644,9 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
     uncached = dict.fromkeys(k[1] if isinstance(k, tuple) else k for k, cfg in sizes_cache.items() if cfg is None)
     notes = [f"model {m!r} is not in the local cache: it will be fetched at run time (its group sizes are checked then)"
              for m in uncached]
+    if not allow_network and task.startswith("hf:"):
+        notes.append(f"task {task!r}: not checked for a local copy (--dry-run); a real run refuses it at once where "
+                     "it is not cached and the hub is off or unreachable")
     executor = raw.get("executor") or {}
     if not isinstance(executor, dict):
         raise ConfigError(f"{path}: executor: expected a mapping of {', '.join(EXECUTOR_KEYS)}, got {executor!r}")
@@ -667,9 +670,10 @@ def _check_against_config(path, where, stages: list[Stage], model: str, cache: d
     cfg = cfg.get("text_config", cfg)
     limit = cfg.get("max_position_embeddings")
     llama_like = cfg.get("model_type") in ("llama", "mistral", "qwen2", "qwen3")
-    from ptqlib.models import linear_input_sizes
+    from ptqlib.models import linear_input_sizes, linear_output_sizes
 
-    layers = tuple(linear_input_sizes(cfg)) if llama_like else ()  # the decoder linears of a Llama-style block
+    ins, outs = (linear_input_sizes(cfg), linear_output_sizes(cfg)) if llama_like else ({}, {})
+    layers = tuple(ins)  # the decoder linears of a Llama-style block
     for i, st in enumerate(stages):
         swhere = f"{where}[{i}].{st.kind}" if st.kind != "evaluate" else "defaults.evaluate"
         for key in ("calib_seq_len", "ppl_seq_len", "max_length"):
@@ -680,6 +684,15 @@ def _check_against_config(path, where, stages: list[Stage], model: str, cache: d
         if llama_like and unknown:
             raise ConfigError(f"{path}: {swhere}.target_modules: {', '.join(map(repr, unknown))} names no layer of "
                               f"model {model!r}; valid: {', '.join(layers)}")
+        if llama_like and st.kind == "finetune" and "rank" in finetune_methods()[st.params["method"]].settings:
+            # a rank beyond a layer's smaller side adds parameters and no expressiveness (LoftQ's SVD has
+            # only that many singular values): a typo (160 for 16) more likely than a wish
+            sides = {t: min(ins[t], outs[t]) for t in st.params["target_modules"]}
+            most = min(sides.values())
+            if st.params["rank"] > most:
+                t = min(sides, key=sides.get)
+                raise ConfigError(f"{path}: {swhere}.rank: {st.params['rank']} exceeds the smaller side of layer {t} "
+                                  f"({ins[t]} in, {outs[t]} out) of model {model!r}; valid: 1 to {most}")
 
 
 def _check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, linear_input_sizes, model_config,

@@ -346,6 +346,30 @@ def _hf_examples(spec: str, split: str) -> list[Example]:
     return [e for i, e in enumerate(rows) if _hf_split(i) == split]
 
 
+def _hf_cached(name: str) -> bool:
+    """Is there a local copy of hub dataset ``name`` (the datasets cache or the hub cache)?"""
+    import datasets.config
+    import huggingface_hub.constants
+
+    return (Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")).is_dir() or \
+        (Path(huggingface_hub.constants.HF_HUB_CACHE) / ("datasets--" + name.replace("/", "--"))).is_dir()
+
+
+def _check_hf_reachable(spec: str) -> None:
+    """Refuse at once an ``hf:`` task that cannot load here: not cached, and the hub switched off or
+    unreachable (``datasets`` would retry for a minute or more, after the study's first stages ran)."""
+    from ptqlib.models import hub_offline, hub_reachable
+
+    name = spec.partition(":")[0]
+    if _hf_cached(name):
+        return
+    why = ("HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set" if hub_offline() else
+           None if hub_reachable() else "the hub (huggingface.co:443) cannot be reached from this machine")
+    if why:
+        raise ConfigError(f"task 'hf:{spec}': the dataset is not in the local cache and cannot be downloaded ({why}); "
+                          "use a jsonl:<path> task, or run once where the hub is reachable to cache it")
+
+
 def _hf_split(i: int) -> str:
     """The split of row ``i`` of a hub dataset: test every 10th from 0 (as always), validation
     every 10th from 5 (taken from what was train)."""
@@ -361,13 +385,17 @@ def _jsonl_split(i: int, n: int) -> str:
     return "test" if i % 5 == 4 else "validation" if i % 5 == 1 else "train"
 
 
-def check_task(task: str) -> None:
+def check_task(task: str, allow_network: bool = True) -> None:
+    """Refuse an unknown task, a bad jsonl file, or (``allow_network``: a real run) an ``hf:`` task
+    that can neither be read from the local cache nor downloaded."""
     if task in TASKS:
         return
     if task.startswith("jsonl:"):
         read_jsonl(task[len("jsonl:"):])
         return
     if task.startswith("hf:") and len(task) > 3:
+        if allow_network:
+            _check_hf_reachable(task[len("hf:"):])
         return
     raise ConfigError(f"unknown task {task!r}; valid: {', '.join(TASKS)}, 'jsonl:<path>', 'hf:<dataset>[:<config>]'")
 

@@ -38,6 +38,7 @@ class Handle:
     """A submitted stage: ``poll()`` is None while it runs, then one of the ``ptqlib.stage`` statuses."""
 
     where = ""
+    error: str | None = None  # why it failed where no record says it (a disk or permission error outside the notebook)
 
     def poll(self) -> str | None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -129,8 +130,10 @@ class LocalExecutor:
         def work() -> None:
             try:
                 handle.status = run_stage(self.runs, node, self.kernel, self.progress, force, env)
-            except Exception:  # noqa: BLE001 — outside the notebook (lock, disk): no record, reported here
-                log.exception("stage %s failed outside its notebook", node.id)
+            except Exception as e:  # noqa: BLE001 — outside the notebook (lock, disk): no record, reported here
+                handle.error = f"outside its notebook: {type(e).__name__}: {e}"
+                log.error("stage %s failed %s", node.id, handle.error)
+                log.debug("stage %s", node.id, exc_info=True)
                 handle.status = FAILED
 
         threading.Thread(target=work, name=f"stage-{node.id}", daemon=True).start()

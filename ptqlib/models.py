@@ -204,7 +204,7 @@ def model_config(name: str, allow_network: bool = True) -> dict | None:
         return AutoConfig.from_pretrained(name, local_files_only=True).to_dict()
     except OSError:
         pass  # not in the local cache
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = hub_offline()
     if not allow_network and not offline:
         return None
     try:
@@ -219,6 +219,11 @@ def model_config(name: str, allow_network: bool = True) -> dict | None:
             f"model {name!r} is not in the local cache and cannot be downloaded here ({reason}); "
             "use 'smollm2-135m', 'tiny' or a local directory"
         ) from e
+
+
+def hub_offline() -> bool:
+    """Has the user switched the hub off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)?"""
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -244,6 +249,18 @@ def linear_input_sizes(cfg: dict) -> dict[str, int]:
     return {
         "q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": heads * head_dim,
         "gate_proj": hidden, "up_proj": hidden, "down_proj": cfg["intermediate_size"],
+    }
+
+
+def linear_output_sizes(cfg: dict) -> dict[str, int]:
+    """Output size of each kind of decoder linear layer, as :func:`linear_input_sizes`."""
+    cfg = cfg.get("text_config", cfg)
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    return {
+        "q_proj": heads * head_dim, "k_proj": kv * head_dim, "v_proj": kv * head_dim, "o_proj": hidden,
+        "gate_proj": cfg["intermediate_size"], "up_proj": cfg["intermediate_size"], "down_proj": hidden,
     }
 
 

@@ -101,6 +101,33 @@ def complete(rec: dict | None) -> bool:
     return isinstance(t, dict) and isinstance(t.get("wall_s"), (int, float))
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # the large files a full disk or a copy can cut short
+
+
+def weight_sizes(run_dir: str | Path) -> dict[str, int]:
+    """``{relative path: bytes}`` of the weight files under ``run_dir``: the record keeps them so that a
+    weight file cut short after the stage finished (a copy, a sync, a full disk) is noticed by size."""
+    root = Path(run_dir)
+    return {str(f.relative_to(root)): f.stat().st_size for f in sorted(root.rglob("*"))
+            if f.suffix in WEIGHT_SUFFIXES and f.is_file() and not f.is_symlink()}
+
+
+def damaged_weights(run_dir: str | Path, rec: dict) -> list[str]:
+    """The weight files a finished record lists that are now missing or of another size, as
+    ``"<path>: <what>"`` (empty: intact, or a record from before sizes were kept)."""
+    out = []
+    for rel, size in (rec.get("weights") or {}).items():
+        f = Path(run_dir) / rel
+        try:
+            now = f.stat().st_size
+        except OSError:
+            out.append(f"{f}: missing")
+            continue
+        if now != size:
+            out.append(f"{f}: {now} bytes, the record says {size}")
+    return out
+
+
 def save_outputs(output_dir: str | Path, metrics: dict, **extra) -> Path:
     """Called by a stage notebook: its metrics (flat name -> number) and anything else worth keeping."""
     out = Path(output_dir) / OUTPUTS

@@ -221,6 +221,7 @@ class Runner:
         progress_line = self.progress = Progress(self, todo, executor.slots)
         pending = list(todo)  # dependency order
         running: dict[str, object] = {}  # sid -> executor handle
+        errors: dict[str, str] = {}  # sid -> why, for failures no record describes
         elsewhere: set[str] = set()  # stages another runner holds: waited for, then taken if unfinished
         while pending or running or elsewhere:
             for sid in list(pending):
@@ -252,6 +253,8 @@ class Runner:
                     elsewhere.add(sid)
                     continue
                 status[sid] = self.done[sid] = "ok" if res in (OK, DONE_ELSEWHERE) else "failed"
+                if getattr(handle, "error", None):
+                    errors[sid] = handle.error
                 progress_line.done(sid, status[sid] == "ok", by_other=res == DONE_ELSEWHERE)
             for sid in list(elsewhere):
                 if stage_busy(self.runs, sid):
@@ -276,8 +279,9 @@ class Runner:
                  len(failed), len(skipped))
         for sid in failed:
             rec = self.record(sid) or {}
+            why = (rec.get("error") or {}).get("message") or errors.get(sid) or "no record written (see the log above)"
             log.error("FAILED %s %s (pipelines %s): %s", sid, self.nodes[sid].label(),
-                      ", ".join(self.nodes[sid].pipelines), (rec.get("error") or {}).get("message", "?"))
+                      ", ".join(self.nodes[sid].pipelines), why)
         if failed:
             log.error("see runs/<id>/notebook.ipynb and report.html of the failed stages")
         return len(failed)

@@ -23,8 +23,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ptqlib.record import (OUTPUTS, RECORD, complete, git_commit, normalise_modes, read_json, versions, write_atomic,
-                           write_json_atomic)
+from ptqlib.record import (OUTPUTS, RECORD, complete, damaged_weights, git_commit, normalise_modes, read_json, versions,
+                           weight_sizes, write_atomic, write_json_atomic)
 
 if TYPE_CHECKING:
     from ptqlib.runner import StageNode
@@ -73,15 +73,31 @@ def stage_busy(runs: Path, sid: str) -> bool:
         return not got
 
 
+_WARNED: set[str] = set()
+
+
+def usable(runs: Path, sid: str, rec: dict | None) -> bool:
+    """A complete record whose weight files are as it recorded them. A damaged weight file makes the
+    stage unfinished (it runs again) with one warning naming the file: otherwise a truncated
+    ``model.safetensors`` under an intact record failed a later stage, naming neither."""
+    if not complete(rec):
+        return False
+    damaged = damaged_weights(Path(runs) / sid, rec)
+    if damaged and sid not in _WARNED:
+        _WARNED.add(sid)
+        log.warning("stage %s (%s) counts as not finished: %s", sid, rec.get("label", "?"), "; ".join(damaged))
+    return not damaged
+
+
 def finished(runs: Path, sid: str) -> bool:
-    return complete(read_json(Path(runs) / sid / RECORD))
+    return usable(runs, sid, read_json(Path(runs) / sid / RECORD))
 
 
 def fresh(runs: Path, node: "StageNode") -> bool:
     """Finished, and from its input as it is now: started after the input's record was written
     (a stage whose input was re-run holds a result of the old input)."""
     rec = read_json(Path(runs) / node.id / RECORD)
-    if not complete(rec):
+    if not usable(runs, node.id, rec):
         return False
     if node.input_id is None:
         return True
@@ -149,6 +165,7 @@ def execute(runs: Path, node: "StageNode", kernel: str | None = None, progress: 
         "metrics": (outputs or {}).get("metrics", {}), "outputs": {k: v for k, v in (outputs or {}).items() if k != "metrics"},
         "timings": {"wall_s": round(wall, 2), "started": t0, "finished": time.time()},
         "versions": versions(), "git_commit": git_commit(ROOT), "device": (outputs or {}).get("device"),
+        "weights": weight_sizes(out),  # checked by usable(): a weight file cut short later re-runs the stage
     }
     try:
         normalise_modes(out)

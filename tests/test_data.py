@@ -86,9 +86,29 @@ def test_hub_task_splits_by_row(monkeypatch):
     fake = types.ModuleType("datasets")
     fake.load_dataset = lambda name, cfg=None, split=None: FakeDataset(rows)
     monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr("ptqlib.data._hf_cached", lambda name: True)  # as if in the local cache
     got = {s: [e.prompt for e in load_task("hf:some/set", s, 100)] for s in ("train", "validation", "test")}
     assert got["test"] == ["q0", "q10", "q20"] and got["validation"] == ["q5", "q15", "q25"]
     assert len(got["train"]) == 24 and not set(got["train"]) & (set(got["test"]) | set(got["validation"]))
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_an_uncached_hub_task_is_refused_at_once_where_the_hub_is_off_or_unreachable(tmp_path, monkeypatch, offline):
+    """It was accepted, then retried for 58-104 s after the first stages ran."""
+    import time
+
+    from ptqlib.config import load_study
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr("ptqlib.models.hub_reachable", lambda: False)  # unreachable either way: no retry may start
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\ntask: hf:nobody/no-such-set\npipelines:\n  base: []\n")
+    t0 = time.perf_counter()
+    why = "HF_HUB_OFFLINE" if offline else r"huggingface\.co:443\) cannot be reached"
+    with pytest.raises(ConfigError, match=rf"task 'hf:nobody/no-such-set': the dataset is not in the local cache .*{why}"):
+        load_study(f)
+    assert time.perf_counter() - t0 < 5
 
 
 def test_load_task_refuses_an_unknown_split():

@@ -128,3 +128,23 @@ def test_a_record_older_than_its_input_is_not_fresh(tmp_path):
     write_json_atomic(r.runs / ft / "metrics.json", {"status": "ok", "metrics": {}, "timings": {"wall_s": 10.0, "started": 40.0, "finished": 50.0}})
     assert not fresh(r.runs, node)  # the fine-tune re-ran after this evaluation
     assert fresh(r.runs, r.nodes[ft])  # a root-input stage is fresh when finished
+
+
+def test_a_failure_outside_the_notebook_under_jobs_2_is_named_in_the_summary(tmp_path, monkeypatch, caplog):
+    """A disk error while a runner thread writes a stage's record: the summary names it (it said
+    ``FAILED ...: ?``) and no traceback reaches the user."""
+    import logging
+
+    def fake_run_stage(runs, node, kernel, progress, force, env):
+        raise OSError(28, "No space left on device", str(runs / node.id / "metrics.json"))
+
+    monkeypatch.setattr("ptqlib.executors.run_stage", fake_run_stage)
+    r = _runner(tmp_path)
+    with caplog.at_level(logging.INFO):
+        r.done = {}
+        n_failed = r._run_stages(None, False, LocalExecutor(tmp_path / "runs", jobs=2), report=False)  # no kernel server
+    assert n_failed == 2
+    failed_lines = [m for m in caplog.messages if m.startswith("FAILED ")]
+    assert len(failed_lines) == 2
+    assert all("No space left on device" in m and "metrics.json" in m for m in failed_lines), failed_lines
+    assert "Traceback" not in caplog.text

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,10 +320,29 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, type: str = "auto
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     report = ExportReport(str(path), type)
+    # a unique temp file beside the target, renamed over it at the end: a killed or failed export (a full
+    # disk) leaves no half file under the final name, and the temp goes with the failure
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        _write(gguf, model, tokenizer, cfg, tmp, type, lossy, name, report)
+        Path(tmp).replace(path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise ExportError(f"{path}: could not write the GGUF file ({e.strerror or e}); nothing was left "
+                              f"behind") from e
+        raise
+    log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 2**20)
+    return report
+
+
+def _write(gguf, model: nn.Module, tokenizer, cfg, tmp: str, type: str, lossy: bool, name: str,
+           report: ExportReport) -> None:
+    """The GGUF file's header, key-values and tensors, to ``tmp``."""
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-
-    writer = gguf.GGUFWriter(str(path) + ".tmp", "llama")
+    writer = gguf.GGUFWriter(tmp, "llama")
     writer.add_name(name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -373,9 +393,6 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, type: str = "auto
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
     writer.close()
-    Path(str(path) + ".tmp").replace(path)  # a killed export leaves no half file under the final name
-    log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 2**20)
-    return report
 
 
 def read_tensors(path: str | Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -184,3 +184,22 @@ def test_cli_export(quantized_tiny, tiny_tok, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["tensor_types"]["Q4_1"] == 14 and summary["requantized"] == 0
     assert (tmp_path / "m.gguf").stat().st_size < 600_000
+
+
+def test_an_export_onto_a_full_disk_leaves_nothing_behind(quantized_tiny, tiny_tok, tmp_path, monkeypatch):
+    """The tensors fail half-way (ENOSPC): an error naming the file, no ``.tmp`` and no half GGUF left;
+    an earlier export under the same name stays as it was."""
+    model, out = quantized_tiny(4, 32), tmp_path / "m.gguf"
+    export_gguf(model, tiny_tok, out)
+    before = out.read_bytes()
+    written = gguf.GGUFWriter.write_tensors_to_file
+
+    def full_disk(self, *a, **k):
+        written(self, *a, **k)  # the whole file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
+    with pytest.raises(ExportError, match=r"m\.gguf: could not write the GGUF file \(No space left on device\)"):
+        export_gguf(model, tiny_tok, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    assert out.read_bytes() == before
