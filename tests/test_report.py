@@ -130,3 +130,17 @@ def test_another_studys_report_fills_a_row_with_the_same_stage_ids(tmp_path, cap
     # the study's own report comes first: a re-render keeps its own rows, not the other study's
     _runner(tmp_path).write_results()
     assert {row["source"] for row in _csv(r.reports / "results.csv")} == {"previous report"}
+
+
+def test_another_studys_damaged_report_is_skipped_with_a_warning(tmp_path, caplog):
+    """One other study's results.csv with bytes that are not UTF-8 broke every study's report."""
+    r = _runner(tmp_path)
+    for p in r.study.pipelines:
+        _finish(r, p.name, [0.5, 0.5])
+    other = r.reports.parent / "other"
+    other.mkdir(parents=True)
+    (other / "results.csv").write_bytes(b"pipeline,eval_stage,status\n\xff\xfe broken,\xc3,ok\n")
+    with caplog.at_level(logging.WARNING):
+        r.write_results()
+    assert f"skipping {other}" in caplog.text
+    assert {row["status"] for row in _csv(r.reports / "results.csv")} == {"ok"}
