@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STUDY ?= parameters/default.yaml
 
-.PHONY: install study smoke test test-fast lab clean-runs
+.PHONY: install study smoke test test-fast lint lab clean-runs
 
 # .venv/.installed is the stamp of a complete install (re-made when the dependencies change)
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -32,8 +32,11 @@ study: install
 smoke: install
 	$(BIN)/python -m ptqlib run parameters/smoke.yaml
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q
+
+lint: install  # pyflakes, pycodestyle and import order (pyproject.toml [tool.ruff])
+	$(BIN)/ruff check ptqlib tests bench
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

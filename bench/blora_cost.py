@@ -219,7 +219,7 @@ def _train(model, args) -> dict:
         out["peak_mb"] = _rss_mb("VmHWM")
         out["peak_rise_mb"] = out["peak_mb"] - rss0
         out["peak_kind"] = "peak RSS (reset before training)" if reset_ok else "peak RSS (whole process)"
-    del opt
+    opt = None  # frees the optimizer state (step() closes over opt: del would confuse linters)
     model.zero_grad(set_to_none=True)
     return out
 

@@ -17,7 +17,7 @@ One invocation, one model, one set of calibration windows, one set of held-out w
   quantized layer's outputs. ``fasterquant(blocksize=128, percdamp=.01, groupsize=g,
   actorder=False)`` with ``Quantizer.configure(bits, perchannel=True, sym=False, mse=False)``.
   The reference writes fake-quantized weights back into the ``nn.Linear`` (enough for perplexity);
-* ``nf4``: bitsandbytes NF4 (double quant, block 64) through ``ptqlib.ptq.quantize``.
+* ``nf4``: bitsandbytes NF4 (double quant, block 64) through ``ptqlib.stages.quantize.quantize``.
 
 Reported per method: held-out perplexity, quantization wall time, mean relative output error
 ``||X W^T - X W_hat^T||^2 / ||X W^T||^2`` over the decoder linears on their calibration inputs
@@ -62,12 +62,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ptqlib.data import text_windows  # noqa: E402
-from ptqlib.evaluate import perplexity  # noqa: E402
 from ptqlib.models import load_model  # noqa: E402
 from ptqlib.quant import QuantLinear, find_linear_layers, get_decoder_layers, rtn_quantize_model  # noqa: E402
 from ptqlib.quant.gptq import GPTQ as OurGPTQ  # noqa: E402
-from ptqlib.quant.gptq import TRUE_SEQUENTIAL_GROUPS, gptq_quantize_model, relative_output_error  # noqa: E402
+from ptqlib.quant.gptq import TRUE_SEQUENTIAL_GROUPS, relative_output_error  # noqa: E402
+from ptqlib.quant.gptq_model import gptq_quantize_model  # noqa: E402
+from ptqlib.stages.evaluate import perplexity  # noqa: E402
+from ptqlib.text import text_windows  # noqa: E402
 
 # targets checked at the end
 RTN_MARGIN = 0.10  # "GPTQ beats RTN clearly at 3 bits": GPTQ ppl at least 10 % lower than RTN's
@@ -227,7 +228,7 @@ def reference_quantize_model(model, calib, RefGPTQ, Quantizer, bits, group_size,
                 del H, W
                 excluded += time.perf_counter() - t0
                 gptq[name].free()
-            del gptq
+            gptq = None  # frees the Hessians (add_batch closes over gptq)
         hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs)]
     total = time.perf_counter() - t_start - excluded
     return {
@@ -471,7 +472,7 @@ def main(argv=None) -> int:
             r["rel_output_err_note"] = "computed by ptqlib GPTQ on its sequential calibration inputs"
 
     if "nf4" in a.methods:
-        from ptqlib.ptq import quantize as ptq_quantize
+        from ptqlib.stages.quantize import quantize as ptq_quantize
 
         log("nf4 ...")
         model, _, st = ptq_quantize(a.model, {"method": "nf4", "double_quant": True, "blocksize": 64}, None)
@@ -515,7 +516,8 @@ def main(argv=None) -> int:
     lines = ["## GPTQ benchmark", ""]
     lines += ["| setting | value |", "|---|---|"]
     for k in ("model", "bits", "group_size", "sym", "act_order", "true_sequential", "damp", "block_size", "calib",
-              "ppl", "torch_threads", "omp_wait_policy", "cpu_count", "load_avg_at_start", "load_avg_at_end", "torch", "ptqlib_git", "reference_commit"):
+              "ppl", "torch_threads", "omp_wait_policy", "cpu_count", "load_avg_at_start", "load_avg_at_end", "torch",
+              "ptqlib_git", "reference_commit"):
         v = settings[k]
         if k == "model":
             v = f"{v} ({n_params / 1e6:.1f} M params, {len(fp_weights)} decoder linears)"

@@ -109,7 +109,6 @@ def _reset_peak_rss() -> bool:
 # ---------------------------------------------------------------------------------------------
 def _build(method: str, args, device, dtype):
     """Model with the method's adapter, on ``device``; returns (model, n_trainable)."""
-    import torch
 
     targets = [t for t in args.targets.split(",") if t]
     if method == "qlora":
@@ -168,9 +167,9 @@ def _own_memory(model) -> None:
 
 
 def worker(args) -> dict:
-    import torch
     import bitsandbytes  # noqa: F401  imported by every worker so the baseline RSS is comparable
     import peft  # noqa: F401
+    import torch
     import transformers  # noqa: F401
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

@@ -94,8 +94,8 @@ class _StepTimer:
 
 def train_speed(model, tok, method: str, prec: str, steps: int, batch: int, seq: int, **kw) -> float:
     """Tokens/s of ``steps`` optimizer steps (after one warm-up step) of ``method`` at ``prec``."""
-    from ptqlib import finetune
-    from ptqlib.config import FinetuneParams
+    from ptqlib.stages import finetune
+    from ptqlib.study.params import FinetuneParams
 
     p = FinetuneParams(method=method, steps=steps + 1, batch_size=batch, max_length=seq, lr=1e-5,
                        precision=prec, rank=16, alpha=32, **kw)
@@ -115,7 +115,7 @@ def train_speed(model, tok, method: str, prec: str, steps: int, batch: int, seq:
 
 def gptq_layer_speed(model, prec: str, n_windows: int, seq: int, vocab: int) -> tuple[float, float]:
     """(tokens/s, FLOP/s) of GPTQ on the first two decoder layers (per layer), no diagnostics."""
-    from ptqlib.quant.gptq import gptq_quantize_model
+    from ptqlib.quant.gptq_model import gptq_quantize_model
     from ptqlib.quant.layers import get_decoder_layers
 
     m = copy.deepcopy(model)
@@ -137,7 +137,7 @@ def gptq_layer_speed(model, prec: str, n_windows: int, seq: int, vocab: int) -> 
 
 
 def ppl_speed(model, prec: str, n: int, seq: int, vocab: int) -> float:
-    from ptqlib.evaluate import window_nll
+    from ptqlib.stages.evaluate import window_nll
 
     m = P.cast_for_inference(copy.deepcopy(model), prec)
     g = torch.Generator().manual_seed(0)
@@ -151,7 +151,7 @@ def ppl_speed(model, prec: str, n: int, seq: int, vocab: int) -> float:
 def gen_speed(model, tok, prec: str, n: int, new: int) -> float:
     """(prompt + generated) tokens/s of batched greedy generation of the task's prompts."""
     from ptqlib.data import format_prompt, load_task
-    from ptqlib.evaluate import generate
+    from ptqlib.stages.evaluate import generate
 
     m = P.cast_for_inference(copy.deepcopy(model), prec)
     prompts = [e.prompt for e in load_task("meetings-hard", "test", n)]

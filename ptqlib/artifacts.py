@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 
 from ptqlib.errors import ArtifactError
-from ptqlib.record import RECORD, damaged_weights, read_json
+from ptqlib.files import RECORD, damaged_weights, read_json
 
 ARTIFACT = "artifact.json"
 
@@ -138,7 +138,7 @@ def input_of(ref: str | Path) -> str:
 
 def save(output_dir: str | Path, info: dict, input_ref: str | Path | None = None) -> None:
     """Write artifact.json (atomically); ``input_ref`` is recorded as ``input`` (see :func:`input_of`)."""
-    from ptqlib.record import write_json_atomic
+    from ptqlib.files import write_json_atomic
 
     if input_ref is not None:
         info = {**info, "input": base_ref(output_dir, input_ref)}

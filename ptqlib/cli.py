@@ -133,7 +133,7 @@ def _export(args) -> int:
 
 
 def _findings(args) -> int:
-    from ptqlib.findings import update
+    from ptqlib.report.findings import update
 
     try:
         same, diff = update(args.readme, args.reports, check=args.check)
@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("papermill").setLevel(logging.WARNING)  # one line per stage from the runner is enough
 
-    from ptqlib.config import load_study
-    from ptqlib.runner import Runner
+    from ptqlib.engine.runner import Runner
+    from ptqlib.report import tables
+    from ptqlib.study.schema import load_study
 
     if args.cmd == "export":
         return _export(args)
@@ -171,15 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         study = load_study(args.study, allow_network=not (args.cmd == "run" and args.dry_run))
         if args.cmd == "analyse":
             r = Runner(study, args.runs, args.reports, keep_previous=not args.fresh_report)
-            r.write_results()
-            return 0 if r.analyse(force=True) else 1
-        runner = Runner(study, args.runs, args.reports, kernel=args.kernel, keep_previous=not args.fresh_report)
+            tables.write_results(r)
+            return 0 if tables.analyse(r, force=True) else 1
+        runner = Runner(study, args.runs, args.reports, kernel=args.kernel, keep_previous=not args.fresh_report,
+                        reporter=tables)
         if args.dry_run:
             print(runner.describe(args.only, args.force))
             for note in study.notes:
                 print(f"note: {note}")
             return 0
-        from ptqlib.executors import make_executor
+        from ptqlib.engine.executors import make_executor
 
         for d in (Path(args.runs), Path(args.reports)):  # before any stage: a result must have a place to go
             problem = _unwritable(d)

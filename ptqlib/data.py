@@ -9,16 +9,13 @@ Task names (the ``task`` key of a study):
 - ``hf:<dataset>[:<config>]``: a hub dataset through ``datasets`` (online machines only).
 
 Every task has three disjoint splits: ``train`` (fine-tuning), ``validation`` (choosing settings:
-``select`` in a study file, ``ptqlib.selection``) and ``test`` (the reported numbers). How each
+``select`` in a study file, ``ptqlib.study.selection``) and ``test`` (the reported numbers). How each
 is drawn: :func:`load_task`.
 
-Real text for calibration and held-out perplexity: ``pydoc`` (CPython's language reference,
-``pydoc_data.topics``), split by topic, deterministically (a topic is held out when the
-SHA-1 of its name is 0 mod 5: 19 of 79 topics, 88 K of 465 K characters).
+Real text for calibration and held-out perplexity (``pydoc``, ``stdlib``) is ``ptqlib.text``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -26,7 +23,6 @@ from pathlib import Path
 
 from ptqlib.errors import ConfigError
 
-TEXT_SOURCES = ("pydoc", "stdlib")
 TASKS = ("meetings", "meetings-hard")
 TASK_PREFIXES = ("jsonl:", "hf:")
 SPLITS = ("train", "validation", "test")
@@ -42,117 +38,6 @@ class Example:
     completion: str
     source: str = ""
     fields: dict[str, str] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# pydoc text
-
-
-def pydoc_split() -> tuple[dict[str, str], dict[str, str]]:
-    """(train topics, held-out topics) of CPython's language reference."""
-    from pydoc_data.topics import topics
-
-    train, held = {}, {}
-    for name in sorted(topics):
-        heldout = int(hashlib.sha1(name.encode()).hexdigest(), 16) % 5 == 0
-        (held if heldout else train)[name] = topics[name]
-    return train, held
-
-
-# Held-out source code: whole modules of CPython's standard library, a second real-text domain
-# for perplexity (code, not prose). A fixed list, so every run scores the same files; none of
-# them is used for calibration (that is pydoc train text).
-STDLIB_MODULES = ("argparse", "textwrap", "fractions", "heapq", "bisect", "calendar", "csv", "difflib", "shlex",
-                  "string", "statistics", "dataclasses", "functools", "graphlib", "ipaddress", "configparser")
-
-
-def stdlib_docs() -> dict[str, str]:
-    """Module name -> source of :data:`STDLIB_MODULES` (this interpreter's standard library)."""
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = {name: (root / f"{name}.py").read_text(encoding="utf-8") for name in STDLIB_MODULES
-            if (root / f"{name}.py").is_file()}
-    if not docs:
-        raise ConfigError(f"text source 'stdlib': no module of {STDLIB_MODULES} found under {root}")
-    return docs
-
-
-def stdlib_text() -> str:
-    """The source of :data:`STDLIB_MODULES`, concatenated."""
-    return "\n\n".join(f"# file: {name}.py\n" + text for name, text in stdlib_docs().items())
-
-
-def text_windows(tokenizer, split: str, seq_len: int, n: int, seed: int = 0, source: str = "pydoc"):
-    """``n`` token windows of length ``seq_len`` as a LongTensor (n, seq_len).
-
-    ``split='train'``: random windows of the training topics (calibration; depends on ``seed``;
-    pydoc only). ``split='test'``: consecutive non-overlapping windows of the held-out text
-    (perplexity; the same for every seed, so every pipeline is scored on identical tokens):
-    the held-out pydoc topics, or for ``source='stdlib'`` the modules of :data:`STDLIB_MODULES`.
-    """
-    import torch
-
-    if source not in TEXT_SOURCES:
-        raise ConfigError(f"unknown text source {source!r}; valid: {', '.join(TEXT_SOURCES)}")
-    if source == "stdlib":
-        if split == "train":
-            raise ConfigError("text source 'stdlib' is held-out text only; calibrate on 'pydoc'")
-        text = stdlib_text()
-    else:
-        train, held = pydoc_split()
-        text = "\n\n".join((train if split == "train" else held).values())
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    if split == "train":
-        g = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, len(ids) - seq_len, (n,), generator=g)
-        return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-    n_avail = len(ids) // seq_len
-    if n > n_avail:
-        raise ConfigError(f"held-out {source} text has only {n_avail} windows of {seq_len} tokens; asked for {n}")
-    return ids[: n * seq_len].view(-1, seq_len)[:n]
-
-
-WINDOW_LAYOUTS = ("random", "first")
-
-
-def held_out_windows(tokenizer, source: str, seq_len: int, n: int, layout: str = "random", seed: int = 0):
-    """``(windows (n, seq_len) LongTensor, docs: list[int])``: perplexity windows of a held-out source
-    and, per window, the index of the document (pydoc topic, stdlib module) its middle token is in.
-
-    ``layout='random'``: ``n`` non-overlapping windows at seeded random positions over the whole
-    held-out text (every topic / module tokenized on its own, then joined): a random shift in
-    ``[0, seq_len)``, then ``n`` of the aligned slots drawn without replacement, in text order. So
-    the windows represent the domain, not its first pages; windows of one document are not
-    independent, which is why the claims' intervals cluster them by ``docs``. The seed is fixed
-    for evaluation: every pipeline is scored on identical tokens (paired).
-    ``layout='first'``: the first ``n`` consecutive windows of the joined text (ptqlib before).
-    """
-    import torch
-
-    if layout not in WINDOW_LAYOUTS:
-        raise ConfigError(f"ppl_windows: {layout!r} is not a layout; valid: {', '.join(WINDOW_LAYOUTS)}")
-    if layout == "first":
-        w = text_windows(tokenizer, "test", seq_len, n, source=source)
-        return w, [-1] * len(w)  # -1: document not known (each window its own cluster)
-    if source not in TEXT_SOURCES:
-        raise ConfigError(f"unknown text source {source!r}; valid: {', '.join(TEXT_SOURCES)}")
-    docs = stdlib_docs() if source == "stdlib" else pydoc_split()[1]
-    ids: list[int] = []
-    doc_of: list[int] = []
-    for d, text in enumerate(docs.values()):
-        toks = tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
-        ids += toks
-        doc_of += [d] * len(toks)
-    g = torch.Generator().manual_seed(seed)
-    shift = int(torch.randint(0, seq_len, (1,), generator=g))
-    n_slots = (len(ids) - shift) // seq_len
-    if n > n_slots:
-        raise ConfigError(f"held-out {source} text has only {n_slots} windows of {seq_len} tokens; asked for {n}")
-    slots = torch.randperm(n_slots, generator=g)[:n].sort().values.tolist()
-    t = torch.tensor(ids, dtype=torch.long)
-    starts = [shift + k * seq_len for k in slots]
-    return torch.stack([t[a:a + seq_len] for a in starts]), [doc_of[a + seq_len // 2] for a in starts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,13 +243,13 @@ def _hf_cached(name: str) -> bool:
 def _check_hf_reachable(spec: str) -> None:
     """Refuse at once an ``hf:`` task that cannot load here: not cached, and the hub switched off or
     unreachable (``datasets`` would retry for a minute or more, after the study's first stages ran)."""
-    from ptqlib.models import hub_offline, hub_reachable
+    from ptqlib import hub
 
     name = spec.partition(":")[0]
     if _hf_cached(name):
         return
-    why = ("HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set" if hub_offline() else
-           None if hub_reachable() else "the hub (huggingface.co:443) cannot be reached from this machine")
+    why = ("HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set" if hub.hub_offline() else
+           None if hub.hub_reachable() else "the hub (huggingface.co:443) cannot be reached from this machine")
     if why:
         raise ConfigError(f"task 'hf:{spec}': the dataset is not in the local cache and cannot be downloaded ({why}); "
                           "use a jsonl:<path> task, or run once where the hub is reachable to cache it")

@@ -16,7 +16,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from ptqlib.data import TEXT_SOURCES, parse_fields
+from ptqlib.data import parse_fields
+from ptqlib.text import TEXT_SOURCES
 
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?![\w])")
 _NAME = re.compile(r"\b[A-Z][a-zA-Z]+(?:\s+[A-Z][a-zA-Z]+)*")
@@ -166,7 +167,7 @@ def task_scores(preds: list[str], refs: list[str], sources: list[str]) -> dict[s
 
 
 # ---- the names an evaluate stage records (what a claim compares, what a select ranks by) ---------
-# run-level metrics of ptqlib.evaluate: size and speed
+# run-level metrics of ptqlib.stages.evaluate: size and speed
 RUN_METRICS = ("size_mb_deploy", "size_mb_stored", "model_params", "gen_tokens_per_s", "gen_seconds", "ppl_seconds",
                "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "load_seconds")
 PPL_METRICS = tuple("ppl" if s == "pydoc" else f"ppl_{s}" for s in TEXT_SOURCES)

@@ -14,7 +14,6 @@ temporary directory and renamed, so a killed conversion never leaves a half mode
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
@@ -23,6 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ptqlib import hub
 from ptqlib.errors import ConfigError
 
 EMBEDDED = {
@@ -119,7 +119,7 @@ def _train_tiny_tokenizer(out: Path, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ptqlib.data import pydoc_split
+    from ptqlib.text import pydoc_split
 
     specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -204,13 +204,13 @@ def model_config(name: str, allow_network: bool = True) -> dict | None:
         return AutoConfig.from_pretrained(name, local_files_only=True).to_dict()
     except OSError:
         pass  # not in the local cache
-    offline = hub_offline()
+    offline = hub.hub_offline()
     if not allow_network and not offline:
         return None
     try:
         if offline:
             raise OSError("HF_HUB_OFFLINE is set and the model is not in the local cache")
-        if not hub_reachable():  # fail in seconds, not after a minute of download retries
+        if not hub.hub_reachable():  # fail in seconds, not after a minute of download retries
             raise OSError("the hub (huggingface.co:443) cannot be reached from this machine")
         return AutoConfig.from_pretrained(name).to_dict()
     except OSError as e:
@@ -219,25 +219,6 @@ def model_config(name: str, allow_network: bool = True) -> dict | None:
             f"model {name!r} is not in the local cache and cannot be downloaded here ({reason}); "
             "use 'smollm2-135m', 'tiny' or a local directory"
         ) from e
-
-
-def hub_offline() -> bool:
-    """Has the user switched the hub off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)?"""
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-@functools.lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Can this machine open a connection to the Hugging Face hub (``HF_ENDPOINT`` or huggingface.co)?"""
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def linear_input_sizes(cfg: dict) -> dict[str, int]:

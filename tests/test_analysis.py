@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
 from scipy import stats
 
-from ptqlib.analysis import check_claims, decide, mean_pm, paired_bootstrap, summarise, hypothesis, Claim
-from ptqlib.inference import holm, paired_interval, p_holds
 from ptqlib.metrics import Statistic
+from ptqlib.report.analysis import mean_pm, summarise
+from ptqlib.report.claims import Claim, check_claims, decide, hypothesis, paired_bootstrap
+from ptqlib.report.inference import holm, p_holds, paired_interval
 
 
 def results(a_vals, b_vals, metric="field_f1", trains=True):
@@ -266,7 +266,7 @@ def test_floor_and_ceiling_are_flagged():
 def test_redecide_rewrites_only_the_claims(tmp_path):
     import json
 
-    from ptqlib.analysis import redecide
+    from ptqlib.report.analysis import redecide
 
     res, units = records(np.clip(BASE[:2] + 0.2, 0, 1), BASE[:2])
     res.to_csv(tmp_path / "results.csv", index=False)
@@ -327,7 +327,7 @@ def _chain_results():
 
 
 def test_settings_table_names_each_stage_in_chain_order():
-    from ptqlib.analysis import settings_table
+    from ptqlib.report.analysis import settings_table
 
     t = settings_table(_chain_results())
     assert t.loc["ft_nf4_qlora", "stages"] == (
@@ -337,7 +337,7 @@ def test_settings_table_names_each_stage_in_chain_order():
 
 
 def test_cost_table_keeps_each_fine_tuning():
-    from ptqlib.analysis import cost_table
+    from ptqlib.report.analysis import cost_table
 
     t = cost_table(_chain_results())
     assert t.loc["ft_nf4_qlora", "finetune (s)"] == pytest.approx(100.5)  # mean over seeds
@@ -349,7 +349,7 @@ def test_notebook_outputs_are_written_and_read_back(tmp_path):
     """What 04_analyse writes (summary.csv, claims.csv) and reads (results, units, records)."""
     import json
 
-    from ptqlib.analysis import load_outputs, sample_generations, write_claims, write_summary
+    from ptqlib.report.analysis import load_outputs, sample_generations, write_claims, write_summary
 
     res, units = records(BASE + 0.2, BASE)
     with pytest.raises(FileNotFoundError, match="no results.csv"):
@@ -384,7 +384,7 @@ def test_plot_metrics_wide_results_draw_without_warnings():
     import matplotlib
 
     matplotlib.use("Agg")
-    from ptqlib.analysis import plot_metrics
+    from ptqlib.report.analysis import plot_metrics
 
     res = pd.DataFrame({"pipeline": ["a[seed=0]", "a[seed=1]", "b[seed=0]", "b[seed=1]"],
                         "field_f1": [0.8, 0.82, 0.6, 0.62]})

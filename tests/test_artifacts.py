@@ -1,8 +1,9 @@
 """Stage artifacts load back to the same model, whatever sits under an adapter."""
 import torch
 
-from ptqlib import artifacts, finetune
-from ptqlib.config import FinetuneParams
+from ptqlib import artifacts
+from ptqlib.stages import finetune
+from ptqlib.study.params import FinetuneParams
 
 
 def _params(method, **kw):
@@ -37,7 +38,7 @@ def test_tensor_bytes_counts_tied_weights_once_and_16bit_floats():
 def test_nf4_size_is_the_same_every_time():
     """tensor_bytes must not depend on which addresses freed temporaries leave for the next ones."""
     from ptqlib import artifacts
-    from ptqlib.ptq import quantize
+    from ptqlib.stages.quantize import quantize
 
     model, _, _ = quantize("tiny", {"method": "nf4", "double_quant": True, "blocksize": 64}, None)
     sizes = {artifacts.tensor_bytes(model, float_bytes=2) for _ in range(8)}

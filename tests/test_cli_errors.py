@@ -5,7 +5,7 @@ import signal
 import pytest
 
 from ptqlib.cli import main
-from ptqlib.runner import Runner
+from ptqlib.engine.runner import Runner
 
 
 def _study(tmp_path):

@@ -4,9 +4,9 @@ import textwrap
 
 import pytest
 
-from ptqlib.config import load_study
 from ptqlib.errors import ConfigError
-from ptqlib.runner import build_graph, stage_id
+from ptqlib.study.graph import build_graph, stage_id
+from ptqlib.study.schema import load_study
 
 
 def write(tmp_path, text, name="s.yaml"):
@@ -84,11 +84,13 @@ def test_stage_id_is_content_addressed():
     ("model: tiny\npipelines:\n  a: [{finetune: qlora}]\n", ["pipelines.a[0].finetune.method", "quantize stage before"]),
     ("model: tiny\npipelines:\n  a: [{quantize: nf4}, {finetune: full}]\n", ["pipelines.a[1].finetune.method", "quantized"]),
     ("model: tiny\npipelines:\n  a: [{quantize: {method: rtn, bits: four}}]\n", ["quantize.bits", "'four'", "int"]),
-    ("model: tiny\npipelines:\n  a: [{finetune: lora}, {quantize: rtn}]\n", ["pipelines.a[1].quantize", "unmerged 'lora'", "merge: true"]),
+    ("model: tiny\npipelines:\n  a: [{finetune: lora}, {quantize: rtn}]\n",
+     ["pipelines.a[1].quantize", "unmerged 'lora'", "merge: true"]),
     ("model: tiny\npipelines:\n  a: [{evaluate: {}}, {quantize: rtn}]\n", ["pipelines.a[0]", "evaluate can only be the last"]),
     ("model: tiny\npipelines:\n  a: [{evaluate: {runtime: onnx}}]\n", ["runtime: 'onnx'", "valid: torch, llama.cpp"]),
     ("model: tiny\npipelines:\n  a: [{evaluate: {gguf_type: q4_1}}]\n", ["gguf_type", "runtime llama.cpp only"]),
-    ("model: tiny\npipelines:\n  a: [{evaluate: {runtime: llama.cpp, gguf_type: q5_k}}]\n", ["gguf_type: 'q5_k'", "auto, q4_1, q8_0, f16"]),
+    ("model: tiny\npipelines:\n  a: [{evaluate: {runtime: llama.cpp, gguf_type: q5_k}}]\n",
+     ["gguf_type: 'q5_k'", "auto, q4_1, q8_0, f16"]),
     ("model: tiny\npipelines:\n  a: [{prune: {}}]\n", ["unknown stage 'prune'"]),
     ("model: tiny\npipelines:\n  a: []\nclaims: [{claim: x, a: a, b: nope, metric: ppl}]\n", ["claims[0].b", "'nope'"]),
     ("model: tiny\npipelines:\n  a: []\nclaims: [{claim: x, a: a, b: a, metric: ppl, relation: '<'}]\n",
@@ -160,7 +162,7 @@ def test_hub_model_group_size_checked_offline(tmp_path):
 
 def test_qa_group_size_comes_from_the_base(tmp_path):
     """Left out, the QA-* group is the quantized base's; it enters the stage's params (and id)."""
-    from ptqlib.runner import build_graph
+    from ptqlib.study.graph import build_graph
 
     text = ("model: tiny\npipelines:\n"
             "  g32: [{quantize: {method: rtn, group_size: 32}}, {finetune: qalora}]\n"
@@ -180,7 +182,7 @@ def test_qa_group_size_comes_from_the_base(tmp_path):
 def test_qa_pool_norm_keeps_cached_ids_and_is_refused_where_it_does_nothing(tmp_path):
     """pool_norm: the mean (the code before the key) keeps the ids stages were cached under; the
     sum is a new stage with its own label; a method without a pooled adapter refuses the key."""
-    from ptqlib.config import ID_NEUTRAL
+    from ptqlib.study.params import ID_NEUTRAL
 
     text = ("model: tiny\ndefaults:\n  finetune: {precision: fp32}\npipelines:\n"  # fp32: as cached before
             "  mean: [{quantize: {method: rtn, group_size: 32}}, {finetune: qalora}]\n"
@@ -197,7 +199,8 @@ def test_qa_pool_norm_keeps_cached_ids_and_is_refused_where_it_does_nothing(tmp_
                                           r"qblora, qalora, qablora only"):
         load_study(write(tmp_path, "model: tiny\npipelines:\n  a: [{finetune: {method: lora, pool_norm: sum}}]\n"))
     with pytest.raises(ConfigError, match=r"pool_norm.*'max'.*mean, sum"):
-        load_study(write(tmp_path, "model: tiny\npipelines:\n  a: [{quantize: rtn}, {finetune: {method: qalora, pool_norm: max}}]\n"))
+        load_study(write(tmp_path, "model: tiny\npipelines:\n"
+                                   "  a: [{quantize: rtn}, {finetune: {method: qalora, pool_norm: max}}]\n"))
 
 
 def test_dry_run_notes_an_uncached_hub_model(tmp_path, monkeypatch, capsys):
@@ -225,10 +228,11 @@ def test_bad_jsonl_is_reported_under_task(tmp_path):
 
 
 def test_evaluate_entry_overrides_defaults_and_neutral_keys_keep_stage_ids(tmp_path):
-    from ptqlib.runner import build_graph
+    from ptqlib.study.graph import build_graph
 
     f = tmp_path / "s.yaml"
-    f.write_text("model: tiny\ndefaults:\n  evaluate: {ppl_samples: 4, task_samples: 2, precision: fp32, ppl_windows: first}\npipelines:\n"
+    f.write_text("model: tiny\ndefaults:\n  evaluate: {ppl_samples: 4, task_samples: 2, precision: fp32, ppl_windows: first}\n"
+                 "pipelines:\n"
                  "  t: []\n  g: [{evaluate: {runtime: llama.cpp, speed_prompts: 2}}]\n"
                  "  t2: [{evaluate: {runtime: torch, speed_prompts: 0}}]\n")
     study = load_study(f)
@@ -238,7 +242,7 @@ def test_evaluate_entry_overrides_defaults_and_neutral_keys_keep_stage_ids(tmp_p
     _, chains = build_graph(study)
     # the new keys at their neutral values leave the id of an existing evaluate stage unchanged
     assert chains["t"] == chains["t2"] != chains["g"]
-    from ptqlib.config import ID_NEUTRAL
+    from ptqlib.study.params import ID_NEUTRAL
 
     before = {k: v for k, v in ev["t"].items() if k not in ID_NEUTRAL["evaluate"]}  # params as cached before
     assert stage_id("evaluate", before, None, "tiny", "meetings", 0) == chains["t"][-1]
@@ -247,7 +251,7 @@ def test_evaluate_entry_overrides_defaults_and_neutral_keys_keep_stage_ids(tmp_p
 def test_grid_rules_change_only_the_ids_of_stages_they_change(tmp_path):
     """sym_grid / group_grid: the old rules keep the ids stages were cached under; the new defaults
     re-run GPTQ with dynamic groups (and symmetric runs) only, not NF4 or asymmetric RTN."""
-    from ptqlib.runner import build_graph
+    from ptqlib.study.graph import build_graph
 
     f = tmp_path / "s.yaml"
     f.write_text("model: tiny\npipelines:\n"
@@ -327,7 +331,7 @@ def test_bad_select_is_named(tmp_path, text, expect):
 
 
 def test_select_builds_one_validation_pipeline_per_candidate_at_the_first_seed(tmp_path):
-    from ptqlib.config import ID_NEUTRAL
+    from ptqlib.study.params import ID_NEUTRAL
 
     study = load_study(write(tmp_path, """
         model: tiny

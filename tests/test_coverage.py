@@ -6,15 +6,15 @@ better by DELTA on average but better on some examples and worse on others (a sh
 component, the part a seed-only interval misses); each run (pipeline x seed) is shifted by a
 seed effect whose SD is a multiple of the example-level SE of one seed's difference. The
 interval must contain DELTA in >= 93% of the studies in every setting. The old seed-resampling
-bootstrap (``analysis.paired_bootstrap``) must fall below 90% at 5x, so the test tells them apart.
+bootstrap (``claims.paired_bootstrap``) must fall below 90% at 5x, so the test tells them apart.
 Fixed RNG seeds: the numbers are the same on every run (docs/statistics.md quotes them).
 """
 import numpy as np
 import pytest
 
-from ptqlib.analysis import paired_bootstrap
-from ptqlib.inference import paired_interval
 from ptqlib.metrics import Statistic
+from ptqlib.report.claims import paired_bootstrap
+from ptqlib.report.inference import paired_interval
 
 N, DELTA, STUDIES = 128, 0.02, 2000
 MEAN = Statistic("task", "field_f1")

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from ptqlib.data import load_task, meetings, parse_fields, pydoc_split, read_jsonl, sft_features
+from ptqlib.data import load_task, meetings, parse_fields, read_jsonl, sft_features
 from ptqlib.errors import ConfigError
+from ptqlib.text import pydoc_split
 
 
 def test_pydoc_split_is_deterministic_and_disjoint():
@@ -97,11 +98,11 @@ def test_an_uncached_hub_task_is_refused_at_once_where_the_hub_is_off_or_unreach
     """It was accepted, then retried for 58-104 s after the first stages ran."""
     import time
 
-    from ptqlib.config import load_study
+    from ptqlib.study.schema import load_study
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr("ptqlib.models.hub_reachable", lambda: False)  # unreachable either way: no retry may start
+    monkeypatch.setattr("ptqlib.hub.hub_reachable", lambda: False)  # unreachable either way: no retry may start
     f = tmp_path / "s.yaml"
     f.write_text("model: tiny\ntask: hf:nobody/no-such-set\npipelines:\n  base: []\n")
     t0 = time.perf_counter()
@@ -163,8 +164,8 @@ def test_load_task_knows_meetings_hard():
 
 
 def test_stdlib_windows_are_held_out_code():
-    from ptqlib.data import text_windows
     from ptqlib.models import load_tokenizer
+    from ptqlib.text import text_windows
 
     tok = load_tokenizer("tiny")
     a = text_windows(tok, "test", 64, 8, source="stdlib")
@@ -181,8 +182,8 @@ def test_stdlib_windows_are_held_out_code():
 def test_random_windows_span_the_held_out_documents():
     """ppl_windows random: non-overlapping, seeded, from many topics / modules (not the first pages),
     each window tagged with its document; first: the consecutive windows of before."""
-    from ptqlib.data import STDLIB_MODULES, held_out_windows, text_windows
     from ptqlib.models import load_tokenizer
+    from ptqlib.text import STDLIB_MODULES, held_out_windows, text_windows
 
     tok = load_tokenizer("tiny")
     for source, n_docs in (("stdlib", len(STDLIB_MODULES)), ("pydoc", 19)):

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from ptqlib.data import load_task, text_windows
-from ptqlib.evaluate import evaluate_model, generate, perplexity, window_nll
+from ptqlib.data import load_task
+from ptqlib.stages.evaluate import evaluate_model, generate, perplexity, window_nll
+from ptqlib.text import text_windows
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,8 @@ def test_evaluate_keeps_units_that_give_back_the_metrics(tiny):
 def test_run_stage_is_evaluate_model_plus_the_models_size(tiny):
     """The stage's one call: the same numbers as evaluate_model, then size and parameter count."""
     from ptqlib import artifacts
-    from ptqlib.config import EvaluateParams
-    from ptqlib.evaluate import run_stage
+    from ptqlib.stages.evaluate import run_stage
+    from ptqlib.study.params import EvaluateParams
 
     model, tok = tiny
     ex = load_task("meetings-hard", "test", 2)
@@ -76,10 +77,10 @@ def test_kl_against_the_reference_is_zero_for_itself_and_grows_with_quantization
     itself; RTN 3-bit moves further from the float model than RTN 8-bit."""
     import copy
 
-    from ptqlib.evaluate import evaluate_model
     from ptqlib.metrics import statistic
     from ptqlib.models import load_model
     from ptqlib.quant import rtn_quantize_model
+    from ptqlib.stages.evaluate import evaluate_model
 
     model, tok = load_model("tiny")
     m, _, u = evaluate_model(model, tok, [], ppl_samples=4, ppl_seq_len=32, reference=model,
@@ -97,8 +98,8 @@ def test_kl_against_the_reference_is_zero_for_itself_and_grows_with_quantization
 
 
 def test_the_runner_passes_the_input_of_the_first_quantizing_stage_as_reference(tmp_path):
-    from ptqlib.config import load_study
-    from ptqlib.runner import build_graph
+    from ptqlib.study.graph import build_graph
+    from ptqlib.study.schema import load_study
 
     f = tmp_path / "s.yaml"
     f.write_text("model: tiny\ndefaults:\n  quantize: {group_size: 32}\npipelines:\n  base: []\n"

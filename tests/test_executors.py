@@ -3,10 +3,11 @@ import subprocess
 
 import pytest
 
-from ptqlib.config import ConfigError, load_study
-from ptqlib.executors import InlineExecutor, LocalExecutor, make_executor, submitit_parameters
-from ptqlib.runner import Runner
-from ptqlib.stage import stage_busy, stage_lock
+from ptqlib.engine.executors import InlineExecutor, LocalExecutor, make_executor, submitit_parameters
+from ptqlib.engine.runner import Runner
+from ptqlib.engine.stage import stage_busy, stage_lock
+from ptqlib.study.params import ConfigError
+from ptqlib.study.schema import load_study
 
 
 def _runner(tmp_path):
@@ -47,7 +48,7 @@ def test_each_running_stage_gets_its_own_gpu_and_a_share_of_the_threads(tmp_path
         release[node.id].wait(10)
         return results.get(node.id, "ok")
 
-    monkeypatch.setattr("ptqlib.executors.run_stage", fake_run_stage)
+    monkeypatch.setattr("ptqlib.engine.executors.run_stage", fake_run_stage)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     ex = LocalExecutor(tmp_path / "runs", jobs=2, gpus=["3", "5"])
     nodes = list(r.nodes.values())
@@ -98,13 +99,13 @@ def test_stage_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
     with stage_lock(tmp_path, "abc") as got:
         assert got
         # another process sees the stage as busy while this one holds it
-        code = ("import sys; from ptqlib.stage import stage_busy; "
+        code = ("import sys; from ptqlib.engine.stage import stage_busy; "
                 f"sys.exit(0 if stage_busy({str(tmp_path)!r}, 'abc') else 1)")
         assert subprocess.run([__import__("sys").executable, "-c", code]).returncode == 0
     assert not stage_busy(tmp_path, "abc")
     # a holder killed with SIGKILL releases it (the OS drops flock locks with the process)
     holder = subprocess.Popen([__import__("sys").executable, "-c",
-                               "import time; from ptqlib.stage import stage_lock\n"
+                               "import time; from ptqlib.engine.stage import stage_lock\n"
                                f"with stage_lock({str(tmp_path)!r}, 'abc') as g:\n print(g, flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "True"
@@ -116,16 +117,19 @@ def test_stage_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
 
 def test_a_record_older_than_its_input_is_not_fresh(tmp_path):
     """A stage whose input re-ran holds the old input's result: run_stage must redo it."""
-    from ptqlib.record import write_json_atomic
-    from ptqlib.stage import fresh
+    from ptqlib.engine.stage import fresh
+    from ptqlib.files import write_json_atomic
 
     r = _runner(tmp_path)
     ft, ev = r.chains["b"]
     node = r.nodes[ev]
-    write_json_atomic(r.runs / ft / "metrics.json", {"status": "ok", "metrics": {}, "timings": {"wall_s": 10.0, "started": 10.0, "finished": 20.0}})
-    write_json_atomic(r.runs / ev / "metrics.json", {"status": "ok", "metrics": {}, "timings": {"wall_s": 5.0, "started": 25.0, "finished": 30.0}})
+    def rec(wall, started, ended):
+        return {"status": "ok", "metrics": {}, "timings": {"wall_s": wall, "started": started, "finished": ended}}
+
+    write_json_atomic(r.runs / ft / "metrics.json", rec(10.0, 10.0, 20.0))
+    write_json_atomic(r.runs / ev / "metrics.json", rec(5.0, 25.0, 30.0))
     assert fresh(r.runs, node)
-    write_json_atomic(r.runs / ft / "metrics.json", {"status": "ok", "metrics": {}, "timings": {"wall_s": 10.0, "started": 40.0, "finished": 50.0}})
+    write_json_atomic(r.runs / ft / "metrics.json", rec(10.0, 40.0, 50.0))
     assert not fresh(r.runs, node)  # the fine-tune re-ran after this evaluation
     assert fresh(r.runs, r.nodes[ft])  # a root-input stage is fresh when finished
 
@@ -138,7 +142,7 @@ def test_a_failure_outside_the_notebook_under_jobs_2_is_named_in_the_summary(tmp
     def fake_run_stage(runs, node, kernel, progress, force, env):
         raise OSError(28, "No space left on device", str(runs / node.id / "metrics.json"))
 
-    monkeypatch.setattr("ptqlib.executors.run_stage", fake_run_stage)
+    monkeypatch.setattr("ptqlib.engine.executors.run_stage", fake_run_stage)
     r = _runner(tmp_path)
     with caplog.at_level(logging.INFO):
         r.done = {}

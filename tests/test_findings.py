@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ptqlib import findings
-from ptqlib.analysis import write_claims
 from ptqlib.cli import main
+from ptqlib.report import findings
+from ptqlib.report.analysis import write_claims
 
 ROOT = Path(__file__).resolve().parent.parent
 

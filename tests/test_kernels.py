@@ -5,8 +5,8 @@ import nbformat
 import papermill as pm
 import pytest
 
-from ptqlib import kernels
-from ptqlib.stage import kernel_manager_kwargs
+from ptqlib.engine import kernels
+from ptqlib.engine.stage import kernel_manager_kwargs
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir("/proc"), reason="Linux /proc")]
 
@@ -58,7 +58,7 @@ def test_the_zygote_dies_with_its_runner(tmp_path):
     import sys
     import time
 
-    runner = subprocess.Popen([sys.executable, "-c", "import time\nfrom ptqlib import kernels\nz = kernels.start()\n"
+    runner = subprocess.Popen([sys.executable, "-c", "import time\nfrom ptqlib.engine import kernels\nz = kernels.start()\n"
                                "print(z.proc.pid, z.path, flush=True)\ntime.sleep(120)"],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, kernels.ENV: ""})
     pid, path = runner.stdout.readline().split()

@@ -1,4 +1,4 @@
-"""ptqlib.lmeval: lm-evaluation-harness on the tiny model with a local, offline task.
+"""ptqlib.stages.lmeval: lm-evaluation-harness on the tiny model with a local, offline task.
 
 Tests that run lm-eval are skipped when it is not installed (it is the optional ``lmeval``
 extra); preset expansion and the missing-package error are tested either way.
@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from ptqlib.lmeval import PRESETS, expand_tasks, flatten_results
+from ptqlib.stages.lmeval import PRESETS, expand_tasks, flatten_results
 
 DATA = Path(__file__).parent / "data" / "lmeval"
 TASK = "ptqlib_mc_tiny"
@@ -75,7 +75,7 @@ def test_presets_expand():
 
 
 def test_missing_lm_eval_gives_install_hint(monkeypatch):
-    from ptqlib.lmeval import run_lm_eval
+    from ptqlib.stages.lmeval import run_lm_eval
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
     with pytest.raises(ImportError, match=r"pip install -e '\.\[lmeval\]'"):
@@ -91,7 +91,7 @@ def test_flatten_results_keeps_numbers_only():
 
 
 def test_unknown_task_names_raise(task_dir):
-    from ptqlib.lmeval import run_lm_eval
+    from ptqlib.stages.lmeval import run_lm_eval
 
     # include_defaults=False: only the local folder is indexed, so this fails in well under 1 s.
     with pytest.raises(ValueError, match=r"no_such_task.*lm-eval ls tasks") as err:
@@ -103,7 +103,7 @@ def test_unknown_task_names_raise(task_dir):
 
 
 def test_local_task_runs_offline_and_is_deterministic(tiny, task_dir):
-    from ptqlib.lmeval import run_lm_eval
+    from ptqlib.stages.lmeval import run_lm_eval
 
     model, tok = tiny
     first = run_lm_eval(model, tok, [TASK], include_path=task_dir, batch_size=4)
@@ -120,7 +120,7 @@ def test_local_task_runs_offline_and_is_deterministic(tiny, task_dir):
 def test_scores_the_model_object_in_place(tiny, task_dir):
     """Biasing the in-memory model towards 'yes' (the right choice) gives acc 1, towards 'no' 0:
     lm-eval scores this very object (hooks, adapters, quantized layers) and maps targets right."""
-    from ptqlib.lmeval import run_lm_eval
+    from ptqlib.stages.lmeval import run_lm_eval
 
     model, tok = tiny
     ids = {w: set(tok(" " + w, add_special_tokens=False)["input_ids"]) for w in ["yes", "no", "maybe", "never"]}

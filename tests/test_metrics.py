@@ -1,4 +1,5 @@
 import math
+
 import pytest
 
 from ptqlib.metrics import exact_match, fact_counts, facts, field_f1, rouge_l, task_scores

@@ -56,14 +56,15 @@ def test_an_unreachable_hub_fails_in_seconds(monkeypatch):
     import time
 
     import ptqlib.models as models
+    from ptqlib import hub
     from ptqlib.errors import ConfigError
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens on the discard port
-    models.hub_reachable.cache_clear()
+    hub.hub_reachable.cache_clear()
     t0 = time.time()
     with pytest.raises(ConfigError, match=r"'someorg/somemodel' is not in the local cache and cannot be downloaded "
                                           r"here \(the hub .* cannot be reached"):
         models.model_config("someorg/somemodel")
     assert time.time() - t0 < 10
-    models.hub_reachable.cache_clear()
+    hub.hub_reachable.cache_clear()

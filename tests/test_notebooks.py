@@ -6,7 +6,7 @@ import nbformat
 import papermill as pm
 import pytest
 
-from ptqlib.config import EvaluateParams, FinetuneParams, QuantizeParams
+from ptqlib.study.params import EvaluateParams, FinetuneParams, QuantizeParams
 
 NB = Path(__file__).resolve().parent.parent / "notebooks"
 COMMON = {"input_model", "output_dir", "task", "seed", "progress"}
@@ -45,8 +45,8 @@ NON_DEFAULT = {
                          grad_accum=2, max_length=64, train_samples=8, rank=4, alpha=8.0, dropout=0.1,
                          target_modules=["q_proj"], merge=False, bits=3, group_size=32, pool=2, repeat=1,
                          pool_norm="sum", precision="fp32"),
-    EvaluateParams: dict(precision="fp32", ppl_windows="first", kl_reference=False, ppl_samples=4, ppl_seq_len=64, ppl_sources=["stdlib"], task_samples=3, split="validation",
-                         max_new_tokens=8,
+    EvaluateParams: dict(precision="fp32", ppl_windows="first", kl_reference=False, ppl_samples=4, ppl_seq_len=64,
+                         ppl_sources=["stdlib"], task_samples=3, split="validation", max_new_tokens=8,
                          batch_size=2, lm_eval_tasks=["arc_easy"], lm_eval_fewshot=0, lm_eval_limit=5,
                          lm_eval_include="", runtime="torch", gguf_type="auto", gguf_lossy=False,
                          speed_prompts=1, speed_tokens=8),
@@ -81,7 +81,7 @@ def test_evaluate_notebook_runs_perplexity_only(tmp_path):
     the empty table of generations)."""
     import json
 
-    from ptqlib.stage import kernel_name
+    from ptqlib.engine.stage import kernel_name
 
     out = tmp_path / "out"
     pm.execute_notebook(str(NB / "03_evaluate.ipynb"), str(tmp_path / "nb.ipynb"), kernel_name=kernel_name(),

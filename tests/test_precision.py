@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ptqlib import precision
-from ptqlib.config import FinetuneParams, load_study
 from ptqlib.errors import ConfigError
+from ptqlib.study.params import FinetuneParams
+from ptqlib.study.schema import load_study
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def _write(tmp_path, text: str):
 
 
 def test_study_resolves_auto_and_fp32_keeps_the_ids_of_cached_stages(tmp_path, has_bf16):
-    from ptqlib.runner import build_graph
+    from ptqlib.study.graph import build_graph
 
     body = ("pipelines:\n  ft: [{finetune: full}]\n  q: [{quantize: {method: rtn, group_size: 32}}]\n")
     auto = load_study(_write(tmp_path, "model: tiny\n" + body))
@@ -63,7 +64,7 @@ def test_study_resolves_auto_and_fp32_keeps_the_ids_of_cached_stages(tmp_path, h
     assert c_auto["ft"][0] != c_fp32["ft"][0] and c_auto["ft"][1] != c_fp32["ft"][1]
     assert c_auto["q"][0] == c_fp32["q"][0] and c_auto["q"][1] != c_fp32["q"][1]
     # fp32 is what every stage computed before the setting existed: the ids without the key
-    from ptqlib.runner import stage_id
+    from ptqlib.study.graph import stage_id
 
     ev = {k: v for k, v in fp32.pipelines[0].stages[0].params.items() if k != "precision"}
     assert stage_id("finetune", ev, None, "tiny", "meetings", 0) == c_fp32["ft"][0]
@@ -77,7 +78,8 @@ def test_bf16_on_hardware_without_it_is_refused_before_any_stage(tmp_path, no_bf
 def test_each_seed_is_its_own_calibration_draw(tmp_path):
     """GPTQ on an untrained model: one quantize stage per seed (calib_seed = the pipeline's seed);
     NF4 draws nothing and runs once; a pinned calib_seed is one draw for all seeds."""
-    from ptqlib.runner import Runner, build_graph
+    from ptqlib.engine.runner import Runner
+    from ptqlib.study.graph import build_graph
 
     text = ("model: tiny\nseeds: [0, 1, 2]\ndefaults:\n  quantize: {group_size: 32}\npipelines:\n"
             "  base: []\n  gptq: [{quantize: gptq}]\n  nf4: [{quantize: nf4}]\n"
@@ -105,9 +107,9 @@ def tiny():
 def test_bf16_evaluation_agrees_with_fp32(tiny, monkeypatch):
     """Perplexity of the tiny model in bf16 within 1% of fp32 (bf16 has 8 significand bits; the
     logits' log-softmax is taken in fp32), and QuantLinear keeps its scales' dtype."""
-    from ptqlib.data import text_windows
-    from ptqlib.evaluate import perplexity
     from ptqlib.quant import QuantLinear, rtn_quantize_model
+    from ptqlib.stages.evaluate import perplexity
+    from ptqlib.text import text_windows
 
     monkeypatch.setenv(precision.FORCE_ENV, "1")
     model, tok = tiny
@@ -128,8 +130,8 @@ def test_bf16_evaluation_agrees_with_fp32(tiny, monkeypatch):
 def test_bf16_training_agrees_with_fp32_and_says_so(tiny, monkeypatch):
     """Three full-FT steps under bf16 autocast: master weights stay fp32, the loss history within
     2% of fp32's, and the metrics name the precision that ran."""
-    from ptqlib import finetune
     from ptqlib.data import load_task, sft_features
+    from ptqlib.stages import finetune
 
     monkeypatch.setenv(precision.FORCE_ENV, "1")
     model, tok = tiny

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from ptqlib.record import read_json, write_json_atomic
+from ptqlib.files import read_json, write_json_atomic
 
 
 def test_record_is_atomic_and_0644(tmp_path):
@@ -25,8 +25,9 @@ def test_record_is_atomic_and_0644(tmp_path):
 def test_damaged_or_partial_records_count_as_not_finished(tmp_path):
     """Non-UTF-8 bytes, a truncated file, a non-object and a valid but partial record: each is
     'not finished' (the stage runs again), never an exception that blocks the whole runs dir."""
-    from ptqlib.record import complete, read_json
-    from ptqlib.stage import finished
+    from ptqlib.engine.record import complete
+    from ptqlib.engine.stage import finished
+    from ptqlib.files import read_json
 
     d = tmp_path / "abc"
     d.mkdir()
@@ -45,7 +46,7 @@ def test_atomic_writes_leave_the_old_file_on_failure(tmp_path, monkeypatch):
     writers use distinct temp names."""
     import os
 
-    from ptqlib import record
+    from ptqlib import files as record
 
     path = tmp_path / "claims.csv"
     record.write_atomic(path, "old\n")
@@ -64,7 +65,7 @@ def test_atomic_writes_leave_the_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_a_run_dir_has_one_file_mode(tmp_path):
-    from ptqlib.record import _umask, normalise_modes
+    from ptqlib.files import _umask, normalise_modes
 
     (tmp_path / "model").mkdir()
     w = tmp_path / "model" / "model.safetensors"

@@ -6,10 +6,11 @@ import shutil
 
 import pandas as pd
 
-from ptqlib import analysis
-from ptqlib.config import load_study
-from ptqlib.record import write_json_atomic
-from ptqlib.runner import Runner
+from ptqlib.engine.runner import Runner
+from ptqlib.files import write_json_atomic
+from ptqlib.report import analysis, tables
+from ptqlib.report.claims import check_claims
+from ptqlib.study.schema import load_study
 
 STUDY = """model: tiny
 seeds: [0, 1]
@@ -49,13 +50,13 @@ def test_a_lost_stage_cache_keeps_the_report_rows(tmp_path, caplog):
     f1 = {p.name: [0.9, 0.8, 1.0, 0.7] if p.family == "ft16" else [0.1, 0.2, 0.0, 0.3] for p in r.study.pipelines}
     for name, scores in f1.items():
         _finish(r, name, scores)
-    r.write_results()
+    tables.write_results(r)
     first_rows, first_units = _csv(r.reports / "results.csv"), _csv(r.reports / "units.csv")
     assert {row["source"] for row in first_rows} == {"runs"} and len(first_units) == 4 * len(f1)
 
     shutil.rmtree(r.runs)  # a fresh clone: the committed report, no stage cache
     with caplog.at_level(logging.INFO):
-        _runner(tmp_path).write_results()
+        tables.write_results(_runner(tmp_path))
     assert "kept 3 pipeline runs from the reports" in caplog.text
     again = _csv(r.reports / "results.csv")
     assert [{**row, "source": "runs"} for row in again] == first_rows  # the same values, marked as kept
@@ -63,13 +64,13 @@ def test_a_lost_stage_cache_keeps_the_report_rows(tmp_path, caplog):
     assert _csv(r.reports / "units.csv") == first_units
     out = analysis.load_outputs(r.reports)
     assert set(out.stages[s]["status"] for s in out.stages) == {"ok (previous report)"}
-    verdict = analysis.check_claims(out.meta["claims"], out.results, out.units)
+    verdict = check_claims(out.meta["claims"], out.results, out.units)
     assert verdict.loc[0, "n_examples"] == 4 and verdict.loc[0, "difference"] > 0.6  # the claims still pair the units
 
     # one pipeline re-run into runs/ replaces its kept row; the others stay kept
     r2 = _runner(tmp_path)
     _finish(r2, "ft16[seed=0]", [0.5, 0.5, 0.5, 0.5])
-    r2.write_results()
+    tables.write_results(r2)
     rows = {row["pipeline"]: row for row in _csv(r.reports / "results.csv")}
     assert rows["ft16[seed=0]"]["source"] == "runs" and float(rows["ft16[seed=0]"]["field_f1"]) == 0.5
     assert rows["ft16[seed=1]"]["source"] == "previous report"
@@ -82,19 +83,19 @@ def test_changed_stages_or_a_fresh_report_keep_nothing(tmp_path, caplog):
     r = _runner(tmp_path)
     for p in r.study.pipelines:
         _finish(r, p.name, [1.0, 0.0])
-    r.write_results()
+    tables.write_results(r)
     shutil.rmtree(r.runs)
 
     changed = _runner(tmp_path, steps=8)  # ft16's finetune (so its evaluate) has another id now
     with caplog.at_level(logging.WARNING):
-        changed.write_results()
+        tables.write_results(changed)
     rows = {row["pipeline"]: row for row in _csv(r.reports / "results.csv")}
     assert rows["ft16[seed=0]"]["status"] == "missing" and rows["ft16[seed=0]"]["source"] == "runs"
     assert rows["base"]["source"] == "previous report"  # its chain did not change
     assert "dropped 2 pipeline runs" in caplog.text and "ft16[seed=0]" in caplog.text
     assert {u["pipeline"] for u in _csv(r.reports / "units.csv")} == {"base"}
 
-    _runner(tmp_path, keep=False).write_results()
+    tables.write_results(_runner(tmp_path, keep=False))
     assert {row["status"] for row in _csv(r.reports / "results.csv")} == {"missing"}
     assert _csv(r.reports / "units.csv") == []
 
@@ -105,7 +106,7 @@ def test_another_studys_report_fills_a_row_with_the_same_stage_ids(tmp_path, cap
     r = _runner(tmp_path)
     for p in r.study.pipelines:
         _finish(r, p.name, [0.9, 0.8] if p.family == "ft16" else [0.1, 0.2])
-    r.write_results()
+    tables.write_results(r)
     shutil.rmtree(r.runs)
 
     other = tmp_path / "t.yaml"  # another study: the same ft16 chain under another name, a new step count
@@ -115,7 +116,7 @@ def test_another_studys_report_fills_a_row_with_the_same_stage_ids(tmp_path, cap
     r2 = Runner(load_study(other), tmp_path / "runs", tmp_path / "reports")
     assert r2.reports != r.reports
     with caplog.at_level(logging.INFO):
-        r2.write_results()
+        tables.write_results(r2)
     rows = {row["pipeline"]: row for row in _csv(r2.reports / "results.csv")}
     assert rows["full_ft[seed=0]"]["source"] == f"report {r.reports.name}"
     assert rows["full_ft[seed=0]"]["family"] == "full_ft"
@@ -128,7 +129,7 @@ def test_another_studys_report_fills_a_row_with_the_same_stage_ids(tmp_path, cap
     assert {s["status"] for s in out.stages.values()} == {f"ok (report {r.reports.name})", "missing"}
 
     # the study's own report comes first: a re-render keeps its own rows, not the other study's
-    _runner(tmp_path).write_results()
+    tables.write_results(_runner(tmp_path))
     assert {row["source"] for row in _csv(r.reports / "results.csv")} == {"previous report"}
 
 
@@ -141,6 +142,6 @@ def test_another_studys_damaged_report_is_skipped_with_a_warning(tmp_path, caplo
     other.mkdir(parents=True)
     (other / "results.csv").write_bytes(b"pipeline,eval_stage,status\n\xff\xfe broken,\xc3,ok\n")
     with caplog.at_level(logging.WARNING):
-        r.write_results()
+        tables.write_results(r)
     assert f"skipping {other}" in caplog.text
     assert {row["status"] for row in _csv(r.reports / "results.csv")} == {"ok"}

@@ -6,9 +6,10 @@ import os
 import nbformat
 import pytest
 
-from ptqlib.config import load_study
-from ptqlib.record import write_json_atomic
-from ptqlib.runner import Progress, Runner, kernel_manager_kwargs, stage_environment
+from ptqlib.engine.runner import Progress, Runner
+from ptqlib.engine.stage import kernel_manager_kwargs, stage_environment
+from ptqlib.files import write_json_atomic
+from ptqlib.study.schema import load_study
 
 
 def _study(tmp_path):
@@ -70,9 +71,9 @@ def test_stage_environment_is_restored():
 
 def test_run_exits_non_zero_when_the_analysis_fails(tmp_path, monkeypatch, capsys):
     """A study whose report could not be written is not a success (the probe saw exit 0)."""
-    from ptqlib import report
     from ptqlib.cli import main
-    from ptqlib.runner import Runner
+    from ptqlib.engine.runner import Runner
+    from ptqlib.report import tables as report
 
     f = tmp_path / "s.yaml"
     f.write_text("model: tiny\npipelines:\n  base: []\n")

@@ -1,4 +1,4 @@
-"""Selection on the validation split (ptqlib.selection): the choice, its resolution into test-set
+"""Selection on the validation split (ptqlib.study.selection): the choice, its resolution into test-set
 pipelines, the runner's two phases and the report's selection.csv, on fake stage records."""
 import csv
 import math
@@ -7,12 +7,13 @@ import time
 
 import pytest
 
-from ptqlib import report, selection
-from ptqlib.config import load_study
-from ptqlib.executors import _Done
-from ptqlib.record import write_json_atomic
-from ptqlib.runner import Runner
-from ptqlib.stage import OK
+from ptqlib.engine.executors import _Done
+from ptqlib.engine.runner import Runner
+from ptqlib.engine.stage import OK
+from ptqlib.files import write_json_atomic
+from ptqlib.report import tables as report
+from ptqlib.study import selection
+from ptqlib.study.schema import load_study
 
 STUDY = """
 study: sel
@@ -133,10 +134,10 @@ class FakeExecutor:
 
 
 def test_run_selects_first_then_runs_the_chosen_test_pipelines(tmp_path, monkeypatch):
-    monkeypatch.setattr(Runner, "analyse", lambda self, force=False: None)  # no report notebook here
+    monkeypatch.setattr(report, "analyse", lambda runner, force=False: None)  # no report notebook here
     study = _study(tmp_path)
     ex = FakeExecutor(lambda lr, split: {1e-4: 0.3, 3e-4: 0.6, 1e-3: 0.4}[lr] if split == "validation" else 0.5)
-    r = Runner(study, tmp_path / "runs", tmp_path / "reports")
+    r = Runner(study, tmp_path / "runs", tmp_path / "reports", reporter=report)
     ex.runner = r
     assert r.run(executor=ex) == 0
     ex.runner = r  # (the runner rebuilt its graph; nodes are looked up through it)
@@ -161,10 +162,10 @@ def test_run_selects_first_then_runs_the_chosen_test_pipelines(tmp_path, monkeyp
 
 
 def test_a_failed_selection_stage_holds_its_test_pipelines_back(tmp_path, monkeypatch, caplog):
-    from ptqlib.stage import FAILED
+    from ptqlib.engine.stage import FAILED
 
-    monkeypatch.setattr(Runner, "analyse", lambda self, force=False: None)
-    r = Runner(_study(tmp_path), tmp_path / "runs", tmp_path / "reports")
+    monkeypatch.setattr(report, "analyse", lambda runner, force=False: None)
+    r = Runner(_study(tmp_path), tmp_path / "runs", tmp_path / "reports", reporter=report)
     ex = FakeExecutor(lambda lr, split: 0.5)
     ex.runner = r
     submit = ex.submit
@@ -213,7 +214,7 @@ def test_a_selection_evaluates_only_what_ranks_its_candidates(tmp_path, metric, 
 
 
 def test_an_evaluate_stage_that_measures_nothing_is_refused(tmp_path):
-    from ptqlib.config import ConfigError, EvaluateParams
+    from ptqlib.study.params import ConfigError, EvaluateParams
 
     EvaluateParams(ppl_sources=[], task_samples=8)  # generation only is fine
     with pytest.raises(ConfigError, match="measures nothing"):

@@ -71,7 +71,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ptqlib.quant.qlinear import QuantLinear
+from .bases import _base_device, _base_group_size, dequantized_weight, is_supported_base
+from .merge import merge_into_quantlinear
 
 Kind = Literal["qblora", "qalora", "qablora"]
 KINDS: tuple[str, ...] = ("qblora", "qalora", "qablora")
@@ -79,49 +80,6 @@ POOL_NORMS: tuple[str, ...] = ("mean", "sum")  # how a pooled block of inputs is
 # Fold pool / repeat into the weights while the extra GEMM width r'(1 - 1/f) is at most this
 # (see BalancedLoRA.__init__); a speed choice only, both paths are exact.
 _FOLD_MAX_EXTRA = 48
-
-
-# --------------------------------------------------------------------------------------------
-# base layer kinds (bitsandbytes resolved lazily: its import costs seconds and prints warnings)
-# --------------------------------------------------------------------------------------------
-def _bnb_linear4bit_cls() -> type | None:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    return bnb.nn.Linear4bit
-
-
-def is_quantlinear(m: nn.Module) -> bool:
-    return isinstance(m, QuantLinear)
-
-
-def is_bnb_4bit(m: nn.Module) -> bool:
-    # Check the module name first: importing bitsandbytes costs seconds and prints warnings.
-    if "bitsandbytes" not in type(m).__module__:
-        return False
-    cls = _bnb_linear4bit_cls()
-    return cls is not None and isinstance(m, cls)
-
-
-def is_supported_base(m: nn.Module) -> bool:
-    """QuantLinear, bitsandbytes Linear4bit (an nn.Linear subclass) or nn.Linear."""
-    return is_quantlinear(m) or isinstance(m, nn.Linear)
-
-
-def _base_device(m: nn.Module) -> torch.device:
-    for t in list(m.parameters()) + list(m.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _base_group_size(base: nn.Module) -> int | None:
-    """Effective quantization group size of a QuantLinear base (``-1`` -> ``in``), else None."""
-    if not is_quantlinear(base):
-        return None
-    from ptqlib.quant.grid import effective_group_size
-
-    return effective_group_size(base.in_features, int(base.group_size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,73 +344,3 @@ def default_factors(
     if kind == "qalora":
         return pool, (1 if repeat is None else repeat), False
     return pool, (2 if repeat is None else repeat), True
-
-
-# --------------------------------------------------------------------------------------------
-# merge (QA-LoRA / QA-BLoRA -> QuantLinear with float zero points)
-# --------------------------------------------------------------------------------------------
-def dequantized_weight(base: nn.Module) -> Tensor:
-    """The base's effective weight (out, in) in float: QuantLinear, Linear4bit or nn.Linear."""
-    if is_quantlinear(base):
-        return base.dequantize_weight()
-    if is_bnb_4bit(base):
-        import bitsandbytes.functional as bf
-
-        return bf.dequantize_4bit(base.weight.data, base.weight.quant_state)
-    return base.weight
-
-
-def _group_to_block(g_idx: Tensor, pool: int, n_groups: int, name: str) -> Tensor:
-    """For each quantization group, the index of the pooling block that holds all its columns.
-
-    ``dW`` is constant over a (row, group) cell only if every column of the group falls in one
-    pooling block of ``p`` consecutive inputs; with act-order (permuted ``g_idx``) that fails.
-    Returns (G,) long; groups with no column map to block 0 (their zero is never used).
-    """
-    g_idx = g_idx.long()
-    blk = torch.arange(g_idx.numel(), device=g_idx.device) // pool  # (in,)
-    lo = torch.full((n_groups,), torch.iinfo(torch.long).max, device=g_idx.device).scatter_reduce(0, g_idx, blk, "amin")
-    hi = torch.full((n_groups,), -1, device=g_idx.device).scatter_reduce(0, g_idx, blk, "amax")
-    used = hi >= 0
-    bad = used & (lo != hi)
-    if bad.any():
-        raise ValueError(
-            f"layer {name!r}: quantization group {int(bad.nonzero()[0])} spans several pooling blocks of {pool} "
-            "inputs (act-order g_idx, or pool not a multiple of the group size), so dW is not constant per "
-            "(row, group) and cannot be folded into the zero points; quantize with static groups or "
-            "without act-order, and use pool = group size"
-        )
-    return torch.where(used, lo, torch.zeros_like(lo))
-
-
-@torch.no_grad()
-def merge_into_quantlinear(base: nn.Module, adapter: BalancedLoRA, name: str = "") -> nn.Module:
-    """Fold a pooled adapter into a copy of ``base`` (QuantLinear): ``zero' = zero - D / scale``.
-
-    ``D (out, G)``: ``D[o, c] = (s/p) (B A)[o // k, block(c)]``, the constant value of dW on the
-    (row ``o``, group ``c``) cell, folded by ``QuantLinear.fold_group_offset``. Codes, scales,
-    g_idx and bias are unchanged; the zero points become float. Raises if the base is not a
-    QuantLinear, if ``p`` is not a multiple of the group size, or if a group straddles pooling
-    blocks (act-order).
-    """
-    if not is_quantlinear(base):
-        raise ValueError(
-            f"layer {name!r}: the zero-point merge needs a uniform QuantLinear base, got {type(base).__name__}"
-            " (NF4/FP4 blocks have no zero point to absorb dW)"
-        )
-    g = _base_group_size(base)
-    p = adapter.pool
-    if p % g != 0:
-        raise ValueError(
-            f"layer {name!r}: pool factor {p} is not a multiple of the quantization group size {g}; the merge "
-            f"is exact only when dW is constant per (row, group): use pool = group size ({g})"
-        )
-    g_idx = getattr(base, "g_idx", None)
-    if g_idx is None:
-        g_idx = torch.arange(base.in_features) // g
-    device = base.scales.device
-    block = _group_to_block(g_idx.to(device), p, base.n_groups, name)  # (G,)
-    d = adapter.reduced_delta().float()  # (out/k, in/p)
-    if adapter.repeat > 1:
-        d = d.repeat_interleave(adapter.repeat, dim=0)  # (out, in/p)
-    return base.fold_group_offset(d.to(device)[:, block], name)  # (out, G): dW on each (row, group) cell

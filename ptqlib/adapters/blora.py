@@ -11,11 +11,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ptqlib.adapters.balanced import (
-    KINDS, BalancedLoRA, Kind, QBLoRALinear, balanced_rank, default_factors, dequantized_weight, is_bnb_4bit,
-    is_quantlinear, is_supported_base, merge_into_quantlinear,
-)
+from ptqlib.adapters.balanced import KINDS, BalancedLoRA, Kind, QBLoRALinear, balanced_rank, default_factors
+from ptqlib.adapters.bases import dequantized_weight, is_bnb_4bit, is_quantlinear, is_supported_base
 from ptqlib.adapters.io import load_adapter, save_adapter
+from ptqlib.adapters.merge import merge_into_quantlinear
 from ptqlib.quant.layers import find_linear_layers, set_module
 from ptqlib.quant.qlinear import QuantLinear
 

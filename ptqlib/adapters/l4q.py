@@ -38,13 +38,15 @@ codes + per-group scale and float zero point): a fully quantized model with no a
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptqlib.quant.grid import SUPPORTED_BITS, effective_group_size, signed_range  # noqa: F401 (re-exported)
+
+from .wrap import export_layers, wrap_linears
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -57,7 +59,6 @@ __all__ = [
     "apply_l4q",
     "export_l4q",
     "count_trainable_parameters",
-    "decoder_linear_names",
 ]
 
 
@@ -319,58 +320,8 @@ class L4QLinear(LearnedQuantLinear):
 
 
 # ---------------------------------------------------------------------------------------------
-# model level
+# model level (the layer swap itself: ``wrap.py``)
 # ---------------------------------------------------------------------------------------------
-def decoder_linear_names(model: nn.Module, target_modules: Sequence[str] | None = None,
-                         types: tuple[type, ...] = (nn.Linear,)) -> list[str]:
-    """Qualified names of ``types`` layers inside the decoder layers (never lm_head/embeddings).
-
-    ``target_modules`` filters peft-style by the last name component (``["q_proj", "v_proj"]``)
-    or by a dotted suffix of the full name; ``None`` keeps every linear of the decoder layers.
-    """
-    from ptqlib.quant.layers import find_linear_layers  # lazy: the layer itself needs no ptqlib.quant
-
-    names = list(find_linear_layers(model, types))
-    if target_modules is not None:
-        names = [n for n in names
-                 if any(n == t or n.endswith("." + t) for t in target_modules)]
-    return names
-
-
-def freeze_all_but(model: nn.Module, trainable: Iterable[nn.Parameter]) -> None:
-    """Set ``requires_grad`` False everywhere except the given parameters."""
-    keep = {id(p) for p in trainable}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
-
-
-def wrap_linears(model: nn.Module, layer_cls: type, target_modules: Sequence[str] | None, **kw) -> nn.Module:
-    """Replace decoder-layer ``nn.Linear`` by ``layer_cls(linear, **kw)`` in place and freeze
-    everything except each new layer's ``A, B, S, b`` (shared by L4Q and QAT-LoRA)."""
-    from ptqlib.quant.layers import set_module
-
-    names = decoder_linear_names(model, target_modules)
-    if not names:
-        raise ValueError(f"{layer_cls.__name__}: no target nn.Linear found inside decoder layers")
-    trainable = []
-    for name in names:
-        layer = layer_cls(model.get_submodule(name), **kw)
-        set_module(model, name, layer)
-        trainable += [layer.lora_A, layer.lora_B, layer.q_scale, layer.q_offset]
-    freeze_all_but(model, trainable)
-    return model
-
-
-@torch.no_grad()
-def export_layers(model: nn.Module, layer_cls: type) -> nn.Module:
-    """Every ``layer_cls`` module -> its ``.export()``, in place."""
-    from ptqlib.quant.layers import set_module
-
-    for name in [n for n, m in model.named_modules() if isinstance(m, layer_cls)]:
-        set_module(model, name, model.get_submodule(name).export())
-    return model
-
-
 def apply_l4q(model: nn.Module, bits: int = 4, group_size: int = 128, rank: int = 4,
               alpha: float = 8.0, target_modules: Sequence[str] | None = None,
               lsq_grad_scale: bool = False) -> nn.Module:

@@ -26,16 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptqlib.adapters.l4q import (
-    LearnedQuantLinear,
-    _codes,
-    _fresh,
-    _ste_grads,
-    compute_dtype,
-    export_layers,
-    fake_quantize,
-    wrap_linears,
-)
+from ptqlib.adapters.l4q import LearnedQuantLinear, _codes, _fresh, _ste_grads, compute_dtype, fake_quantize
+from ptqlib.adapters.wrap import export_layers, wrap_linears
 
 __all__ = ["FakeQuantFunction", "QATLoRALinear", "QuantLinearWithLoRA", "apply_qat_lora",
            "export_qat_lora"]

@@ -2,11 +2,23 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from .gguf import ExportError, ExportReport, export_gguf
+if TYPE_CHECKING:
+    from .gguf import ExportError, ExportReport, export_gguf
 
 
-def deployed_metrics(export: ExportReport, config, decode_tokens_per_s: float | None) -> dict:
+def __getattr__(name: str):
+    """``export_gguf`` and its types load torch: imported when first asked for, so that
+    ``ptqlib.deploy.types`` (read when a study file is validated) does not."""
+    if name in ("ExportError", "ExportReport", "export_gguf"):
+        from . import gguf
+
+        return getattr(gguf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def deployed_metrics(export: "ExportReport", config, decode_tokens_per_s: float | None) -> dict:
     """The metrics of a GGUF export: file size, what its rounding added, and decode vs the bandwidth limit."""
     from .speed import bandwidth_ratio, copy_bandwidth_gbs, weight_bytes_per_token
 

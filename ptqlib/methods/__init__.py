@@ -148,13 +148,3 @@ def quantize_method(name: str) -> QuantizeMethod:
 
 def finetune_method(name: str) -> FinetuneMethod:
     return _get(FINETUNE, "fine-tuning", name)
-
-
-def label_extra(entry: QuantizeMethod | FinetuneMethod, p: dict) -> str:
-    """``", 4b, g64"`` for the entry's label keys (the runner's stage labels; ``p``: a stage's params dict)."""
-    from ptqlib.neutral import ID_NEUTRAL  # a value left out of stage ids is left out of labels too
-
-    neutral = ID_NEUTRAL.get("quantize" if isinstance(entry, QuantizeMethod) else "finetune", {})
-    fmt = {"bits": "{}b", "group_size": "g{}", "pool_norm": "{} pool"}
-    return "".join(", " + fmt.get(k, k + " {}").format(p[k]) for k in entry.label_keys
-                   if k in p and not (k in neutral and neutral[k] == p[k]))

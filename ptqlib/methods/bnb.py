@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ptqlib.methods import ArtifactType, QuantizeMethod, register
 
 if TYPE_CHECKING:
-    from ptqlib.config import QuantizeParams
+    from ptqlib.study.params import QuantizeParams
 
 
 def bnb_config(method: str, double_quant: bool = True, blocksize: int = 64):

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from ptqlib.config import FinetuneParams
     from torch import Tensor
 
-from ptqlib.methods import FinetuneMethod, register
-from ptqlib.methods import lora
+    from ptqlib.study.params import FinetuneParams
+
+from ptqlib.methods import FinetuneMethod, lora, register
 
 log = logging.getLogger(__name__)
 

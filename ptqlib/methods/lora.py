@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ptqlib.methods import ArtifactType, FinetuneMethod, register
 
 if TYPE_CHECKING:
-    from ptqlib.config import FinetuneParams
+    from ptqlib.study.params import FinetuneParams
 
 
 def prepare(model, p: FinetuneParams, input_ref: str):

@@ -9,7 +9,7 @@ from ptqlib.methods import ArtifactType, FinetuneMethod, register
 from ptqlib.quant.grid import SUPPORTED_BITS
 
 if TYPE_CHECKING:
-    from ptqlib.config import FinetuneParams
+    from ptqlib.study.params import FinetuneParams
 
 
 def prepare(model, p: FinetuneParams, input_ref: str):

@@ -12,7 +12,7 @@ from ptqlib.methods import QuantizeMethod, register
 from ptqlib.quant.grid import SUPPORTED_BITS
 
 if TYPE_CHECKING:
-    from ptqlib.config import QuantizeParams
+    from ptqlib.study.params import QuantizeParams
 
 
 def quantize_rtn(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
@@ -27,10 +27,10 @@ def quantize_rtn(input_ref: str, p: QuantizeParams, calib=None, progress: bool =
 
 def quantize_gptq(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
     from ptqlib import artifacts
-    from ptqlib.quant.gptq import gptq_quantize_model
+    from ptqlib.quant.gptq_model import gptq_quantize_model
 
     if calib is None:
-        raise ValueError("gptq needs calibration windows (ptqlib.ptq.calibration_windows)")
+        raise ValueError("gptq needs calibration windows (ptqlib.stages.quantize.calibration_windows)")
     model, tok, _ = artifacts.load(input_ref)
     stats = gptq_quantize_model(
         model, [c.unsqueeze(0) for c in calib], bits=p.bits, group_size=p.group_size, sym=p.sym,

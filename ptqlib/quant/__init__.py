@@ -16,7 +16,7 @@ import importlib
 # validation) can be imported without torch
 _EXPORTS = {
     "load_quantized": "checkpoint", "save_quantized": "checkpoint",
-    "GPTQ": "gptq", "GPTQResult": "gptq", "gptq_quantize_model": "gptq",
+    "GPTQ": "gptq", "GPTQResult": "gptq", "gptq_quantize_model": "gptq_model",
     "find_linear_layers": "layers", "get_decoder_layers": "layers", "set_module": "layers",
     "pack_qweight": "pack", "pack_qzeros": "pack", "unpack_qweight": "pack", "unpack_qzeros": "pack",
     "QuantLinear": "qlinear", "quantized_nbytes": "qlinear", "dequantize_model": "qlinear",

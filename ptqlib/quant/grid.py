@@ -1,6 +1,6 @@
 """The rules of a quantization grid, stated once: bit widths, groups, signed ranges.
 
-Torch-free, so validating a study file (``ptqlib.config``) does not import torch. Used by the
+Torch-free, so validating a study file (``ptqlib.study.schema``) does not import torch. Used by the
 uniform quantizers (RTN, GPTQ), ``QuantLinear``, L4Q / QAT-LoRA and the QA-(B)LoRA merges.
 
 * bits ``b`` in ``SUPPORTED_BITS``: what the packed int32 checkpoint layout holds (``pack``).

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .grid import SUPPORTED_BITS, SYM_GRIDS, check_bits, effective_group_size, n_groups  # noqa: F401 (uniform's names before grid.py)
 
+
 def find_params(w: Tensor, bits: int, sym: bool, sym_grid: str = "full") -> tuple[Tensor, Tensor]:
     """Per-row grid of ``w: (out, k)`` -> ``(scale (out, 1), zero (out, 1))``, both float32.
 

@@ -212,7 +212,8 @@ def test_merge_sym_grid_and_relabelled_groups(device):
     inv = torch.argsort(perm)  # label perm[j] holds contiguous block j
     g_idx = perm[torch.arange(IN) // g]
     base = QuantLinear.from_codes(codes, scales[:, inv], zeros[:, inv], g_idx=g_idx, bits=4, group_size=g).to(device)
-    assert torch.allclose(base.dequantize_weight(), QuantLinear.from_codes(codes, scales, zeros, bits=4, group_size=g).to(device).dequantize_weight())
+    again = QuantLinear.from_codes(codes, scales, zeros, bits=4, group_size=g).to(device)
+    assert torch.allclose(base.dequantize_weight(), again.dequantize_weight())
     layer = QBLoRALinear.for_kind(base, "qablora", rank=4, alpha=8)
     _randomize(layer.adapter)
     x = torch.randn(5, IN, device=device)
@@ -301,7 +302,7 @@ def test_qblora_loss_falls_on_bnb_nf4_base():
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
-    from ptqlib import ptq
+    from ptqlib.stages import quantize as ptq
 
     model = ptq.quantize("tiny", {"method": "nf4", "double_quant": True, "blocksize": 64})[0]
     q = model.model.layers[0].self_attn.q_proj

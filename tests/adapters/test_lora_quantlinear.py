@@ -3,10 +3,12 @@ import torch
 from peft import get_peft_model
 
 from ptqlib.adapters.lora_quantlinear import (
-    LoraQuantLinear, load_adapter, lora_config, lora_parameters,
+    LoraQuantLinear,
+    load_adapter,
+    lora_config,
+    lora_parameters,
 )
 from ptqlib.quant import QuantLinear, rtn_quantize_model
-
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ptqlib.deploy.gguf import (ExportError, _rope_rows, export_gguf, pack_q4_1, pack_q8_0, read_tensor)
+from ptqlib.deploy.blocks import _rope_rows, pack_q4_1, pack_q8_0
+from ptqlib.deploy.gguf import ExportError, export_gguf, read_tensor
 from ptqlib.quant import QuantLinear, rtn_quantize_model
 
 FP16_EPS = 2.0**-11  # half an ulp of fp16, relative

@@ -44,7 +44,7 @@ def sharp_tiny():
 
 
 def _text_ids(tok, n=48):
-    from ptqlib.data import pydoc_split
+    from ptqlib.text import pydoc_split
 
     _, test = pydoc_split()
     text = next(iter(test.values()))[:4000]
@@ -110,7 +110,7 @@ def test_evaluate_gguf_scores_the_same_units(tiny_tok, tmp_path):
     """The runtime's perplexity is the torch perplexity of the same weights (within kernel rounding);
     every unit group and speed figure is there."""
     from ptqlib.data import load_task
-    from ptqlib.evaluate import evaluate_gguf, evaluate_model
+    from ptqlib.stages.evaluate import evaluate_gguf, evaluate_model
     from ptqlib.tiny import build_tiny_model
 
     model = build_tiny_model(seed=0)

@@ -3,10 +3,11 @@ import logging
 
 import pytest
 
-from ptqlib import artifacts, stage
+from ptqlib import artifacts
+from ptqlib.engine import stage
 from ptqlib.errors import ArtifactError
+from ptqlib.files import RECORD, weight_sizes, write_json_atomic
 from ptqlib.models import load_model
-from ptqlib.record import RECORD, weight_sizes, write_json_atomic
 
 
 def _finished_float_stage(runs, sid: str, with_sizes: bool = True):
@@ -33,7 +34,7 @@ def test_a_cut_short_weight_file_unfinishes_its_stage_with_a_warning(tmp_path, c
     assert stage.finished(tmp_path, "aaaa00000001")
     artifacts.load(out)  # intact: loads
     _cut(weights)
-    with caplog.at_level(logging.WARNING, logger="ptqlib.stage"):
+    with caplog.at_level(logging.WARNING, logger="ptqlib.engine.stage"):
         assert not stage.finished(tmp_path, "aaaa00000001")  # the runner runs it again
     assert "model.safetensors: 100 bytes, the record says" in caplog.text and "finetune(full)" in caplog.text
     with pytest.raises(ArtifactError, match="model.safetensors: 100 bytes"):  # a notebook reading it is told which

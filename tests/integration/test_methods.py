@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -29,7 +28,8 @@ pipelines:
 """
 # the fully quantized models deployed: exported to GGUF Q4_1 and scored in llama.cpp (same stages up to evaluate)
 DEPLOY = """
-  l4q_w3_gguf: [{finetune: {method: l4q, bits: 3, group_size: 32}}, {evaluate: {runtime: llama.cpp, speed_prompts: 1, speed_tokens: 4}}]
+  l4q_w3_gguf: [{finetune: {method: l4q, bits: 3, group_size: 32}},
+                {evaluate: {runtime: llama.cpp, speed_prompts: 1, speed_tokens: 4}}]
   qablora_gguf: [{quantize: {method: gptq, bits: 4}}, {finetune: qablora}, {evaluate: {runtime: llama.cpp}}]
 """
 

@@ -2,7 +2,7 @@
 import papermill as pm
 import pytest
 
-from ptqlib.stage import ROOT
+from ptqlib.engine.stage import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from ptqlib import artifacts, finetune, ptq
-from ptqlib.config import FinetuneParams, QuantizeParams
+from ptqlib import artifacts
+from ptqlib.stages import finetune
+from ptqlib.stages import quantize as ptq
+from ptqlib.study.params import FinetuneParams, QuantizeParams
 
 
 def _params(**kw):
@@ -109,8 +111,8 @@ def test_float_source_found_for_records_without_it(nf4_run, tmp_path):
     ("[{quantize: nf4}, {finetune: loftq}, {quantize: rtn}]", "unmerged 'loftq' adapter"),
 ])
 def test_study_validation(tmp_path, chain, error):
-    from ptqlib.config import load_study
     from ptqlib.errors import ConfigError
+    from ptqlib.study.schema import load_study
 
     f = tmp_path / "s.yaml"
     f.write_text(f"model: tiny\npipelines:\n  a: {chain}\n")

@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from ptqlib.quant.pack import (
-    count_v1_unsafe_zeros, pack_qweight, pack_qzeros, pack_rows, unpack_qweight, unpack_qzeros, unpack_rows,
+    count_v1_unsafe_zeros,
+    pack_qweight,
+    pack_qzeros,
+    pack_rows,
+    unpack_qweight,
+    unpack_qzeros,
+    unpack_rows,
 )
 
 BITS = [2, 3, 4, 8]

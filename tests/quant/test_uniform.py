@@ -125,5 +125,5 @@ def test_study_validation_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, ptqlib.config; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, ptqlib.study.schema; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

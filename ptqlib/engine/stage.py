@@ -23,16 +23,25 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ptqlib.record import (OUTPUTS, RECORD, complete, damaged_weights, git_commit, normalise_modes, read_json, versions,
-                           weight_sizes, write_atomic, write_json_atomic)
+from ptqlib.engine.record import complete, git_commit, versions
+from ptqlib.files import (
+    OUTPUTS,
+    RECORD,
+    damaged_weights,
+    normalise_modes,
+    read_json,
+    weight_sizes,
+    write_atomic,
+    write_json_atomic,
+)
+from ptqlib.study.kinds import KINDS
 
 if TYPE_CHECKING:
-    from ptqlib.runner import StageNode
+    from ptqlib.study.graph import StageNode
 
-log = logging.getLogger("ptqlib.stage")
+log = logging.getLogger("ptqlib.engine.stage")
 
-ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = {"quantize": "01_quantize.ipynb", "finetune": "02_finetune.ipynb", "evaluate": "03_evaluate.ipynb"}
+ROOT = Path(__file__).resolve().parents[2]  # the repository: notebooks/ beside ptqlib/
 KERNEL = "ptqlib"
 
 # what run_stage reports
@@ -145,7 +154,7 @@ def execute(runs: Path, node: "StageNode", kernel: str | None = None, progress: 
     try:
         with stage_environment(progress):
             pm.execute_notebook(
-                str(ROOT / "notebooks" / NOTEBOOKS[node.kind]), str(out / "notebook.ipynb"), parameters=params,
+                str(ROOT / "notebooks" / KINDS[node.kind].notebook), str(out / "notebook.ipynb"), parameters=params,
                 # no cwd= here: papermill would os.chdir the whole process, under the other stages'
                 # threads; the kernel gets its working directory from the kernel manager instead
                 kernel_name=kernel_name(kernel), progress_bar=False, log_output=False,
@@ -254,8 +263,8 @@ def kernel_manager_kwargs(env: dict | None = None, cwd: str | Path | None = None
             kw["env"] = {**(kw.get("env") or os.environ), **extra}
             if cwd is not None:
                 kw["cwd"] = str(cwd)
-            # a fork of the pre-loaded zygote when there is one (ptqlib.kernels), else a new interpreter
-            from ptqlib import kernels
+            # a fork of the pre-loaded zygote when there is one (ptqlib.engine.kernels), else a new interpreter
+            from ptqlib.engine import kernels
 
             pid = kernels.spawn(list(kernel_cmd), kw["env"], kw.get("cwd"))
             if pid is None:

@@ -1,7 +1,7 @@
 """Where stages run: in the runner's process, in local worker processes, or as cluster jobs.
 
 An executor takes a ready stage (its input finished) and returns a handle the runner polls;
-every executor ends in :func:`ptqlib.stage.run_stage`, which holds the stage's lock and writes
+every executor ends in :func:`ptqlib.engine.stage.run_stage`, which holds the stage's lock and writes
 its record, so the result of a stage does not depend on where it ran.
 
 * ``InlineExecutor`` (``--jobs 1``, the default): one stage at a time in this process.
@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ptqlib.record import read_json, write_json_atomic
-from ptqlib.stage import FAILED, OK, finished, run_stage
+from ptqlib.engine.stage import FAILED, OK, finished, run_stage
+from ptqlib.files import read_json, write_json_atomic
 
-log = logging.getLogger("ptqlib.executors")
+log = logging.getLogger("ptqlib.engine.executors")
 
 EXECUTORS = ("local", "slurm", "submitit-local")  # values of run --executor
 
 
 class Handle:
-    """A submitted stage: ``poll()`` is None while it runs, then one of the ``ptqlib.stage`` statuses."""
+    """A submitted stage: ``poll()`` is None while it runs, then one of the ``ptqlib.engine.stage`` statuses."""
 
     where = ""
     error: str | None = None  # why it failed where no record says it (a disk or permission error outside the notebook)
@@ -164,7 +164,7 @@ def submitit_parameters(section: dict[str, Any] | None) -> dict[str, Any]:
 
 def _stage_job(runs: str, node: dict, kernel: str | None, progress: bool, force: bool) -> str:
     """The body of one submitit job (module level: submitit pickles it)."""
-    from ptqlib.runner import StageNode
+    from ptqlib.study.graph import StageNode
 
     return run_stage(runs, StageNode(**node), kernel, progress, force)
 
@@ -189,7 +189,7 @@ class _Job(Handle):
 class SubmititExecutor:
     """One submitit job per stage; ``cluster="slurm"`` on a cluster, ``"local"`` on this machine."""
 
-    local = False  # jobs run elsewhere: no pre-loaded kernel process (ptqlib.kernels) for them
+    local = False  # jobs run elsewhere: no pre-loaded kernel process (ptqlib.engine.kernels) for them
 
     def __init__(self, runs: Path, cluster: str = "slurm", parameters: dict[str, Any] | None = None,
                  kernel: str | None = None, progress: bool = False, slots: int = 64):

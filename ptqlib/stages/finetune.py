@@ -18,10 +18,10 @@ import torch
 
 from ptqlib import artifacts
 from ptqlib.data import collate
-from ptqlib.record import peak_rss_mb
+from ptqlib.engine.record import peak_rss_mb
 
 if TYPE_CHECKING:
-    from ptqlib.config import FinetuneParams
+    from ptqlib.study.params import FinetuneParams
 
 
 def count_trainable(model) -> tuple[int, int]:
@@ -33,8 +33,8 @@ def count_trainable(model) -> tuple[int, int]:
 def prepare(model, method: str, p: FinetuneParams, input_ref: str | None = None):
     """The trainable model for ``method`` (``p``: the FinetuneParams as a dict; ``input_ref``: where
     ``model`` was loaded from, for methods that read more of their input, such as loftq)."""
-    from ptqlib.config import as_params
     from ptqlib.methods import finetune_method
+    from ptqlib.study.kinds import as_params
 
     return finetune_method(method).prepare(model, as_params("finetune", p), input_ref)
 
@@ -46,8 +46,8 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (``bench/stage_speed.py`` times steps)."""
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from ptqlib.config import as_params
     from ptqlib.precision import resolve
+    from ptqlib.study.kinds import as_params
 
     p = as_params("finetune", p)
     precision = resolve(p.precision)  # bf16: autocast, fp32 master weights and AdamW state (Trainer's bf16)
@@ -90,8 +90,8 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
 
 def save(model, tokenizer, method: str, p: FinetuneParams, output_dir: str | Path, input_ref: str) -> dict:
     """Write the artifact of a fine-tuning stage (the method's layout); returns its artifact.json."""
-    from ptqlib.config import as_params
     from ptqlib.methods import finetune_method
+    from ptqlib.study.kinds import as_params
 
     info = finetune_method(method).save(model, tokenizer, as_params("finetune", p), output_dir, input_ref)
     artifacts.save(output_dir, info, input_ref)

@@ -1,99 +1,44 @@
-"""The study runner: stage graph, content-addressed cache, scheduling, reports.
+"""The study runner: the content-addressed cache, scheduling, progress.
 
-A stage's id is the hash of its kind, its parameters and its input's id (or the model name
-at the root), so a stage shared by several pipelines (the fine-tuned model that three
-pipelines quantize) exists once and runs once. ``runs/<id>/`` holds the artifact, the executed
-notebook, its HTML page, and ``metrics.json`` — the record, written last and atomically:
-a stage is finished iff its record says ``status: ok``. Executing one stage (lock, papermill,
-record, page) is ``ptqlib.stage``; where stages run (this process, N worker processes, SLURM)
-is ``ptqlib.executors``.
+The stage graph (ids, nodes, chains) is ``ptqlib.study.graph``. ``runs/<id>/`` holds the artifact,
+the executed notebook, its HTML page, and ``metrics.json`` — the record, written last and
+atomically: a stage is finished iff its record says ``status: ok``. Executing one stage (lock,
+papermill, record, page) is ``ptqlib.engine.stage``; where stages run (this process, N worker
+processes, SLURM) is ``ptqlib.engine.executors``. The runner knows nothing of reports: the caller
+passes a ``reporter`` (``ptqlib.report.tables``), which it calls after a run and on an interruption.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import sys
 import time
-from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Protocol
 
-from ptqlib import report, selection
-from ptqlib.config import Pipeline, Study, id_params, quantizes
-from ptqlib.record import RECORD, read_json
-from ptqlib.stage import BUSY, DONE_ELSEWHERE, OK, finished, fresh, kernel_name, render_html, stage_busy
-from ptqlib.stage import kernel_manager_kwargs, stage_environment  # noqa: F401 (kernel_manager_kwargs: the runner's name before the split)
+from ptqlib.engine.stage import BUSY, DONE_ELSEWHERE, OK, finished, fresh, kernel_name, render_html, stage_busy, stage_environment
+from ptqlib.files import RECORD, read_json
+from ptqlib.study import selection
+from ptqlib.study.graph import build_graph
+from ptqlib.study.schema import Pipeline, Study
 
 log = logging.getLogger("ptqlib.runner")
 
 
+class Reporter(Protocol):
+    """What the runner asks of a report writer (``ptqlib.report.tables`` is one)."""
 
-@dataclass
-class StageNode:
-    id: str
-    kind: str
-    params: dict
-    input_id: str | None  # None: the input is the model itself
-    model: str
-    task: str
-    seed: int
-    pipelines: list[str] = field(default_factory=list)
-    # evaluate: the pipeline's 16-bit reference, the input of its first quantizing stage (a stage id,
-    # or "" for the model itself); None where nothing quantizes. Fixed by the input chain, so not in the id.
-    reference: str | None = None
+    def write_results(self, runner: "Runner") -> Path: ...
 
-    def label(self) -> str:
-        from ptqlib.methods import finetune_method, label_extra, quantize_method
-
-        p = self.params
-        if self.kind == "quantize":
-            return f"quantize({p['method']}{label_extra(quantize_method(p['method']), p)})"
-        if self.kind == "finetune":
-            extra = label_extra(finetune_method(p["method"]), p)
-            return f"finetune({p['method']}{extra}, {p['steps']} steps, seed {self.seed}{', merge' if p['merge'] else ''})"
-        return "evaluate(validation)" if p.get("split") == "validation" else "evaluate"
-
-
-def stage_id(kind: str, params: dict, input_id: str | None, model: str, task: str, seed: int) -> str:
-    """Content address: what the stage computes from, and nothing else."""
-    params = id_params(kind, params)
-    key: dict = {"kind": kind, "params": params, "input": input_id or {"model": model}}
-    if kind in ("finetune", "evaluate"):
-        key["task"] = task  # quantize calibrates on pydoc text: the task does not change it
-    if kind == "finetune":
-        key["seed"] = seed  # the only stage with randomness
-        if task.startswith(("jsonl:", "hf:")):
-            # their train split lost the validation lines (data.load_task): not the models cached before
-            key["train_split"] = "without-validation"
-    blob = json.dumps(key, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def build_graph(study: Study) -> tuple[dict[str, StageNode], dict[str, list[str]]]:
-    """(nodes by id in dependency order, pipeline name -> its chain of stage ids)."""
-    nodes: dict[str, StageNode] = {}
-    chains: dict[str, list[str]] = {}
-    for pl in study.pipelines:
-        prev, chain, reference = None, [], None
-        for st in pl.stages:
-            if reference is None and quantizes(st):
-                reference = prev or ""
-            sid = stage_id(st.kind, st.params, prev, pl.model, pl.task, pl.seed)
-            node = nodes.setdefault(sid, StageNode(sid, st.kind, st.params, prev, pl.model, pl.task, pl.seed,
-                                                   reference=reference if st.kind == "evaluate" else None))
-            node.pipelines.append(pl.name)
-            chain.append(sid)
-            prev = sid
-        chains[pl.name] = chain
-    return nodes, chains
+    def analyse(self, runner: "Runner", force: bool = False) -> Path | None: ...
 
 
 class Runner:
     def __init__(self, study: Study, runs_dir: str | Path = "runs", reports_dir: str | Path = "reports",
-                 kernel: str | None = None, keep_previous: bool = True):
+                 kernel: str | None = None, keep_previous: bool = True, reporter: Reporter | None = None):
         self.study = study
+        self.reporter = reporter  # None: no results.csv or report after a run (a dry run, a test of the scheduler)
         # pipeline runs not in runs_dir keep their rows from the report already written (same stage ids)
         self.keep_previous = keep_previous
         self.runs = Path(runs_dir)
@@ -107,7 +52,7 @@ class Runner:
         self.resolve_selections()
 
     def resolve_selections(self) -> None:
-        """Add the test-set pipelines of each select whose validation runs are recorded (ptqlib.selection)."""
+        """Add the test-set pipelines of each select whose validation runs are recorded (ptqlib.study.selection)."""
         if any(s.chosen is None for s in self.study.selections):
             self.study = selection.resolve(self.study, selection.recorded(self))
             self.nodes, self.chains = build_graph(self.study)
@@ -175,13 +120,12 @@ class Runner:
             executor=None) -> int:
         """Run what is missing; returns the number of failed stages.
 
-        ``executor`` (``ptqlib.executors``; default: one stage at a time in this process) runs
+        ``executor`` (``ptqlib.engine.executors``; default: one stage at a time in this process) runs
         each stage once its input is finished. Several runners may work on one runs directory:
         a stage runs under its own lock, and a stage another runner is running is waited for.
         """
-        from ptqlib.executors import InlineExecutor
-
-        from ptqlib import kernels
+        from ptqlib.engine import kernels
+        from ptqlib.engine.executors import InlineExecutor
 
         self.runs.mkdir(parents=True, exist_ok=True)
         self.done = {}
@@ -270,10 +214,10 @@ class Runner:
         progress_line.close()
         failed = [s for s, v in status.items() if v == "failed"]
         skipped = [s for s, v in status.items() if v == "skipped"]
-        if report:
-            self.write_results()
+        if report and self.reporter is not None:
+            self.reporter.write_results(self)
             # also with failures: the report shows what finished and marks the rest
-            self.analysis_ok = self.analyse() is not None
+            self.analysis_ok = self.reporter.analyse(self) is not None
         log.info("done in %.0f s: %d ran, %d cached, %d failed, %d skipped", time.time() - t_all,
                  sum(v == "ok" for v in status.values()), sum(v == "cached" for v in status.values()),
                  len(failed), len(skipped))
@@ -292,7 +236,9 @@ class Runner:
         running = list(self.progress.started) if self.progress else []
         done = sum(v == "ok" for v in self.done.values())
         try:
-            self.write_results()
+            if self.reporter is None:
+                raise RuntimeError("no reporter")
+            self.reporter.write_results(self)
             written = f"{self.reports / 'results.csv'} holds what finished; python -m ptqlib analyse renders the report"
         except Exception as e:  # noqa: BLE001 — interrupted anyway: say so, do not hide the interruption
             written = f"results.csv not written ({e})"
@@ -304,19 +250,6 @@ class Runner:
         return kernel_name(self.kernel)
 
     render_html = staticmethod(render_html)
-
-    # ----------------------------------------------------------------------------- reports (ptqlib.report)
-    def rows(self) -> list[dict]:
-        return report.study_rows(self)
-
-    def write_results(self) -> Path:
-        return report.write_results(self)
-
-    def write_units(self) -> Path:
-        return report.write_units(self)
-
-    def analyse(self, force: bool = False) -> Path | None:
-        return report.analyse(self, force)
 
 
 def _fmt(seconds: float) -> str:
@@ -387,7 +320,8 @@ class Progress:
         if len(self.started) > 1:  # [k/n] is then the next to finish; say how many run alongside
             msg += f" · {len(self.started)} running"
         if self.bar is not None:
-            self.bar.set_description_str(f"{node.label()} ({who})" + (f" +{len(self.started) - 1}" if len(self.started) > 1 else ""))
+            more = f" +{len(self.started) - 1}" if len(self.started) > 1 else ""
+            self.bar.set_description_str(f"{node.label()} ({who}){more}")
             self.bar.set_postfix_str(f"left {self.left()}")
         else:
             log.info("%s", msg)

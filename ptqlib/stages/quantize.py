@@ -15,17 +15,17 @@ import torch
 from ptqlib import artifacts
 
 if TYPE_CHECKING:
-    from ptqlib.config import QuantizeParams
+    from ptqlib.study.params import QuantizeParams
 
 
 def calibration_windows(input_ref: str, p: QuantizeParams) -> torch.Tensor | None:
     """GPTQ's calibration data: ``calib_samples`` windows of ``calib_seq_len`` tokens of pydoc's
     train split (``calib_seed`` picks them), tokenized as the input model; None for a method that
     needs none."""
-    from ptqlib.config import as_params
-    from ptqlib.data import text_windows
     from ptqlib.methods import quantize_method
     from ptqlib.models import load_tokenizer
+    from ptqlib.study.kinds import as_params
+    from ptqlib.text import text_windows
 
     p = as_params("quantize", p)
     if not quantize_method(p.method).calibration:
@@ -36,8 +36,8 @@ def calibration_windows(input_ref: str, p: QuantizeParams) -> torch.Tensor | Non
 
 def quantize(input_ref: str, p: QuantizeParams, calib: torch.Tensor | None = None, progress: bool = False):
     """Quantize the float model at ``input_ref`` -> (model, tokenizer, stats incl. quant_seconds)."""
-    from ptqlib.config import as_params
     from ptqlib.methods import quantize_method
+    from ptqlib.study.kinds import as_params
 
     p = as_params("quantize", p)
     method = quantize_method(p.method)
@@ -55,8 +55,8 @@ def quantize(input_ref: str, p: QuantizeParams, calib: torch.Tensor | None = Non
 
 def save(model, tokenizer, p: QuantizeParams, output_dir: str | Path, input_ref: str | None = None) -> dict:
     """Write the stage's artifact (the method's layout) and its artifact.json; returns the latter."""
-    from ptqlib.config import as_params
     from ptqlib.methods import quantize_method
+    from ptqlib.study.kinds import as_params
 
     p = as_params("quantize", p)
     info = quantize_method(p.method).save(model, tokenizer, p, output_dir)

@@ -26,14 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-log = logging.getLogger("ptqlib.kernels")
+log = logging.getLogger("ptqlib.engine.kernels")
 
 ENV = "PTQLIB_ZYGOTE"
 # not matplotlib (nor seaborn): it reads its backend (MPLBACKEND) on import, and the
 # kernel must choose its own (the inline backend that puts figures into the stage page)
 PRELOAD = ("torch", "transformers", "peft", "pandas", "numpy", "ipykernel.kernelapp",
-           "ptqlib.artifacts", "ptqlib.evaluate", "ptqlib.finetune", "ptqlib.ptq", "ptqlib.data",
-           "ptqlib.models", "ptqlib.analysis")
+           "ptqlib.artifacts", "ptqlib.stages.evaluate", "ptqlib.stages.finetune", "ptqlib.stages.quantize", "ptqlib.data",
+           "ptqlib.models", "ptqlib.report.analysis")
 
 
 # ---- the runner side ---------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def start(env: dict | None = None) -> Zygote | None:
     # the socket lives in a 0700 directory of its own (mkdtemp): only this user can connect, whatever
     # the umask; serve() also checks each peer's uid (SO_PEERCRED), as a fork runs what it is sent
     path = os.path.join(tempfile.mkdtemp(prefix=f"ptqlib-zygote-{os.getpid()}-"), "zygote.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "ptqlib.kernels", path], env={**os.environ, **(env or {})},
+    proc = subprocess.Popen([sys.executable, "-m", "ptqlib.engine.kernels", path], env={**os.environ, **(env or {})},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     Path(path + ".pid").write_text(str(proc.pid))

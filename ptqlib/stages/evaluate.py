@@ -1,7 +1,7 @@
 """Evaluation: held-out perplexity, greedy batched generation and its task metrics, size, speed.
 
 Every score is kept per unit (per task example, per perplexity window) as well as aggregated,
-so the analysis can pair two pipelines example by example (``ptqlib.analysis.bootstrap_claim``).
+so the analysis can pair two pipelines example by example (``ptqlib.report.analysis.bootstrap_claim``).
 The aggregate of each metric is computed from its units by ``ptqlib.metrics.statistic``.
 """
 from __future__ import annotations
@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from ptqlib.data import Example, format_prompt, held_out_windows
+from ptqlib.data import Example, format_prompt
 from ptqlib.metrics import example_scores, ppl_statistic, statistic, task_scores
+from ptqlib.text import held_out_windows
 
 if TYPE_CHECKING:
-    from ptqlib.config import EvaluateParams
+    from ptqlib.study.params import EvaluateParams
 
 
 def _device(model) -> torch.device:
@@ -128,7 +129,7 @@ def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int =
     ``units`` holds the per-unit columns by group: ``task`` (one entry per example, see
     ``metrics.example_scores``) and one group per perplexity source (``ppl`` for pydoc,
     ``ppl_<source>`` for the others: ``nll``, ``tokens`` and ``doc`` per window; ``ppl_windows``:
-    the windows' layout, ``data.held_out_windows``; with a ``reference`` model also ``kl`` and
+    the windows' layout, ``text.held_out_windows``; with a ``reference`` model also ``kl`` and
     ``top1`` per window, giving the metrics ``kl`` / ``kl_<source>`` and ``top1_agree`` /
     ``top1_agree_<source>``, see :func:`window_nll`).
     """
@@ -246,7 +247,7 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
     """
     from pathlib import Path
 
-    from ptqlib.config import as_params
+    from ptqlib.study.kinds import as_params
 
     p = as_params("evaluate", p)
     sources = tuple(p.ppl_sources)
@@ -278,7 +279,7 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
         metrics["precision"] = resolve(p.precision)
     metrics.update(model_metrics(model, input_ref))
     if p.lm_eval_tasks:  # MMLU / commonsense through lm-evaluation-harness
-        from ptqlib.lmeval import run_lm_eval
+        from ptqlib.stages.lmeval import run_lm_eval
 
         metrics.update(run_lm_eval(model, tokenizer, list(p.lm_eval_tasks),
                                    num_fewshot=None if p.lm_eval_fewshot < 0 else p.lm_eval_fewshot,

@@ -6,30 +6,31 @@ cleaned or lost, another machine's runs) keeps its row from the report already i
 ``reports/<study>/`` when that row's evaluate stage id is the one the study computes now: the id
 hashes every parameter of the chain, so the row is the same computation. Failing that, it takes
 the row of another study's report under ``reports/`` with that evaluate stage id, as studies share
-``runs/`` (``previous_report``). The claims' statistics live in ``ptqlib.analysis``; the page is
+``runs/`` (``previous_report``). The claims' statistics live in ``ptqlib.report.analysis``; the page is
 the ``04_analyse`` notebook, executed by papermill and rendered without its code. Selection
-pipelines (``ptqlib.selection``) are no rows of ``results.csv`` / ``units.csv``: their validation
+pipelines (``ptqlib.study.selection``) are no rows of ``results.csv`` / ``units.csv``: their validation
 scores are ``selection.csv``.
 """
 from __future__ import annotations
 
 import csv
-import io
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ptqlib import selection
-from ptqlib.record import complete, copy_atomic, write_atomic, write_json_atomic
-from ptqlib.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
+from ptqlib.engine.record import complete
+from ptqlib.engine.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
+from ptqlib.files import copy_atomic, write_atomic, write_json_atomic
+from ptqlib.study import selection
 
 if TYPE_CHECKING:
-    from ptqlib.runner import Runner
+    from ptqlib.engine.runner import Runner
 
-log = logging.getLogger("ptqlib.report")
+log = logging.getLogger("ptqlib.report.tables")
 
 ANALYSE = "04_analyse.ipynb"
 

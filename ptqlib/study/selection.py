@@ -27,12 +27,13 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ptqlib.data import TEXT_SOURCES
 from ptqlib.metrics import PPL_METRICS, STATISTICS, evaluate_metric_names, known_evaluate_metric, lower_is_better
+from ptqlib.text import TEXT_SOURCES
 
 if TYPE_CHECKING:
-    from ptqlib.config import Pipeline, Study
-    from ptqlib.runner import Runner
+    from ptqlib.engine.runner import Runner
+    from ptqlib.study.graph import Study
+    from ptqlib.study.schema import Pipeline
 
 SUFFIX = "~select"  # a selection pipeline's family is <family>~select ('~' is refused in study pipeline names)
 metric_names = evaluate_metric_names  # what a select can rank by: what the evaluate stage records

@@ -9,13 +9,13 @@ table of the claims that hold after Holm, with their difference and 95% interval
 """
 from __future__ import annotations
 
-from ptqlib.record import write_atomic
-
 import difflib
 import os
 from pathlib import Path
 
 import pandas as pd
+
+from ptqlib.files import write_atomic
 
 BEGIN, END = "<!-- findings:begin -->", "<!-- findings:end -->"
 NEEDED = ("claim", "tested", "metric", "difference", "ci_low", "ci_high", "verdict", "p_holds", "p_holm",
@@ -27,7 +27,7 @@ def _claims(path: Path) -> pd.DataFrame:
     missing = [c for c in NEEDED if c not in table]
     if missing:
         raise ValueError(f"{path}: no column {missing} (written before Holm and the flags); re-decide it with "
-                         f"python -m ptqlib analyse parameters/<study>.yaml or ptqlib.analysis.redecide")
+                         f"python -m ptqlib analyse parameters/<study>.yaml or ptqlib.report.analysis.redecide")
     return table
 
 
@@ -52,9 +52,12 @@ def holding_rows(name: str, table: pd.DataFrame) -> list[str]:
     for r in table[table["verdict_holm"] == "holds"].itertuples():
         ci = f"{_num(r.difference)} [{_num(r.ci_low)}, {_num(r.ci_high)}]"
         flag = r.flags if isinstance(r.flags, str) else ""
-        cell = lambda text: str(text).replace("|", "\\|")  # a '|' (as in |a - b| < m) would end the table cell
-        rows.append(f"| {name} | {cell(r.claim)} | `{cell(r.tested)}` | {r.metric} | {ci} | {r.p_holm:.2g} | {flag} |")
+        rows.append(f"| {name} | {_cell(r.claim)} | `{_cell(r.tested)}` | {r.metric} | {ci} | {r.p_holm:.2g} | {flag} |")
     return rows
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|")  # a '|' (as in |a - b| < m) would end the table cell
 
 
 def render(reports: str | Path, relative_to: str | Path = ".") -> str:

@@ -1,0 +1,80 @@
+"""The record of a stage run: ``runs/<stage-id>/metrics.json``.
+
+The notebook saves what it measured with :func:`save_outputs` (``outputs.json``); the runner
+then writes the record — parameters, input ids, metrics, timings, peak memory, versions, git
+commit, device, status, error — with :func:`write_json_atomic`, *last*, so a stage whose
+``metrics.json`` says ``status: ok`` is finished, and a killed one never looks finished.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ptqlib.files import OUTPUTS, write_json_atomic
+
+
+def complete(rec: dict | None) -> bool:
+    """A finished record as the runner writes it (``stage.execute``): ``status: ok``, the metrics
+    and the timings. A valid-JSON but partial record (``{"status": "ok"}``) is not trusted."""
+    if not rec or rec.get("status") != "ok" or not isinstance(rec.get("metrics"), dict):
+        return False
+    t = rec.get("timings")
+    return isinstance(t, dict) and isinstance(t.get("wall_s"), (int, float))
+
+
+def save_outputs(output_dir: str | Path, metrics: dict, **extra) -> Path:
+    """Called by a stage notebook: its metrics (flat name -> number) and anything else worth keeping."""
+    out = Path(output_dir) / OUTPUTS
+    write_json_atomic(out, {"metrics": metrics, **extra, "device": device_info(), "saved_at": time.time()})
+    return out
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ptqlib", "torch", "transformers", "peft", "bitsandbytes", "papermill", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def device_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["device"] = "cuda"
+        info["gpu"] = torch.cuda.get_device_name(0)
+    else:
+        info["device"] = "cpu"
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode:
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MiB)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform != "darwin" else r / 2**20

@@ -1,0 +1,118 @@
+"""Checks of a pipeline that need its whole chain or the model's sizes: what each method needs as its
+input (``FinetuneMethod.needs``), group sizes the layers can take, ranks, positions and target layers."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ptqlib.errors import ConfigError
+from ptqlib.methods import finetune_methods, quantize_methods
+
+if TYPE_CHECKING:
+    from ptqlib.study.schema import Stage
+
+def _check_against_config(path, where, stages: list[Stage], model: str, cache: dict, model_config) -> None:
+    """Token windows the model cannot position (GPTQ once ran 5 minutes before failing on one) and
+    adapter targets that name no layer of a Llama-style model, from its config (when it is known)."""
+    if ("cfg", model) not in cache:
+        cache[("cfg", model)] = model_config(model)
+    cfg = cache[("cfg", model)]
+    if cfg is None:
+        return
+    cfg = cfg.get("text_config", cfg)
+    limit = cfg.get("max_position_embeddings")
+    llama_like = cfg.get("model_type") in ("llama", "mistral", "qwen2", "qwen3")
+    from ptqlib.models import linear_input_sizes, linear_output_sizes
+
+    ins, outs = (linear_input_sizes(cfg), linear_output_sizes(cfg)) if llama_like else ({}, {})
+    layers = tuple(ins)  # the decoder linears of a Llama-style block
+    for i, st in enumerate(stages):
+        swhere = f"{where}[{i}].{st.kind}" if st.kind != "evaluate" else "defaults.evaluate"
+        for key in ("calib_seq_len", "ppl_seq_len", "max_length"):
+            if limit and key in st.params and st.params[key] > limit:
+                raise ConfigError(f"{path}: {swhere}.{key}: {st.params[key]} is more tokens than model {model!r} "
+                                  f"has positions ({limit}); valid: 1 to {limit}")
+        unknown = [t for t in st.params.get("target_modules", []) if t not in layers] if st.kind == "finetune" else []
+        if llama_like and unknown:
+            raise ConfigError(f"{path}: {swhere}.target_modules: {', '.join(map(repr, unknown))} names no layer of "
+                              f"model {model!r}; valid: {', '.join(layers)}")
+        if llama_like and st.kind == "finetune" and "rank" in finetune_methods()[st.params["method"]].settings:
+            # a rank beyond a layer's smaller side adds parameters and no expressiveness (LoftQ's SVD has
+            # only that many singular values): a typo (160 for 16) more likely than a wish
+            sides = {t: min(ins[t], outs[t]) for t in st.params["target_modules"]}
+            most = min(sides.values())
+            if st.params["rank"] > most:
+                t = min(sides, key=sides.get)
+                raise ConfigError(f"{path}: {swhere}.rank: {st.params['rank']} exceeds the smaller side of layer {t} "
+                                  f"({ins[t]} in, {outs[t]} out) of model {model!r}; valid: 1 to {most}")
+
+
+def check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, linear_input_sizes, model_config,
+                    check_models: bool) -> None:
+    """Checks that need the whole chain: what each method needs as input (``FinetuneMethod.needs``,
+    tracked through what the stages before it give) and layer sizes."""
+    if check_models:
+        _check_against_config(path, where, stages, model, sizes_cache, model_config)
+    ft = finetune_methods()
+    grid = None  # the current model's quantized grid: None (float), "uniform" (QuantLinear) or "bnb"
+    base_group: int | None = None  # group size of the current uniform grid
+    adapter = None  # an unmerged adapter on the current model (name of its method)
+    for i, st in enumerate(stages):
+        p = st.params
+        swhere = f"{where}[{i}].{st.kind}"
+        groups: list[int] = []
+        if st.kind == "quantize":
+            if adapter:
+                mergeable = ", ".join(n for n, e in ft.items() if e.can_merge)
+                raise ConfigError(f"{path}: {swhere}: its input carries an unmerged {adapter!r} adapter; "
+                                  f"set merge: true on that finetune stage ({mergeable}) to quantize the merged model")
+            if grid:
+                raise ConfigError(f"{path}: {swhere}: the input is already quantized; add a merge (finetune with "
+                                  "merge: true) first")
+            grid = quantize_methods()[p["method"]].grid
+            base_group = p["group_size"] if grid == "uniform" else None
+            groups = [p["group_size"]] if grid == "uniform" else []
+        elif st.kind == "finetune":
+            name, m = p["method"], ft[p["method"]]
+            if m.needs != "float" and not grid:
+                raise ConfigError(f"{path}: {swhere}.method: {name!r} trains adapters on a quantized model; put a "
+                                  "quantize stage before it")
+            if m.needs == "float" and grid:
+                raise ConfigError(f"{path}: {swhere}.method: {name!r} needs a float model but its input is quantized; "
+                                  f"valid on a quantized input: {', '.join(n for n, e in ft.items() if e.needs != 'float')}")
+            if m.needs == "uniform" and grid != "uniform":
+                raise ConfigError(f"{path}: {swhere}.method: {name!r} merges into a uniform (rtn / gptq) grid; "
+                                  "its input is not one (quantize with method rtn or gptq first)")
+            if m.needs == "bnb" and grid != "bnb":
+                raise ConfigError(f"{path}: {swhere}.method: {name!r} needs a bitsandbytes 4-bit input; "
+                                  "its input is not one (quantize with method nf4 or fp4 first)")
+            if m.group == "base":
+                # pooling over the base's quantization groups is what makes the merge exact
+                if p["group_size"] not in (0, base_group):
+                    raise ConfigError(f"{path}: {swhere}.group_size: {p['group_size']} differs from the quantized "
+                                      f"base's group_size {base_group}; {name} pools over the base's groups, so leave "
+                                      f"group_size out or set it to {base_group}")
+                p["group_size"] = base_group  # resolved: the stage id and label carry the real value
+            if m.group == "own":
+                groups = [p["group_size"]]
+            if m.gives == "float" or (m.gives == "adapter" and p["merge"]):
+                grid, base_group = None, None
+            elif m.gives == "quantized":
+                grid, base_group = "uniform", p["group_size"]
+                adapter = name if m.keeps_adapter else None
+            elif m.gives == "adapter":
+                adapter = name
+        if check_models and groups:
+            if model not in sizes_cache:
+                cfg = model_config(model)
+                sizes_cache[model] = linear_input_sizes(cfg) if cfg is not None else None
+            for g in groups if sizes_cache[model] is not None else []:
+                if g == -1:
+                    continue
+                bad = {k: n for k, n in sizes_cache[model].items() if n % g}
+                if bad:
+                    raise ConfigError(
+                        f"{path}: {swhere}.group_size: {g} does not divide the input size of "
+                        + ", ".join(f"{k} ({n})" for k, n in bad.items())
+                        + f" in model {model!r}; valid: -1 or a divisor of "
+                        + ", ".join(sorted({str(n) for n in sizes_cache[model].values()}))
+                    )

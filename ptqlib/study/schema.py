@@ -1,0 +1,363 @@
+"""Study files: load, validate, expand grids.
+
+A study file (``parameters/<study>.yaml``)::
+
+    study: default                 # name of reports/<study>/
+    model: smollm2-135m            # or a list -> grid
+    task: meetings                 # fine-tuning and task-evaluation data
+    seeds: [0, 1]                  # a grid axis for every stage that trains
+    defaults:                      # per stage kind, merged under each stage's own keys
+      finetune: {steps: 40, lr: 2.0e-4}
+    pipelines:
+      base: []                     # evaluate the model as it is
+      ft16: [{finetune: full}]     # shorthand for {finetune: {method: full}}
+      ft_nf4_qlora:
+        - finetune: {method: full, lr: 2.0e-5}
+        - quantize: {method: nf4}
+        - finetune: {method: qlora}
+
+Every pipeline ends with an implicit ``evaluate`` stage; a last entry ``{evaluate: {...}}``
+overrides ``defaults.evaluate`` for that pipeline (e.g. ``runtime: llama.cpp``). A list value in a stage (``bits: [3, 4]``)
+expands the pipeline into a grid, except for keys whose value is a list by nature
+(``target_modules``). The parameters of each stage kind are the dataclasses of ``ptqlib.study.params``: their
+field comments are the documentation, and ``__post_init__`` validates each value.
+A finetune setting given as ``{select: [candidates], metric: field_f1}`` (in a stage or in
+``defaults.finetune``; one per pipeline) is chosen on the task's validation split: each candidate
+trains at the first seed and is scored on validation (pipelines ``<name>~select[lr=...]``), and
+the best one is the value of the pipeline's test-set runs (all seeds). See ``ptqlib.study.selection``.
+Errors are ``ConfigError`` naming file, key, bad value and what is valid, raised before any stage runs.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ptqlib.errors import ConfigError
+from ptqlib.methods import finetune_methods, quantize_methods
+from ptqlib.metrics import evaluate_metric_names, known_evaluate_metric
+from ptqlib.study.checks import check_pipeline
+from ptqlib.study.choices import check_selects, split_selection, take_select
+from ptqlib.study.kinds import KINDS
+from ptqlib.study.params import LIST_KEYS, QuantizeParams, fields_of
+
+TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims", "executor"}
+# the `executor:` section (run --executor slurm): where and with what resources each stage job runs
+EXECUTOR_KEYS = {"partition": "SLURM partition", "account": "SLURM account", "qos": "SLURM QOS",
+                 "time_min": "minutes per stage job", "gpus": "GPUs per stage job", "cpus": "CPU cores per stage job",
+                 "mem_gb": "memory per stage job (GB)", "constraint": "SLURM node constraint"}
+CLAIM_KEYS = {"claim", "a", "b", "metric", "relation", "min_effect"}
+
+
+@dataclass
+class Stage:
+    kind: str  # quantize | finetune | evaluate
+    params: dict  # validated, complete (defaults filled in)
+
+
+@dataclass
+class Pipeline:
+    """One pipeline at one grid point: its stages in order (the last one is evaluate)."""
+
+    name: str  # e.g. "ft_rtn[bits=3,seed=1]"
+    family: str  # the pipeline's name in the study file
+    model: str
+    task: str
+    seed: int
+    grid: dict  # the grid values of this point
+    stages: list[Stage]
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    description: str
+    pipelines: list[Pipeline]
+    claims: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what validation could not check (dry-run, uncached hub model)
+    executor: dict = field(default_factory=dict)  # the `executor:` section (EXECUTOR_KEYS)
+    selections: list = field(default_factory=list)  # ptqlib.study.selection.Selection: each select, per grid point
+
+
+def _where(path, *keys) -> str:
+    return f"{path}: " + ".".join(str(k) for k in keys if k != "")
+
+
+def _check_keys(path, where: str, given: dict, valid) -> None:
+    for k in given:
+        if k not in valid:
+            import difflib
+
+            near = difflib.get_close_matches(str(k), list(valid), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{path}: {where}: unknown key {k!r}{hint}; valid: {', '.join(sorted(valid))}")
+
+
+def _normalise_stage(path, where: str, entry) -> tuple[str, dict]:
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise ConfigError(f"{path}: {where}: a stage is a one-key mapping such as {{quantize: nf4}}, got {entry!r}")
+    (kind, params), = entry.items()
+    if kind not in KINDS:
+        inner = ", ".join(k for k in KINDS if k != "evaluate")
+        raise ConfigError(f"{path}: {where}: unknown stage {kind!r}; valid: {inner}, and evaluate "
+                          "as the last entry (it is implicit; the entry overrides defaults.evaluate)")
+    if isinstance(params, str):
+        params = {"method": params}
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: {where}.{kind}: expected a mapping or a method name, got {params!r}")
+    _check_keys(path, f"{where}.{kind}", params, fields_of(KINDS[kind].params))
+    return kind, params
+
+
+def _grid(items: dict) -> list[dict]:
+    """Cartesian product over the list values of ``items`` (a dict of key -> value or list)."""
+    axes = {k: v for k, v in items.items() if isinstance(v, list)}
+    if not axes:
+        return [{}]
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def _build(cls, path, where: str, params: dict):
+    try:
+        return cls(**params)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {where}.{e}") from None
+    except TypeError as e:
+        raise ConfigError(f"{path}: {where}: {e}") from None
+
+
+def _check_types(cls, path, where: str, params: dict) -> None:
+    for k, v in params.items():
+        default = fields_of(cls)[k].default
+        if default is dataclasses.MISSING or v is None:
+            continue
+        ok = (isinstance(v, type(default)) or (isinstance(default, float) and isinstance(v, int))) and not (
+            isinstance(v, bool) and not isinstance(default, bool))
+        if not ok:
+            raise ConfigError(
+                f"{path}: {where}.{k}: {v!r} has type {type(v).__name__}; expected {type(default).__name__}"
+            )
+
+
+def claim_metric(metric: str) -> bool:
+    """A column results.csv will have: an evaluate metric (``metrics.evaluate_metric_names``) or a
+    stage's (``finetune.train_loss_last``, ``quantize2.quant_seconds``)."""
+    return known_evaluate_metric(metric) or re.fullmatch(r"(quantize|finetune)\d*\.\w+", metric) is not None
+
+
+def quantizes(stage: Stage) -> bool:
+    """Does the stage make a quantized model from a float one (PTQ, or a method that trains into a grid)?"""
+    if stage.kind == "quantize":
+        return True
+    return stage.kind == "finetune" and finetune_methods()[stage.params["method"]].gives in ("quantized", "merged")
+
+
+def _at(point: dict, i: int, params: dict, key: str):
+    """Stage ``i``'s value of ``key`` at a grid ``point`` (else its params', else the default)."""
+    default = fields_of(QuantizeParams)[key].default
+    return point.get(f"{i}.{key}", params.get(key, default))
+
+
+def _resolve(path, where: str, kind: str, p: dict, seed: int) -> dict:
+    """Values that depend on the pipeline or the machine, made concrete for the stage id and record:
+    ``precision: auto`` -> fp32 / bf16 (``ptqlib.precision``); ``calib_seed: -1`` -> the pipeline's
+    seed where the method calibrates, 0 (unread) where it does not (the id such stages always had)."""
+    from ptqlib.precision import resolve
+
+    try:
+        p["precision"] = resolve(p["precision"])
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {where}.{e}") from None
+    if kind == "quantize" and p["calib_seed"] == -1:
+        p["calib_seed"] = seed if quantize_methods()[p["method"]].calibration else 0
+    return p
+
+
+def load_study(path: str | Path, check_models: bool = True, allow_network: bool = True) -> Study:
+    """Parse, validate and expand a study file. Raises ConfigError before anything runs.
+
+    ``allow_network=False`` (``--dry-run``): a hub model that is not cached locally is not fetched;
+    its layer-size checks are left to run time and noted in ``Study.notes``.
+    """
+    from ptqlib.data import check_task
+    from ptqlib.models import check_model_name, linear_input_sizes, model_config
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with keys {', '.join(sorted(TOP_KEYS))}")
+    _check_keys(path, "top level", raw, TOP_KEYS)
+    if "pipelines" not in raw or not isinstance(raw["pipelines"], dict) or not raw["pipelines"]:
+        raise ConfigError(f"{path}: pipelines: a non-empty mapping of name -> list of stages is required")
+    name = str(raw.get("study", path.stem))
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in (".", ".."):
+        raise ConfigError(f"{path}: study: {name!r} names the folder reports/<study>/: letters, digits, '_', '-', '.' "
+                          "only (no path separators)")
+    models = raw.get("model", "smollm2-135m")
+    models = models if isinstance(models, list) else [models]
+    task = raw.get("task", "meetings")
+    seeds = raw.get("seeds", [0])
+    seeds = seeds if isinstance(seeds, list) else [seeds]
+    if not seeds:
+        raise ConfigError(f"{path}: seeds: an empty list runs nothing; give at least one seed, e.g. [0, 1, 2]")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"{path}: seeds: {s!r} is not an integer >= 0")
+    for key, values in (("seeds", seeds), ("model", models)):
+        dup = sorted({str(v) for v in values if values.count(v) > 1})
+        if dup:
+            raise ConfigError(f"{path}: {key}: {', '.join(dup)} given twice; each value once (a repeat would be "
+                              "counted as another replicate)")
+    if not isinstance(task, str):
+        raise ConfigError(f"{path}: task: {task!r} is not a task name; valid: meetings, meetings-hard, "
+                          "'jsonl:<path>', 'hf:<dataset>[:<config>]'")
+    try:
+        check_task(task, allow_network=allow_network)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: task: {e}") from None
+    try:
+        for m in models:
+            check_model_name(str(m))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: model: {e}") from None
+
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: defaults: expected a mapping of stage kind -> parameters")
+    _check_keys(path, "defaults", defaults, KINDS)
+    for kind, d in defaults.items():
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: defaults.{kind}: expected a mapping, got {d!r}")
+        _check_keys(path, f"defaults.{kind}", d, fields_of(KINDS[kind].params))
+        check_selects(path, f"defaults.{kind}", kind, d)
+
+    sizes_cache: dict[str, dict] = {}
+    pipelines: list[Pipeline] = []
+    selections: list = []
+    for pname, stages in raw["pipelines"].items():
+        where = f"pipelines.{pname}"
+        if "~" in str(pname):
+            raise ConfigError(f"{path}: {where}: '~' is reserved in pipeline names (selection pipelines are "
+                              "<name>~select[...]); rename it")
+        if stages is None:
+            stages = []
+        if not isinstance(stages, list):
+            raise ConfigError(f"{path}: {where}: expected a list of stages, got {stages!r}")
+        parsed = []
+        eval_over: dict = {}
+        for i, entry in enumerate(stages):
+            kind, params = _normalise_stage(path, f"{where}[{i}]", entry)
+            check_selects(path, f"{where}[{i}].{kind}", kind, params)
+            if kind == "evaluate":
+                if i != len(stages) - 1:
+                    raise ConfigError(f"{path}: {where}[{i}]: evaluate can only be the last entry (every pipeline "
+                                      "ends with one); move it to the end")
+                eval_over = params
+                continue
+            parsed.append((kind, {**copy.deepcopy(defaults.get(kind, {})), **params}))
+        parsed.append(("evaluate", {**copy.deepcopy(defaults.get("evaluate", {})), **eval_over}))
+        select = take_select(path, where, parsed, stages)  # its candidates become a grid axis, split off below
+        start = len(pipelines)
+        # grid axes: every list value that is not list-valued by nature, per stage
+        axes: dict[str, list] = {}
+        for i, (kind, params) in enumerate(parsed):
+            for k, v in params.items():
+                if isinstance(v, list) and k not in LIST_KEYS:
+                    if not v:
+                        raise ConfigError(f"{path}: {where}[{i}].{kind}.{k}: an empty list gives an empty grid")
+                    if len({repr(x) for x in v}) < len(v):
+                        raise ConfigError(f"{path}: {where}[{i}].{kind}.{k}: {v!r} repeats a value; each grid value "
+                                          "once (a repeat would duplicate report rows)")
+                    axes[f"{i}.{k}"] = v
+        trains = any(KINDS[kind].draws for kind, _ in parsed)
+        for model in models:
+            for point in _grid(axes) or [{}]:
+                # a pipeline is replicated over the seeds when a stage draws from the seed: training,
+                # or a calibration left at the pipeline's seed (each seed its own GPTQ draw)
+                draws = trains or any(
+                    kind == "quantize" and _at(point, i, params, "calib_seed") == -1
+                    and getattr(quantize_methods().get(_at(point, i, params, "method")), "calibration", False)
+                    for i, (kind, params) in enumerate(parsed))
+                for seed in (seeds if draws else seeds[:1]):
+                    built, label = [], {}
+                    for i, (kind, params) in enumerate(parsed):
+                        p = dict(params)
+                        for key, val in point.items():
+                            si, k = key.split(".", 1)
+                            if int(si) == i:
+                                p[k] = val
+                                label[k] = val
+                        swhere = f"{where}[{i}].{kind}" if kind != "evaluate" else "defaults.evaluate"
+                        _check_types(KINDS[kind].params, path, swhere, p)
+                        obj = _build(KINDS[kind].params, path, swhere, p)
+                        built.append(Stage(kind, _resolve(path, swhere, kind, dataclasses.asdict(obj), int(seed))))
+                    if not any(quantizes(st) for st in built) or built[-1].params["runtime"] != "torch":
+                        built[-1].params["kl_reference"] = False  # nothing to compare with (or llama.cpp)
+                    check_pipeline(path, where, built, str(model), sizes_cache, linear_input_sizes,
+                                    functools.partial(model_config, allow_network=allow_network), check_models)
+                    if len(models) > 1:
+                        label["model"] = model
+                    if draws and len(seeds) > 1:
+                        label["seed"] = seed
+                    suffix = "[" + ",".join(f"{k}={v}" for k, v in label.items()) + "]" if label else ""
+                    pipelines.append(Pipeline(f"{pname}{suffix}", pname, str(model), task, int(seed), label, built))
+        if select:
+            pipelines[start:], sels = split_selection(path, pipelines[start:], select, int(seeds[0]))
+            selections += sels
+    claims = raw.get("claims") or []
+    if not isinstance(claims, list):
+        raise ConfigError(f"{path}: claims: expected a list of {{claim, a, b, metric, relation}}")
+    for i, c in enumerate(claims):
+        if not isinstance(c, dict):
+            raise ConfigError(f"{path}: claims[{i}]: expected a mapping, got {c!r}")
+        _check_keys(path, f"claims[{i}]", c, CLAIM_KEYS)
+        for k in ("claim", "a", "b", "metric"):
+            if not isinstance(c.get(k), str):
+                raise ConfigError(f"{path}: claims[{i}].{k}: required (a string)")
+        for k in ("a", "b"):
+            if c[k] not in raw["pipelines"]:
+                raise ConfigError(f"{path}: claims[{i}].{k}: {c[k]!r} is not a pipeline; valid: "
+                                  + ", ".join(raw["pipelines"]))
+        if not claim_metric(c["metric"]):
+            raise ConfigError(f"{path}: claims[{i}].metric: {c['metric']!r} is not a metric a study records; valid: "
+                              f"{', '.join(evaluate_metric_names())}, <stage>.<metric> of a quantize / finetune stage "
+                              "(e.g. finetune.train_loss_last)")
+        c.setdefault("relation", ">")
+        if c["relation"] not in (">", ">=", "=="):
+            raise ConfigError(f"{path}: claims[{i}].relation: {c['relation']!r}; valid: >, >=, ==")
+        m = c.setdefault("min_effect", 0.0)
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0 or not math.isfinite(m):
+            raise ConfigError(f"{path}: claims[{i}].min_effect: {m!r} must be a number >= 0 (the smallest difference "
+                              "that counts, in the metric's units)")
+        c["min_effect"] = float(m)
+    uncached = dict.fromkeys(k[1] if isinstance(k, tuple) else k for k, cfg in sizes_cache.items() if cfg is None)
+    notes = [f"model {m!r} is not in the local cache: it will be fetched at run time (its group sizes are checked then)"
+             for m in uncached]
+    if not allow_network and task.startswith("hf:"):
+        notes.append(f"task {task!r}: not checked for a local copy (--dry-run); a real run refuses it at once where "
+                     "it is not cached and the hub is off or unreachable")
+    executor = raw.get("executor") or {}
+    if not isinstance(executor, dict):
+        raise ConfigError(f"{path}: executor: expected a mapping of {', '.join(EXECUTOR_KEYS)}, got {executor!r}")
+    _check_keys(path, "executor", executor, EXECUTOR_KEYS)
+    for k in ("time_min", "gpus", "cpus", "mem_gb"):
+        if k in executor and (isinstance(executor[k], bool) or not isinstance(executor[k], (int, float))
+                              or executor[k] < 0):
+            raise ConfigError(f"{path}: executor.{k}: {executor[k]!r} must be a number >= 0 ({EXECUTOR_KEYS[k]})")
+    return Study(name, path, str(raw.get("description", "")), pipelines, claims, notes, dict(executor),
+                 selections=selections)

@@ -1,0 +1,143 @@
+"""The package's layout holds: no import cycle, no import from a higher layer, no torch to read a study.
+
+Layers, lowest first (a module imports its own layer or lower):
+
+0. ``errors``, ``files``, ``hub``: no ptqlib imports of note
+1. the numerics and their I/O: ``metrics``, ``precision``, ``text``, ``data``, ``models``, ``tiny``, ``artifacts``,
+   ``quant/``, ``adapters/``, ``methods/``, ``deploy/``
+2. ``study/``: parameters, schema, selection, graph
+3. ``engine/``: records, stage execution, executors, runner
+4. ``stages/`` (the notebooks' bodies) and ``report/``
+5. ``cli``, ``__main__``, the package itself
+
+Imports inside functions count (they run); imports under ``if TYPE_CHECKING:`` do not (annotations only).
+"""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "ptqlib"
+LAYERS = [
+    ["ptqlib.errors", "ptqlib.files", "ptqlib.hub"],
+    ["ptqlib.metrics", "ptqlib.precision", "ptqlib.text", "ptqlib.data", "ptqlib.models", "ptqlib.tiny", "ptqlib.artifacts",
+     "ptqlib.quant", "ptqlib.adapters", "ptqlib.methods", "ptqlib.deploy"],
+    ["ptqlib.study"],
+    ["ptqlib.engine"],
+    ["ptqlib.stages", "ptqlib.report"],
+    ["ptqlib.cli", "ptqlib.__main__"],
+]
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for f in PKG.rglob("*.py"):
+        parts = f.relative_to(PKG.parent).with_suffix("").parts
+        out[".".join(parts).removesuffix(".__init__")] = f
+    return out
+
+
+def _layer(mod: str) -> int:
+    if mod == "ptqlib":  # the package's __init__: the top
+        return len(LAYERS) - 1
+    best = None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (mod == p or mod.startswith(p + ".")) and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    assert best is not None, f"{mod} is in no layer of tests/test_layout.py: add it"
+    return best[0]
+
+
+def _imports(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the ptqlib modules it imports (outside TYPE_CHECKING blocks)."""
+    graph = {}
+    for mod, f in mods.items():
+        tree = ast.parse(f.read_text())
+        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        deps = set()
+        for n in ast.walk(tree):
+            if id(n) in skip:
+                continue
+            if isinstance(n, ast.Import):
+                deps |= {a.name for a in n.names if a.name.startswith("ptqlib")}
+            elif isinstance(n, ast.ImportFrom):
+                base = n.module or ""
+                if n.level:  # relative: from .x import y
+                    pkg = mod if f.name == "__init__.py" else mod.rsplit(".", 1)[0]
+                    for _ in range(n.level - 1):
+                        pkg = pkg.rsplit(".", 1)[0]
+                    base = f"{pkg}.{base}" if base else pkg
+                if not base.startswith("ptqlib"):
+                    continue
+                for a in n.names:  # from ptqlib.report import tables: the module tables
+                    deps.add(f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base)
+        graph[mod] = {d for d in deps if d in mods and d != mod}
+    return graph
+
+
+def test_no_module_imports_a_higher_layer():
+    mods = _modules()
+    up = [f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)})"
+          for m, deps in _imports(mods).items() for d in sorted(deps) if _layer(d) > _layer(m)]
+    assert not up, "\n".join(up)
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _imports(_modules())
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    """The test above can fail: an engine module importing the report is caught."""
+    mods = {"ptqlib.engine.x": tmp_path / "x.py", "ptqlib.report.tables": tmp_path / "t.py"}
+    mods["ptqlib.engine.x"].write_text("def f():\n    from ptqlib.report import tables\n")
+    mods["ptqlib.report.tables"].write_text("")
+    graph = _imports(mods)
+    assert graph["ptqlib.engine.x"] == {"ptqlib.report.tables"}
+    assert _layer("ptqlib.report.tables") > _layer("ptqlib.engine.x")
+    mods["ptqlib.engine.x"].write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                       "    from ptqlib.report import tables\n")
+    assert _imports(mods)["ptqlib.engine.x"] == set()
+
+
+def test_reading_a_study_imports_no_torch():
+    """``--dry-run`` and validation stay fast: the study layer and its graph need no torch."""
+    code = ("import sys\nfrom ptqlib.study.schema import load_study\nfrom ptqlib.study.graph import build_graph\n"
+            f"build_graph(load_study({str(PKG.parent / 'parameters' / 'default.yaml')!r}))\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_no_module_is_longer_than_400_lines():
+    long = {m: n for m, f in _modules().items() if (n := len(f.read_text().splitlines())) > 400}
+    assert not long, long
