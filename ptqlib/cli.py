@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the registered quantization and fine-tuning methods",
                    description="The methods a study file can name (ptqlib.methods, plus modules named in "
                                "PTQLIB_METHODS): what each needs as input, gives the next stage, and its settings.")
+    nbs = sub.add_parser("notebooks", help="write the stage notebooks' parameters cells from the parameter dataclasses",
+                         description="Each setting is defined once, in ptqlib/study/params.py (name, type, default, "
+                                     "help comment); this writes the tagged parameters cell of each stage notebook "
+                                     "from it (ptqlib.study.cells).")
+    nbs.add_argument("--check", action="store_true", help="write nothing; exit 1 naming the notebooks that differ")
+    nbs.add_argument("--dir", default="notebooks", help="the notebooks directory (default: notebooks)")
     fin = sub.add_parser("findings", help="write the README's findings table from reports/*/claims.csv",
                          description="Rewrite the text between <!-- findings:begin --> and <!-- findings:end --> "
                                      "in the README: per study, the claims tested, holding, and holding after "
@@ -168,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "methods":
         print(methods_table())
         return 0
+    if args.cmd == "notebooks":
+        from ptqlib.study.cells import sync
+
+        changed = sync(args.dir, check=args.check)
+        for path in changed:
+            print(f"{path}: parameters cell {'differs from' if args.check else 'rewritten from'} ptqlib/study/params.py",
+                  file=sys.stderr if args.check else sys.stdout)
+        if args.check and changed:
+            print("run: python -m ptqlib notebooks", file=sys.stderr)
+        return 1 if args.check and changed else 0
     try:
         study = load_study(args.study, allow_network=not (args.cmd == "run" and args.dry_run))
         if args.cmd == "analyse":

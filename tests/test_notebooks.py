@@ -90,3 +90,19 @@ def test_evaluate_notebook_runs_perplexity_only(tmp_path):
                                         ppl_seq_len=32, progress=False, precision="fp32"))
     rec = json.loads((out / "outputs.json").read_text())
     assert rec["metrics"]["ppl"] > 1 and "field_f1" not in rec["metrics"]
+
+
+def test_parameters_cells_are_generated_from_the_dataclasses(tmp_path):
+    """Each setting is defined once (ptqlib/study/params.py): the cells' help texts and defaults are
+    written from it (python -m ptqlib notebooks), and an edited cell is caught."""
+    import shutil
+
+    from ptqlib.study.cells import sync
+
+    assert sync(NB, check=True) == []
+    for f in NB.glob("0[123]_*.ipynb"):
+        shutil.copy(f, tmp_path / f.name)
+    nb = tmp_path / "02_finetune.ipynb"
+    nb.write_text(nb.read_text().replace("# optimizer steps", "# optimiser steps (edited by hand)"))
+    assert sync(tmp_path, check=True) == [str(nb)]
+    assert sync(tmp_path) == [str(nb)] and sync(tmp_path, check=True) == []  # rewritten from the dataclass

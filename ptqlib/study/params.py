@@ -40,9 +40,9 @@ class QuantizeParams:
 
     method: str = "rtn"  # a registered quantization method: rtn, gptq, nf4, fp4 (python -m ptqlib methods)
     bits: int = 4  # weight bits: rtn/gptq 2, 3, 4, 8; nf4/fp4 4
-    group_size: int = 64  # rtn/gptq: input columns per scale/zero (-1 = whole row); must divide every layer's input size
+    group_size: int = 64  # rtn/gptq: input columns per scale/zero (-1: the whole row); must divide every layer's input size
     sym: bool = False  # rtn/gptq: symmetric grid (zero fixed at 2^(b-1))
-    sym_grid: str = "full"  # rtn/gptq with sym: full = scale 2 max|w| / (2^b - 1), every code used (GPTQ reference); max = max|w| / (2^(b-1) - 1), +-max exact (ptqlib before)
+    sym_grid: str = "full"  # rtn/gptq with sym: full: scale 2 max|w| / (2^b - 1), every code used (GPTQ reference); max: scale max|w| / (2^(b-1) - 1), +-max exact (ptqlib before)
     group_grid: str = "lazy"  # gptq without act-order: a group's grid from the lazily updated weights (lazy, the reference's codes) or the block's error-updated copy (updated, ptqlib before)
     double_quant: bool = True  # nf4/fp4: quantize the absmax constants too (QLoRA's default)
     blocksize: int = 64  # nf4/fp4: bitsandbytes block size
@@ -54,7 +54,7 @@ class QuantizeParams:
     calib_samples: int = 32  # gptq: calibration windows of pydoc train text
     calib_seq_len: int = 256  # gptq: tokens per calibration window
     calib_seed: int = -1  # gptq: which calibration windows (-1: the pipeline's seed, so each seed is its own GPTQ draw)
-    precision: str = "auto"  # auto | fp32 | bf16: calibration forwards (ptqlib.precision; auto = bf16 where the hardware computes it)
+    precision: str = "auto"  # auto | fp32 | bf16: calibration forwards (ptqlib.precision; auto: bf16 where the hardware computes it)
 
     def __post_init__(self) -> None:
         _choice("method", self.method, quantize_methods())
@@ -92,16 +92,16 @@ class FinetuneParams:
     max_length: int = 256  # tokens per example (prompt cut from the left)
     train_samples: int = 256  # examples of the task's train split
     rank: int = 8  # adapter rank r (qblora/qablora raise it at equal parameters)
-    alpha: float = 16.0  # adapter scale numerator (s = alpha / r)
+    alpha: float = 16.0  # adapter scale numerator (the scale s is alpha / r)
     dropout: float = 0.0  # LoRA dropout
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # layers that get adapters
     merge: bool = False  # lora/qlora/loftq: merge the adapter into (de-quantized) weights -> a float model
     bits: int = 4  # l4q/qat_lora: weight bits
-    group_size: int = 0  # l4q/qat_lora: quantization group (0 = 64, -1 = whole row); qalora/qablora: as the quantized base (0 = take it from the base; another value is an error); other methods: leave 0
-    pool: int = 0  # qblora/qablora: input pool factor (0 = the method's default)
-    repeat: int = 0  # qblora/qablora: output repeat factor (0 = the method's default)
-    pool_norm: str = "mean"  # qblora/qalora/qablora: reduce a pooled block by its mean (official code) or sum (QA-LoRA's Algorithm 1; = mean at alpha x pool)
-    precision: str = "auto"  # auto | fp32 | bf16: bf16 autocast with fp32 master weights and optimizer state (auto = bf16 where the hardware computes it)
+    group_size: int = 0  # l4q/qat_lora: quantization group (0: 64, -1: the whole row); qalora/qablora: as the quantized base (0: take it from the base; another value is an error); other methods: leave 0
+    pool: int = 0  # qblora/qablora: input pool factor (0: the method's default)
+    repeat: int = 0  # qblora/qablora: output repeat factor (0: the method's default)
+    pool_norm: str = "mean"  # qblora/qalora/qablora: reduce a pooled block by its mean (official code) or sum (QA-LoRA's Algorithm 1; the mean at alpha x pool)
+    precision: str = "auto"  # auto | fp32 | bf16: bf16 autocast with fp32 master weights and optimizer state (auto: bf16 where the hardware computes it)
 
     def __post_init__(self) -> None:
         _choice("method", self.method, finetune_methods())
@@ -162,7 +162,7 @@ class EvaluateParams:
     gguf_lossy: bool = False  # llama.cpp runtime: allow re-quantizing layers GGUF cannot hold exactly (NF4, act-order, g16)
     speed_prompts: int = 0  # batch-1 latency: time to first token and decode tokens/s over this many prompts (0: off)
     speed_tokens: int = 64  # tokens decoded per speed prompt (EOS ignored)
-    precision: str = "auto"  # auto | fp32 | bf16: the model's float weights for perplexity and generation (auto = bf16 where the hardware computes it)
+    precision: str = "auto"  # auto | fp32 | bf16: the model's float weights for perplexity and generation (auto: bf16 where the hardware computes it)
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
