@@ -227,7 +227,7 @@ class LearnedQuantLinear(nn.Module):
     LoRA branch beside it) by their ``forward`` and ``export``.
     """
 
-    def __init__(self, base: nn.Linear, bits: int = 4, group_size: int = 128, rank: int = 4,
+    def __init__(self, base: nn.Linear, bits: int = 4, group_size: int = 64, rank: int = 4,
                  alpha: float = 8.0, lsq_grad_scale: bool = False) -> None:
         super().__init__()
         self.qn, self.qp = signed_range(bits)
@@ -322,7 +322,7 @@ class L4QLinear(LearnedQuantLinear):
 # ---------------------------------------------------------------------------------------------
 # model level (the layer swap itself: ``wrap.py``)
 # ---------------------------------------------------------------------------------------------
-def apply_l4q(model: nn.Module, bits: int = 4, group_size: int = 128, rank: int = 4,
+def apply_l4q(model: nn.Module, bits: int = 4, group_size: int = 64, rank: int = 4,
               alpha: float = 8.0, target_modules: Sequence[str] | None = None,
               lsq_grad_scale: bool = False) -> nn.Module:
     """Replace decoder-layer ``nn.Linear`` layers by ``L4QLinear``, in place; returns ``model``.

@@ -121,7 +121,7 @@ class QuantLinearWithLoRA(nn.Module):
         return self.base(x) + self.scaling * lora
 
 
-def apply_qat_lora(model: nn.Module, bits: int = 4, group_size: int = 128, rank: int = 4,
+def apply_qat_lora(model: nn.Module, bits: int = 4, group_size: int = 64, rank: int = 4,
                    alpha: float = 8.0, target_modules: Sequence[str] | None = None,
                    lsq_grad_scale: bool = False) -> nn.Module:
     """Replace decoder-layer ``nn.Linear`` by ``QATLoRALinear`` in place; freeze all but A, B, S, b."""

@@ -119,7 +119,7 @@ class GPTQ:
     def quantize(
         self,
         bits: int = 4,
-        group_size: int = 128,
+        group_size: int = 64,
         sym: bool = False,
         act_order: bool = False,
         static_groups: bool = True,

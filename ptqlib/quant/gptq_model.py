@@ -77,7 +77,7 @@ def gptq_quantize_model(
     model: nn.Module,
     calib: list[Tensor],
     bits: int = 4,
-    group_size: int = 128,
+    group_size: int = 64,
     sym: bool = False,
     act_order: bool = False,
     static_groups: bool = True,

@@ -30,7 +30,7 @@ def quantlinear_from_linear(
 
 @torch.no_grad()
 def rtn_quantize_model(
-    model: nn.Module, bits: int = 4, group_size: int = 128, sym: bool = False, progress: bool = False,
+    model: nn.Module, bits: int = 4, group_size: int = 64, sym: bool = False, progress: bool = False,
     sym_grid: str = "full",
 ) -> dict[str, Any]:
     """Replace every decoder ``nn.Linear`` by an RTN-quantized ``QuantLinear``, in place.
