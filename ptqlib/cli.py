@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ptqlib.deploy.types import TYPES as GGUF_TYPES
 from ptqlib.errors import ConfigError
 
 
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "8 bits); anything else is refused unless --lossy.")
     exp.add_argument("model", help="a run directory (runs/<id>) or a model name")
     exp.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default: gguf)")
-    exp.add_argument("--type", default="auto", choices=["auto", "q4_1", "q8_0", "f16"],
+    exp.add_argument("--type", default="auto", choices=GGUF_TYPES,
                      help="weight type: auto keeps the codes (Q4_1 / Q8_0; float layers F16); default: auto")
     exp.add_argument("--lossy", action="store_true",
                      help="re-quantize layers the type cannot hold exactly (NF4, act-order, groups not a multiple of 32)")

@@ -71,12 +71,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ptqlib.quant.grid import POOL_NORMS
+
 from .bases import _base_device, _base_group_size, dequantized_weight, is_supported_base
 from .merge import merge_into_quantlinear
 
 Kind = Literal["qblora", "qalora", "qablora"]
 KINDS: tuple[str, ...] = ("qblora", "qalora", "qablora")
-POOL_NORMS: tuple[str, ...] = ("mean", "sum")  # how a pooled block of inputs is reduced (BalancedLoRA)
 # Fold pool / repeat into the weights while the extra GEMM width r'(1 - 1/f) is at most this
 # (see BalancedLoRA.__init__); a speed choice only, both paths are exact.
 _FOLD_MAX_EXTRA = 48

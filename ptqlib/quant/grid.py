@@ -42,3 +42,6 @@ def signed_range(bits: int) -> tuple[int, int]:
     """``(Q_N, Q_P) = (-2^(b-1), 2^(b-1) - 1)``: the signed integer codes of ``b`` bits."""
     check_bits(bits)
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+POOL_NORMS: tuple[str, ...] = ("mean", "sum")  # how a balanced adapter reduces a pooled block of inputs (adapters/balanced.py)

@@ -16,7 +16,7 @@ from typing import Any
 from ptqlib.errors import ConfigError
 from ptqlib.methods import finetune_methods, quantize_methods
 from ptqlib.precision import PRECISIONS
-from ptqlib.quant.grid import GROUP_GRIDS, SYM_GRIDS
+from ptqlib.quant.grid import GROUP_GRIDS, POOL_NORMS, SYM_GRIDS
 from ptqlib.study.neutral import ID_NEUTRAL
 
 DEFAULT_FT_GROUP = 64  # the group of a method with its own grid (l4q, qat_lora) when group_size is left at 0
@@ -125,7 +125,7 @@ class FinetuneParams:
         if m.group == "own" and self.group_size == 0:
             self.group_size = DEFAULT_FT_GROUP
         _choice("precision", self.precision, PRECISIONS)
-        _choice("pool_norm", self.pool_norm, ("mean", "sum"))  # ptqlib.adapters.balanced.POOL_NORMS (torch-free here)
+        _choice("pool_norm", self.pool_norm, POOL_NORMS)
         if self.pool_norm != "mean" and "pool_norm" not in m.settings:
             pooled = [n for n, e in finetune_methods().items() if "pool_norm" in e.settings]
             raise ConfigError(f"pool_norm: {self.pool_norm!r} has no effect on method {self.method!r}; it applies to "
