@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ptqlib.deploy.types import TYPES as GGUF_TYPES
+from ptqlib.engine.executors import EXECUTORS
 from ptqlib.errors import ConfigError
 
 
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                           "bits of the results, so give a serial run's count to reproduce its records exactly")
     run.add_argument("--gpus", default=None, metavar="0,1,...",
                      help="GPU ids for local jobs: each running stage gets one (CUDA_VISIBLE_DEVICES)")
-    run.add_argument("--executor", default=None, choices=["local", "slurm", "submitit-local"],
+    run.add_argument("--executor", default=None, choices=EXECUTORS,
                      help="where stages run: local processes (default), SLURM jobs via submitit (resources from the "
                           "study's executor: section), or submitit's local executor (the same code path without SLURM)")
     run.add_argument("--executor-opt", action="append", metavar="KEY=VALUE",
