@@ -11,20 +11,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ptqlib.adapters.balanced import KINDS, BalancedLoRA, Kind, QBLoRALinear, balanced_rank, default_factors
-from ptqlib.adapters.bases import dequantized_weight, is_bnb_4bit, is_quantlinear, is_supported_base
+from ptqlib.adapters.balanced import KINDS, Kind, QBLoRALinear
 from ptqlib.adapters.io import load_adapter, save_adapter
-from ptqlib.adapters.merge import merge_into_quantlinear
 from ptqlib.quant.layers import find_linear_layers, set_module
 from ptqlib.quant.qlinear import QuantLinear
 
 _FORMAT = "ptqlib-blora-v1"
-__all__ = [  # the balanced adapter's names, importable from here as before the split
-    "KINDS", "BalancedLoRA", "Kind", "QBLoRALinear", "balanced_rank", "default_factors", "dequantized_weight",
-    "is_bnb_4bit", "is_quantlinear", "is_supported_base", "merge_into_quantlinear",
-    "target_layers", "adapter_layers", "apply_adapter", "merge_adapters", "count_trainable", "lora_param_count",
-    "adapter_state_dict", "save_adapters", "load_adapters",
-]
 
 
 # --------------------------------------------------------------------------------------------

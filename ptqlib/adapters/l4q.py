@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptqlib.quant.grid import SUPPORTED_BITS, effective_group_size, signed_range  # noqa: F401 (re-exported)
+from ptqlib.quant.grid import SUPPORTED_BITS, effective_group_size, signed_range
 
 from .wrap import export_layers, wrap_linears
 

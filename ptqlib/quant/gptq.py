@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .grid import GROUP_GRIDS
-from .uniform import check_bits, dequantize, find_params, n_groups, quantize
+from .grid import GROUP_GRIDS, check_bits, n_groups
+from .uniform import dequantize, find_params, quantize
 
 # true-sequential order inside a Llama/Qwen2/Mistral decoder layer: each group is quantized
 # after the previous ones, and sees their *quantized* outputs as its inputs

@@ -12,10 +12,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .gptq import GPTQ, TRUE_SEQUENTIAL_GROUPS, _relative_output_errors
-from .grid import GROUP_GRIDS
+from .grid import GROUP_GRIDS, check_bits, n_groups
 from .layers import find_linear_layers, get_decoder_layers, set_module
 from .rtn import QUANT_INFO_ATTR, quantlinear_from_linear
-from .uniform import check_bits, n_groups, rtn_quantize
+from .uniform import rtn_quantize
 
 
 class _StopForward(Exception):

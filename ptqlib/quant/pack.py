@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from .uniform import check_bits
+from .grid import check_bits
 
 _MASK32 = 0xFFFFFFFF
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .grid import check_bits, n_groups
 from .pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
-from .uniform import check_bits, n_groups
 
 
 class _DequantMatmul(torch.autograd.Function):

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .grid import check_bits, n_groups
 from .layers import find_linear_layers, set_module
 from .qlinear import QuantLinear
-from .uniform import check_bits, n_groups, rtn_quantize
+from .uniform import rtn_quantize
 
 QUANT_INFO_ATTR = "ptqlib_quant_info"  # model attribute the checkpoint writer reads (method settings)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .grid import SUPPORTED_BITS, SYM_GRIDS, check_bits, effective_group_size, n_groups  # noqa: F401 (uniform's names before grid.py)
+from .grid import SYM_GRIDS, check_bits, n_groups
 
 
 def find_params(w: Tensor, bits: int, sym: bool, sym_grid: str = "full") -> tuple[Tensor, Tensor]:

@@ -8,12 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from ptqlib.adapters.balanced import BalancedLoRA, QBLoRALinear, balanced_rank
 from ptqlib.adapters.blora import (
-    BalancedLoRA,
-    QBLoRALinear,
     adapter_layers,
     apply_adapter,
-    balanced_rank,
     count_trainable,
     load_adapters,
     lora_param_count,

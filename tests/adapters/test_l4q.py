@@ -14,8 +14,8 @@ from ptqlib.adapters.l4q import (
     count_trainable_parameters,
     export_l4q,
     l4q_init,
-    signed_range,
 )
+from ptqlib.quant.grid import signed_range
 
 OUT, IN = 64, 96  # W numel 6144: distinct from every other tensor size in these tests;
 # both multiples of 32 / bits as QuantLinear packing needs

@@ -5,13 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from ptqlib.adapters.l4q import count_trainable_parameters, fake_quantize, signed_range
+from ptqlib.adapters.l4q import count_trainable_parameters, fake_quantize
 from ptqlib.adapters.qat_lora import (
     FakeQuantFunction,
     QATLoRALinear,
     apply_qat_lora,
     export_qat_lora,
 )
+from ptqlib.quant.grid import signed_range
 
 OUT, IN = 64, 96
 

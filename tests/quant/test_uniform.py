@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ptqlib.quant.uniform import dequantize, find_params, n_groups, quantize, rtn_quantize
+from ptqlib.quant.grid import n_groups
+from ptqlib.quant.uniform import dequantize, find_params, quantize, rtn_quantize
 
 BITS = [2, 3, 4, 8]
 
@@ -106,11 +107,9 @@ def test_rejects_bad_settings():
 
 def test_grid_rules_are_stated_once():
     """The bit widths and group rules of every quantizer come from ptqlib.quant.grid."""
-    from ptqlib.adapters import l4q
     from ptqlib.methods import finetune_methods, quantize_methods
-    from ptqlib.quant import grid, uniform
+    from ptqlib.quant import grid
 
-    assert uniform.SUPPORTED_BITS is grid.SUPPORTED_BITS is l4q.SUPPORTED_BITS
     q, f = quantize_methods(), finetune_methods()
     assert q["gptq"].bits is q["rtn"].bits is f["l4q"].bits is f["qat_lora"].bits is grid.SUPPORTED_BITS
     assert grid.effective_group_size(576, -1) == 576 and grid.effective_group_size(576, 64) == 64
