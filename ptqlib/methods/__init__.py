@@ -68,6 +68,7 @@ class FinetuneMethod:
     group: Literal["", "own", "base"] = ""  # group_size: "" not read; own: its grid's (0 -> 64); base: the input's
     can_merge: bool = False  # merge: true folds the adapter into a float copy of the weights
     keeps_adapter: bool = False  # gives quantized with a separate adapter (cannot be quantized again)
+    why_needs: str = ""  # said when its input is not what it needs (why; what to use instead)
 
 
 @dataclass(frozen=True)

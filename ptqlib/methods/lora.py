@@ -1,9 +1,15 @@
-"""LoRA and QLoRA through peft: ``W x + s B A x`` with ``s = alpha / r``; only A and B train.
+"""LoRA, QLoRA, DoRA and QDoRA through peft: ``W x + s B A x`` with ``s = alpha / r``; only A and B train.
 
 ``qlora`` is LoRA on a frozen quantized base: bitsandbytes ``Linear4bit`` (peft's own backend) or
 ptqlib's ``QuantLinear`` (the peft backend in ``ptqlib.adapters.lora_quantlinear``). With
 ``merge: true`` the adapter is folded into a float copy of the (de-quantized) weights, the input a
 later PTQ stage needs.
+
+``dora`` / ``qdora`` (Liu et al. 2024, DoRA) are peft's ``use_dora``: the weight is split into a
+magnitude and a direction, ``W' = m (W + s B A) / ||W + s B A||_c`` (column norms), and ``m`` trains
+with ``A`` and ``B``. peft computes the norm from the de-quantized base weight, which it can do for
+a float model and for bitsandbytes NF4 / FP4 (QDoRA), not for ptqlib's ``QuantLinear`` (GPTQ / RTN):
+there a study is refused before any stage runs.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ def prepare(model, p: FinetuneParams, input_ref: str):
     if getattr(model, "is_loaded_in_4bit", False):
         # casts norms to fp32 and enables input grads; gradient checkpointing only costs time here
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    cfg = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout,
+    cfg = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, use_dora=p.method in DORA,
                      target_modules=list(p.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, register_quantlinear(cfg))  # LoRA on QuantLinear too (GPTQ/RTN base)
 
@@ -72,10 +78,17 @@ def load(ref, info: dict, device: str):
 
 
 _SETTINGS = ("lr", "steps", "rank", "alpha")
+DORA = ("dora", "qdora")  # the methods that ask peft for use_dora
 register(
     FinetuneMethod("lora", "LoRA on a float model (peft)", needs="float", gives="adapter", prepare=prepare,
                    save=save, settings=_SETTINGS, can_merge=True),
     FinetuneMethod("qlora", "LoRA on a frozen quantized model (peft; bnb or QuantLinear base)", needs="quantized",
                    gives="adapter", prepare=prepare, save=save, settings=_SETTINGS, can_merge=True),
+    FinetuneMethod("dora", "DoRA on a float model (peft use_dora: a trained magnitude per column)", needs="float",
+                   gives="adapter", prepare=prepare, save=save, settings=_SETTINGS, can_merge=True),
+    FinetuneMethod("qdora", "DoRA on a frozen bitsandbytes NF4 / FP4 model (peft use_dora; not on GPTQ / RTN)",
+                   needs="bnb", gives="adapter", prepare=prepare, save=save, settings=_SETTINGS, can_merge=True,
+                   why_needs="; peft's DoRA de-quantizes its base to norm the columns, which it can do for "
+                             "bitsandbytes, not for ptqlib's QuantLinear (gptq / rtn): use qlora on those"),
     ArtifactType("peft", load, quantized="base"),
 )

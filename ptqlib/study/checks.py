@@ -84,7 +84,7 @@ def check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, li
                                   "its input is not one (quantize with method rtn or gptq first)")
             if m.needs == "bnb" and grid != "bnb":
                 raise ConfigError(f"{path}: {swhere}.method: {name!r} needs a bitsandbytes 4-bit input; "
-                                  "its input is not one (quantize with method nf4 or fp4 first)")
+                                  f"its input is not one (quantize with method nf4 or fp4 first){m.why_needs}")
             if m.group == "base":
                 # pooling over the base's quantization groups is what makes the merge exact
                 if p["group_size"] not in (0, base_group):

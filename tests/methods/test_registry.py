@@ -48,12 +48,12 @@ claims:
 
 def test_every_builtin_method_is_registered_once_in_the_studies_order():
     assert list(methods.quantize_methods()) == ["rtn", "gptq", "nf4", "fp4"]
-    assert list(methods.finetune_methods()) == ["full", "lora", "qlora", "l4q", "qat_lora", "qblora", "qalora",
+    assert list(methods.finetune_methods()) == ["full", "lora", "qlora", "dora", "qdora", "l4q", "qat_lora", "qblora", "qalora",
                                                 "qablora", "loftq"]
     with pytest.raises(ValueError, match="registered twice: by ptqlib.methods.full and by .*test_registry"):
         methods.register(methods.FinetuneMethod("full", "another", "float", "float", lambda *a: None, print))
-    with pytest.raises(ValueError, match="unknown fine-tuning method 'dora'; valid: full, lora"):
-        methods.finetune_method("dora")
+    with pytest.raises(ValueError, match="unknown fine-tuning method 'vera'; valid: full, lora"):
+        methods.finetune_method("vera")
 
 
 def test_an_outside_module_that_does_not_import_is_named(tmp_path):
