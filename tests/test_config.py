@@ -70,7 +70,7 @@ def test_stage_id_is_content_addressed():
     ("model: tiny\npipelines:\n  a: [{quantize: {method: rtn, bitz: 4}}]\n",
      ["s.yaml", "pipelines.a[0].quantize", "'bitz'", "did you mean 'bits'"]),
     ("model: tiny\npipelines:\n  a: [{quantize: {method: awq}}]\n", ["pipelines.a[0].quantize.method", "'awq'", "gptq"]),
-    ("model: tiny\npipelines:\n  a: [{finetune: {method: dora}}]\n", ["finetune.method", "'dora'", "qlora"]),
+    ("model: tiny\npipelines:\n  a: [{finetune: {method: vera}}]\n", ["finetune.method", "'vera'", "qlora"]),
     ("model: tiny\npipelines:\n  a: [{quantize: {method: nf4, bits: 3}}]\n",
      ["pipelines.a[0].quantize.bits", "3", "'nf4'", "valid: 4"]),
     ("model: tiny\npipelines:\n  a: [{quantize: {method: gptq, bits: 5}}]\n", ["bits", "5", "2, 3, 4, 8"]),

@@ -7,15 +7,10 @@ float zero points, exactly (QA-LoRA, Xu et al. 2023; QA-BLoRA, Shen et al. 2025)
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
 from .bases import _base_group_size, is_quantlinear
-
-if TYPE_CHECKING:
-    from .balanced import BalancedLoRA
 
 
 def _group_to_block(g_idx: Tensor, pool: int, n_groups: int, name: str) -> Tensor:
@@ -42,8 +37,9 @@ def _group_to_block(g_idx: Tensor, pool: int, n_groups: int, name: str) -> Tenso
 
 
 @torch.no_grad()
-def merge_into_quantlinear(base: nn.Module, adapter: BalancedLoRA, name: str = "") -> nn.Module:
-    """Fold a pooled adapter into a copy of ``base`` (QuantLinear): ``zero' = zero - D / scale``.
+def merge_into_quantlinear(base: nn.Module, adapter: nn.Module, name: str = "") -> nn.Module:
+    """Fold a pooled adapter (a ``balanced.BalancedLoRA``) into a copy of ``base`` (QuantLinear):
+    ``zero' = zero - D / scale``.
 
     ``D (out, G)``: ``D[o, c] = (s/p) (B A)[o // k, block(c)]``, the constant value of dW on the
     (row ``o``, group ``c``) cell, folded by ``QuantLinear.fold_group_offset``. Codes, scales,

@@ -9,19 +9,21 @@ passes a ``reporter`` (``ptqlib.report.tables``), which it calls after a run and
 """
 from __future__ import annotations
 
+import csv
 import logging
+import math
 import re
 import sys
 import time
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from ptqlib.engine.stage import BUSY, DONE_ELSEWHERE, OK, finished, fresh, kernel_name, render_html, stage_busy, stage_environment
 from ptqlib.files import RECORD, read_json
 from ptqlib.study import selection
 from ptqlib.study.graph import build_graph
-from ptqlib.study.schema import Pipeline, Study
+from ptqlib.study.pipeline import Pipeline, Study
 
 log = logging.getLogger("ptqlib.runner")
 
@@ -54,7 +56,7 @@ class Runner:
     def resolve_selections(self) -> None:
         """Add the test-set pipelines of each select whose validation runs are recorded (ptqlib.study.selection)."""
         if any(s.chosen is None for s in self.study.selections):
-            self.study = selection.resolve(self.study, selection.recorded(self))
+            self.study = selection.resolve(self.study, recorded(self))
             self.nodes, self.chains = build_graph(self.study)
 
     # ----------------------------------------------------------------------------- state
@@ -108,7 +110,7 @@ class Runner:
             for sid in self.chains[pl.name]:
                 parts.append(f"{self.nodes[sid].label()} [{sid} {'to run' if sid in todo else 'cached'}]")
             lines.append(f"  {pl.name}: " + " -> ".join(parts))
-        lines += selection.describe(self, only)
+        lines += selection.describe(self.study, only)
         cached = len(plan) - len(todo)
         lines.append(f"{len(plan)} distinct stages: {cached} cached, {len(plan) - cached} to run"
                      + (" (then the stages of the test-set pipelines that wait for a selection)"
@@ -349,3 +351,31 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# ---- the values that decide a selection (ptqlib.study.selection) --------------------------------
+def recorded(runner: Runner) -> Callable[[str, str], float | None]:
+    """``value_of`` for :func:`resolve`: the metric in the record of a selection pipeline's evaluate
+    stage when its whole chain is finished (NaN when the record lacks it), else the value in the
+    report's ``selection.csv`` for the same evaluate stage id (unless the runner keeps no previous
+    report), else None."""
+    previous = previous_values(runner.reports) if runner.keep_previous else {}
+
+    def value_of(pipeline: str, metric: str) -> float | None:
+        chain = runner.chains[pipeline]
+        if all(runner.finished(s) for s in chain):
+            v = (runner.record(chain[-1]).get("metrics") or {}).get(metric)
+            return math.nan if v is None else float(v)
+        return previous.get((pipeline, chain[-1]))
+
+    return value_of
+
+
+def previous_values(reports: Path) -> dict[tuple[str, str], float]:
+    """(selection pipeline, evaluate stage id) -> validation value, from ``reports/selection.csv``."""
+    path = Path(reports) / "selection.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {(r["pipeline"], r["eval_stage"]): float(r["validation"]) for r in csv.DictReader(f)
+                if r.get("validation") not in (None, "")}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ptqlib.engine.record import complete
+from ptqlib.engine.runner import recorded
 from ptqlib.engine.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
 from ptqlib.files import copy_atomic, write_atomic, write_json_atomic
 from ptqlib.study import selection
@@ -221,12 +222,12 @@ def write_units(runner: "Runner", kept: dict[str, list[dict]] | None = None) -> 
 
 def write_selection(runner: "Runner") -> Path | None:
     """``selection.csv``: each select's candidates with their validation value and which one was
-    chosen (``selection.table``); none (an old one removed) when the study selects nothing."""
+    chosen (:func:`selection_rows`); none (an old one removed) when the study selects nothing."""
     path = runner.reports / "selection.csv"
     if not runner.study.selections:
         path.unlink(missing_ok=True)
         return None
-    return _write_csv(path, selection.TABLE, selection.table(runner))
+    return _write_csv(path, SELECTION_TABLE, selection_rows(runner))
 
 
 def _write_csv(path: Path, keys: list[str], rows: list[dict]) -> Path:
@@ -275,3 +276,21 @@ def analyse(runner: "Runner", force: bool = False) -> Path | None:
     copy_atomic(work / "index.html", index)
     write_atomic(stamp, digest)
     return index
+
+
+SELECTION_TABLE = ["family", "point", "key", "candidate", "metric", "validation", "chosen", "pipeline", "eval_stage"]
+
+
+def selection_rows(runner: "Runner") -> list[dict]:
+    """The rows of ``selection.csv``: one per candidate of each selection (``validation``: the
+    metric on the validation split, empty while not recorded; ``chosen``: True for the one used)."""
+    value_of = recorded(runner)
+    rows = []
+    for sel in runner.study.selections:
+        for i, (cand, name) in enumerate(zip(sel.candidates, sel.pipelines)):
+            v = value_of(name, sel.metric)
+            rows.append({"family": sel.family, "point": selection.suffix(sel.point)[1:-1],
+                         "key": sel.key, "candidate": cand, "metric": sel.metric,
+                         "validation": "" if v is None else v, "chosen": sel.chosen == i, "pipeline": name,
+                         "eval_stage": runner.chains[name][-1]})
+    return rows

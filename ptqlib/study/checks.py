@@ -8,7 +8,7 @@ from ptqlib.errors import ConfigError
 from ptqlib.methods import finetune_methods, quantize_methods
 
 if TYPE_CHECKING:
-    from ptqlib.study.schema import Stage
+    from ptqlib.study.pipeline import Stage
 
 def _check_against_config(path, where, stages: list[Stage], model: str, cache: dict, model_config) -> None:
     """Token windows the model cannot position (GPTQ once ran 5 minutes before failing on one) and

@@ -14,7 +14,8 @@ from ptqlib.methods import FinetuneMethod, QuantizeMethod, finetune_method, quan
 from ptqlib.study.kinds import KINDS
 from ptqlib.study.neutral import ID_NEUTRAL
 from ptqlib.study.params import id_params
-from ptqlib.study.schema import Study, quantizes
+from ptqlib.study.pipeline import Study
+from ptqlib.study.schema import quantizes
 
 
 @dataclass

@@ -35,7 +35,6 @@ import functools
 import itertools
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -47,6 +46,7 @@ from ptqlib.study.checks import check_pipeline
 from ptqlib.study.choices import check_selects, split_selection, take_select
 from ptqlib.study.kinds import KINDS
 from ptqlib.study.params import LIST_KEYS, QuantizeParams, fields_of
+from ptqlib.study.pipeline import Pipeline, Stage, Study
 
 TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims", "executor"}
 # the `executor:` section (run --executor slurm): where and with what resources each stage job runs
@@ -54,37 +54,6 @@ EXECUTOR_KEYS = {"partition": "SLURM partition", "account": "SLURM account", "qo
                  "time_min": "minutes per stage job", "gpus": "GPUs per stage job", "cpus": "CPU cores per stage job",
                  "mem_gb": "memory per stage job (GB)", "constraint": "SLURM node constraint"}
 CLAIM_KEYS = {"claim", "a", "b", "metric", "relation", "min_effect"}
-
-
-@dataclass
-class Stage:
-    kind: str  # quantize | finetune | evaluate
-    params: dict  # validated, complete (defaults filled in)
-
-
-@dataclass
-class Pipeline:
-    """One pipeline at one grid point: its stages in order (the last one is evaluate)."""
-
-    name: str  # e.g. "ft_rtn[bits=3,seed=1]"
-    family: str  # the pipeline's name in the study file
-    model: str
-    task: str
-    seed: int
-    grid: dict  # the grid values of this point
-    stages: list[Stage]
-
-
-@dataclass
-class Study:
-    name: str
-    path: Path
-    description: str
-    pipelines: list[Pipeline]
-    claims: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # what validation could not check (dry-run, uncached hub model)
-    executor: dict = field(default_factory=dict)  # the `executor:` section (EXECUTOR_KEYS)
-    selections: list = field(default_factory=list)  # ptqlib.study.selection.Selection: each select, per grid point
 
 
 def _where(path, *keys) -> str:

@@ -19,21 +19,17 @@ pipelines are no rows of ``results.csv`` (claims compare test-set runs only): ``
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ptqlib.metrics import PPL_METRICS, STATISTICS, evaluate_metric_names, known_evaluate_metric, lower_is_better
 from ptqlib.text import TEXT_SOURCES
 
 if TYPE_CHECKING:
-    from ptqlib.engine.runner import Runner
-    from ptqlib.study.graph import Study
-    from ptqlib.study.schema import Pipeline
+    from ptqlib.study.pipeline import Pipeline, Study
 
 SUFFIX = "~select"  # a selection pipeline's family is <family>~select ('~' is refused in study pipeline names)
 metric_names = evaluate_metric_names  # what a select can rank by: what the evaluate stage records
@@ -73,14 +69,14 @@ class Selection:
     chosen: int | None = None  # index into candidates, once every value is recorded
 
     def where(self) -> str:
-        return self.family + _suffix(self.point)
+        return self.family + suffix(self.point)
 
 
 def is_selection(pl: "Pipeline") -> bool:
     return pl.family.endswith(SUFFIX)
 
 
-def _suffix(label: dict) -> str:
+def suffix(label: dict) -> str:
     return "[" + ",".join(f"{k}={v}" for k, v in label.items()) + "]" if label else ""
 
 
@@ -112,12 +108,12 @@ def split_family(pipelines: list["Pipeline"], stage: int, key: str, candidates: 
             pl.family, key, stage, list(candidates), metric, point, pipelines=[""] * len(candidates),
             options=[[] for _ in candidates]))
         rest = {k: v for k, v in pl.grid.items() if k != key}
-        sel.options[ci].append(dataclasses.replace(pl, name=pl.family + _suffix(rest), grid=rest))
+        sel.options[ci].append(dataclasses.replace(pl, name=pl.family + suffix(rest), grid=rest))
         if pl.seed == first_seed:
             grid = {k: v for k, v in pl.grid.items() if k != "seed"}
             ev = pl.stages[-1]
             stages = pl.stages[:-1] + [dataclasses.replace(ev, params=validation_params(ev.params, metric))]
-            name = pl.family + SUFFIX + _suffix(grid)
+            name = pl.family + SUFFIX + suffix(grid)
             sel.pipelines[ci] = name
             selection_pls[name] = dataclasses.replace(pl, name=name, family=pl.family + SUFFIX, grid=grid,
                                                       stages=stages)
@@ -170,55 +166,10 @@ def waiting(study: "Study", only: list[str] | None = None) -> list[str]:
     return [n for s in study.selections if s.chosen is None and matches(s, only) for n in s.pipelines]
 
 
-def recorded(runner: "Runner") -> Callable[[str, str], float | None]:
-    """``value_of`` for :func:`resolve`: the metric in the record of a selection pipeline's evaluate
-    stage when its whole chain is finished (NaN when the record lacks it), else the value in the
-    report's ``selection.csv`` for the same evaluate stage id (unless the runner keeps no previous
-    report), else None."""
-    previous = previous_values(runner.reports) if runner.keep_previous else {}
-
-    def value_of(pipeline: str, metric: str) -> float | None:
-        chain = runner.chains[pipeline]
-        if all(runner.finished(s) for s in chain):
-            v = (runner.record(chain[-1]).get("metrics") or {}).get(metric)
-            return math.nan if v is None else float(v)
-        return previous.get((pipeline, chain[-1]))
-
-    return value_of
-
-
-def previous_values(reports: Path) -> dict[tuple[str, str], float]:
-    """(selection pipeline, evaluate stage id) -> validation value, from ``reports/selection.csv``."""
-    path = Path(reports) / "selection.csv"
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        return {(r["pipeline"], r["eval_stage"]): float(r["validation"]) for r in csv.DictReader(f)
-                if r.get("validation") not in (None, "")}
-
-
-TABLE = ["family", "point", "key", "candidate", "metric", "validation", "chosen", "pipeline", "eval_stage"]
-
-
-def table(runner: "Runner") -> list[dict]:
-    """The rows of ``selection.csv``: one per candidate of each selection (``validation``: the
-    metric on the validation split, empty while not recorded; ``chosen``: True for the one used)."""
-    value_of = recorded(runner)
-    rows = []
-    for sel in runner.study.selections:
-        for i, (cand, name) in enumerate(zip(sel.candidates, sel.pipelines)):
-            v = value_of(name, sel.metric)
-            rows.append({"family": sel.family, "point": _suffix(sel.point)[1:-1],
-                         "key": sel.key, "candidate": cand, "metric": sel.metric,
-                         "validation": "" if v is None else v, "chosen": sel.chosen == i, "pipeline": name,
-                         "eval_stage": runner.chains[name][-1]})
-    return rows
-
-
-def describe(runner: "Runner", only: list[str] | None = None) -> list[str]:
+def describe(study: "Study", only: list[str] | None = None) -> list[str]:
     """Lines for ``--dry-run``: what each selection chose, or that its test-set pipelines wait for it."""
     lines = []
-    for sel in runner.study.selections:
+    for sel in study.selections:
         if not matches(sel, only):
             continue
         cands = ", ".join(map(str, sel.candidates))
