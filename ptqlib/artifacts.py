@@ -84,7 +84,7 @@ def load(ref: str | Path, device: str | None = None):
 
 
 def check_weights(ref: str | Path) -> None:
-    """Refuse a run dir whose weight files differ from what its record lists (``record.damaged_weights``)."""
+    """Refuse a run dir whose weight files differ from what its record lists (``files.damaged_weights``)."""
     p = Path(ref)
     rec = read_json(p / RECORD) if p.is_dir() else None
     damaged = damaged_weights(p, rec) if rec else []

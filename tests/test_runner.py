@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 from ptqlib.engine.runner import Progress, Runner
-from ptqlib.engine.stage import kernel_manager_kwargs, stage_environment
+from ptqlib.engine.stage import kernel_manager_kwargs, render_html, stage_environment
 from ptqlib.files import write_json_atomic
 from ptqlib.study.schema import load_study
 
@@ -49,7 +49,7 @@ def test_stage_page_shows_injected_parameters_only(tmp_path, caplog):
                     "display_data", data={"image/png": png, "text/plain": "<Figure>"})])]
     nbformat.write(nb, tmp_path / "notebook.ipynb")
     with caplog.at_level(logging.WARNING):
-        Runner.render_html(tmp_path, back="../index.html")
+        render_html(tmp_path, back="../index.html")
     html = (tmp_path / "report.html").read_text()
     assert "0.001" in html and "notebook_own_value" not in html
     assert 'href="../index.html"' in html and "back to the study report" in html

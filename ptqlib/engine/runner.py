@@ -19,7 +19,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ptqlib.engine.stage import BUSY, DONE_ELSEWHERE, OK, finished, fresh, kernel_name, render_html, stage_busy, stage_environment
+from ptqlib.engine.executors import Handle, InlineExecutor
+from ptqlib.engine.stage import BUSY, DONE_ELSEWHERE, OK, finished, fresh, kernel_name, stage_busy, stage_environment
 from ptqlib.files import RECORD, read_json
 from ptqlib.study import selection
 from ptqlib.study.graph import build_graph
@@ -127,7 +128,6 @@ class Runner:
         a stage runs under its own lock, and a stage another runner is running is waited for.
         """
         from ptqlib.engine import kernels
-        from ptqlib.engine.executors import InlineExecutor
 
         self.runs.mkdir(parents=True, exist_ok=True)
         self.done = {}
@@ -166,7 +166,7 @@ class Runner:
                  len(todo), f" ({executor.slots} at a time)" if executor.slots > 1 else "")
         progress_line = self.progress = Progress(self, todo, executor.slots)
         pending = list(todo)  # dependency order
-        running: dict[str, object] = {}  # sid -> executor handle
+        running: dict[str, Handle] = {}  # sid -> executor handle
         errors: dict[str, str] = {}  # sid -> why, for failures no record describes
         elsewhere: set[str] = set()  # stages another runner holds: waited for, then taken if unfinished
         while pending or running or elsewhere:
@@ -199,7 +199,7 @@ class Runner:
                     elsewhere.add(sid)
                     continue
                 status[sid] = self.done[sid] = "ok" if res in (OK, DONE_ELSEWHERE) else "failed"
-                if getattr(handle, "error", None):
+                if handle.error:
                     errors[sid] = handle.error
                 progress_line.done(sid, status[sid] == "ok", by_other=res == DONE_ELSEWHERE)
             for sid in list(elsewhere):
@@ -237,21 +237,20 @@ class Runner:
         results.csv / units.csv for the finished pipelines (``ptqlib analyse`` renders the report)."""
         running = list(self.progress.started) if self.progress else []
         done = sum(v == "ok" for v in self.done.values())
-        try:
-            if self.reporter is None:
-                raise RuntimeError("no reporter")
-            self.reporter.write_results(self)
-            written = f"{self.reports / 'results.csv'} holds what finished; python -m ptqlib analyse renders the report"
-        except Exception as e:  # noqa: BLE001 — interrupted anyway: say so, do not hide the interruption
-            written = f"results.csv not written ({e})"
+        if self.reporter is None:
+            written = "results.csv not written (no reporter)"
+        else:
+            try:
+                self.reporter.write_results(self)
+                written = f"{self.reports / 'results.csv'} holds what finished; python -m ptqlib analyse renders the report"
+            except Exception as e:  # noqa: BLE001 — interrupted anyway: say so, do not hide the interruption
+                written = f"results.csv not written ({e})"
         cut = ", ".join(f"{sid} {self.nodes[sid].label()}" for sid in running) or "none"
         return (f"interrupted: stages cut short (they run again next time): {cut}; {done} stages finished in this "
                 f"run; {written}")
 
     def kernel_name(self) -> str:
         return kernel_name(self.kernel)
-
-    render_html = staticmethod(render_html)
 
 
 def _fmt(seconds: float) -> str:
