@@ -107,14 +107,23 @@ class Terminated(Exception):
 
 def methods_table() -> str:
     """The registry as text: one line per method (``python -m ptqlib methods``)."""
+    import dataclasses
+
     from ptqlib.methods import finetune_methods, quantize_methods
+
+    def own(m) -> list[str]:  # the method's own settings (ptqlib.methods.Options), with their defaults
+        if m.options is None:
+            return []
+        return [f"  {'':<9} own settings: " + ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(m.options))]
 
     lines = ["quantize:"]
     for m in quantize_methods().values():
         lines.append(f"  {m.name:<9} {m.grid:<8} bits {','.join(map(str, m.bits)):<8} {m.summary}")
+        lines += own(m)
     lines.append("finetune:")
     for m in finetune_methods().values():
         lines.append(f"  {m.name:<9} {m.needs:>9} -> {m.gives:<9} {m.summary}")
+        lines += own(m)
     return "\n".join(lines)
 
 

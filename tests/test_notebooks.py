@@ -35,35 +35,41 @@ def test_every_notebook_has_a_tagged_parameters_cell_and_no_outputs():
         assert nb.metadata["kernelspec"]["name"] == "ptqlib"
 
 
-# a valid value other than the default for every field: the set-up cell must pass each one on
-NON_DEFAULT = {
-    QuantizeParams: dict(method="gptq", bits=3, group_size=32, sym=True, sym_grid="max", group_grid="updated",
-                         double_quant=False, blocksize=128, act_order=True, static_groups=False,
-                         true_sequential=False, damp=0.05, block_size=64, calib_samples=8, calib_seq_len=64,
-                         calib_seed=3, precision="fp32"),
-    FinetuneParams: dict(method="qablora", steps=3, lr=1e-3, warmup_ratio=0.2, weight_decay=0.1, batch_size=2,
-                         grad_accum=2, max_length=64, train_samples=8, rank=4, alpha=8.0, dropout=0.1,
-                         target_modules=["q_proj"], merge=False, bits=3, group_size=32, pool=2, repeat=1,
-                         pool_norm="sum", precision="fp32"),
-    EvaluateParams: dict(precision="fp32", ppl_windows="first", kl_reference=False, ppl_samples=4, ppl_seq_len=64,
-                         ppl_sources=["stdlib"], task_samples=3, split="validation", max_new_tokens=8,
-                         batch_size=2, lm_eval_tasks=["arc_easy"], lm_eval_fewshot=0, lm_eval_limit=5,
-                         lm_eval_include="", runtime="torch", gguf_type="auto", gguf_lossy=False,
-                         speed_prompts=1, speed_tokens=8),
-}
+# valid values other than the defaults, every field in at least one case (a method's own settings with
+# that method): the set-up cell must pass each one on
+SHARED_Q = dict(bits=3, group_size=32, calib_samples=8, calib_seq_len=64, calib_seed=3, precision="fp32")
+SHARED_F = dict(steps=3, lr=1e-3, warmup_ratio=0.2, weight_decay=0.1, batch_size=2, grad_accum=2, max_length=64,
+                train_samples=8, rank=4, alpha=8.0, dropout=0.1, target_modules=["q_proj"], precision="fp32")
+CASES = [
+    ("01_quantize", QuantizeParams, dict(method="gptq", **SHARED_Q, sym=True, sym_grid="max", group_grid="updated",
+                                         act_order=True, static_groups=False, true_sequential=False, damp=0.05,
+                                         block_size=64)),
+    ("01_quantize", QuantizeParams, dict(method="nf4", double_quant=False, blocksize=128)),
+    ("02_finetune", FinetuneParams, dict(method="qablora", **SHARED_F, group_size=32, pool=2, repeat=1,
+                                         pool_norm="sum")),
+    ("02_finetune", FinetuneParams, dict(method="l4q", bits=3, group_size=32)),
+    ("02_finetune", FinetuneParams, dict(method="qlora", merge=True)),
+    ("03_evaluate", EvaluateParams, dict(precision="fp32", ppl_windows="first", kl_reference=False, ppl_samples=4,
+                                         ppl_seq_len=64, ppl_sources=["stdlib"], task_samples=3, split="validation",
+                                         max_new_tokens=8, batch_size=2, lm_eval_tasks=["arc_easy"],
+                                         lm_eval_fewshot=0, lm_eval_limit=5, lm_eval_include="", runtime="torch",
+                                         gguf_type="auto", gguf_lossy=False, speed_prompts=1, speed_tokens=8)),
+]
 
 
-@pytest.mark.parametrize("name, cls", [("01_quantize", QuantizeParams), ("02_finetune", FinetuneParams),
-                                       ("03_evaluate", EvaluateParams)])
-def test_setup_cell_passes_every_parameter_on(name, cls, tmp_path):
+def test_the_cases_give_every_field_a_value_other_than_its_default():
+    for cls in (QuantizeParams, FinetuneParams, EvaluateParams):
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(cls)}
+        given = [g for _, c, g in CASES if c is cls]
+        differ = {k for g in given for k, v in g.items() if v != defaults[k]}
+        left = set(defaults) - differ - {"lm_eval_include", "runtime", "gguf_type", "gguf_lossy"}
+        assert not left, f"{cls.__name__}: no case gives {sorted(left)} a value other than the default"
+
+
+@pytest.mark.parametrize("name, cls, given", CASES, ids=[f"{n}-{g.get('method', '')}" for n, _, g in CASES])
+def test_setup_cell_passes_every_parameter_on(name, cls, given, tmp_path):
     """The injected values reach the stage's params (a notebook once dropped two quantize keys)."""
-    given = NON_DEFAULT[cls]
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cls)}
-    assert set(given) == set(defaults), "NON_DEFAULT must give every field"
-    same = [k for k, v in given.items() if v == defaults[k] and k not in ("lm_eval_include", "runtime", "gguf_type",
-                                                                           "gguf_lossy", "merge")]
-    assert not same, f"not different from the default: {same}"
     nb = nbformat.read(NB / f"{name}.ipynb", as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     ns: dict = {}

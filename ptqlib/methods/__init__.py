@@ -8,10 +8,9 @@ built-in ones in every process that reads the registry, the stage kernels includ
 
 Who reads an entry:
 
-- ``config`` validation: the method names, the bits a method allows, which input a fine-tuning
-  method needs and what the next stage gets from it (``_check_pipeline``);
-- the quantize / finetune stages (``ptq.quantize``, ``finetune.prepare`` / ``save``): the entry's
-  functions;
+- ``ptqlib.study`` validation: the method names, the bits a method allows, its own settings (``options``),
+  which input a fine-tuning method needs and what the next stage gets from it (``study.checks``);
+- the quantize / finetune stages (``stages.quantize``, ``stages.finetune``): the entry's functions;
 - ``artifacts.load``: the artifact types the modules register (:class:`ArtifactType`);
 - the runner's stage labels and the report's settings columns (``label_keys``, ``settings``).
 
@@ -52,6 +51,7 @@ class QuantizeMethod:
     settings: tuple[str, ...] = ()  # the params a reader needs next to its numbers (report, results.csv)
     label_keys: tuple[str, ...] = ()  # params shown in the stage label: bits -> "4b", group_size -> "g64"
     calibration: bool = False  # needs calibration windows (calib_samples x calib_seq_len tokens)
+    options: type | None = None  # its own settings: a dataclass (``Options`` below) merged into QuantizeParams
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,20 @@ class FinetuneMethod:
     can_merge: bool = False  # merge: true folds the adapter into a float copy of the weights
     keeps_adapter: bool = False  # gives quantized with a separate adapter (cannot be quantized again)
     why_needs: str = ""  # said when its input is not what it needs (why; what to use instead)
+    options: type | None = None  # its own settings: a dataclass (``Options`` below) merged into FinetuneParams
+
+
+class Options:
+    """Base of a method's own settings: a ``@dataclass`` subclass in the method's module, one field per
+    setting with its default and a ``# help`` comment on the field's line (the notebooks' parameters cells
+    and the docs read it), validated in ``__post_init__`` (raise ``ptqlib.errors.ConfigError`` naming the
+    key, the value and what is valid; a normalised value, e.g. a default group, may be assigned there).
+
+    ``ptqlib.study.params`` merges every registered method's options into its stage kind's parameters
+    (``QuantizeParams`` / ``FinetuneParams``): a study file writes them beside the shared settings, a stage
+    of another method refuses them, and only the stages of the methods that declare a setting carry it in
+    their id. Methods that read the same setting share one class (or subclass it); a name declared by
+    two classes must have the same type and default."""
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,42 @@ is the input's uniform grid with the adapter folded in (still low-bit).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ptqlib.methods import ArtifactType, FinetuneMethod, register
+from ptqlib.errors import ConfigError, check_choice
+from ptqlib.methods import ArtifactType, FinetuneMethod, Options, register
+from ptqlib.quant.grid import POOL_NORMS
 
 if TYPE_CHECKING:
     from ptqlib.study.params import FinetuneParams
+
+
+@dataclass
+class BalancedOptions(Options):
+    pool: int = 0  # qblora/qablora: input pool factor (0: the method's default)
+    repeat: int = 0  # qblora/qablora: output repeat factor (0: the method's default)
+    pool_norm: str = "mean"  # qblora/qalora/qablora: reduce a pooled block by its mean (official code) or sum (QA-LoRA's Algorithm 1; the mean at alpha x pool)
+
+    def __post_init__(self) -> None:
+        for k in ("pool", "repeat"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{k}: {v!r} must be 0 (the method's default) or a positive integer")
+        check_choice("pool_norm", self.pool_norm, POOL_NORMS)
+
+
+@dataclass
+class MergedBalancedOptions(BalancedOptions):
+    """qalora / qablora pool over the base's quantization groups."""
+
+    group_size: int = 0  # qalora/qablora: as the quantized base (0: take it from the base; another value is an error)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < -1:
+            raise ConfigError(f"group_size: {self.group_size!r} must be 0 (the base's group) or the base's group size")
 
 
 def prepare(model, p: FinetuneParams, input_ref: str):
@@ -62,12 +91,13 @@ _QA = ("group_size", "lr", "steps", "rank", "alpha", "pool_norm")
 register(
     FinetuneMethod("qblora", "balanced LoRA (pooled input, repeated output) on a quantized base", needs="quantized",
                    gives="adapter", prepare=prepare, save=save,
-                   settings=("lr", "steps", "rank", "alpha", "pool", "repeat", "pool_norm"), label_keys=("pool_norm",)),
+                   settings=("lr", "steps", "rank", "alpha", "pool", "repeat", "pool_norm"), label_keys=("pool_norm",),
+                   options=BalancedOptions),
     FinetuneMethod("qalora", "QA-LoRA: input pooled over the base's groups, merged into its zero points",
                    needs="uniform", gives="merged", prepare=prepare, save=save, settings=_QA,
-                   label_keys=("group_size", "pool_norm"), group="base"),
+                   label_keys=("group_size", "pool_norm"), group="base", options=MergedBalancedOptions),
     FinetuneMethod("qablora", "QA-BLoRA: balanced and pooled over the base's groups, merged into its zero points",
                    needs="uniform", gives="merged", prepare=prepare, save=save, settings=_QA,
-                   label_keys=("group_size", "pool_norm"), group="base"),
+                   label_keys=("group_size", "pool_norm"), group="base", options=MergedBalancedOptions),
     ArtifactType("blora", load, quantized="base"),
 )

@@ -6,13 +6,24 @@ runs these on CPU since 0.46.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ptqlib.methods import ArtifactType, QuantizeMethod, register
+from ptqlib.errors import check_positive
+from ptqlib.methods import ArtifactType, Options, QuantizeMethod, register
 
 if TYPE_CHECKING:
     from ptqlib.study.params import QuantizeParams
+
+
+@dataclass
+class BnbOptions(Options):
+    double_quant: bool = True  # nf4/fp4: quantize the absmax constants too (QLoRA's default)
+    blocksize: int = 64  # nf4/fp4: bitsandbytes block size
+
+    def __post_init__(self) -> None:
+        check_positive("blocksize", self.blocksize)
 
 
 def bnb_config(method: str, double_quant: bool = True, blocksize: int = 64):
@@ -59,7 +70,9 @@ def load(ref, info: dict, device: str):
 
 _SETTINGS = ("blocksize", "double_quant")
 register(
-    QuantizeMethod("nf4", "bitsandbytes 4-bit NormalFloat, absmax per block", (4,), "bnb", quantize, save, _SETTINGS),
-    QuantizeMethod("fp4", "bitsandbytes 4-bit float, absmax per block", (4,), "bnb", quantize, save, _SETTINGS),
+    QuantizeMethod("nf4", "bitsandbytes 4-bit NormalFloat, absmax per block", (4,), "bnb", quantize, save, _SETTINGS,
+                   options=BnbOptions),
+    QuantizeMethod("fp4", "bitsandbytes 4-bit float, absmax per block", (4,), "bnb", quantize, save, _SETTINGS,
+                   options=BnbOptions),
     ArtifactType("bnb", load, quantized=True),
 )

@@ -3,14 +3,34 @@
 fully quantized model (``QuantLinear``, the GPTQ layout) of the method's own bits and group."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ptqlib.methods import FinetuneMethod, register
+from ptqlib.errors import ConfigError, check_choice
+from ptqlib.methods import FinetuneMethod, Options, register
 from ptqlib.quant.grid import SUPPORTED_BITS
 
 if TYPE_CHECKING:
     from ptqlib.study.params import FinetuneParams
+
+
+DEFAULT_GROUP = 64  # the group when group_size is left at 0 (SmolLM2's 576-wide layers take 64, not 128)
+
+
+@dataclass
+class GridOptions(Options):
+    """The grid of a method that trains into its own quantized weights (l4q, qat_lora)."""
+
+    bits: int = 4  # l4q/qat_lora: weight bits
+    group_size: int = 0  # l4q/qat_lora: quantization group (0: 64, -1: the whole row)
+
+    def __post_init__(self) -> None:
+        check_choice("bits", self.bits, SUPPORTED_BITS)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < -1:
+            raise ConfigError(f"group_size: {self.group_size!r} must be -1, 0 (the method's default) or a positive integer")
+        if self.group_size == 0:
+            self.group_size = DEFAULT_GROUP
 
 
 def prepare(model, p: FinetuneParams, input_ref: str):
@@ -32,4 +52,5 @@ def save(model, tokenizer, p: FinetuneParams, output_dir, input_ref: str) -> dic
 register(FinetuneMethod("l4q", "LoRA inside a learnable quantizer (quantization-aware; float -> low-bit)",
                         needs="float", gives="quantized", prepare=prepare, save=save,
                         settings=("bits", "group_size", "lr", "steps", "rank", "alpha"),
-                        label_keys=("bits", "group_size"), bits=SUPPORTED_BITS, group="own"))
+                        label_keys=("bits", "group_size"), bits=SUPPORTED_BITS, group="own",
+                        options=GridOptions))

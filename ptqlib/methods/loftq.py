@@ -107,4 +107,4 @@ def prepare(model, p: FinetuneParams, input_ref: str | None):
 
 register(FinetuneMethod("loftq", "QLoRA with the adapter started at the rank-r SVD of the quantization error",
                         needs="bnb", gives="adapter", prepare=prepare, save=lora.save,
-                        settings=("lr", "steps", "rank", "alpha"), can_merge=True))
+                        settings=("lr", "steps", "rank", "alpha"), can_merge=True, options=lora.MergeOptions))

@@ -13,13 +13,19 @@ there a study is refused before any stage runs.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ptqlib.methods import ArtifactType, FinetuneMethod, register
+from ptqlib.methods import ArtifactType, FinetuneMethod, Options, register
 
 if TYPE_CHECKING:
     from ptqlib.study.params import FinetuneParams
+
+
+@dataclass
+class MergeOptions(Options):
+    merge: bool = False  # lora/qlora/dora/qdora/loftq: merge the adapter into (de-quantized) weights -> a float model
 
 
 def prepare(model, p: FinetuneParams, input_ref: str):
@@ -81,13 +87,13 @@ _SETTINGS = ("lr", "steps", "rank", "alpha")
 DORA = ("dora", "qdora")  # the methods that ask peft for use_dora
 register(
     FinetuneMethod("lora", "LoRA on a float model (peft)", needs="float", gives="adapter", prepare=prepare,
-                   save=save, settings=_SETTINGS, can_merge=True),
+                   save=save, settings=_SETTINGS, can_merge=True, options=MergeOptions),
     FinetuneMethod("qlora", "LoRA on a frozen quantized model (peft; bnb or QuantLinear base)", needs="quantized",
-                   gives="adapter", prepare=prepare, save=save, settings=_SETTINGS, can_merge=True),
+                   gives="adapter", prepare=prepare, save=save, settings=_SETTINGS, can_merge=True, options=MergeOptions),
     FinetuneMethod("dora", "DoRA on a float model (peft use_dora: a trained magnitude per column)", needs="float",
-                   gives="adapter", prepare=prepare, save=save, settings=_SETTINGS, can_merge=True),
+                   gives="adapter", prepare=prepare, save=save, settings=_SETTINGS, can_merge=True, options=MergeOptions),
     FinetuneMethod("qdora", "DoRA on a frozen bitsandbytes NF4 / FP4 model (peft use_dora; not on GPTQ / RTN)",
-                   needs="bnb", gives="adapter", prepare=prepare, save=save, settings=_SETTINGS, can_merge=True,
+                   needs="bnb", gives="adapter", prepare=prepare, save=save, settings=_SETTINGS, can_merge=True, options=MergeOptions,
                    why_needs="; peft's DoRA de-quantizes its base to norm the columns, which it can do for "
                              "bitsandbytes, not for ptqlib's QuantLinear (gptq / rtn): use qlora on those"),
     ArtifactType("peft", load, quantized="base"),

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ptqlib.methods import ArtifactType, FinetuneMethod, register
+from ptqlib.methods.l4q import GridOptions
 from ptqlib.quant.grid import SUPPORTED_BITS
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ register(
     FinetuneMethod("qat_lora", "learnable quantizer on the frozen weight, LoRA beside it (float -> low-bit + adapter)",
                    needs="float", gives="quantized", prepare=prepare, save=save,
                    settings=("bits", "group_size", "lr", "steps", "rank", "alpha"),
-                   label_keys=("bits", "group_size"), bits=SUPPORTED_BITS, group="own", keeps_adapter=True),
+                   label_keys=("bits", "group_size"), bits=SUPPORTED_BITS, group="own", keeps_adapter=True,
+                   options=GridOptions),
     ArtifactType("qat_lora", load, quantized=True),
 )

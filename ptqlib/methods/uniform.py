@@ -6,13 +6,41 @@ Hessian of the calibration inputs); both write the GPTQ checkpoint layout (``ptq
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ptqlib.methods import QuantizeMethod, register
-from ptqlib.quant.grid import SUPPORTED_BITS
+from ptqlib.errors import ConfigError, check_choice, check_positive
+from ptqlib.methods import Options, QuantizeMethod, register
+from ptqlib.quant.grid import GROUP_GRIDS, SUPPORTED_BITS, SYM_GRIDS
 
 if TYPE_CHECKING:
     from ptqlib.study.params import QuantizeParams
+
+
+@dataclass
+class RTNOptions(Options):
+    sym: bool = False  # rtn/gptq: symmetric grid (zero fixed at 2^(b-1))
+    sym_grid: str = "full"  # rtn/gptq with sym: full: scale 2 max|w| / (2^b - 1), every code used (GPTQ reference); max: scale max|w| / (2^(b-1) - 1), +-max exact (ptqlib before)
+
+    def __post_init__(self) -> None:
+        check_choice("sym_grid", self.sym_grid, SYM_GRIDS)
+
+
+@dataclass
+class GPTQOptions(RTNOptions):
+    group_grid: str = "lazy"  # gptq without act-order: a group's grid from the lazily updated weights (lazy, the reference's codes) or the block's error-updated copy (updated, ptqlib before)
+    act_order: bool = False  # gptq: quantize columns in order of decreasing Hessian diagonal
+    static_groups: bool = True  # gptq: with act_order, fix the group grids before permuting
+    true_sequential: bool = True  # gptq: [qkv] -> [o] -> [up, gate] -> [down] inside each block
+    damp: float = 0.01  # gptq: dampening, as a fraction of the mean Hessian diagonal
+    block_size: int = 128  # gptq: columns per lazy batch update
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("group_grid", self.group_grid, GROUP_GRIDS)
+        check_positive("block_size", self.block_size)
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
+            raise ConfigError(f"damp: {self.damp!r} must be in (0, 1)")
 
 
 def quantize_rtn(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
@@ -51,9 +79,10 @@ def save_uniform(model, tokenizer, p: QuantizeParams, output_dir) -> dict:
 
 register(
     QuantizeMethod("rtn", "round to nearest on a uniform grid per group", SUPPORTED_BITS, "uniform", quantize_rtn,
-                   save_uniform, settings=("bits", "group_size", "sym"), label_keys=("bits", "group_size")),
+                   save_uniform, settings=("bits", "group_size", "sym"), label_keys=("bits", "group_size"),
+                   options=RTNOptions),
     QuantizeMethod("gptq", "GPTQ: second-order error compensation from calibration inputs", SUPPORTED_BITS,
                    "uniform", quantize_gptq, save_uniform,
                    settings=("bits", "group_size", "sym", "act_order", "calib_samples", "calib_seq_len"),
-                   label_keys=("bits", "group_size"), calibration=True),
+                   label_keys=("bits", "group_size"), calibration=True, options=GPTQOptions),
 )

@@ -8,25 +8,12 @@ stage's input, output directory, task, seed; the runner's context) are kept as t
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import json
 from pathlib import Path
 
 from ptqlib.study.kinds import KINDS
-
-
-def field_help(cls) -> dict[str, str]:
-    """``{field: its comment}`` from the source of ``cls`` (the comment after each field's line)."""
-    src = inspect.getsource(cls)
-    lines = src.splitlines()
-    out = {}
-    for node in ast.parse(src).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            line = lines[node.end_lineno - 1]
-            out[node.target.id] = line.split("  # ", 1)[1].strip() if "  # " in line else ""
-    return out
+from ptqlib.study.params import field_help
 
 
 def _literal(v) -> str:
@@ -39,7 +26,8 @@ def field_lines(cls) -> list[str]:
     out = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out.append(f"{f.name}: {f.type} = {_literal(default)}  # {helps[f.name]}")
+        kind = f.type if isinstance(f.type, str) else f.type.__name__  # a module without postponed annotations
+        out.append(f"{f.name}: {kind} = {_literal(default)}  # {helps[f.name]}")
     return out
 
 

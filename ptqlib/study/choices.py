@@ -8,7 +8,7 @@ import dataclasses
 from ptqlib.errors import ConfigError
 from ptqlib.metrics import evaluate_metric_names, known_evaluate_metric
 from ptqlib.study.kinds import KINDS
-from ptqlib.study.params import LIST_KEYS, FinetuneParams, fields_of
+from ptqlib.study.params import LIST_KEYS, fields_of
 from ptqlib.study.selection import missing_metric, split_family
 
 SELECT_KEYS = {"select", "metric"}
@@ -26,7 +26,7 @@ def check_selects(path, where: str, kind: str, params: dict) -> None:
         if set(v) - SELECT_KEYS or "select" not in v:
             raise ConfigError(f"{w}: {v!r} is not a value; give a value, a list (a grid) or "
                               "{select: [candidates], metric: <metric>} (keys: select, metric)")
-        scalar = [f for f, fd in fields_of(FinetuneParams).items()
+        scalar = [f for f, fd in fields_of(KINDS[kind].params).items()
                   if f not in LIST_KEYS and f != "method" and fd.default is not dataclasses.MISSING]
         if k not in scalar:
             raise ConfigError(f"{w}: {k!r} cannot be selected (a method is a pipeline of its own; a list setting "
@@ -34,7 +34,7 @@ def check_selects(path, where: str, kind: str, params: dict) -> None:
         cands = v["select"]
         if not isinstance(cands, list) or not cands:
             raise ConfigError(f"{w}.select: {cands!r} must be a non-empty list of candidate values")
-        default = fields_of(FinetuneParams)[k].default
+        default = fields_of(KINDS[kind].params)[k].default
         for c in cands:  # the values themselves are validated with the pipeline (FinetuneParams)
             if c is None or not ((isinstance(c, type(default)) or isinstance(default, float) and isinstance(c, int))
                                  and not (isinstance(c, bool) and not isinstance(default, bool))):

@@ -5,22 +5,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ptqlib.study.params import EvaluateParams, FinetuneParams, QuantizeParams
+from ptqlib.study.params import EvaluateParams, FinetuneSettings, QuantizeSettings, params_class
 
 
 @dataclass(frozen=True)
 class StageKind:
     name: str  # the key in a study file: {quantize: ...}
-    params: type  # its parameters dataclass (validated in __post_init__)
+    settings: type  # its parameters dataclass (validated in __post_init__); with methods, their shared settings
     notebook: str  # notebooks/<file>: the stage's body, run by papermill
     reads_task: bool  # the task's examples enter what it computes (the task is in its id)
     draws: bool  # it draws from the pipeline's seed (the seed is in its id; the pipeline repeats per seed)
     selectable: bool = False  # its settings can be chosen on validation ({select: [...], metric: ...})
 
+    @property
+    def params(self) -> type:
+        """Its parameters: ``settings`` plus the registered methods' options (``params.params_class``)."""
+        return params_class(self.settings)
+
 
 KINDS: dict[str, StageKind] = {k.name: k for k in (
-    StageKind("quantize", QuantizeParams, "01_quantize.ipynb", reads_task=False, draws=False),
-    StageKind("finetune", FinetuneParams, "02_finetune.ipynb", reads_task=True, draws=True, selectable=True),
+    StageKind("quantize", QuantizeSettings, "01_quantize.ipynb", reads_task=False, draws=False),
+    StageKind("finetune", FinetuneSettings, "02_finetune.ipynb", reads_task=True, draws=True, selectable=True),
     StageKind("evaluate", EvaluateParams, "03_evaluate.ipynb", reads_task=True, draws=False),
 )}
 

@@ -11,3 +11,11 @@ ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated", "precisio
                            "speed_tokens": 64, "precision": "fp32", "split": "test", "ppl_windows": "first",
                            "kl_reference": False},
               "finetune": {"pool_norm": "mean", "precision": "fp32"}}
+
+# The settings each method-bearing kind's parameters had for every method before methods declared
+# their own (``ptqlib.methods.Options``): every stage id made since carries them (at their default
+# where its method does not read them), so they stay in every id. An option added later enters only
+# the ids of the methods that declare it.
+HISTORIC = {"quantize": ("sym", "sym_grid", "group_grid", "double_quant", "blocksize", "act_order", "static_groups",
+                         "true_sequential", "damp", "block_size"),
+            "finetune": ("merge", "bits", "group_size", "pool", "repeat", "pool_norm")}

@@ -1,86 +1,64 @@
 """The parameters of each stage kind: one dataclass per kind, validated in ``__post_init__``.
 
-Their field comments are the documentation (the notebooks' parameters cells carry the same names);
+Quantize and finetune stages have methods: their parameters are the settings every method reads
+(``QuantizeSettings``, ``FinetuneSettings``) plus each registered method's own (``ptqlib.methods.Options``
+in the method's module), composed by :func:`params_class` into ``QuantizeParams`` / ``FinetuneParams``.
+Field comments are the documentation (the notebooks' parameters cells are generated from them);
 ``id_params`` says which values enter a stage's id. Errors are ``ConfigError`` naming the key, the bad
 value and what is valid. A study file's schema, grids and selections are ``ptqlib.study.schema``.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
-import math
+import inspect
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ptqlib.errors import ConfigError
+from ptqlib.errors import ConfigError, check_choice, check_positive
 from ptqlib.methods import finetune_methods, quantize_methods
 from ptqlib.precision import PRECISIONS
-from ptqlib.quant.grid import GROUP_GRIDS, POOL_NORMS, SYM_GRIDS
-from ptqlib.study.neutral import ID_NEUTRAL
-
-DEFAULT_FT_GROUP = 64  # the group of a method with its own grid (l4q, qat_lora) when group_size is left at 0
-
-
-def _choice(name: str, value: Any, valid) -> None:
-    if value not in valid:
-        raise ConfigError(f"{name}: {value!r} is not valid; valid: {', '.join(map(str, valid))}")
-
-
-def _positive(name: str, value: Any, kind=int) -> None:
-    # value <= 0 is False for NaN, and inf is positive: neither is a learning rate or a scale
-    if (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not value > 0
-            or not math.isfinite(value)):
-        raise ConfigError(f"{name}: {value!r} must be a positive {'finite number' if kind is float else 'integer'}")
+from ptqlib.study.neutral import HISTORIC, ID_NEUTRAL
 
 
 @dataclass
-class QuantizeParams:
-    """Post-training quantization of the input model (weights only)."""
+class QuantizeSettings:
+    """Post-training quantization of the input model (weights only). The settings every quantize
+    method reads; each method's own (GPTQ's damping, bitsandbytes' block size) are its ``options``,
+    merged in by :func:`params_class` into ``QuantizeParams``."""
 
     method: str = "rtn"  # a registered quantization method: rtn, gptq, nf4, fp4 (python -m ptqlib methods)
     bits: int = 4  # weight bits: rtn/gptq 2, 3, 4, 8; nf4/fp4 4
     group_size: int = 64  # rtn/gptq: input columns per scale/zero (-1: the whole row); must divide every layer's input size
-    sym: bool = False  # rtn/gptq: symmetric grid (zero fixed at 2^(b-1))
-    sym_grid: str = "full"  # rtn/gptq with sym: full: scale 2 max|w| / (2^b - 1), every code used (GPTQ reference); max: scale max|w| / (2^(b-1) - 1), +-max exact (ptqlib before)
-    group_grid: str = "lazy"  # gptq without act-order: a group's grid from the lazily updated weights (lazy, the reference's codes) or the block's error-updated copy (updated, ptqlib before)
-    double_quant: bool = True  # nf4/fp4: quantize the absmax constants too (QLoRA's default)
-    blocksize: int = 64  # nf4/fp4: bitsandbytes block size
-    act_order: bool = False  # gptq: quantize columns in order of decreasing Hessian diagonal
-    static_groups: bool = True  # gptq: with act_order, fix the group grids before permuting
-    true_sequential: bool = True  # gptq: [qkv] -> [o] -> [up, gate] -> [down] inside each block
-    damp: float = 0.01  # gptq: dampening, as a fraction of the mean Hessian diagonal
-    block_size: int = 128  # gptq: columns per lazy batch update
-    calib_samples: int = 32  # gptq: calibration windows of pydoc train text
-    calib_seq_len: int = 256  # gptq: tokens per calibration window
-    calib_seed: int = -1  # gptq: which calibration windows (-1: the pipeline's seed, so each seed is its own GPTQ draw)
+    calib_samples: int = 32  # methods that calibrate (gptq): calibration windows of pydoc train text
+    calib_seq_len: int = 256  # methods that calibrate: tokens per calibration window
+    calib_seed: int = -1  # methods that calibrate: which calibration windows (-1: the pipeline's seed, so each seed is its own draw)
     precision: str = "auto"  # auto | fp32 | bf16: calibration forwards (ptqlib.precision; auto: bf16 where the hardware computes it)
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, quantize_methods())
+        check_choice("method", self.method, quantize_methods())
         if self.bits not in quantize_methods()[self.method].bits:
             raise ConfigError(
                 f"bits: {self.bits!r} is not supported by method {self.method!r}; valid: "
                 + ", ".join(map(str, quantize_methods()[self.method].bits))
             )
         if self.group_size != -1:
-            _positive("group_size", self.group_size)
-        _positive("blocksize", self.blocksize)
-        _positive("calib_samples", self.calib_samples)
-        _positive("calib_seq_len", self.calib_seq_len)
-        _positive("block_size", self.block_size)
-        _choice("sym_grid", self.sym_grid, SYM_GRIDS)
-        _choice("group_grid", self.group_grid, GROUP_GRIDS)
-        if not 0 < self.damp < 1:
-            raise ConfigError(f"damp: {self.damp!r} must be in (0, 1)")
+            check_positive("group_size", self.group_size)
+        check_positive("calib_samples", self.calib_samples)
+        check_positive("calib_seq_len", self.calib_seq_len)
         if isinstance(self.calib_seed, bool) or not isinstance(self.calib_seed, int) or self.calib_seed < -1:
             raise ConfigError(f"calib_seed: {self.calib_seed!r} must be -1 (the pipeline's seed) or an integer >= 0")
-        _choice("precision", self.precision, PRECISIONS)
+        check_choice("precision", self.precision, PRECISIONS)
 
 
 @dataclass
-class FinetuneParams:
-    """Training on the task's train split (loss on the answer only), with transformers Trainer."""
+class FinetuneSettings:
+    """Training on the task's train split (loss on the answer only), with transformers Trainer. The
+    settings every fine-tuning method reads (the adapter ones are ignored by full fine-tuning); each
+    method's own (L4Q's bits, Q-BLoRA's pool) are its ``options``, merged in by :func:`params_class`
+    into ``FinetuneParams``."""
 
     method: str = "lora"  # a registered fine-tuning method: full, lora, qlora, l4q, ... (python -m ptqlib methods lists them)
     steps: int = 40  # optimizer steps
@@ -95,46 +73,126 @@ class FinetuneParams:
     alpha: float = 16.0  # adapter scale numerator (the scale s is alpha / r)
     dropout: float = 0.0  # LoRA dropout
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # layers that get adapters
-    merge: bool = False  # lora/qlora/loftq: merge the adapter into (de-quantized) weights -> a float model
-    bits: int = 4  # l4q/qat_lora: weight bits
-    group_size: int = 0  # l4q/qat_lora: quantization group (0: 64, -1: the whole row); qalora/qablora: as the quantized base (0: take it from the base; another value is an error); other methods: leave 0
-    pool: int = 0  # qblora/qablora: input pool factor (0: the method's default)
-    repeat: int = 0  # qblora/qablora: output repeat factor (0: the method's default)
-    pool_norm: str = "mean"  # qblora/qalora/qablora: reduce a pooled block by its mean (official code) or sum (QA-LoRA's Algorithm 1; the mean at alpha x pool)
     precision: str = "auto"  # auto | fp32 | bf16: bf16 autocast with fp32 master weights and optimizer state (auto: bf16 where the hardware computes it)
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, finetune_methods())
-        m = finetune_methods()[self.method]
+        check_choice("method", self.method, finetune_methods())
         for k in ("steps", "batch_size", "grad_accum", "max_length", "train_samples", "rank"):
-            _positive(k, getattr(self, k))
-        _positive("lr", self.lr, float)
-        _positive("alpha", self.alpha, float)
+            check_positive(k, getattr(self, k))
+        check_positive("lr", self.lr, float)
+        check_positive("alpha", self.alpha, float)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio: {self.warmup_ratio!r} must be in [0, 1)")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout: {self.dropout!r} must be in [0, 1)")
-        if m.bits:
-            _choice("bits", self.bits, m.bits)
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < -1:
-            raise ConfigError(f"group_size: {self.group_size!r} must be -1, 0 (the method's default) or a positive integer")
-        if self.group_size and not m.group:
-            grouped = [n for n, e in finetune_methods().items() if e.group]
-            raise ConfigError(f"group_size: {self.group_size!r} has no effect on method {self.method!r}; it applies to "
-                              f"{', '.join(grouped)} only (leave it out)")
-        if m.group == "own" and self.group_size == 0:
-            self.group_size = DEFAULT_FT_GROUP
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("pool_norm", self.pool_norm, POOL_NORMS)
-        if self.pool_norm != "mean" and "pool_norm" not in m.settings:
-            pooled = [n for n, e in finetune_methods().items() if "pool_norm" in e.settings]
-            raise ConfigError(f"pool_norm: {self.pool_norm!r} has no effect on method {self.method!r}; it applies to "
-                              f"{', '.join(pooled)} only (leave it out)")
+        check_choice("precision", self.precision, PRECISIONS)
         if not isinstance(self.target_modules, list) or not self.target_modules:
             raise ConfigError(f"target_modules: {self.target_modules!r} must be a non-empty list of layer names")
-        if self.merge and not m.can_merge:
-            mergeable = [n for n, e in finetune_methods().items() if e.can_merge]
-            raise ConfigError(f"merge: only {', '.join(mergeable)} adapters merge into a float model, not {self.method!r}")
+
+
+_REGISTRIES = {QuantizeSettings: quantize_methods, FinetuneSettings: finetune_methods}
+SETTINGS = {"quantize": QuantizeSettings, "finetune": FinetuneSettings}  # the stage kinds that have methods
+_COMPOSED: dict = {}
+
+
+def field_help(cls) -> dict[str, str]:
+    """``{field: help}``: a field's ``metadata["help"]`` where it has one (a composed params class),
+    else the comment after the field's line in the source of the class (or a base) that defines it."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass.__module__ == "types":
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue  # made at run time (make_dataclass): its fields carry metadata
+        lines = src.splitlines()
+        for node in ast.parse(textwrap.dedent(src)).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                line = lines[node.end_lineno - 1]
+                out[node.target.id] = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+    for f in dataclasses.fields(cls):
+        if "help" in f.metadata:
+            out[f.name] = f.metadata["help"]
+    return out
+
+
+def params_class(settings: type) -> type:
+    """A stage kind's parameters: its shared ``settings`` plus the options of every registered method
+    (``QuantizeParams`` = ``QuantizeSettings`` + rtn's, gptq's, nf4's ... options). Composed, not written
+    out, so that a method with a new setting is its own module only. A stage of one method refuses
+    another method's setting set away from its default. Kinds without methods (evaluate): ``settings``."""
+    registry = _REGISTRIES.get(settings)
+    if registry is None:
+        return settings
+    entries = registry()
+    key = (settings, tuple((n, e.options) for n, e in entries.items()))
+    if key not in _COMPOSED:
+        _COMPOSED[key] = _compose(settings, entries)
+    return _COMPOSED[key]
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _compose(settings: type, entries: dict) -> type:
+    shared = {f.name for f in dataclasses.fields(settings)}
+    found: dict[str, dataclasses.Field] = {}
+    owners: dict[str, list[str]] = {}
+    helps: dict[str, list[str]] = {}
+    for name, e in entries.items():
+        if e.options is None:
+            continue
+        h = field_help(e.options)
+        for f in dataclasses.fields(e.options):
+            where = f"{e.options.__module__}.{e.options.__name__}.{f.name}"
+            if f.name in shared:
+                raise TypeError(f"{where}: {f.name!r} is a setting every method reads ({settings.__name__}); "
+                                "an option needs a name of its own")
+            if f.name in found and (found[f.name].type, _default(found[f.name])) != (f.type, _default(f)):
+                raise TypeError(f"{where}: {f.name!r} is declared by another method with type / default "
+                                f"{found[f.name].type} = {_default(found[f.name])!r}; one setting has one type and default")
+            found.setdefault(f.name, f)
+            owners.setdefault(f.name, []).append(name)
+            if h.get(f.name) and h[f.name] not in helps.setdefault(f.name, []):
+                helps[f.name].append(h[f.name])
+    extra = []
+    for n, f in found.items():
+        kw = {"default": f.default} if f.default is not dataclasses.MISSING else {"default_factory": f.default_factory}
+        extra.append((n, f.type, field(**kw, metadata={"help": "; ".join(helps.get(n, [])), "methods": tuple(owners[n])})))
+
+    def __post_init__(self) -> None:
+        settings.__post_init__(self)
+        entry = entries[self.method]
+        own = {f.name for f in dataclasses.fields(entry.options)} if entry.options else set()
+        for f in dataclasses.fields(self):
+            if f.name in found and f.name not in own and getattr(self, f.name) != _default(f):
+                raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} has no effect on method {self.method!r}; it "
+                                  f"applies to {', '.join(f.metadata['methods'])} only (leave it out)")
+        if entry.options:  # the method's own validation; it may normalise a value (a default group)
+            opts = entry.options(**{n: getattr(self, n) for n in own})
+            for n in own:
+                setattr(self, n, getattr(opts, n))
+
+    name = settings.__name__.replace("Settings", "Params")
+    return dataclasses.make_dataclass(name, extra, bases=(settings,), namespace={
+        "__post_init__": __post_init__, "__doc__": settings.__doc__, "__module__": __name__})
+
+
+def option_owners(kind_settings: type) -> dict[str, tuple[str, ...]]:
+    """``{option setting: the methods that read it}`` for a kind's composed params."""
+    return {f.name: f.metadata["methods"] for f in dataclasses.fields(params_class(kind_settings))
+            if "methods" in f.metadata}
+
+
+def __getattr__(name: str):
+    # QuantizeParams / FinetuneParams are composed from the registry when first asked for (PEP 562)
+    if name == "QuantizeParams":
+        return params_class(QuantizeSettings)
+    if name == "FinetuneParams":
+        return params_class(FinetuneSettings)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 RUNTIMES = ("torch", "llama.cpp")
@@ -165,8 +223,8 @@ class EvaluateParams:
     precision: str = "auto"  # auto | fp32 | bf16: the model's float weights for perplexity and generation (auto: bf16 where the hardware computes it)
 
     def __post_init__(self) -> None:
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("ppl_windows", self.ppl_windows, ("random", "first"))  # ptqlib.data.WINDOW_LAYOUTS (torch-free here)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("ppl_windows", self.ppl_windows, ("random", "first"))  # ptqlib.data.WINDOW_LAYOUTS (torch-free here)
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime: {self.runtime!r} is not a runtime; valid: {', '.join(RUNTIMES)}")
         from ptqlib.deploy.types import TYPES as GGUF_TYPES
@@ -179,13 +237,13 @@ class EvaluateParams:
             raise ConfigError("lm_eval_tasks run on the torch model; with runtime llama.cpp leave them empty")
         if not isinstance(self.speed_prompts, int) or self.speed_prompts < 0:
             raise ConfigError(f"speed_prompts: {self.speed_prompts!r} must be an integer >= 0")
-        _positive("speed_tokens", self.speed_tokens)
+        check_positive("speed_tokens", self.speed_tokens)
         if not isinstance(self.lm_eval_tasks, list) or not all(isinstance(t, str) for t in self.lm_eval_tasks):
             raise ConfigError(f"lm_eval_tasks: {self.lm_eval_tasks!r} must be a list of task names")
         if self.lm_eval_include and not Path(self.lm_eval_include).expanduser().is_dir():
             raise ConfigError(f"lm_eval_include: {self.lm_eval_include!r} is not a directory")
         for k in ("ppl_samples", "ppl_seq_len", "max_new_tokens", "batch_size"):
-            _positive(k, getattr(self, k))
+            check_positive(k, getattr(self, k))
         from ptqlib.text import TEXT_SOURCES
 
         if (not isinstance(self.ppl_sources, list)
@@ -197,7 +255,7 @@ class EvaluateParams:
         if not self.ppl_sources and not self.task_samples and not self.lm_eval_tasks and not self.speed_prompts:
             raise ConfigError("the evaluate stage measures nothing: ppl_sources is [] and task_samples is 0 "
                               "(give a text source, task examples, lm_eval_tasks or speed_prompts)")
-        _choice("split", self.split, ("test", "validation"))
+        check_choice("split", self.split, ("test", "validation"))
 
 
 def from_namespace(cls, ns: dict):
@@ -205,19 +263,31 @@ def from_namespace(cls, ns: dict):
     notebook's globals, where papermill injected them). One call instead of each notebook listing the
     fields again: a listed copy once dropped ``sym_grid`` / ``group_grid``, so a study's value was
     silently replaced by the default."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    missing = [n for n in names if n not in ns]
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if f.name not in ns and "methods" not in f.metadata]
     if missing:
         raise ConfigError(f"{cls.__name__}: the notebook defines no {', '.join(missing)} (add them to its parameters cell)")
-    return cls(**{n: copy.deepcopy(ns[n]) for n in names})
+    # a method's option may be missing from a cell written before its module was added: its default
+    return cls(**{f.name: copy.deepcopy(ns[f.name]) for f in fields if f.name in ns})
+
+
+def foreign_settings(kind: str, method) -> set[str]:
+    """The option settings of ``kind`` that ``method`` does not read (empty for an unknown method or a
+    kind without methods): ``defaults`` give them only to the methods that read them."""
+    if kind not in SETTINGS or not isinstance(method, str):
+        return set()
+    return {k for k, owners in option_owners(SETTINGS[kind]).items() if method not in owners}
 
 
 def id_params(kind: str, params: dict) -> dict:
-    """The params that enter a stage's id: all, less ``ID_NEUTRAL`` values and grid rules that
+    """The params that enter a stage's id: all, less ``ID_NEUTRAL`` values, other methods' options
+    (except the ``HISTORIC`` ones every id carried before methods declared their own), and grid rules that
     cannot act (``sym_grid`` of an asymmetric or NF4 run, ``group_grid`` of a GPTQ run without
     dynamic groups), so adding those rules re-ran only the stages whose codes they change."""
     neutral = ID_NEUTRAL.get(kind, {})
     out = {k: v for k, v in params.items() if not (k in neutral and neutral[k] == v)}
+    for k in foreign_settings(kind, params.get("method")) - set(HISTORIC.get(kind, ())):
+        out.pop(k, None)  # another method's setting, at its default here: not what this stage computes from
     if kind == "quantize":
         if params.get("method") not in ("rtn", "gptq") or not params.get("sym"):
             out.pop("sym_grid", None)

@@ -45,7 +45,7 @@ from ptqlib.metrics import evaluate_metric_names, known_evaluate_metric
 from ptqlib.study.checks import check_pipeline
 from ptqlib.study.choices import check_selects, split_selection, take_select
 from ptqlib.study.kinds import KINDS
-from ptqlib.study.params import LIST_KEYS, QuantizeParams, fields_of
+from ptqlib.study.params import LIST_KEYS, fields_of, foreign_settings
 from ptqlib.study.pipeline import Pipeline, Stage, Study
 
 TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims", "executor"}
@@ -133,7 +133,7 @@ def quantizes(stage: Stage) -> bool:
 
 def _at(point: dict, i: int, params: dict, key: str):
     """Stage ``i``'s value of ``key`` at a grid ``point`` (else its params', else the default)."""
-    default = fields_of(QuantizeParams)[key].default
+    default = fields_of(KINDS["quantize"].params)[key].default
     return point.get(f"{i}.{key}", params.get(key, default))
 
 
@@ -228,6 +228,7 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
         if not isinstance(stages, list):
             raise ConfigError(f"{path}: {where}: expected a list of stages, got {stages!r}")
         parsed = []
+        explicit: list[set] = []  # each stage's own keys (the rest come from defaults)
         eval_over: dict = {}
         for i, entry in enumerate(stages):
             kind, params = _normalise_stage(path, f"{where}[{i}]", entry)
@@ -239,7 +240,9 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                 eval_over = params
                 continue
             parsed.append((kind, {**copy.deepcopy(defaults.get(kind, {})), **params}))
+            explicit.append(set(params))
         parsed.append(("evaluate", {**copy.deepcopy(defaults.get("evaluate", {})), **eval_over}))
+        explicit.append(set(eval_over))
         select = take_select(path, where, parsed, stages)  # its candidates become a grid axis, split off below
         start = len(pipelines)
         # grid axes: every list value that is not list-valued by nature, per stage
@@ -271,6 +274,9 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                             if int(si) == i:
                                 p[k] = val
                                 label[k] = val
+                        method = p.get("method", getattr(fields_of(KINDS[kind].params).get("method"), "default", None))
+                        for k in foreign_settings(kind, method) - explicit[i]:
+                            p.pop(k, None)  # a default for the methods that read it (another method's option)
                         swhere = f"{where}[{i}].{kind}" if kind != "evaluate" else "defaults.evaluate"
                         _check_types(KINDS[kind].params, path, swhere, p)
                         obj = _build(KINDS[kind].params, path, swhere, p)
