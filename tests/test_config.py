@@ -69,7 +69,7 @@ def test_stage_id_is_content_addressed():
     ("study: t\nmodel: tiny\npipelnes: {}\n", ["s.yaml", "'pipelnes'", "did you mean 'pipelines'"]),
     ("model: tiny\npipelines:\n  a: [{quantize: {method: rtn, bitz: 4}}]\n",
      ["s.yaml", "pipelines.a[0].quantize", "'bitz'", "did you mean 'bits'"]),
-    ("model: tiny\npipelines:\n  a: [{quantize: {method: awq}}]\n", ["pipelines.a[0].quantize.method", "'awq'", "gptq"]),
+    ("model: tiny\npipelines:\n  a: [{quantize: {method: smoothquant}}]\n", ["pipelines.a[0].quantize.method", "'smoothquant'", "gptq"]),
     ("model: tiny\npipelines:\n  a: [{finetune: {method: vera}}]\n", ["finetune.method", "'vera'", "qlora"]),
     ("model: tiny\npipelines:\n  a: [{quantize: {method: nf4, bits: 3}}]\n",
      ["pipelines.a[0].quantize.bits", "3", "'nf4'", "valid: 4"]),

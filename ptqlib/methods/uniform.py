@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class RTNOptions(Options):
-    sym: bool = False  # rtn/gptq: symmetric grid (zero fixed at 2^(b-1))
+    sym: bool = False  # rtn/gptq/awq/autoround: symmetric grid (zero fixed at 2^(b-1))
     sym_grid: str = "full"  # rtn/gptq with sym: full: scale 2 max|w| / (2^b - 1), every code used (GPTQ reference); max: scale max|w| / (2^(b-1) - 1), +-max exact (ptqlib before)
 
     def __post_init__(self) -> None:
