@@ -16,8 +16,8 @@ library's codes, not a re-quantization) and become a ``QuantLinear`` (integer ze
 layout), in the library's in-memory model (its folded norms included). The library's own GPTQ-format
 export is not used for the model: it writes the norms from before AWQ's folding (auto-round 0.16.1),
 a model that does not compute what was tuned. Both tune in fp32 (``amp`` off): ``precision`` is not
-read, so that the library's de-quantized weight is exactly its codes. No AWQ library runs here
-otherwise (llm-compressor needs a newer transformers, AutoAWQ is archived, GPTQModel needs CUDA).
+read, so that the library's de-quantized weight is exactly its codes. The other AWQ libraries do not
+fit: llm-compressor 0.14 pins transformers 5.17 (a downgrade), AutoAWQ is archived, GPTQModel needs CUDA.
 """
 from __future__ import annotations
 
