@@ -127,15 +127,16 @@ def _quantize(algorithm: str, input_ref: str, p: QuantizeParams, calib=None, pro
             codes, scales, zeros = library_codes(lin, p.bits, p.group_size, name)
             q = QuantLinear.from_codes(codes, scales, zeros, bias=None if lin.bias is None else lin.bias.detach(),
                                        bits=p.bits, group_size=p.group_size)
-            w = before[name]
-            err = (w - q.dequantize_weight(torch.float32)).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)
-            # AWQ's weights are rescaled by its channel scales: its error is against the scaled weight's original
-            layers[name] = {"rel_weight_err": float(err)}
+            if algorithm == "autoround":  # AWQ's weights are in a rescaled basis: no error against the float weight
+                w = before[name]
+                err = (w - q.dequantize_weight(torch.float32)).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)
+                layers[name] = {"rel_weight_err": float(err)}
             set_module(model, name, q)
     info = {"method": algorithm, "bits": p.bits, "group_size": p.group_size, "sym": p.sym, "desc_act": False,
             "static_groups": False}
     setattr(model, QUANT_INFO_ATTR, info)
-    return model, tok, {**info, "time_s": seconds, "n_layers": len(layers), "layers": layers, "precision": "fp32"}
+    return model, tok, {**info, "time_s": seconds, "n_layers": len(before), "layers": layers,
+                        "precision": "fp32", "weights_rescaled": algorithm == "awq"}
 
 
 def quantize_autoround(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):

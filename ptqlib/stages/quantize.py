@@ -6,6 +6,7 @@ module holds what every method shares.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,6 +90,8 @@ def quantize_metrics(model, werr: dict[str, float], stats: dict, output_dir: str
     (``artifacts.size_metrics``)."""
     metrics = {"quant_seconds": stats["quant_seconds"], "weight_rel_err_mean": sum(werr.values()) / max(1, len(werr)),
                **artifacts.size_metrics(model, output_dir)}
+    if stats.get("weights_rescaled"):  # AWQ: W diag(s) against W measures the scaling, not the rounding
+        metrics["weight_rel_err_mean"] = math.nan
     for k in ("mean_gptq_rel_err", "mean_rtn_rel_err", "total_damp_retries", "n_fallback", "precision"):
         if k in stats:
             metrics[k] = stats[k]
