@@ -118,6 +118,12 @@ def _check_types(cls, path, where: str, params: dict) -> None:
             )
 
 
+def _method(kind: str, params: dict):
+    """A stage's method: its own or its defaults' value, else the kind's default (None: no methods)."""
+    default = fields_of(KINDS[kind].params).get("method")
+    return params.get("method", default.default if default else None)
+
+
 def claim_metric(metric: str) -> bool:
     """A column results.csv will have: an evaluate metric (``metrics.evaluate_metric_names``) or a
     stage's (``finetune.train_loss_last``, ``quantize2.quant_seconds``)."""
@@ -243,6 +249,10 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
             explicit.append(set(params))
         parsed.append(("evaluate", {**copy.deepcopy(defaults.get("evaluate", {})), **eval_over}))
         explicit.append(set(eval_over))
+        for (kind, params), own in zip(parsed, explicit):
+            # defaults give a method's option (a value, a grid, a select) to the stages whose method reads it
+            for k in foreign_settings(kind, _method(kind, params)) - own:
+                params.pop(k, None)
         select = take_select(path, where, parsed, stages)  # its candidates become a grid axis, split off below
         start = len(pipelines)
         # grid axes: every list value that is not list-valued by nature, per stage
@@ -274,9 +284,8 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                             if int(si) == i:
                                 p[k] = val
                                 label[k] = val
-                        method = p.get("method", getattr(fields_of(KINDS[kind].params).get("method"), "default", None))
-                        for k in foreign_settings(kind, method) - explicit[i]:
-                            p.pop(k, None)  # a default for the methods that read it (another method's option)
+                        for k in foreign_settings(kind, _method(kind, p)) - explicit[i]:
+                            p.pop(k, None)  # the same, where the method is a grid axis
                         swhere = f"{where}[{i}].{kind}" if kind != "evaluate" else "defaults.evaluate"
                         _check_types(KINDS[kind].params, path, swhere, p)
                         obj = _build(KINDS[kind].params, path, swhere, p)

@@ -90,6 +90,16 @@ def test_the_other_methods_ids_do_not_change_with_a_new_setting(tmp_path, toy):
     assert with_toy == without
     # a default of the new setting applies to the methods that read it: gptq's id is unchanged
     assert _ids(_study(tmp_path, defaults=", levels: 7"))["gptq"] == without
+    # and a default grid over it expands only the pipelines whose method reads it
+    chains = _ids(_study(tmp_path, defaults=", levels: [5, 7]", extra="  toy: [{quantize: {method: toy}}]"))
+    assert chains["gptq"] == without and {"toy[levels=5]", "toy[levels=7]"} <= set(chains)
+    # a select on it likewise: no selection pipelines for gptq
+    f = tmp_path / "sel.yaml"
+    f.write_text("model: tiny\ndefaults:\n  finetune: {steps: 1, bits: {select: [3, 4], metric: ppl}}\n"
+                 "pipelines:\n  l4q: [{finetune: l4q}]\n  qlora: [{quantize: nf4}, {finetune: qlora}]\n")
+    names = {p.name for p in load_study(f, allow_network=False).pipelines}
+    assert "qlora" in names and not any(n.startswith("qlora~") for n in names)
+    assert {"l4q~select[bits=3]", "l4q~select[bits=4]"} <= names
 
 
 def test_another_methods_setting_is_refused_naming_who_reads_it(tmp_path, toy):
