@@ -114,7 +114,9 @@ def methods_table() -> str:
     def own(m) -> list[str]:  # the method's own settings (ptqlib.methods.Options), with their defaults
         if m.options is None:
             return []
-        return [f"  {'':<9} own settings: " + ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(m.options))]
+        return [f"  {'':<9} own settings: " + ", ".join(
+            f"{f.name}={f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
+            for f in dataclasses.fields(m.options))]
 
     lines = ["quantize:"]
     for m in quantize_methods().values():

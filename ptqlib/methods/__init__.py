@@ -52,6 +52,7 @@ class QuantizeMethod:
     label_keys: tuple[str, ...] = ()  # params shown in the stage label: bits -> "4b", group_size -> "g64"
     calibration: bool = False  # needs calibration windows (calib_samples x calib_seq_len tokens)
     options: type | None = None  # its own settings: a dataclass (``Options`` below) merged into QuantizeParams
+    fixed_precision: str = ""  # computes in this precision whatever ``precision`` says (not in its stage ids)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ as ``q = W_hat / s + z`` (checked to be integers that reproduce ``W_hat`` exactl
 library's codes, not a re-quantization) and become a ``QuantLinear`` (integer zero points, the GPTQ
 layout), in the library's in-memory model (its folded norms included). The library's own GPTQ-format
 export is not used for the model: it writes the norms from before AWQ's folding (auto-round 0.16.1),
-a model that does not compute what was tuned. Both tune in fp32 (``amp`` off): ``precision`` is not
-read, so that the library's de-quantized weight is exactly its codes. The other AWQ libraries do not
+a model that does not compute what was tuned. Both tune in fp32 (``amp`` off; ``fixed_precision``:
+``precision`` is not read and not in their ids), so that the library's de-quantized weight is exactly its codes. The other AWQ libraries do not
 fit: llm-compressor 0.14 pins transformers 5.17 (a downgrade), AutoAWQ is archived, GPTQModel needs CUDA.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 class AutoRoundOptions(Options):
     sym: bool = False  # rtn/gptq/awq/autoround: symmetric grid (zero fixed at 2^(b-1))
     iters: int = 200  # autoround: signed-gradient steps per decoder block (the paper's 200; 50 is its light recipe)
-    round_lr: float = 0.0  # autoround: step size of the rounding and min / max updates (0: the library's 1 / iters)
+    round_lr: float = 0.0  # autoround: step size of the rounding and min / max updates (0: the library's default, 1 / iters)
     batch_size: int = 8  # autoround: calibration windows per step
 
     def __post_init__(self) -> None:
@@ -73,8 +73,9 @@ def library_codes(layer, bits: int, group_size: int, name: str = ""):
     w = layer.weight.detach().float()
     out_f, in_f = w.shape
     scale = layer.scale.reshape(out_f, -1)
-    zp = layer.zp if layer.zp is not None else torch.full_like(scale, 2 ** (bits - 1), dtype=torch.float32)
-    zp = torch.as_tensor(zp).reshape(out_f, -1).float()
+    zp = 2 ** (bits - 1) if layer.zp is None else layer.zp  # a symmetric grid: one number (the library's maxq)
+    zp = torch.as_tensor(zp, dtype=torch.float32)
+    zp = zp.expand_as(scale).float() if zp.numel() == 1 else zp.reshape(out_f, -1).float()
     g = in_f // scale.shape[1]
     s_e, z_e = scale.float().repeat_interleave(g, dim=1), zp.repeat_interleave(g, dim=1)
     codes = torch.round(w / s_e + z_e)
@@ -136,7 +137,7 @@ def _quantize(algorithm: str, input_ref: str, p: QuantizeParams, calib=None, pro
             "static_groups": False}
     setattr(model, QUANT_INFO_ATTR, info)
     return model, tok, {**info, "time_s": seconds, "n_layers": len(before), "layers": layers,
-                        "precision": "fp32", "weights_rescaled": algorithm == "awq"}
+                        "weights_rescaled": algorithm == "awq"}
 
 
 def quantize_autoround(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
@@ -151,9 +152,9 @@ register(
     QuantizeMethod("awq", "AWQ: activation-aware channel scales folded into the previous op, then RTN (auto-round)",
                    SUPPORTED_BITS, "uniform", quantize_awq, save_uniform,
                    settings=("bits", "group_size", "sym", "calib_samples", "calib_seq_len"),
-                   label_keys=("bits", "group_size"), calibration=True, options=AWQOptions),
+                   label_keys=("bits", "group_size"), calibration=True, options=AWQOptions, fixed_precision="fp32"),
     QuantizeMethod("autoround", "AutoRound: rounding and min / max learned by signed gradient per block (auto-round)",
                    SUPPORTED_BITS, "uniform", quantize_autoround, save_uniform,
                    settings=("bits", "group_size", "sym", "iters", "calib_samples", "calib_seq_len"),
-                   label_keys=("bits", "group_size"), calibration=True, options=AutoRoundOptions),
+                   label_keys=("bits", "group_size"), calibration=True, options=AutoRoundOptions, fixed_precision="fp32"),
 )

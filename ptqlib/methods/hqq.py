@@ -21,7 +21,7 @@ from ptqlib.methods.uniform import save_uniform
 if TYPE_CHECKING:
     from ptqlib.study.params import QuantizeParams
 
-BITS = (2, 3, 4, 8)  # hqq's Quantizer.SUPPORTED_BITS that QuantLinear packs (not 1)
+BITS = (2, 3, 4, 8)  # of hqq's bit widths, those QuantLinear packs
 
 
 @dataclass
@@ -38,16 +38,16 @@ def _library():
 
 
 def hqq_codes(w, bits: int, group_size: int, optimize: bool = True):
-    """``w (out, in)`` -> ``(codes (out, in), scales (out, G), zeros (out, G), meta)``: the library's
-    quantization of the weight in fp32 (``meta``: what ``Quantizer.dequantize`` takes)."""
+    """``w (out, in)`` -> ``(codes (out, in), scales (out, G), zeros (out, G), meta)`` on the CPU: the
+    library's quantization of the weight in fp32 (``meta``: what ``Quantizer.dequantize`` takes)."""
     import torch
 
     Quantizer = _library()
     out_f, in_f = w.shape
+    # on the CPU, always: hqq's solver runs in fp16 on CUDA, which would give other codes for the same stage
     W_q, meta = Quantizer.quantize(
-        w.detach().float(), nbits=bits, channel_wise=True, group_size=None if group_size == -1 else group_size,
-        optimize=optimize, round_zero=bits == 4, axis=1, bitpack=False, compute_dtype=torch.float32,
-        device=str(w.device))
+        w.detach().float().cpu(), nbits=bits, channel_wise=True, group_size=None if group_size == -1 else group_size,
+        optimize=optimize, round_zero=bits == 4, axis=1, bitpack=False, compute_dtype=torch.float32, device="cpu")
     meta["compute_dtype"] = torch.float32  # de-quantize as computed, not in the library's fp16 default
     G = 1 if group_size == -1 else in_f // group_size
     codes = W_q.reshape(out_f, in_f).to(torch.uint8)
@@ -75,6 +75,7 @@ def quantize(input_ref: str, p: QuantizeParams, calib=None, progress: bool = Fal
         for name, lin in tqdm(linears.items(), desc="HQQ", disable=not progress):
             w = lin.weight.detach()
             codes, scales, zeros, _ = hqq_codes(w, p.bits, p.group_size, p.optimize)
+            codes, scales, zeros = codes.to(w.device), scales.to(w.device), zeros.to(w.device)
             q = QuantLinear.from_codes(codes, scales, zeros, bias=None if lin.bias is None else lin.bias.detach().float(),
                                        bits=p.bits, group_size=p.group_size, float_zeros=True)
             err = (w.float() - q.dequantize_weight(torch.float32)).pow(2).sum() / w.float().pow(2).sum().clamp_min(1e-30)

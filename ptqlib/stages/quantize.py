@@ -49,7 +49,7 @@ def quantize(input_ref: str, p: QuantizeParams, calib: torch.Tensor | None = Non
     if method.calibration:  # the precision of the calibration forwards (the codes' arithmetic is fp32)
         from ptqlib.precision import resolve
 
-        stats.setdefault("precision", resolve(p.precision))  # a method that computes in its own says so
+        stats["precision"] = method.fixed_precision or resolve(p.precision)
     model.eval()
     return model, tok, stats
 

@@ -34,7 +34,7 @@ def as_params(kind: str, p):
     """The typed, validated params of a stage kind from a dataclass (returned as it is) or a dict
     (a stage record's ``params``, or a few keys with the rest defaulted): what the stage code takes."""
     cls = KINDS[kind].params
-    if isinstance(p, cls):
+    if isinstance(p, KINDS[kind].settings):  # this class, or one composed before a later registration
         return p
     if isinstance(p, dict):
         return cls(**p)

@@ -13,9 +13,10 @@ ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated", "precisio
               "finetune": {"pool_norm": "mean", "precision": "fp32"}}
 
 # The settings each method-bearing kind's parameters had for every method before methods declared
-# their own (``ptqlib.methods.Options``): every stage id made since carries them (at their default
-# where its method does not read them), so they stay in every id. An option added later enters only
-# the ids of the methods that declare it.
+# their own (``ptqlib.methods.Options``): every stage id made before carries them, so they stay in
+# every id (for a stage whose method does not read one: its default; before, a value from the study's
+# ``defaults`` went in there too, so such a stage of a user's study file gets a new id, once). An
+# option added later enters only the ids of the methods that declare it.
 HISTORIC = {"quantize": ("sym", "sym_grid", "group_grid", "double_quant", "blocksize", "act_order", "static_groups",
                          "true_sequential", "damp", "block_size"),
             "finetune": ("merge", "bits", "group_size", "pool", "repeat", "pool_norm")}

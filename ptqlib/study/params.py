@@ -136,7 +136,12 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
+def _type_name(t) -> str:
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))  # "bool" and bool alike
+
+
 def _compose(settings: type, entries: dict) -> type:
+    entries = dict(entries)  # the registry as composed: a method registered later gets a new class
     shared = {f.name for f in dataclasses.fields(settings)}
     found: dict[str, dataclasses.Field] = {}
     owners: dict[str, list[str]] = {}
@@ -150,7 +155,10 @@ def _compose(settings: type, entries: dict) -> type:
             if f.name in shared:
                 raise TypeError(f"{where}: {f.name!r} is a setting every method reads ({settings.__name__}); "
                                 "an option needs a name of its own")
-            if f.name in found and (found[f.name].type, _default(found[f.name])) != (f.type, _default(f)):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise TypeError(f"{where}: an option needs a default (what a study that does not set it gets)")
+            if f.name in found and ((_type_name(found[f.name].type), _default(found[f.name]))
+                                    != (_type_name(f.type), _default(f))):
                 raise TypeError(f"{where}: {f.name!r} is declared by another method with type / default "
                                 f"{found[f.name].type} = {_default(found[f.name])!r}; one setting has one type and default")
             found.setdefault(f.name, f)
@@ -164,6 +172,9 @@ def _compose(settings: type, entries: dict) -> type:
 
     def __post_init__(self) -> None:
         settings.__post_init__(self)
+        if self.method not in entries:
+            raise ConfigError(f"method: {self.method!r} was registered after {type(self).__name__} was made; "
+                              "use ptqlib.study.kinds.KINDS[kind].params (composed from the registry as it is now)")
         entry = entries[self.method]
         own = {f.name for f in dataclasses.fields(entry.options)} if entry.options else set()
         for f in dataclasses.fields(self):
@@ -260,7 +271,7 @@ class EvaluateParams:
 
 def from_namespace(cls, ns: dict):
     """A stage notebook's parameters as the validated ``cls``: every field read from ``ns`` (the
-    notebook's globals, where papermill injected them). One call instead of each notebook listing the
+    notebook's globals, where papermill injected them; a method's option missing there: its default). One call instead of each notebook listing the
     fields again: a listed copy once dropped ``sym_grid`` / ``group_grid``, so a study's value was
     silently replaced by the default."""
     fields = dataclasses.fields(cls)
@@ -272,8 +283,9 @@ def from_namespace(cls, ns: dict):
 
 
 def foreign_settings(kind: str, method) -> set[str]:
-    """The option settings of ``kind`` that ``method`` does not read (empty for an unknown method or a
-    kind without methods): ``defaults`` give them only to the methods that read them."""
+    """The option settings of ``kind`` that ``method`` does not read (every option for an unknown method
+    name, whose stage is refused anyway; none for a non-string method, a grid axis, or a kind without
+    methods): ``defaults`` give them only to the methods that read them."""
     if kind not in SETTINGS or not isinstance(method, str):
         return set()
     return {k for k, owners in option_owners(SETTINGS[kind]).items() if method not in owners}
@@ -294,8 +306,9 @@ def id_params(kind: str, params: dict) -> dict:
         dynamic = params.get("group_size") != -1 and not (params.get("act_order") and params.get("static_groups"))
         if params.get("method") != "gptq" or not dynamic:
             out.pop("group_grid", None)
-        if params.get("method") in quantize_methods() and not quantize_methods()[params["method"]].calibration:
-            out.pop("precision", None)  # only calibration forwards run at the stage's precision
+        entry = quantize_methods().get(params.get("method"))
+        if entry is not None and (not entry.calibration or entry.fixed_precision):
+            out.pop("precision", None)  # only calibration forwards run at the stage's precision, if the method lets them
     if kind == "evaluate" and params.get("runtime") == "llama.cpp":
         out.pop("precision", None)  # llama.cpp computes in its own types
     return out

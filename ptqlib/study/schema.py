@@ -153,6 +153,8 @@ def _resolve(path, where: str, kind: str, p: dict, seed: int) -> dict:
         p["precision"] = resolve(p["precision"])
     except ConfigError as e:
         raise ConfigError(f"{path}: {where}.{e}") from None
+    if kind == "quantize" and quantize_methods()[p["method"]].fixed_precision:
+        p["precision"] = quantize_methods()[p["method"]].fixed_precision  # what it computes in (not in its id)
     if kind == "quantize" and p["calib_seed"] == -1:
         p["calib_seed"] = seed if quantize_methods()[p["method"]].calibration else 0
     return p
@@ -267,6 +269,7 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                                           "once (a repeat would duplicate report rows)")
                     axes[f"{i}.{k}"] = v
         trains = any(KINDS[kind].draws for kind, _ in parsed)
+        names: set[str] = set()
         for model in models:
             for point in _grid(axes) or [{}]:
                 # a pipeline is replicated over the seeds when a stage draws from the seed: training,
@@ -284,8 +287,13 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                             if int(si) == i:
                                 p[k] = val
                                 label[k] = val
-                        for k in foreign_settings(kind, _method(kind, p)) - explicit[i]:
-                            p.pop(k, None)  # the same, where the method is a grid axis
+                        # the same where the method is a grid axis: then the stage's own options too go only
+                        # to the points whose method reads them
+                        own = set() if f"{i}.method" in point else explicit[i]
+                        for k in foreign_settings(kind, _method(kind, p)) - own:
+                            p.pop(k, None)
+                            if f"{i}.{k}" in point:
+                                label.pop(k, None)  # an axis this point's method does not read
                         swhere = f"{where}[{i}].{kind}" if kind != "evaluate" else "defaults.evaluate"
                         _check_types(KINDS[kind].params, path, swhere, p)
                         obj = _build(KINDS[kind].params, path, swhere, p)
@@ -299,6 +307,9 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                     if draws and len(seeds) > 1:
                         label["seed"] = seed
                     suffix = "[" + ",".join(f"{k}={v}" for k, v in label.items()) + "]" if label else ""
+                    if f"{pname}{suffix}" in names:
+                        continue  # the same stages as another point (it differs only in an option not read here)
+                    names.add(f"{pname}{suffix}")
                     pipelines.append(Pipeline(f"{pname}{suffix}", pname, str(model), task, int(seed), label, built))
         if select:
             pipelines[start:], sels = split_selection(path, pipelines[start:], select, int(seeds[0]))

@@ -59,6 +59,24 @@ def test_the_codes_and_the_model_are_the_librarys(tmp_path, method, extra):
     assert stats["precision"] == "fp32" and stats["n_layers"] == 14
 
 
+def test_a_symmetric_grid_reads_the_librarys_single_zero_point():
+    # the library keeps one number (maxq) as a symmetric grid's zero point, not a tensor
+    p = QuantizeParams(method="autoround", bits=4, group_size=32, sym=True, calib_samples=2, calib_seq_len=32,
+                       calib_seed=0, iters=2, batch_size=2).__dict__
+    model, _, _ = ptq.quantize("tiny", p, ptq.calibration_windows("tiny", p))
+    layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    assert torch.equal(layer.zero_points(), torch.full_like(layer.zero_points(), 8))
+
+
+def test_they_tune_in_fp32_so_precision_is_not_in_their_ids():
+    from ptqlib.study.params import id_params
+
+    for method in ("awq", "autoround"):
+        p = QuantizeParams(method=method, precision="fp32").__dict__
+        assert "precision" not in id_params("quantize", {**p, "precision": "bf16"})
+    assert "precision" in id_params("quantize", {**QuantizeParams(method="gptq").__dict__, "precision": "bf16"})
+
+
 def test_awq_folds_its_scales_into_the_norms():
     p = QuantizeParams(method="awq", **GRID, calib_samples=4, calib_seq_len=64, calib_seed=0).__dict__
     ours, _, _ = ptq.quantize("tiny", p, ptq.calibration_windows("tiny", p))

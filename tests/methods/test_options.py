@@ -93,6 +93,10 @@ def test_the_other_methods_ids_do_not_change_with_a_new_setting(tmp_path, toy):
     # and a default grid over it expands only the pipelines whose method reads it
     chains = _ids(_study(tmp_path, defaults=", levels: [5, 7]", extra="  toy: [{quantize: {method: toy}}]"))
     assert chains["gptq"] == without and {"toy[levels=5]", "toy[levels=7]"} <= set(chains)
+    # a grid over the method too: the points whose method does not read the option are not repeated
+    st = _study(tmp_path, extra="  both: [{quantize: {method: [gptq, toy], levels: [5, 7]}}]")
+    both = sorted(p.name for p in st.pipelines if p.family == "both")
+    assert both == ["both[method=gptq]", "both[method=toy,levels=5]", "both[method=toy,levels=7]"]
     # a select on it likewise: no selection pipelines for gptq
     f = tmp_path / "sel.yaml"
     f.write_text("model: tiny\ndefaults:\n  finetune: {steps: 1, bits: {select: [3, 4], metric: ppl}}\n"
