@@ -103,8 +103,8 @@ def _quantize(algorithm: str, input_ref: str, p: QuantizeParams, calib=None, pro
         raise ValueError(f"{algorithm} needs calibration windows (ptqlib.stages.quantize.calibration_windows)")
     model, tok, _ = artifacts.load(input_ref)
     model.float()
-    before = {n: lin.weight.detach().float().clone() for n, lin in find_linear_layers(model).items()}
-    for n, lin in find_linear_layers(model).items():
+    linears = find_linear_layers(model)
+    for lin in linears.values():
         n_groups(lin.in_features, p.group_size)  # validate before the library runs
     grid = dict(bits=p.bits, group_size=p.group_size, sym=p.sym)
     common = dict(tokenizer=tok, nsamples=len(calib), seqlen=int(calib[0].numel()), dataset=[c.reshape(1, -1) for c in calib],
@@ -120,7 +120,7 @@ def _quantize(algorithm: str, input_ref: str, p: QuantizeParams, calib=None, pro
     seconds = time.perf_counter() - t0
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # ptqlib's checkpoint writes its own
-    layers = {}
+    # the weight error is the quantize stage's (stages.quantize.weight_error), as for every method
     with torch.no_grad():
         for name, lin in find_linear_layers(model).items():
             if getattr(lin, "scale", None) is None:
@@ -128,16 +128,12 @@ def _quantize(algorithm: str, input_ref: str, p: QuantizeParams, calib=None, pro
             codes, scales, zeros = library_codes(lin, p.bits, p.group_size, name)
             q = QuantLinear.from_codes(codes, scales, zeros, bias=None if lin.bias is None else lin.bias.detach(),
                                        bits=p.bits, group_size=p.group_size)
-            if algorithm == "autoround":  # AWQ's weights are in a rescaled basis: no error against the float weight
-                w = before[name]
-                err = (w - q.dequantize_weight(torch.float32)).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)
-                layers[name] = {"rel_weight_err": float(err)}
             set_module(model, name, q)
     info = {"method": algorithm, "bits": p.bits, "group_size": p.group_size, "sym": p.sym, "desc_act": False,
             "static_groups": False}
     setattr(model, QUANT_INFO_ATTR, info)
-    return model, tok, {**info, "time_s": seconds, "n_layers": len(before), "layers": layers,
-                        "weights_rescaled": algorithm == "awq"}
+    return model, tok, {**info, "time_s": seconds, "n_layers": len(linears),
+                        "weights_rescaled": algorithm == "awq"}  # AWQ: no error against the float weight
 
 
 def quantize_autoround(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
