@@ -19,6 +19,12 @@ precision (large square-ish GEMMs, best of several), with the stage's FLOPs coun
 
 The last line is ``speed-up: X.XXx``: the geometric mean over the stage kinds of auto / fp32.
 Not a test: timings on shared machines are noisy; compare the two columns, not runs.
+
+``--profile`` runs each stage kind once more at ``auto`` under ``torch.profiler`` (the timed part
+only) and prints where its wall time goes: matmuls, attention, the optimizer step, other ATen ops
+(elementwise, casts, copies, reductions; the largest named) and the Python between ops (wall time
+that no ATen op accounts for). The profiler adds a few microseconds per op, so the Python share of
+op-heavy loops (generation, GPTQ's columns) is an upper bound.
 """
 from __future__ import annotations
 
@@ -34,6 +40,40 @@ import time
 import torch
 
 from ptqlib import precision as P
+
+
+class Region:
+    """The timed part of a stage kind; under ``--profile`` also the part that is profiled."""
+
+    def __init__(self):
+        self.prof: torch.profiler.profile | None = None
+        self.wall = 0.0
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        if self.prof is not None:
+            self.prof.start()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        self.wall += time.perf_counter() - self._t0
+        if self.prof is not None:
+            self.prof.stop()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+REGION = Region()  # replaced by a profiling one under --profile
+
+# ATen ops by what they are (self time; composite ops such as aten::linear have ~0 self time)
+MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation",
+          "mkldnn", "aten::dot", "aten::mv", "aten::addmv", "aten::addr")
+ATTENTION = ("scaled_dot_product", "flash_attention")
 
 
 def cpu_name() -> str:
@@ -83,11 +123,15 @@ class _StepTimer:
         outer = self
 
         class CB(TrainerCallback):
-            def on_step_begin(self, *a, **k):
+            def on_step_begin(self, args, state, control, **k):
+                if state.global_step == 1:  # after the warm-up step: the timed (and profiled) steps
+                    REGION.start()
                 outer.t0 = time.perf_counter()
 
-            def on_step_end(self, *a, **k):
+            def on_step_end(self, args, state, control, **k):
                 outer.steps.append(time.perf_counter() - outer.t0)
+                if state.global_step == state.max_steps and state.max_steps > 1:
+                    REGION.stop()
 
         self.cb, self.steps, self.t0 = CB(), [], 0.0
 
@@ -124,8 +168,9 @@ def gptq_layer_speed(model, prec: str, n_windows: int, seq: int, vocab: int) -> 
     m.config.num_hidden_layers = 2
     g = torch.Generator().manual_seed(0)
     calib = [torch.randint(10, vocab - 10, (1, seq), generator=g) for _ in range(n_windows)]
-    stats = gptq_quantize_model(m, calib, bits=4, group_size=64, progress=False, diagnostics=False,
-                                precision=P.resolve(prec))
+    with REGION:
+        stats = gptq_quantize_model(m, calib, bits=4, group_size=64, progress=False, diagnostics=False,
+                                    precision=P.resolve(prec))
     secs = stats["time_s"] / 2
     tokens = n_windows * seq
     n_layer = sum(p.numel() for p in get_decoder_layers(model)[1][0].parameters() if p.dim() == 2)
@@ -144,7 +189,8 @@ def ppl_speed(model, prec: str, n: int, seq: int, vocab: int) -> float:
     w = torch.randint(10, vocab - 10, (n, seq), generator=g)
     window_nll(m, w[:2])  # warm-up
     t0 = time.perf_counter()
-    window_nll(m, w)
+    with REGION:
+        window_nll(m, w)
     return n * seq / (time.perf_counter() - t0)
 
 
@@ -157,8 +203,46 @@ def gen_speed(model, tok, prec: str, n: int, new: int) -> float:
     prompts = [e.prompt for e in load_task("meetings-hard", "test", n)]
     prompt_tokens = sum(len(tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"]) for p in prompts)
     t0 = time.perf_counter()
-    _, n_new, _ = generate(m, tok, prompts, max_new_tokens=new, batch_size=n)
+    with REGION:  # generate's own warm-up (2 tokens of one prompt) is inside
+        _, n_new, _ = generate(m, tok, prompts, max_new_tokens=new, batch_size=n)
     return (prompt_tokens + n_new) / (time.perf_counter() - t0)
+
+
+def breakdown(prof: torch.profiler.profile, wall: float) -> str:
+    """Where ``wall`` seconds went, from the profiler's ATen ops' self times (microseconds)."""
+    cats = {"matmul": 0.0, "attention": 0.0, "other ATen": 0.0}
+    other: dict[str, float] = {}
+    optim = 0.0
+    for e in prof.key_averages():
+        if e.key.startswith("Optimizer.step#"):
+            optim += e.cpu_time_total  # inclusive: the optimizer's own ops are inside
+            continue
+        t = e.self_cpu_time_total
+        if any(k in e.key for k in MATMUL):
+            cats["matmul"] += t
+        elif any(k in e.key for k in ATTENTION):
+            cats["attention"] += t
+        else:
+            cats["other ATen"] += t
+            other[e.key] = t
+    wall_us = wall * 1e6
+    python = max(0.0, wall_us - sum(cats.values()))
+    top = sorted(other.items(), key=lambda kv: -kv[1])[:4]
+    parts = [f"{k} {v / wall_us:.0%}" for k, v in cats.items()] + [f"Python between ops {python / wall_us:.0%}"]
+    if optim:
+        parts.append(f"(optimizer step {optim / wall_us:.0%}, inside the above)")
+    return ", ".join(parts) + "; largest other: " + ", ".join(f"{k} {v / wall_us:.0%}" for k, v in top)
+
+
+def profile_kinds(kinds: dict, prec: str) -> None:
+    """Each stage kind once more at ``prec`` under torch.profiler: where its time goes."""
+    global REGION
+    print(f"\nwhere the time goes at {prec} (torch.profiler, the timed part; shares of its wall time):")
+    for name, (fn, _) in kinds.items():
+        REGION = Region()
+        REGION.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        fn(prec)
+        print(f"  {name}: {breakdown(REGION.prof, REGION.wall)}", flush=True)
 
 
 def main() -> None:
@@ -167,6 +251,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--only", nargs="*", help="stage kinds to run (default: all)")
+    ap.add_argument("--profile", action="store_true", help="then profile each stage kind at auto precision")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from ptqlib.models import load_model
@@ -210,7 +295,10 @@ def main() -> None:
         ratios.append(ratio)
         print(f"{name:26s} {row['fp32'][0]:11.0f} {row['fp32'][1]:5.0%}  {row[auto][0]:11.0f} {row[auto][1]:5.0%}  "
               f"{ratio:5.2f}x", flush=True)
-    print(f"speed-up: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}x")
+    speedup = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    if args.profile:
+        profile_kinds(kinds, auto)
+    print(f"speed-up: {speedup:.2f}x")
 
 
 if __name__ == "__main__":
