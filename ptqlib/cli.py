@@ -101,8 +101,12 @@ def _unwritable(d: Path) -> str | None:
     return None
 
 
-class Terminated(Exception):
-    """SIGTERM received while a study runs."""
+class Terminated(BaseException):
+    """SIGTERM received while a study runs.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: with one job the stage runs in this thread, and
+    the stage's own ``except Exception`` (a failed stage is recorded, the study goes on) would
+    otherwise take the signal for a failure of that stage and start the next one."""
 
 
 def methods_table() -> str:

@@ -30,6 +30,28 @@ def test_an_interrupted_run_says_what_was_cut_short(tmp_path, monkeypatch, capsy
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the run's only
 
 
+def test_sigterm_during_a_stage_stops_the_study_instead_of_failing_that_stage(tmp_path, monkeypatch, capsys):
+    """With one job the stage runs in the runner's thread: SIGTERM arriving inside it must end the run
+    (exit 143), not be recorded as that stage's failure while the runner starts the next stage."""
+    import papermill
+
+    started = []
+
+    def execute(*a, **k):
+        started.append(k["parameters"]["output_dir"])
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's kill arrives while the notebook runs
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    f = tmp_path / "s.yaml"  # two independent stages: the second must not start
+    f.write_text("model: tiny\npipelines:\n  a: [{quantize: {method: rtn, bits: 4}}]\n"
+                 "  b: [{quantize: {method: rtn, bits: 8}}]\n")
+    code = main(["run", str(f), "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")])
+    err = capsys.readouterr().err
+    assert code == 143, err
+    assert len(started) == 1
+    assert "interrupted: stages cut short" in err and "FAILED" not in err
+
+
 def test_export_of_something_that_is_not_a_model_is_an_error_message(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), "-o", str(tmp_path / "m.gguf")]) == 2
     assert "cannot load a model from it" in capsys.readouterr().err
