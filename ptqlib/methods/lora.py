@@ -10,6 +10,12 @@ magnitude and a direction, ``W' = m (W + s B A) / ||W + s B A||_c`` (column norm
 with ``A`` and ``B``. peft computes the norm from the de-quantized base weight, which it can do for
 a float model and for bitsandbytes NF4 / FP4 (QDoRA), not for ptqlib's ``QuantLinear`` (GPTQ / RTN):
 there a study is refused before any stage runs.
+
+QDoRA on a CPU with AVX512-BF16: bitsandbytes (0.50) repacks a ``Linear4bit`` weight into its CPU
+kernel's layout at the first inference forward, and ``bnb.functional.dequantize_4bit`` (which peft
+calls at every DoRA forward for the norm) then reads that layout as if it were the stored one:
+the norms come out wrong and the model writes nothing useful (found as field F1 0.000 for every lr
+in the baselines study). :func:`keep_bnb_layout` keeps the stored layout under DoRA layers.
 """
 from __future__ import annotations
 
@@ -28,6 +34,23 @@ class MergeOptions(Options):
     merge: bool = False  # lora/qlora/dora/qdora/loftq: merge the adapter into (de-quantized) weights -> a float model
 
 
+def keep_bnb_layout(model):
+    """Keep every bitsandbytes 4-bit base weight under a DoRA layer in its stored layout (undoing
+    a CPU repack already done), so that de-quantizing it gives the weight; returns ``model``."""
+    for mod in model.modules():
+        base = getattr(mod, "base_layer", None)
+        if not getattr(mod, "use_dora", {}) or not any(mod.use_dora.values()) or not hasattr(base, "weight"):
+            continue
+        if hasattr(base, "support_avx512bf16_for_cpu"):
+            base.support_avx512bf16_for_cpu = False  # no repack at the next inference forward
+        qs = getattr(base.weight, "quant_state", None)
+        if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, qs)
+    return model
+
+
 def prepare(model, p: FinetuneParams, input_ref: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -38,7 +61,7 @@ def prepare(model, p: FinetuneParams, input_ref: str):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     cfg = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, use_dora=p.method in DORA,
                      target_modules=list(p.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, register_quantlinear(cfg))  # LoRA on QuantLinear too (GPTQ/RTN base)
+    return keep_bnb_layout(get_peft_model(model, register_quantlinear(cfg)))  # QuantLinear bases too (GPTQ/RTN)
 
 
 def float_copy(input_ref: str):
@@ -80,7 +103,7 @@ def load(ref, info: dict, device: str):
     from ptqlib.adapters.lora_quantlinear import load_adapter
 
     base, tok, _ = artifacts.load(artifacts.base_of(ref, info), device)
-    return load_adapter(base, str(Path(ref) / info["adapter"])), tok  # float, bnb and QuantLinear bases
+    return keep_bnb_layout(load_adapter(base, str(Path(ref) / info["adapter"]))), tok  # float, bnb, QuantLinear bases
 
 
 _SETTINGS = ("lr", "steps", "rank", "alpha")

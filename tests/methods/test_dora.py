@@ -61,6 +61,33 @@ def test_qdora_trains_on_nf4_codes(tmp_path):
     assert info["type"] == "peft" and artifacts.is_quantized(tmp_path / "run")
 
 
+def test_qdora_reloaded_computes_what_its_merge_does(tmp_path):
+    """The saved QDoRA model, loaded and run for inference (twice: bitsandbytes repacks a 4-bit weight
+    for its CPU kernel at the first inference forward on AVX512-BF16 CPUs, after which peft's DoRA
+    norm read the wrong layout), gives the logits of the same adapter merged into the de-quantized
+    weights (a float model, built from a fresh load)."""
+    torch.manual_seed(0)
+    p = QuantizeParams(method="nf4").__dict__
+    model, tok = ptq.quantize("tiny", p)[:2]
+    ptq.save(model, tok, p, tmp_path / "nf4", "tiny")
+    model = artifacts.load(tmp_path / "nf4", "cpu")[0]
+    model = finetune.prepare(model, "qdora", _params("qdora"), str(tmp_path / "nf4"))
+    x = torch.randint(0, 1024, (2, 16))
+    _train_step(model, x)
+    with torch.no_grad():  # a step off the start: B != 0 and the magnitude moved
+        for prm in model.parameters():
+            if prm.requires_grad and prm.grad is not None:
+                prm -= 0.05 * prm.grad.sign()
+    finetune.save(model, tok, "qdora", _params("qdora"), tmp_path / "run", str(tmp_path / "nf4"))
+    finetune.save(model, tok, "qdora", _params("qdora", merge=True), tmp_path / "merged", str(tmp_path / "nf4"))
+    merged = artifacts.load(tmp_path / "merged", "cpu")[0]
+    back = artifacts.load(tmp_path / "run", "cpu")[0]
+    with torch.no_grad():
+        want = merged(x).logits
+        for _ in range(2):
+            assert torch.allclose(back(x).logits, want, atol=1e-3), (back(x).logits - want).abs().max()
+
+
 @pytest.mark.parametrize("chain, error", [
     ("[{quantize: nf4}, {finetune: qdora}]", None),
     ("[{finetune: dora}]", None),
