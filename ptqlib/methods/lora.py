@@ -38,8 +38,8 @@ def keep_bnb_layout(model):
     """Keep every bitsandbytes 4-bit base weight under a DoRA layer in its stored layout (undoing
     a CPU repack already done), so that de-quantizing it gives the weight; returns ``model``."""
     for mod in model.modules():
-        base = getattr(mod, "base_layer", None)
-        if not getattr(mod, "use_dora", {}) or not any(mod.use_dora.values()) or not hasattr(base, "weight"):
+        base, dora = getattr(mod, "base_layer", None), getattr(mod, "use_dora", None)  # peft: {adapter: bool}
+        if not (any(dora.values()) if isinstance(dora, dict) else dora) or not hasattr(base, "weight"):
             continue
         if hasattr(base, "support_avx512bf16_for_cpu"):
             base.support_avx512bf16_for_cpu = False  # no repack at the next inference forward
