@@ -34,12 +34,15 @@ class MergeOptions(Options):
     merge: bool = False  # lora/qlora/dora/qdora/loftq: merge the adapter into (de-quantized) weights -> a float model
 
 
-def keep_bnb_layout(model):
-    """Keep every bitsandbytes 4-bit base weight under a DoRA layer in its stored layout (undoing
-    a CPU repack already done), so that de-quantizing it gives the weight; returns ``model``."""
+def keep_bnb_layout(model, dora_only: bool = True):
+    """Keep every bitsandbytes 4-bit weight under a DoRA layer (``dora_only=False``: every one) in its
+    stored layout, undoing a CPU repack already done, so that de-quantizing it gives the weight;
+    returns ``model``."""
     for mod in model.modules():
         base, dora = getattr(mod, "base_layer", None), getattr(mod, "use_dora", None)  # peft: {adapter: bool}
-        if not (any(dora.values()) if isinstance(dora, dict) else dora) or not hasattr(base, "weight"):
+        if not dora_only and hasattr(mod, "support_avx512bf16_for_cpu"):
+            base = mod  # a bare bnb layer, before peft wraps it
+        elif not (any(dora.values()) if isinstance(dora, dict) else dora) or not hasattr(base, "weight"):
             continue
         if hasattr(base, "support_avx512bf16_for_cpu"):
             base.support_avx512bf16_for_cpu = False  # no repack at the next inference forward
@@ -59,6 +62,8 @@ def prepare(model, p: FinetuneParams, input_ref: str):
     if getattr(model, "is_loaded_in_4bit", False):
         # casts norms to fp32 and enables input grads; gradient checkpointing only costs time here
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if p.method in DORA:  # DoRA's magnitude starts as the column norms of the de-quantized weight
+        keep_bnb_layout(model, dora_only=False)
     cfg = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, use_dora=p.method in DORA,
                      target_modules=list(p.target_modules), task_type="CAUSAL_LM")
     return keep_bnb_layout(get_peft_model(model, register_quantlinear(cfg)))  # QuantLinear bases too (GPTQ/RTN)

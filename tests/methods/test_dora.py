@@ -88,6 +88,31 @@ def test_qdora_reloaded_computes_what_its_merge_does(tmp_path):
             assert torch.allclose(back(x).logits, want, atol=1e-3), (back(x).logits - want).abs().max()
 
 
+def test_qdora_starts_from_the_stored_weights_norms_after_an_inference_forward(tmp_path):
+    """QDoRA prepared on an NF4 model that has already run for inference (bitsandbytes may have
+    repacked its weights for the CPU kernel) starts its magnitude at the column norms of the stored
+    weight, and computes what the base model did (B = 0)."""
+    import bitsandbytes.functional as F
+
+    p = QuantizeParams(method="nf4").__dict__
+    model, tok = ptq.quantize("tiny", p)[:2]
+    ptq.save(model, tok, p, tmp_path / "nf4", "tiny")
+    fresh = artifacts.load(tmp_path / "nf4", "cpu")[0]
+    w = fresh.model.layers[0].mlp.down_proj.weight
+    want = F.dequantize_4bit(w.data, w.quant_state).float().norm(dim=1)
+    model = artifacts.load(tmp_path / "nf4", "cpu")[0]
+    x = torch.randint(0, 1024, (2, 16))
+    with torch.no_grad():
+        base = model(x).logits  # an inference forward first
+    model = finetune.prepare(model, "qdora", _params("qdora"), str(tmp_path / "nf4"))
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    assert torch.allclose(layer.lora_magnitude_vector["default"].weight.float(), want, rtol=1e-2)  # peft: bf16 norms
+    model.eval()
+    with torch.no_grad():
+        # bnb's repacked CPU kernel and its stored-layout path round differently (~2e-3 here)
+        assert torch.allclose(model(x).logits, base, atol=1e-2)
+
+
 @pytest.mark.parametrize("chain, error", [
     ("[{quantize: nf4}, {finetune: qdora}]", None),
     ("[{finetune: dora}]", None),
