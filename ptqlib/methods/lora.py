@@ -15,7 +15,7 @@ QDoRA on a CPU with AVX512-BF16: bitsandbytes (0.50) repacks a ``Linear4bit`` we
 kernel's layout at the first inference forward, and ``bnb.functional.dequantize_4bit`` (which peft
 calls at every DoRA forward for the norm) then reads that layout as if it were the stored one:
 the norms come out wrong and the model writes nothing useful (found as field F1 0.000 for every lr
-in the baselines study). :func:`keep_bnb_layout` keeps the stored layout under DoRA layers.
+in the baselines study). :func:`keep_bnb_layout` keeps the stored layout in a DoRA model.
 """
 from __future__ import annotations
 
@@ -34,23 +34,20 @@ class MergeOptions(Options):
     merge: bool = False  # lora/qlora/dora/qdora/loftq: merge the adapter into (de-quantized) weights -> a float model
 
 
-def keep_bnb_layout(model, dora_only: bool = True):
-    """Keep every bitsandbytes 4-bit weight under a DoRA layer (``dora_only=False``: every one) in its
-    stored layout, undoing a CPU repack already done, so that de-quantizing it gives the weight;
-    returns ``model``."""
+def keep_bnb_layout(model):
+    """Keep every bitsandbytes 4-bit weight of ``model`` in its stored layout (undoing a CPU repack
+    already done, and none at later inference forwards), so that de-quantizing it gives the weight;
+    returns ``model``. For DoRA only: bnb's own forward reads either layout."""
     for mod in model.modules():
-        base, dora = getattr(mod, "base_layer", None), getattr(mod, "use_dora", None)  # peft: {adapter: bool}
-        if not dora_only and hasattr(mod, "support_avx512bf16_for_cpu"):
-            base = mod  # a bare bnb layer, before peft wraps it
-        elif not (any(dora.values()) if isinstance(dora, dict) else dora) or not hasattr(base, "weight"):
+        if not hasattr(mod, "support_avx512bf16_for_cpu"):  # not a bitsandbytes Linear4bit
             continue
-        if hasattr(base, "support_avx512bf16_for_cpu"):
-            base.support_avx512bf16_for_cpu = False  # no repack at the next inference forward
-        qs = getattr(base.weight, "quant_state", None)
+        mod.support_avx512bf16_for_cpu = False
+        qs = getattr(mod.weight, "quant_state", None)
         if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+            # bnb has no public CPU unpack (its Params4bit.cuda() / .xpu() call this one)
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-            base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, qs)
+            mod.weight.data, mod.weight.quant_state = _convert_weight_packed_for_cpu_inverse(mod.weight.data, qs)
     return model
 
 
@@ -62,11 +59,11 @@ def prepare(model, p: FinetuneParams, input_ref: str):
     if getattr(model, "is_loaded_in_4bit", False):
         # casts norms to fp32 and enables input grads; gradient checkpointing only costs time here
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if p.method in DORA:  # DoRA's magnitude starts as the column norms of the de-quantized weight
-        keep_bnb_layout(model, dora_only=False)
+    if p.method in DORA:  # DoRA's magnitude starts as (and its forward uses) the de-quantized weight's norms
+        keep_bnb_layout(model)
     cfg = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, use_dora=p.method in DORA,
                      target_modules=list(p.target_modules), task_type="CAUSAL_LM")
-    return keep_bnb_layout(get_peft_model(model, register_quantlinear(cfg)))  # QuantLinear bases too (GPTQ/RTN)
+    return get_peft_model(model, register_quantlinear(cfg))  # LoRA on QuantLinear too (GPTQ/RTN base)
 
 
 def float_copy(input_ref: str):
@@ -108,7 +105,10 @@ def load(ref, info: dict, device: str):
     from ptqlib.adapters.lora_quantlinear import load_adapter
 
     base, tok, _ = artifacts.load(artifacts.base_of(ref, info), device)
-    return keep_bnb_layout(load_adapter(base, str(Path(ref) / info["adapter"]))), tok  # float, bnb, QuantLinear bases
+    model = load_adapter(base, str(Path(ref) / info["adapter"]))  # float, bnb and QuantLinear bases
+    if any(getattr(c, "use_dora", False) for c in model.peft_config.values()):
+        keep_bnb_layout(model)
+    return model, tok
 
 
 _SETTINGS = ("lr", "steps", "rank", "alpha")
