@@ -25,6 +25,18 @@ def _device(model) -> torch.device:
     return next(p for p in model.parameters()).device
 
 
+def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per position ``-log softmax(logits)[target]``: ``logits (b, T, vocab)`` float, ``targets (b, T)`` -> ``(b, T)``.
+
+    The log-softmax runs over the last, contiguous dimension. ``cross_entropy`` given the classes in
+    the middle (``logits.transpose(1, 2)``, as ptqlib did before) copies the logits transposed and
+    runs the strided kernel on CPU: 5x slower at SmolLM2's 49152-token vocabulary (with the copy,
+    over half of the perplexity benchmark's time: ``bench/stage_speed.py --profile``) and ~20x
+    further from the float64 value (7e-5 vs 4e-6 nats per token).
+    """
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
 @torch.no_grad()
 def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False,
                reference=None) -> dict[str, list[float]]:
@@ -46,11 +58,12 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
         x = windows[i : i + batch_size].to(dev)
         logits = model(input_ids=x).logits[:, :-1].float()  # (b, L-1, vocab)
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (b, L-1)
-        out["nll"] += loss.sum(1).tolist()
-        if reference is not None:
-            lp = torch.log_softmax(logits, -1)
+        if reference is None:
+            out["nll"] += next_token_nll(logits, x[:, 1:]).sum(1).tolist()
+        else:
+            lp = torch.log_softmax(logits, -1)  # the same kernel as next_token_nll: the same bits
             del logits
+            out["nll"] += (-lp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)).sum(1).tolist()
             lr = torch.log_softmax(reference(input_ids=x.to(_device(reference))).logits[:, :-1].float(), -1).to(dev)
             out["kl"] += (lr.exp() * (lr - lp)).sum(-1).sum(1).tolist()  # sum over tokens of KL per token
             out["top1"] += (lr.argmax(-1) == lp.argmax(-1)).sum(1).float().tolist()
