@@ -145,3 +145,16 @@ def test_another_studys_damaged_report_is_skipped_with_a_warning(tmp_path, caplo
         tables.write_results(r)
     assert f"skipping {other}" in caplog.text
     assert {row["status"] for row in _csv(r.reports / "results.csv")} == {"ok"}
+
+
+def test_the_report_names_the_package_versions_and_warns_when_they_differ():
+    same = pd.DataFrame({"pipeline": ["a", "b"], "versions": ["torch 2.13.0+cpu, transformers 5.25.0"] * 2})
+    assert analysis.versions_note(same) == "Every stage ran with torch 2.13.0+cpu, transformers 5.25.0."
+    mixed = pd.DataFrame({"pipeline": ["a", "b", "c"],
+                          "versions": ["transformers 5.25.0", "transformers 5.24.0", "transformers 5.25.0"]})
+    note = analysis.versions_note(mixed)
+    assert note.startswith("**The stages ran under different package versions**")
+    assert "- transformers 5.25.0: a, c" in note and "- transformers 5.24.0: b" in note
+    one_mixed_chain = pd.DataFrame({"pipeline": ["a"], "versions": ["transformers 5.24.0 | transformers 5.25.0"]})
+    assert analysis.versions_note(one_mixed_chain).startswith("**The stages ran under different")
+    assert analysis.versions_note(pd.DataFrame({"pipeline": ["a"]})) == ""  # a report from before the column

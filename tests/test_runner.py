@@ -1,5 +1,6 @@
 """Runner pieces that need no notebook execution: progress estimates, stage pages, kernel transport."""
 import base64
+import csv
 import logging
 import os
 
@@ -83,3 +84,45 @@ def test_run_exits_non_zero_when_the_analysis_fails(tmp_path, monkeypatch, capsy
     assert "the analysis failed" in capsys.readouterr().err
     monkeypatch.setattr(report, "analyse", lambda runner, force=False: tmp_path / "index.html")
     assert main(["run", str(f), "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]) == 0
+
+
+def _cached_study(tmp_path, transformers: dict[str, str]) -> list[str]:
+    """A finished study whose records name ``transformers[sid]`` (else this environment's) versions."""
+    from ptqlib.engine.record import versions
+
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\nseeds: [0, 1]\npipelines:\n  ft16: [{finetune: {method: full, steps: 4}}]\n")
+    r = Runner(load_study(f), tmp_path / "runs", tmp_path / "reports")
+    sids = list(dict.fromkeys(s for c in r.chains.values() for s in c))
+    for i, sid in enumerate(sids):
+        n = r.nodes[sid]
+        v = {**versions(), **({"transformers": transformers[sid]} if sid in transformers else {})}
+        write_json_atomic(r.runs / sid / "metrics.json", {
+            "status": "ok", "kind": n.kind, "label": n.label(), "model": n.model, "metrics": {"field_f1": 0.5},
+            "timings": {"wall_s": 1.0, "started": float(i), "finished": float(i) + 0.5}, "versions": v})
+    return sids
+
+
+def test_cached_stages_under_other_package_versions_are_named(tmp_path, monkeypatch, caplog):
+    """A fresh install with a newer transformers reuses old records (ids hash no versions): the run
+    says so, naming the package, the recorded version, how many stages and this environment's."""
+    from ptqlib.cli import main
+    from ptqlib.engine.record import versions, versions_label
+    from ptqlib.report import tables as report
+
+    monkeypatch.setattr(report, "analyse", lambda runner, force=False: tmp_path / "index.html")
+    args = ["run", str(tmp_path / "s.yaml"), "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
+    sids = _cached_study(tmp_path, {})
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == 0
+    assert "other package versions" not in caplog.text  # all recorded here: nothing to say
+
+    caplog.clear()
+    _cached_study(tmp_path, {sids[0]: "0.0.1"})  # seed 0's fine-tuning
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == 0
+    here = versions()["transformers"]
+    assert f"transformers 0.0.1 in 1 (here {here})" in caplog.text and "--force" in caplog.text
+    rows = {row["pipeline"]: row["versions"] for row in csv.DictReader(open(tmp_path / "reports" / "s" / "results.csv"))}
+    assert rows["ft16[seed=0]"].count(" | ") == 1 and "transformers 0.0.1" in rows["ft16[seed=0]"]  # a mixed chain
+    assert rows["ft16[seed=1]"] == versions_label(versions())

@@ -46,6 +46,26 @@ def versions() -> dict[str, str]:
     return out
 
 
+# The packages whose version moves a stage's numbers (kernels, Trainer, adapter and 4-bit code).
+# A stage id hashes parameters, not versions, so a cached stage keeps the numbers of the versions it
+# ran under: ``versions_label`` names them in results.csv, and the runner warns when they differ
+# from the running environment's.
+NUMERIC_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
+
+
+def versions_label(v: dict | None) -> str:
+    """``'torch 2.13.0+cpu, transformers 5.25.0, ...'`` from a record's ``versions`` (those of
+    ``NUMERIC_PACKAGES`` it has, in that order); ``''`` for a record without versions."""
+    return ", ".join(f"{k} {v[k]}" for k in NUMERIC_PACKAGES if k in (v or {}))
+
+
+def version_changes(recorded: dict | None, current: dict) -> dict[str, tuple[str, str]]:
+    """``{package: (recorded, current)}`` for the ``NUMERIC_PACKAGES`` whose version differs."""
+    recorded = recorded or {}
+    return {k: (recorded[k], current[k]) for k in NUMERIC_PACKAGES
+            if k in recorded and k in current and recorded[k] != current[k]}
+
+
 def device_info() -> dict[str, Any]:
     import torch
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from ptqlib.engine.executors import Handle, InlineExecutor
+from ptqlib.engine.record import version_changes, versions
 from ptqlib.engine.stage import BUSY, DONE_ELSEWHERE, OK, finished, fresh, kernel_name, stage_busy, stage_environment
 from ptqlib.files import RECORD, read_json
 from ptqlib.study import selection
@@ -102,6 +103,23 @@ class Runner:
                 todo.append(sid)
         return todo
 
+    def version_drift(self, cached: list[str]) -> str:
+        """A warning when ``cached`` stages' records name other versions of the numeric packages
+        (``record.NUMERIC_PACKAGES``) than this environment has, else ``''``. A stage id hashes
+        parameters, not versions: a fresh install with a newer transformers reuses the old records,
+        so a report can mix numbers from two versions, which a rerun here would not reproduce."""
+        now = versions()
+        changed: dict[tuple[str, str, str], int] = {}  # (package, recorded, current) -> cached stages
+        for sid in cached:
+            for pkg, (old, new) in version_changes((self.record(sid) or {}).get("versions"), now).items():
+                changed[(pkg, old, new)] = changed.get((pkg, old, new), 0) + 1
+        if not changed:
+            return ""
+        what = "; ".join(f"{pkg} {old} in {n} (here {new})" for (pkg, old, new), n in sorted(changed.items()))
+        return (f"cached stages ran under other package versions than this environment's: {what}; their "
+                "numbers stand as recorded (a stage id does not hash versions), so the report may mix versions: "
+                "install the recorded ones (constraints.txt) or re-run with --force")
+
     def describe(self, only: list[str] | None = None, force: bool = False) -> str:
         lines = [f"study {self.study.name!r} ({self.study.path}): {len(self.selected(only))} pipelines"]
         plan = self.plan(only)
@@ -164,6 +182,8 @@ class Runner:
         todo = self.to_run(plan, force)
         log.info("study %s: %d stages, %d cached, %d to run%s", self.study.name, len(plan), len(plan) - len(todo),
                  len(todo), f" ({executor.slots} at a time)" if executor.slots > 1 else "")
+        if drift := self.version_drift([s for s in plan if s not in todo and s not in self.done]):
+            log.warning(drift)
         progress_line = self.progress = Progress(self, todo, executor.slots)
         pending = list(todo)  # dependency order
         running: dict[str, Handle] = {}  # sid -> executor handle

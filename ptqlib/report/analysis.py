@@ -98,6 +98,23 @@ def settings_table(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def versions_note(results: pd.DataFrame) -> str:
+    """A markdown note on the package versions the study's stages ran under (results.csv's
+    ``versions``): which ones, or a warning naming the pipelines of each set when they differ,
+    since a stage id does not hash versions and a cached stage keeps its versions' numbers."""
+    if "versions" not in results:
+        return ""
+    v = results["versions"].fillna("").astype(str)  # a row kept from a previous report keeps its versions
+    sets = {label: results.loc[v == label, "pipeline"].tolist() for label in dict.fromkeys(v) if label}
+    if not sets:
+        return ""
+    if len(sets) == 1 and " | " not in next(iter(sets)):
+        return f"Every stage ran with {next(iter(sets))}."
+    lines = [f"- {label}: {', '.join(p[:6])}{' ...' if len(p) > 6 else ''}" for label, p in sets.items()]
+    return ("**The stages ran under different package versions** (a cached stage keeps the numbers of the "
+            "versions it ran with; `ptqlib run --force` re-runs them here):\n" + "\n".join(lines))
+
+
 def cost_table(results: pd.DataFrame) -> pd.DataFrame:
     """Mean wall seconds per pipeline family of each of its stages (quantize, finetune, finetune2,
     evaluate, ...) and their total: a stage shared by several pipelines is counted in each."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ptqlib.engine.record import complete
+from ptqlib.engine.record import complete, versions_label
 from ptqlib.engine.runner import recorded
 from ptqlib.engine.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
 from ptqlib.files import copy_atomic, write_atomic, write_json_atomic
@@ -47,6 +47,7 @@ def study_rows(runner: "Runner") -> list[dict]:
                      "seed": pl.seed, **{f"grid.{k}": v for k, v in pl.grid.items()},
                      "stages": " -> ".join(runner.nodes[s].label() for s in chain), "eval_stage": chain[-1]}
         statuses = []
+        labels: dict[str, None] = {}  # the package versions the chain's stages ran under, in order
         seen_kinds: dict[str, int] = {}
         for sid in chain:
             rec = runner.record(sid)
@@ -56,6 +57,8 @@ def study_rows(runner: "Runner") -> list[dict]:
             if not ok:
                 continue
             node = runner.nodes[sid]
+            if label := versions_label(rec.get("versions")):
+                labels[label] = None
             # finetune, finetune2, ...: a pipeline such as FT -> PTQ -> QLoRA trains twice
             seen_kinds[node.kind] = seen_kinds.get(node.kind, 0) + 1
             prefix = node.kind + (str(seen_kinds[node.kind]) if seen_kinds[node.kind] > 1 else "")
@@ -69,6 +72,7 @@ def study_rows(runner: "Runner") -> list[dict]:
                         row[f"{prefix}.{k}"] = v
             row["wall_s." + prefix] = rec["timings"]["wall_s"]  # each stage's own cost, in chain order
             row["wall_s.total"] = row.get("wall_s.total", 0) + rec["timings"]["wall_s"]
+        row["versions"] = " | ".join(labels)  # more than one: the chain mixes package versions
         row["status"] = "ok" if all(s == "ok" for s in statuses) else next(s for s in statuses if s != "ok")
         rows.append(row)
     return rows
