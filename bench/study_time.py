@@ -32,14 +32,15 @@ def stage_times(study_file: str, runs: str) -> dict:
     r = Runner(load_study(study_file), runs, ROOT / "reports")  # reads records; writes nothing
     plan = r.plan()
     seconds: dict[str, float] = defaultdict(float)
-    seen: dict[str, set] = defaultdict(set)
+    seen: dict[str, set] = {"precision": set(), "threads": set(), "versions": set()}
     recorded = 0
     for sid in plan:
         rec = r.record(sid)
         if not complete(rec):
             continue
         recorded += 1
-        kind = r.nodes[sid].kind + ("(validation)" if "validation" in r.nodes[sid].label() else "")
+        node = r.nodes[sid]
+        kind = node.kind + ("(validation)" if node.params.get("split") == "validation" else "")
         seconds[kind] += rec["timings"]["wall_s"]
         seen["precision"].add(str(rec.get("params", {}).get("precision", "?")))
         seen["threads"].add(str((rec.get("device") or {}).get("torch_threads", "?")))

@@ -90,9 +90,7 @@ def _cached_study(tmp_path, transformers: dict[str, str]) -> list[str]:
     """A finished study whose records name ``transformers[sid]`` (else this environment's) versions."""
     from ptqlib.engine.record import versions
 
-    f = tmp_path / "s.yaml"
-    f.write_text("model: tiny\nseeds: [0, 1]\npipelines:\n  ft16: [{finetune: {method: full, steps: 4}}]\n")
-    r = Runner(load_study(f), tmp_path / "runs", tmp_path / "reports")
+    r = Runner(_study(tmp_path), tmp_path / "runs", tmp_path / "reports")  # writes tmp_path / "s.yaml"
     sids = list(dict.fromkeys(s for c in r.chains.values() for s in c))
     for i, sid in enumerate(sids):
         n = r.nodes[sid]
