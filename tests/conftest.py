@@ -17,6 +17,14 @@ def tiny_model():
     return build_tiny_model(seed=0)
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tokenizer) of the tiny random model, loaded once per test module."""
+    from ptqlib.models import load_model
+
+    return load_model("tiny")
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

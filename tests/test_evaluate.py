@@ -9,13 +9,6 @@ from ptqlib.stages.evaluate import evaluate_model, generate, next_token_nll, per
 from ptqlib.text import text_windows
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from ptqlib.models import load_model
-
-    return load_model("tiny")
-
-
 def test_window_nll_is_the_models_own_loss(tiny):
     model, tok = tiny
     w = text_windows(tok, "test", 32, 6)

@@ -7,13 +7,6 @@ from ptqlib.data import format_prompt, load_task
 from ptqlib.stages.kv_cache import GrowingCache, GrowingLayer
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from ptqlib.models import load_model
-
-    return load_model("tiny")
-
-
 def _greedy(model, enc, pad_id, cache):
     kw = {} if cache is None else {"cache": cache}
     with torch.no_grad():

@@ -97,13 +97,6 @@ def test_each_seed_is_its_own_calibration_draw(tmp_path):
     assert plan.count("quantize(gptq") == 4  # three draws + the pinned one
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from ptqlib.models import load_model
-
-    return load_model("tiny")
-
-
 def test_bf16_evaluation_agrees_with_fp32(tiny, monkeypatch):
     """Perplexity of the tiny model in bf16 within 1% of fp32 (bf16 has 8 significand bits; the
     logits' log-softmax is taken in fp32), and QuantLinear keeps its scales' dtype."""
