@@ -1,6 +1,6 @@
 """Stage speed: tokens/s of each stage kind in fp32 and in the ``auto`` precision, side by side.
 
-    python bench/stage_speed.py [--quick] [--model smollm2-135m] [--threads N]
+    python bench/stage_speed.py [--quick] [--study parameters/default.yaml] [--threads N]
 
 For each stage kind (full-FT step, QLoRA step on a 4-bit QuantLinear base, L4Q step, one GPTQ
 decoder layer, evaluation: perplexity windows and batched greedy generation) it runs the library's
@@ -17,6 +17,15 @@ precision (large square-ish GEMMs, best of several), with the stage's FLOPs coun
   for the next layer's inputs, 2 N_layer T each) plus the Hessians (2 in^2 T per group);
 - perplexity and generation: 2 N T (attention's own FLOPs left out: at 256 tokens they are < 10%).
 
+Every stage kind runs at the shapes the study runs it (``--study``, the default study unless given):
+its model; the training batch: ``finetune.batch_size`` rows of the study's mean padded batch length
+(from its task's training examples), as large a share of the tokens labelled as there; the GPTQ
+calibration (``calib_samples`` x ``calib_seq_len`` tokens); the perplexity windows (``ppl_samples`` x
+``ppl_seq_len``); the generation batch (``batch_size`` of the task's test prompts, ``max_new_tokens``
+new). Per-step costs (the optimizer, GPTQ's column loop, a decode step's Python) weigh differently at
+other shapes, so a benchmark at smaller ones would not say how fast the study runs. ``--quick`` only
+repeats less: 3 timed training steps instead of 6, GPTQ on 2 decoder layers instead of 4.
+
 The last line is ``speed-up: X.XXx``: the geometric mean over the stage kinds of auto / fp32.
 Not a test: timings on shared machines are noisy; compare the two columns, not runs.
 
@@ -31,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import io
 import math
 import os
@@ -136,20 +146,23 @@ class _StepTimer:
         self.cb, self.steps, self.t0 = CB(), [], 0.0
 
 
-def train_speed(model, tok, method: str, prec: str, steps: int, batch: int, seq: int, **kw) -> float:
-    """Tokens/s of ``steps`` optimizer steps (after one warm-up step) of ``method`` at ``prec``."""
+def train_speed(model, tok, method: str, prec: str, steps: int, batch: int, seq: int, labelled: float,
+                **kw) -> float:
+    """Tokens/s of ``steps`` optimizer steps (after one warm-up step) of ``method`` at ``prec``;
+    the last ``labelled`` share of each row's tokens carry labels (SFT: the answer after the prompt)."""
     from ptqlib.stages import finetune
     from ptqlib.study.params import FinetuneParams
 
+    kw = {"rank": 16, "alpha": 32, **kw}
     p = FinetuneParams(method=method, steps=steps + 1, batch_size=batch, max_length=seq, lr=1e-5,
-                       precision=prec, rank=16, alpha=32, **kw)
+                       precision=prec, **kw)
     m = finetune.prepare(copy.deepcopy(model), method, p)
-    # fixed-length random tokens: every step the same work (loss on the second half)
+    # fixed-length random tokens: every step the same work
     g = torch.Generator().manual_seed(0)
-    feats = []
+    feats, prompt = [], seq - max(1, round(labelled * seq))
     for _ in range(batch * (steps + 1)):
         ids = torch.randint(10, len(tok) - 10, (seq,), generator=g).tolist()
-        feats.append({"input_ids": ids, "labels": [-100] * (seq // 2) + ids[seq // 2:]})
+        feats.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     timer = _StepTimer()
     with contextlib.redirect_stdout(io.StringIO()):  # Trainer prints each step's log when tqdm is off
         finetune.train(m, tok, feats, p, seed=0, callbacks=[timer.cb])
@@ -157,21 +170,22 @@ def train_speed(model, tok, method: str, prec: str, steps: int, batch: int, seq:
     return batch * seq * len(timed) / sum(timed)
 
 
-def gptq_layer_speed(model, prec: str, n_windows: int, seq: int, vocab: int) -> tuple[float, float]:
-    """(tokens/s, FLOP/s) of GPTQ on the first two decoder layers (per layer), no diagnostics."""
+def gptq_layer_speed(model, prec: str, n_windows: int, seq: int, vocab: int, group_size: int,
+                     n_layers: int) -> tuple[float, float]:
+    """(tokens/s, FLOP/s) of GPTQ on the first ``n_layers`` decoder layers (per layer), no diagnostics."""
     from ptqlib.quant.gptq_model import gptq_quantize_model
     from ptqlib.quant.layers import get_decoder_layers
 
     m = copy.deepcopy(model)
     name, layers = get_decoder_layers(m)
-    del layers[2:]
-    m.config.num_hidden_layers = 2
+    del layers[n_layers:]
+    m.config.num_hidden_layers = n_layers
     g = torch.Generator().manual_seed(0)
     calib = [torch.randint(10, vocab - 10, (1, seq), generator=g) for _ in range(n_windows)]
     with REGION:
-        stats = gptq_quantize_model(m, calib, bits=4, group_size=64, progress=False, diagnostics=False,
+        stats = gptq_quantize_model(m, calib, bits=4, group_size=group_size, progress=False, diagnostics=False,
                                     precision=P.resolve(prec))
-    secs = stats["time_s"] / 2
+    secs = stats["time_s"] / n_layers
     tokens = n_windows * seq
     n_layer = sum(p.numel() for p in get_decoder_layers(model)[1][0].parameters() if p.dim() == 2)
     cfg = model.config
@@ -194,18 +208,64 @@ def ppl_speed(model, prec: str, n: int, seq: int, vocab: int) -> float:
     return n * seq / (time.perf_counter() - t0)
 
 
-def gen_speed(model, tok, prec: str, n: int, new: int) -> float:
-    """(prompt + generated) tokens/s of batched greedy generation of the task's prompts."""
+def gen_speed(model, tok, prec: str, task: str, n: int, new: int) -> float:
+    """(prompt + generated) tokens/s of one batch of greedy generation of the task's test prompts."""
     from ptqlib.data import format_prompt, load_task
     from ptqlib.stages.evaluate import generate
 
     m = P.cast_for_inference(copy.deepcopy(model), prec)
-    prompts = [e.prompt for e in load_task("meetings-hard", "test", n)]
+    prompts = [e.prompt for e in load_task(task, "test", n)]
     prompt_tokens = sum(len(tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"]) for p in prompts)
     t0 = time.perf_counter()
     with REGION:  # generate's own warm-up (2 tokens of one prompt) is inside
         _, n_new, _ = generate(m, tok, prompts, max_new_tokens=new, batch_size=n)
     return (prompt_tokens + n_new) / (time.perf_counter() - t0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The shapes a study runs its stage kinds at (see the module docstring)."""
+
+    model: str
+    task: str
+    train_batch: int  # finetune.batch_size
+    train_seq: int  # the mean padded length of its training batches
+    train_labelled: float  # the share of their tokens that carry a label (the answers)
+    rank: int
+    alpha: int
+    group_size: int
+    calib: tuple[int, int]  # (windows, tokens each)
+    ppl: tuple[int, int]  # (windows, tokens each)
+    gen: tuple[int, int]  # (prompts in the batch, new tokens)
+
+
+def study_shapes(path: str, tok=None) -> Shapes:
+    """Read ``path``'s model, task and stage defaults; ``tok`` measures the training batches' length."""
+    import statistics
+
+    import yaml
+
+    from ptqlib.data import load_task, sft_features
+
+    raw = yaml.safe_load(open(path))
+    d = raw.get("defaults", {})
+    ft, qz, ev = d.get("finetune", {}), d.get("quantize", {}), d.get("evaluate", {})
+    model = raw.get("model", "smollm2-135m")
+    model = model[0] if isinstance(model, list) else model
+    task = raw.get("task", "meetings")
+    batch = int(ft.get("batch_size", 4))
+    seq, labelled = 256, 0.5
+    if tok is not None:  # the study's batches, in order, each padded to its longest example
+        feats = sft_features(tok, load_task(task, "train", int(ft.get("train_samples", 240))),
+                             int(ft.get("max_length", 512)))
+        lengths = [len(f["input_ids"]) for f in feats]
+        seq = round(statistics.mean(max(lengths[i:i + batch]) for i in range(0, len(lengths), batch)))
+        labelled = sum(sum(t != -100 for t in f["labels"]) for f in feats) / (seq * len(feats))
+    return Shapes(model, task, batch, seq, labelled, int(ft.get("rank", 16)), int(ft.get("alpha", 32)),
+                  int(qz.get("group_size", 64)),
+                  (int(qz.get("calib_samples", 32)), int(qz.get("calib_seq_len", 256))),
+                  (int(ev.get("ppl_samples", 32)), int(ev.get("ppl_seq_len", 256))),
+                  (int(ev.get("batch_size", 32)), int(ev.get("max_new_tokens", 56))))
 
 
 def breakdown(prof: torch.profiler.profile, wall: float) -> str:
@@ -247,8 +307,9 @@ def profile_kinds(kinds: dict, prec: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="short runs (under 5 minutes on 2 cores)")
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (under 5 minutes on 2 cores)")
+    ap.add_argument("--study", default="parameters/default.yaml",
+                    help="the study file whose model and shapes the stage kinds run at")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--only", nargs="*", help="stage kinds to run (default: all)")
     ap.add_argument("--profile", action="store_true", help="then profile each stage kind at auto precision")
@@ -261,25 +322,35 @@ def main() -> None:
     auto = P.resolve("auto")
     native, looked = P.bf16_native()
     print(f"machine: {cpu_name()}, {args.threads} threads, device {dev}; bf16 native: {native} ({looked})")
-    print(f"auto precision here: {auto}; torch {torch.__version__}; model {args.model}")
-    model, tok = load_model(args.model)
+    if not os.path.isfile(args.study):
+        ap.error(f"--study {args.study}: no such study file (for example parameters/default.yaml)")
+    model_name = study_shapes(args.study).model
+    print(f"auto precision here: {auto}; torch {torch.__version__}; model {model_name}")
+    model, tok = load_model(model_name)
+    S = study_shapes(args.study, tok)
     vocab = len(tok)
     N = matmul_params(model)
     q = args.quick
-    steps, batch, seq = (2, 2, 128) if q else (4, 4, 256)
+    steps, n_layers = (3, 2) if q else (6, 4)
+    print(f"shapes of {args.study}: training {S.train_batch} x {S.train_seq} tokens, {S.train_labelled:.0%} "
+          f"labelled ({steps} timed steps), "
+          f"GPTQ {S.calib[0]} x {S.calib[1]} (g{S.group_size}, {n_layers} layers), perplexity {S.ppl[0]} x "
+          f"{S.ppl[1]}, generation {S.gen[0]} prompts x {S.gen[1]} new tokens")
     roof = {p: matmul_flops(P.dtype(p), dev, 1.5 if q else 4) for p in dict.fromkeys(("fp32", auto))}
     for p, f in roof.items():
         print(f"roofline (matmul) {p}: {f / 1e9:.0f} GFLOP/s")
     qbase = copy.deepcopy(model)
-    rtn_quantize_model(qbase, bits=4, group_size=64, progress=False)
+    rtn_quantize_model(qbase, bits=4, group_size=S.group_size, progress=False)
+    b, L, ad = S.train_batch, S.train_seq, {"rank": S.rank, "alpha": S.alpha, "labelled": S.train_labelled}
 
     kinds = {
-        "full FT step": (lambda p: train_speed(model, tok, "full", p, steps, batch, seq), 6 * N),
-        "QLoRA step (4-bit base)": (lambda p: train_speed(qbase, tok, "qlora", p, steps, batch, seq), 4 * N),
-        "L4Q step": (lambda p: train_speed(model, tok, "l4q", p, steps, batch, seq, group_size=64), 4 * N),
-        "GPTQ layer": (lambda p: gptq_layer_speed(model, p, 4 if q else 16, 256, vocab), None),
-        "perplexity windows": (lambda p: ppl_speed(model, p, 4 if q else 16, 256, vocab), 2 * N),
-        "generation": (lambda p: gen_speed(model, tok, p, 8 if q else 32, 24 if q else 56), 2 * N),
+        "full FT step": (lambda p: train_speed(model, tok, "full", p, steps, b, L, S.train_labelled), 6 * N),
+        "QLoRA step (4-bit base)": (lambda p: train_speed(qbase, tok, "qlora", p, steps, b, L, **ad), 4 * N),
+        "L4Q step": (lambda p: train_speed(model, tok, "l4q", p, steps, b, L, group_size=S.group_size, **ad),
+                     4 * N),
+        "GPTQ layer": (lambda p: gptq_layer_speed(model, p, *S.calib, vocab, S.group_size, n_layers), None),
+        "perplexity windows": (lambda p: ppl_speed(model, p, *S.ppl, vocab), 2 * N),
+        "generation": (lambda p: gen_speed(model, tok, p, S.task, *S.gen), 2 * N),
     }
     if args.only:
         kinds = {k: v for k, v in kinds.items() if any(o.lower() in k.lower() for o in args.only)}

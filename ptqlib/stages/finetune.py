@@ -19,6 +19,7 @@ import torch
 from ptqlib import artifacts
 from ptqlib.data import collate
 from ptqlib.engine.record import peak_rss_mb
+from ptqlib.stages.sft_loss import causal_lm_loss
 
 if TYPE_CHECKING:
     from ptqlib.study.params import FinetuneParams
@@ -40,13 +41,18 @@ def prepare(model, method: str, p: FinetuneParams, input_ref: str | None = None)
 
 
 def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, progress: bool = False,
-          callbacks: list | None = None) -> dict:
+          callbacks: list | None = None, labelled_loss: bool = True) -> dict:
     """Run Trainer for ``p.steps`` optimizer steps -> {loss_history, metrics}.
 
-    ``callbacks``: extra ``transformers.TrainerCallback`` objects (``bench/stage_speed.py`` times steps)."""
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (``bench/stage_speed.py`` times steps).
+    ``labelled_loss``: take the loss over the labelled tokens only (``ptqlib.stages.sft_loss``), with
+    bf16 autocast around the forward and the loss, so the logits stay bf16 until their labelled rows
+    are selected; ``False`` is transformers' own path (the model's loss over every position; under
+    ``bf16`` accelerate's autocast, which casts the whole ``(B, L, vocab)`` logits to fp32). Both give
+    the same weights bit for bit (``tests/test_sft_loss.py``); the default is faster."""
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from ptqlib.precision import resolve
+    from ptqlib.precision import autocast, resolve
     from ptqlib.study.kinds import as_params
 
     p = as_params("finetune", p)
@@ -54,6 +60,12 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
 
     set_seed(seed)
     cuda = torch.cuda.is_available()
+
+    class LabelledLossTrainer(Trainer):
+        def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+            # the autocast accelerate would wrap the forward in, without its cast of the outputs to fp32
+            return autocast(precision, "cuda" if cuda else "cpu")
+
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, max_steps=p.steps, per_device_train_batch_size=p.batch_size,
@@ -61,11 +73,12 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
             warmup_steps=int(p.warmup_ratio * p.steps), weight_decay=p.weight_decay, logging_steps=1,
             save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not cuda,
             disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch",
-            bf16=precision == "bf16",
+            bf16=precision == "bf16" and not labelled_loss,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=features,
-                          data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id),
-                          callbacks=callbacks)
+        trainer_cls, loss = (LabelledLossTrainer, causal_lm_loss) if labelled_loss else (Trainer, None)
+        trainer = trainer_cls(model=model, args=args, train_dataset=features,
+                              data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id),
+                              callbacks=callbacks, compute_loss_func=loss)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
