@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import os
 
 import stage_speed as S
@@ -22,7 +21,6 @@ import torch
 from ptqlib import precision as P
 from ptqlib.models import load_model
 from ptqlib.quant import rtn_quantize_model
-from ptqlib.stages import finetune
 
 
 def main() -> None:
@@ -38,18 +36,14 @@ def main() -> None:
     rtn_quantize_model(qbase, bits=4, group_size=sh.group_size, progress=False)
     print(f"machine: {S.cpu_name()}, {args.threads} threads; training {sh.train_batch} x {sh.train_seq} tokens, "
           f"{sh.train_labelled:.0%} labelled, {args.steps} timed steps")
-    train = finetune.train
     print(f"{'step':8s} {'precision':9s} {'transformers tok/s':>19s} {'labelled rows tok/s':>20s} {'ratio':>6s}")
     for method, base in (("full", model), ("qlora", qbase)):
         for prec in dict.fromkeys(("fp32", P.resolve("auto"))):
             runs = {False: [], True: []}
             for labelled in (False, True, True, False):  # ABBA: neither path always runs first
-                finetune.train = functools.partial(train, labelled_loss=labelled)
-                try:
-                    runs[labelled].append(S.train_speed(base, tok, method, prec, args.steps, sh.train_batch,
-                                                        sh.train_seq, sh.train_labelled, rank=sh.rank, alpha=sh.alpha))
-                finally:
-                    finetune.train = train
+                runs[labelled].append(S.train_speed(base, tok, method, prec, args.steps, sh.train_batch, sh.train_seq,
+                                                    sh.train_labelled, labelled_loss=labelled, rank=sh.rank,
+                                                    alpha=sh.alpha))
             tps = {k: sum(v) / len(v) for k, v in runs.items()}
             print(f"{method:8s} {prec:9s} {tps[False]:19.0f} {tps[True]:20.0f} {tps[True] / tps[False]:5.2f}x",
                   flush=True)

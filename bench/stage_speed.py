@@ -147,7 +147,7 @@ class _StepTimer:
 
 
 def train_speed(model, tok, method: str, prec: str, steps: int, batch: int, seq: int, labelled: float,
-                **kw) -> float:
+                labelled_loss: bool = True, **kw) -> float:
     """Tokens/s of ``steps`` optimizer steps (after one warm-up step) of ``method`` at ``prec``;
     the last ``labelled`` share of each row's tokens carry labels (SFT: the answer after the prompt)."""
     from ptqlib.stages import finetune
@@ -165,7 +165,7 @@ def train_speed(model, tok, method: str, prec: str, steps: int, batch: int, seq:
         feats.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     timer = _StepTimer()
     with contextlib.redirect_stdout(io.StringIO()):  # Trainer prints each step's log when tqdm is off
-        finetune.train(m, tok, feats, p, seed=0, callbacks=[timer.cb])
+        finetune.train(m, tok, feats, p, seed=0, callbacks=[timer.cb], labelled_loss=labelled_loss)
     timed = timer.steps[1:]
     return batch * seq * len(timed) / sum(timed)
 
