@@ -129,16 +129,19 @@ def _ste_grads(
     weight-sized temporaries alive.
     """
     inside = (w >= qn) & (w <= qp)  # clamp mask, inclusive like torch.clamp's gradient
+    outside = ~inside
     dS = db = None
+    # masked_fill_ rather than a multiply by the mask: the same values (up to the sign of zeros),
+    # without converting a weight-sized bool mask to float first
     if need_S:
         # dW_q/dS = w~ - w inside; outside w~ is already Q_N or Q_P, so it is w~ - m*w.
-        w.mul_(inside)
+        w.masked_fill_(outside, 0)
         dS = wt.sub_(w).mul_(Gw).sum(-1)
     del w, wt
     if need_b:
         # dW_q/db = 1 - m: only clipped weights move with the offset.
         db = Gw.masked_fill(inside, 0).sum(-1)
-    Gm = Gw.mul_(inside)  # straight-through inside the range, zero where clipped
+    Gm = Gw.masked_fill_(outside, 0)  # straight-through inside the range, zero where clipped
     return Gm, dS, db
 
 
@@ -155,6 +158,13 @@ class L4QFunction(torch.autograd.Function):
                 scaling: float, qn: int, qp: int, grad_scale: float) -> Tensor:
         cd = compute_dtype(W0.dtype)
         Wq = _l4q_weight(W0, A, B, S, b, scaling, qn, qp, cd)  # (out, in), transient
+        # Under autocast the matmuls run in its dtype, as for any nn.Linear there: x is cast once
+        # here and kept cast (half the activation memory), and backward's dY^T X runs in it too.
+        dev = x.device.type
+        ctx.mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        ctx.x_dtype = x.dtype
+        if ctx.mm_dtype is not None:
+            x = x.to(ctx.mm_dtype)
         y = F.linear(x, Wq.to(x.dtype))  # (..., out)
         del Wq
         ctx.save_for_backward(x, W0, A, B, S, b)
@@ -178,14 +188,15 @@ class L4QFunction(torch.autograd.Function):
         dx = None
         if need_x:
             Wq = (wt * Sc.unsqueeze(-1)).add_(bc.unsqueeze(-1)).reshape(out_f, in_f)
-            dx = (dy @ Wq.to(dy.dtype)).to(x.dtype)  # dL/dX = dY W_q : (..., in)
+            dx = (dy @ Wq.to(dy.dtype)).to(ctx.x_dtype)  # dL/dX = dY W_q : (..., in)
             del Wq
 
         dA = dB = dS = db = None
         if need_A or need_B or need_S or need_b:
-            # dL/dW_q = dY^T X over all batch/sequence positions: (out, in), freed below.
-            # dY and X can differ in dtype under autocast; cast only the narrower one.
-            mm = torch.promote_types(dy.dtype, x.dtype)
+            # dL/dW_q = dY^T X over all batch/sequence positions: (out, in), freed below; in
+            # autocast's dtype when the forward ran under it (the weight gradient of an nn.Linear
+            # there), else in the wider of the two.
+            mm = ctx.mm_dtype or torch.promote_types(dy.dtype, x.dtype)
             Gw = (dy.reshape(-1, out_f).t().to(mm) @ x.reshape(-1, in_f).to(mm)).to(cd)
             Gm, dS, db = _ste_grads(Gw.view(out_f, Sc.shape[1], -1), w, wt, qn, qp,
                                     need_S, need_b)

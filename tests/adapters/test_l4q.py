@@ -166,6 +166,34 @@ def test_saves_no_weight_sized_tensors(device):
         assert torch.cuda.memory_allocated(device) - mem0 < numel * 4
 
 
+def test_autocast_keeps_x_in_its_dtype_and_grads_match(device, monkeypatch):
+    """Under bf16 autocast the layer saves X cast to bf16 (as an nn.Linear there does) and forms
+    dY^T X in bf16; every gradient stays within bf16 rounding of the fp64 reference."""
+    from ptqlib import precision
+
+    monkeypatch.setenv(precision.FORCE_ENV, "1")
+    layer = make_layer(4, 32, device, dtype=torch.float32)
+    x = torch.randn(3, 5, IN, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert [t.dtype for t in saved if t.shape == x.shape] == [torch.bfloat16]
+    dy = torch.randn(y.shape, device=device)
+    y.backward(dy.to(y.dtype))
+    assert x.grad.dtype == torch.float32
+
+    A, B, S, b = (t.detach().double().requires_grad_() for t in (layer.lora_A, layer.lora_B, layer.q_scale, layer.q_offset))
+    xr = x.detach().double().requires_grad_()
+    yr = reference_l4q(xr, layer.weight.double(), A, B, S, b, layer.scaling, 4, layer.bias.double())
+    yr.backward(dy.double())
+    for got, ref in [(y, yr), (x.grad, xr.grad), (layer.lora_A.grad, A.grad), (layer.lora_B.grad, B.grad),
+                     (layer.q_scale.grad, S.grad), (layer.q_offset.grad, b.grad)]:
+        err = (got.double() - ref).norm() / ref.norm()
+        assert err < 2e-2, err  # bf16 has an 8-bit significand: ~0.4% per rounding
+
+
 def test_apply_l4q_tiny_model(tiny_model):
     n_linear = sum(isinstance(m, nn.Linear) for n, m in tiny_model.named_modules() if ".layers." in n)
     model = apply_l4q(tiny_model, bits=4, group_size=32, rank=4, alpha=8)
