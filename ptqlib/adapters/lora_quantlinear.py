@@ -74,8 +74,12 @@ class LoraQuantLinear(nn.Module, LoraLayer):
             if name not in self.lora_A:
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            xa = self._cast_input_dtype(x, lora_A.weight.dtype)
-            result = result + lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]
+            dropout = self.lora_dropout[name]
+            if isinstance(dropout, nn.Identity) and torch.is_autocast_enabled(x.device.type):
+                xa = x  # autocast casts it for lora_A anyway: a float32 copy first would change nothing
+            else:
+                xa = self._cast_input_dtype(x, lora_A.weight.dtype)
+            result = result + lora_B(lora_A(dropout(xa))) * self.scaling[name]
         return result.to(out_dtype)
 
     def get_delta_weight(self, adapter: str) -> Tensor:

@@ -74,7 +74,7 @@ def unpack_rows(packed: Tensor, bits: int) -> Tensor:
     if words == 1:
         # 2/4/8 bits: whole values per word; an arithmetic shift is fine because we mask.
         shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)  # (per,)
-        codes = (packed.unsqueeze(1) >> shifts.view(1, per, 1)) & mask  # (r, per, m)
+        codes = (packed.unsqueeze(1) >> shifts.view(1, per, 1)).bitwise_and_(mask)  # (r, per, m)
         return codes.reshape(r * per, m)
     p = packed.to(torch.int64).reshape(r // words, words, m) & _MASK32  # logical bits
     codes = torch.empty(r // words, per, m, dtype=torch.int64, device=packed.device)

@@ -29,9 +29,9 @@ from .pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 
 
 class _DequantMatmul(torch.autograd.Function):
-    """``y = x @ W_hat.T`` that keeps only ``x`` for backward and de-quantizes again there.
+    """``y = x @ W_hat.T`` that saves no tensor for backward and de-quantizes again there.
 
-    The codes are frozen, so only ``dL/dx = dL/dy @ W_hat`` is needed; keeping the de-quantized
+    The codes are frozen, so only ``dL/dx = dL/dy @ W_hat`` is needed (not ``x``); keeping the de-quantized
     weight alive between forward and backward would cost the float size of every layer (what
     QLoRA on a 4-bit base is meant to save). Recomputing it is one more de-quantization per layer.
     """
@@ -197,14 +197,19 @@ class QuantLinear(nn.Module):
     def dequantize_weight_t(self, dtype: torch.dtype | None = None) -> Tensor:
         """``W_hat.T (in, out)`` (storage orientation, so ``x @ W_hat.T`` needs no transpose)."""
         dtype = dtype or self.scales.dtype
-        q = unpack_qweight(self.qweight, self.bits)  # (in, out) int32
+        q = unpack_qweight(self.qweight, self.bits)  # (in, out) int32, ours to overwrite
         G = self.n_groups
         g = self.in_features // G
         if torch.equal(self.g_idx, self._contiguous_g_idx()):
-            # groups are runs of g consecutive columns: broadcast (G, 1, out) over (G, g, out)
-            zeros = self._zeros_storage().to(dtype).unsqueeze(1)
+            # groups are runs of g consecutive columns: broadcast (G, 1, out) over (G, g, out).
+            # In place where exact: integer zero points are subtracted in int32 (q - z is a small
+            # integer, exact in every float dtype, as the float subtraction of the two would be).
             scales = self.scales.to(dtype).unsqueeze(1)
-            return ((q.view(G, g, self.out_features).to(dtype) - zeros) * scales).view(self.in_features, -1)
+            if self.float_zeros:
+                w = q.view(G, g, self.out_features).to(dtype).sub_(self.fzeros.to(dtype).unsqueeze(1))
+            else:
+                w = q.view(G, g, self.out_features).sub_(self._zeros_storage().unsqueeze(1)).to(dtype)
+            return w.mul_(scales).view(self.in_features, -1)
         gi = self.g_idx.long()  # act-order: any column may belong to any group
         return (q.to(dtype) - self._zeros_storage().to(dtype)[gi]) * self.scales.to(dtype)[gi]
 
@@ -227,7 +232,11 @@ class QuantLinear(nn.Module):
         return self.dequantize_weight_t(dtype).t()
 
     def forward(self, x: Tensor) -> Tensor:
-        # x: (..., in) -> (..., out); dequantize in x's dtype so autocast / bf16 inputs just work
+        # x: (..., in) -> (..., out); de-quantize in the dtype the matmul runs in: x's, or autocast's
+        # when it is on (the forward and backward then multiply by the same W_hat, and no float32
+        # copy of the weight is made only to be cast down)
+        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if torch.is_grad_enabled():
             self._w_cache = None  # training: never hold a float copy of the weight
             y = _DequantMatmul.apply(x, self)

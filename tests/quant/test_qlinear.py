@@ -49,6 +49,41 @@ def test_forward_follows_input_dtype(device):
     assert xf.grad is not None and layer.qweight.grad is None
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("float_zeros", [False, True])
+def test_dequantize_equals_the_formula_in_every_dtype(bits, float_zeros, device):
+    """Contiguous groups (the in-place path): W_hat = scale * (q - zero) bit for bit, the
+    subtraction exact whether it runs on integers or floats."""
+    torch.manual_seed(0)
+    codes, scales, zeros = rtn_quantize(torch.randn(64, 128, device=device), bits, 32, sym=False)
+    if float_zeros:
+        zeros = zeros + 0.375
+    layer = QuantLinear.from_codes(codes, scales, zeros, bits=bits, group_size=32, float_zeros=float_zeros)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ref = reference_weight(codes, scales.to(dtype), zeros.to(dtype), layer.g_idx)
+        assert torch.equal(layer.dequantize_weight(dtype), ref), dtype
+
+
+def test_autocast_dequantizes_in_its_dtype(device):
+    """Under bf16 autocast the forward and the backward both multiply by W_hat de-quantized in bf16
+    (not by a float32 W_hat cast down); the backward needs no saved tensor (dL/dx = dL/dy W_hat)."""
+    torch.manual_seed(0)
+    codes, scales, zeros = rtn_quantize(torch.randn(64, 128, device=device), 4, 32, sym=False)
+    layer = QuantLinear.from_codes(codes, scales, zeros, bits=4, group_size=32, bias=torch.randn(64, device=device))
+    w16 = layer.dequantize_weight(torch.bfloat16)
+    x = torch.randn(3, 128, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = layer(x)
+    assert y.dtype == torch.bfloat16 and saved == []
+    assert torch.equal(y, torch.matmul(x.to(torch.bfloat16), w16.t()) + layer.bias.to(torch.bfloat16))
+    dy = torch.randn(3, 64, device=device, dtype=torch.bfloat16)
+    y.backward(dy)
+    assert x.grad.dtype == torch.float32
+    assert torch.equal(x.grad, torch.matmul(dy, w16).float())
+
+
 def test_float_zeros(device):
     torch.manual_seed(0)
     codes, scales, zeros = rtn_quantize(torch.randn(32, 64, device=device), 4, 32, False)
