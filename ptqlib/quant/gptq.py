@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .grid import GROUP_GRIDS, check_bits, n_groups
-from .uniform import dequantize, find_params, quantize
+from .uniform import find_params
 
 # true-sequential order inside a Llama/Qwen2/Mistral decoder layer: each group is quantized
 # after the previous ones, and sees their *quantized* outputs as its inputs
@@ -177,31 +177,41 @@ class GPTQ:
         if grouped and not static and not lazy:
             bs = g if g > bs else max(g, bs // g * g)
 
-        Q = torch.zeros(out_f, in_f, dtype=torch.long, device=W.device)
+        # codes held as floats until the end (small integers, exact): one op fewer per column
+        Q = torch.zeros(out_f, in_f, device=W.device)
         scales = torch.zeros(out_f, G, device=W.device)
         zeros = torch.zeros(out_f, G, device=W.device)
+        maxq = 2**bits - 1
+        if not grouped:
+            s, z = scale[:, 0], zero[:, 0]
         for i1 in range(0, in_f, bs):
             i2 = min(i1 + bs, in_f)
             W1 = W[:, i1:i2].clone()  # (out, b)
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
+            # the column step below is uniform.quantize / dequantize written out on (out,) vectors,
+            # the same operations in the same order (the reference's codes, bit for bit); the loop
+            # is op-bound (a few microseconds per op, ~10 ops per column), so every op counts
             for i in range(i2 - i1):
                 col = i1 + i
                 if static:
                     scale, zero = static_grids[static_group_of[col]]
+                    s, z = scale[:, 0], zero[:, 0]
                 elif grouped and col % g == 0:  # a group starts: its grid
                     src = W[:, col:col + g] if lazy else W1[:, i:i + g]
                     scale, zero = find_params(src, bits, sym, sym_grid)
-                    scales[:, col // g], zeros[:, col // g] = scale[:, 0], zero[:, 0]
+                    s, z = scale[:, 0], zero[:, 0]
+                    scales[:, col // g], zeros[:, col // g] = s, z
                 w = W1[:, i]  # (out,)
-                q = quantize(w.unsqueeze(1), scale, zero, bits).squeeze(1)
+                q = torch.round(w / s).add_(z).clamp_(0, maxq)  # quantize
                 Q[:, col] = q
-                err = (w - dequantize(q, scale[:, 0], zero[:, 0])) / Hinv1[i, i]
+                err = (w - s * (q - z)) / Hinv1[i, i]  # (w - dequantize) / d
                 # spread the error over the rest of the block: W1[:, i:] -= err Hinv[i, i:]
                 W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
             # lazy batch update of everything right of the block
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        Q = Q.long()
 
         g_idx = torch.arange(in_f, device=W.device) // g
         if not grouped:

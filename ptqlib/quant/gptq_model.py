@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .gptq import GPTQ, TRUE_SEQUENTIAL_GROUPS, _relative_output_errors
+from .gptq import GPTQ, TRUE_SEQUENTIAL_GROUPS, GPTQResult, _relative_output_errors
 from .grid import GROUP_GRIDS, check_bits, n_groups
 from .layers import find_linear_layers, get_decoder_layers, set_module
 from .rtn import QUANT_INFO_ATTR, quantlinear_from_linear
@@ -22,14 +22,30 @@ class _StopForward(Exception):
     """Raised by the capture hook once decoder layer 0 has its inputs: the rest is not needed."""
 
 
-def _layer_groups(names: list[str], true_sequential: bool) -> list[list[str]]:
-    """Names of the layer's linears in quantization order (unknown names go last, together)."""
+def _layer_groups(names: list[str], true_sequential: bool) -> list[tuple[list[str], bool]]:
+    """The layer's linears in quantization order, each group with whether its linears read one
+    input (q/k/v, up/gate: one Hessian serves them all); unknown names go last, together."""
     if not true_sequential:
-        return [names]
+        return [(names, False)]
     groups = [[n for n in grp if n in names] for grp in TRUE_SEQUENTIAL_GROUPS]
     known = {n for grp in groups for n in grp}
     rest = [n for n in names if n not in known]
-    return [grp for grp in groups + [rest] if grp]
+    return [(grp, True) for grp in groups if grp] + ([(rest, False)] if rest else [])
+
+
+class _Stack:
+    """Linears that read one input, stacked along ``out``: GPTQ's rows are independent given ``H``,
+    so one column loop over the stack quantizes them all (fewer, larger ops per column)."""
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        self.weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum out, in)
+        self.in_features = linears[0].in_features
+        self.rows = [lin.out_features for lin in linears]
+
+    def split(self, res: GPTQResult) -> list[GPTQResult]:
+        """One result per stacked linear (codes, scales, zeros by rows; g_idx and info shared)."""
+        parts = zip(*(t.split(self.rows) for t in (res.codes, res.scales, res.zeros)))
+        return [GPTQResult(c, sc, z, res.g_idx, dict(res.info)) for c, sc, z in parts]
 
 
 class _DequantizedLinear(nn.Module):
@@ -48,9 +64,26 @@ def _run_layer(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tens
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+# Under bf16 the calibration windows go through the layers in batches of about this many tokens:
+# fewer, larger matmuls (one window of 256 tokens keeps AMX / tensor cores far from busy)
+BATCH_TOKENS = 8192
+
+
+def _batches(calib: list[Tensor], per_batch: int) -> list[Tensor]:
+    """``calib`` windows ``(1, L)`` / ``(L,)`` as ``(k, L)`` batches of up to ``per_batch`` equal-length ones."""
+    rows = [c.unsqueeze(0) if c.dim() == 1 else c for c in calib]
+    out: list[Tensor] = []
+    for r in rows:
+        if out and out[-1].shape[0] < per_batch and out[-1].shape[1:] == r.shape[1:]:
+            out[-1] = torch.cat([out[-1], r])
+        else:
+            out.append(r)
+    return out
+
+
 @torch.no_grad()
 def _capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, calib: list[Tensor], device: torch.device):
-    """Per calibration sample: (hidden_states entering layer 0, the layer's forward kwargs)."""
+    """Per calibration batch: (hidden_states entering layer 0, the layer's forward kwargs)."""
     captured: list[tuple[Tensor, dict[str, Any]]] = []
 
     def pre_hook(mod, args, kwargs):
@@ -105,6 +138,10 @@ def gptq_quantize_model(
     ``group_grid`` / ``sym_grid``: the grid rules (module docstring, ``uniform``).
     ``precision``: ``bf16`` runs the calibration forwards (the layer inputs that fill H) under bf16
     autocast, as the reference runs them in fp16; H, its Cholesky and the column updates stay fp32.
+    It also batches the windows (about ``BATCH_TOKENS`` tokens per forward) and quantizes the linears
+    that read one input (q/k/v, up/gate) in one column loop over their stacked rows; their
+    ``time_s`` is then the loop's time shared by rows. ``fp32`` changes neither: its codes are those
+    of every run before the precision setting.
     """
     from ptqlib.precision import autocast
 
@@ -122,8 +159,15 @@ def gptq_quantize_model(
     def forwards():  # the calibration forwards' precision; never around the GPTQ update itself
         return autocast(precision, device.type)
 
+    # fp32 is the exact path: one window per forward and one column loop per linear, the codes of
+    # every run before the precision setting. bf16 batches the windows and runs one column loop
+    # over the linears that share an input: both only reorder float sums (a batched matmul's
+    # blocking, the lazy update's rows), far below what bf16's own rounding moves.
+    fast = precision == "bf16"
+    per_batch = max(1, BATCH_TOKENS // max(c.shape[-1] for c in calib)) if fast else 1
+    stack = fast
     with forwards():
-        inputs = _capture_layer0_inputs(model, layers, calib, device)
+        inputs = _capture_layer0_inputs(model, layers, _batches(calib, per_batch), device)
     hidden = [h for h, _ in inputs]
     kwargs = [kw for _, kw in inputs]
     stats_layers: dict[str, dict[str, Any]] = {}
@@ -137,22 +181,42 @@ def gptq_quantize_model(
         layer = layers[li]
         linears = find_linear_layers(layer)
         done: dict[str, nn.Module] = {}  # QuantLinears, swapped in once the layer is calibrated
-        for group in _layer_groups(list(linears), true_sequential):
+        for group, shared_input in _layer_groups(list(linears), true_sequential):
+            # linears reading one input get one Hessian (the same sums, computed once)
             gptqs = {name: GPTQ(linears[name]) for name in group}
-            handles = [gq.hook() for gq in gptqs.values()]
+            hooked = [gptqs[group[0]]] if shared_input else list(gptqs.values())
+            handles = [gq.hook() for gq in hooked]
             with forwards():
                 for h, kw in zip(hidden, kwargs):  # fills H with inputs seen after earlier groups
                     _run_layer(layer, h, kw)
             for hd in handles:
                 hd.remove()
+            if shared_input:
+                for gq in gptqs.values():
+                    gq.H, gq.nsamples = hooked[0].H, hooked[0].nsamples
+            results: dict[str, tuple[GPTQResult, float]] = {}
+            if shared_input and stack and len(group) > 1:  # bf16: one column loop for the group
+                t0 = time.perf_counter()
+                st = _Stack([linears[n] for n in group])
+                whole = GPTQ(st)
+                whole.H, whole.nsamples = hooked[0].H, hooked[0].nsamples
+                parts = st.split(whole.quantize(bits, group_size, sym, act_order, static_groups, damp, block_size,
+                                                group_grid=group_grid, sym_grid=sym_grid))
+                t_stack = time.perf_counter() - t0
+                for name, rows, part in zip(group, st.rows, parts):  # the loop's time shared by rows
+                    results[name] = (part, t_stack * rows / sum(st.rows))
             for name, gq in gptqs.items():
                 t0 = time.perf_counter()
                 lin = linears[name]
-                res = gq.quantize(bits, group_size, sym, act_order, static_groups, damp, block_size,
-                                  group_grid=group_grid, sym_grid=sym_grid)
+                if name in results:
+                    res, t_loop = results[name]
+                else:
+                    res = gq.quantize(bits, group_size, sym, act_order, static_groups, damp, block_size,
+                                      group_grid=group_grid, sym_grid=sym_grid)
+                    t_loop = 0.0
                 q = quantlinear_from_linear(lin, res.codes, res.scales, res.zeros, bits, group_size, res.g_idx)
                 W_hat = q.dequantize_weight(torch.float32)
-                t_quant = time.perf_counter() - t0
+                t_quant = time.perf_counter() - t0 + t_loop
                 stats = {"time_s": t_quant, **res.info}
                 if diagnostics:
                     t_diag = time.perf_counter()
