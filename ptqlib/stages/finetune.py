@@ -7,6 +7,7 @@ the next stage loads (see ``ptqlib.artifacts``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import tempfile
@@ -19,7 +20,7 @@ import torch
 from ptqlib import artifacts
 from ptqlib.data import collate
 from ptqlib.engine.record import peak_rss_mb
-from ptqlib.stages.sft_loss import causal_lm_loss
+from ptqlib.stages.sft_loss import LabelledRowsHead, causal_lm_loss, shifted_targets
 
 if TYPE_CHECKING:
     from ptqlib.study.params import FinetuneParams
@@ -47,9 +48,10 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (``bench/stage_speed.py`` times steps).
     ``labelled_loss``: take the loss over the labelled tokens only (``ptqlib.stages.sft_loss``), with
     bf16 autocast around the forward and the loss, so the logits stay bf16 until their labelled rows
-    are selected; ``False`` is transformers' own path (the model's loss over every position; under
-    ``bf16`` accelerate's autocast, which casts the whole ``(B, L, vocab)`` logits to fp32). Both give
-    the same weights bit for bit (``tests/test_sft_loss.py``); the default is faster."""
+    are selected, and under bf16 the output head run on those rows only; ``False`` is transformers' own
+    path (the model's loss over every position; under ``bf16`` accelerate's autocast, which casts the
+    whole ``(B, L, vocab)`` logits to fp32). In fp32 both give the same weights bit for bit, in bf16
+    the same to rounding (``tests/test_sft_loss.py``); the default is faster."""
     from transformers import Trainer, TrainingArguments, set_seed
 
     from ptqlib.precision import autocast, resolve
@@ -61,10 +63,22 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
     set_seed(seed)
     cuda = torch.cuda.is_available()
 
+    # bf16: the head on the labelled rows only (fp32 keeps every row: transformers' weights, bit for bit)
+    rows = LabelledRowsHead(model, torch.bfloat16) if labelled_loss and precision == "bf16" else None
+
     class LabelledLossTrainer(Trainer):
         def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
             # the autocast accelerate would wrap the forward in, without its cast of the outputs to fp32
             return autocast(precision, "cuda" if cuda else "cpu")
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if rows is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            rows.keep = shifted_targets(inputs["labels"])[1]
+            try:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                rows.keep = None
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -82,7 +96,8 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        trainer.train()
+        with rows or contextlib.nullcontext():
+            trainer.train()
         secs = time.perf_counter() - t0
     hist = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     n_tok = sum(sum(1 for l in f["input_ids"]) for f in features)
