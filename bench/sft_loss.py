@@ -6,8 +6,9 @@ For the full-FT and QLoRA steps at the study's shapes (``bench/stage_speed.py``'
 batch, mean padded length, share of labelled tokens), in fp32 and in the ``auto`` precision, it times
 ``finetune.train`` with ``labelled_loss=True`` (ptqlib's path, ``ptqlib.stages.sft_loss``) and ``False``
 (the model's own loss over every position; accelerate's autocast, which casts the logits to fp32),
-in the order A B B A in one process (the mean of the two runs each). The two give the same weights bit
-for bit (``tests/test_sft_loss.py``).
+in the order A B B A in one process (the mean of the two runs each). In fp32 the two give the same
+weights bit for bit; in bf16 ptqlib's path also runs the output head on the labelled rows only, the
+same weights to rounding (``tests/test_sft_loss.py``).
 """
 from __future__ import annotations
 

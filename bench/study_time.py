@@ -11,6 +11,11 @@ precision, threads and package versions the records name. With two studies over 
 of their stage times per kind. Stage time excludes the install and the runner's own start-up and
 report (seconds), so a fresh-clone ``make study`` takes its install on top. Reads records only: runs
 nothing, and is as noisy as the machine was when the stages ran.
+
+A second table splits each kind's stage time into the work the stage timed itself (``COMPUTE``: the
+training steps, the quantization, the perplexity windows and the generations) and the rest: the stage
+process's start-up (kernel, imports), loading and saving models, scoring, the stage's own report. The
+rest is the same work in fp32 and bf16, so it bounds what a precision can gain on a whole study.
 """
 from __future__ import annotations
 
@@ -23,8 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+# the metrics in which a stage records the seconds of its own work (the rest of its wall time is overhead)
+COMPUTE = ("train_seconds", "quant_seconds", "ppl_seconds", "gen_seconds")
+
+
 def stage_times(study_file: str, runs: str) -> dict:
-    """``{"planned", "recorded", "seconds": {kind: s}, "precision", "threads", "versions"}`` of a study."""
+    """``{"planned", "recorded", "seconds": {kind: s}, "compute": {kind: s}, "precision", "threads",
+    "versions"}`` of a study (``compute``: the part of ``seconds`` the stages timed as their own work)."""
     from ptqlib.engine.record import complete, versions_label
     from ptqlib.engine.runner import Runner
     from ptqlib.study.schema import load_study
@@ -32,6 +42,7 @@ def stage_times(study_file: str, runs: str) -> dict:
     r = Runner(load_study(study_file), runs, ROOT / "reports")  # reads records; writes nothing
     plan = r.plan()
     seconds: dict[str, float] = defaultdict(float)
+    compute: dict[str, float] = defaultdict(float)
     seen: dict[str, set] = {"precision": set(), "threads": set(), "versions": set()}
     recorded = 0
     for sid in plan:
@@ -42,10 +53,12 @@ def stage_times(study_file: str, runs: str) -> dict:
         node = r.nodes[sid]
         kind = node.kind + ("(validation)" if node.params.get("split") == "validation" else "")
         seconds[kind] += rec["timings"]["wall_s"]
+        metrics = rec.get("metrics") or {}
+        compute[kind] += sum(float(metrics.get(k) or 0.0) for k in COMPUTE)
         seen["precision"].add(str(rec.get("params", {}).get("precision", "?")))
         seen["threads"].add(str((rec.get("device") or {}).get("torch_threads", "?")))
         seen["versions"].add(versions_label(rec.get("versions")) or "?")
-    return {"planned": len(plan), "recorded": recorded, "seconds": dict(seconds),
+    return {"planned": len(plan), "recorded": recorded, "seconds": dict(seconds), "compute": dict(compute),
             **{k: ", ".join(sorted(v)) for k, v in seen.items()}}
 
 
@@ -70,6 +83,17 @@ def main(argv: list[str] | None = None) -> int:
         vals = [sum(o["seconds"].values()) if k == "total" else o["seconds"].get(k, 0.0) for o in out]
         ratio = f" | {vals[1] / vals[0]:.2f}x |" if len(out) == 2 and vals[0] else (" | |" if len(out) == 2 else " |")
         print(f"| {k} | " + " | ".join(f"{v:.0f}" for v in vals) + ratio)
+    print("\ninside the stages: the work they timed (" + ", ".join(COMPUTE) + ") / the rest (start-up, "
+          "loading, saving, scoring, report), seconds")
+    head = "| stage kind | " + " | ".join(Path(s).stem + " work / rest" for s in a.studies) + " |"
+    print("\n" + head + "\n|" + "---|" * (head.count("|") - 1))
+    for k in kinds + ["total"]:
+        cells = []
+        for o in out:
+            wall = sum(o["seconds"].values()) if k == "total" else o["seconds"].get(k, 0.0)
+            work = sum(o["compute"].values()) if k == "total" else o["compute"].get(k, 0.0)
+            cells.append(f"{work:.0f} / {wall - work:.0f}")
+        print(f"| {k} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -68,6 +68,40 @@ def load(ref, info: dict, device: str):
     return AutoModelForCausalLM.from_pretrained(path, device_map=device), load_tokenizer(path)
 
 
+def dense_inference(model, dtype) -> int:
+    """Every bitsandbytes ``Linear4bit`` of ``model`` computes ``x @ W_hat.T + b`` from its weight
+    de-quantized once, in ``dtype``; returns how many. For evaluation (``precision.cast_for_inference``
+    at bf16): on a CPU with AVX512-BF16 bitsandbytes otherwise runs its fused 4-bit kernel
+    (``gemv_4bit``) at every call, 3x slower than the dense bf16 matmul at the study's shapes (an NF4
+    model's evaluate stage took 97 s against 30 s for the 16-bit model's). The dense weight is what
+    bitsandbytes' own non-fused path multiplies by (``dequantize_4bit``, then ``linear``), so this is
+    bnb's arithmetic, not an approximation of it; it holds a 16-bit copy of the weights, as
+    ``QuantLinear``'s inference cache does. Adapters around the layer (peft) are untouched.
+    """
+    import bitsandbytes.functional as bnbF
+    import torch
+    from bitsandbytes.nn import Linear4bit
+
+    n = 0
+    for mod in model.modules():
+        if not isinstance(mod, Linear4bit) or getattr(mod, "_ptqlib_dense", False):
+            continue
+        state = mod.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError("dense_inference: the layer already ran bitsandbytes' CPU kernel (its weight "
+                             "was repacked); call it on a freshly loaded model")
+        W = bnbF.dequantize_4bit(mod.weight.data, state).to(dtype)  # (out, in)
+        bias = None if mod.bias is None else mod.bias.detach().to(dtype)
+
+        def forward(x, W=W, bias=bias):  # as Linear4bit.forward: compute in dtype, return x's dtype
+            return torch.nn.functional.linear(x.to(W.dtype), W, bias).to(x.dtype)
+
+        mod.forward = forward
+        mod._ptqlib_dense = True
+        n += 1
+    return n
+
+
 _SETTINGS = ("blocksize", "double_quant")
 register(
     QuantizeMethod("nf4", "bitsandbytes 4-bit NormalFloat, absmax per block", (4,), "bnb", quantize, save, _SETTINGS,

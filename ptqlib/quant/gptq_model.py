@@ -165,7 +165,6 @@ def gptq_quantize_model(
     # blocking, the lazy update's rows), far below what bf16's own rounding moves.
     fast = precision == "bf16"
     per_batch = max(1, BATCH_TOKENS // max(c.shape[-1] for c in calib)) if fast else 1
-    stack = fast
     with forwards():
         inputs = _capture_layer0_inputs(model, layers, _batches(calib, per_batch), device)
     hidden = [h for h, _ in inputs]
@@ -195,7 +194,7 @@ def gptq_quantize_model(
                 for gq in gptqs.values():
                     gq.H, gq.nsamples = hooked[0].H, hooked[0].nsamples
             results: dict[str, tuple[GPTQResult, float]] = {}
-            if shared_input and stack and len(group) > 1:  # bf16: one column loop for the group
+            if shared_input and fast and len(group) > 1:  # bf16: one column loop for the group
                 t0 = time.perf_counter()
                 st = _Stack([linears[n] for n in group])
                 whole = GPTQ(st)
