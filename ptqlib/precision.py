@@ -115,8 +115,8 @@ def cast_for_inference(model, precision: str):
     Buffers are left as they are: ``QuantLinear``'s scales / zero points (de-quantized to the
     input's dtype in its forward), and rotary ``inv_freq`` (bf16 would shift the angle of position
     256 by up to half a radian). bitsandbytes 4-bit layers compute in the new dtype, in bf16 from
-    their weights de-quantized once (``methods.bnb.dense_inference``: bitsandbytes' fused CPU kernel
-    is 3x slower; fp32 keeps bitsandbytes' own path, whichever it takes on the machine).
+    their weights de-quantized once on a CPU (``methods.bnb.dense_inference``: bitsandbytes' fused CPU
+    kernel is 3-5x slower; fp32 keeps bitsandbytes' own path, whichever it takes on the machine).
     """
     import torch
 

@@ -69,11 +69,11 @@ def load(ref, info: dict, device: str):
 
 
 def dense_inference(model, dtype) -> int:
-    """Every bitsandbytes ``Linear4bit`` of ``model`` computes ``x @ W_hat.T + b`` from its weight
-    de-quantized once, in ``dtype``; returns how many. For evaluation (``precision.cast_for_inference``
+    """Every bitsandbytes ``Linear4bit`` of ``model`` on a CPU computes ``x @ W_hat.T + b`` from its
+    weight de-quantized once, in ``dtype``; returns how many. For evaluation (``precision.cast_for_inference``
     at bf16): on a CPU with AVX512-BF16 bitsandbytes otherwise runs its fused 4-bit kernel
-    (``gemv_4bit``) at every call, 3x slower than the dense bf16 matmul at the study's shapes (an NF4
-    model's evaluate stage took 97 s against 30 s for the 16-bit model's). The dense weight is what
+    (``gemv_4bit``) at every call, far slower than the dense bf16 matmul at the study's shapes
+    (``bench/nf4_eval.py``: perplexity windows 4.6x, generation 2.7x). The dense weight is what
     bitsandbytes' own non-fused path multiplies by (``dequantize_4bit``, then ``linear``), so this is
     bnb's arithmetic, not an approximation of it; it holds a 16-bit copy of the weights, as
     ``QuantLinear``'s inference cache does. Adapters around the layer (peft) are untouched.
@@ -81,11 +81,15 @@ def dense_inference(model, dtype) -> int:
     import bitsandbytes.functional as bnbF
     import torch
     from bitsandbytes.nn import Linear4bit
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     n = 0
     for mod in model.modules():
         if not isinstance(mod, Linear4bit) or getattr(mod, "_ptqlib_dense", False):
             continue
+        if mod.weight.device.type != "cpu":
+            continue  # GPUs have bitsandbytes' kernels, and the 4-bit memory matters there
+        fix_4bit_weight_quant_state_from_module(mod)  # as Linear4bit.forward does first
         state = mod.weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
             raise ValueError("dense_inference: the layer already ran bitsandbytes' CPU kernel (its weight "
