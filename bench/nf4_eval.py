@@ -5,8 +5,8 @@
 Quantizes SmolLM2-135M to NF4 (bitsandbytes, block 64, double quantization: the study's setting), then
 times, at bf16 and in the order A B B A, perplexity windows of 256 pydoc tokens and one batch of greedy
 generation of the task's test prompts with (A) bitsandbytes' forward (on a CPU with AVX512-BF16 its fused
-``gemv_4bit`` kernel at every call) and (B) ``ptqlib.methods.bnb.dense_inference`` (what
-``precision.cast_for_inference`` does at bf16). Prints seconds per path and the ratio, and how far the
+``gemv_4bit`` kernel at every call) and (B) ``ptqlib.methods.bnb.dense_inference`` (what the evaluate
+stage does at bf16). Prints seconds per path and the ratio, and how far the
 two paths' perplexities are apart. Not a test: timings on shared machines are noisy.
 """
 from __future__ import annotations
@@ -48,15 +48,9 @@ def main() -> None:
     prompts = [e.prompt for e in load_task("meetings-hard", "test", a.prompts)]
 
     def prepared(dense: bool):
-        m = copy.deepcopy(loaded)
+        m = precision.cast_for_inference(copy.deepcopy(loaded), "bf16")  # as the evaluate stage at bf16
         if dense:
-            precision.cast_for_inference(m, "bf16")
-        else:  # the same casts, bitsandbytes' own forward
-            orig, bnb.dense_inference = bnb.dense_inference, lambda model, dtype: 0
-            try:
-                precision.cast_for_inference(m, "bf16")
-            finally:
-                bnb.dense_inference = orig
+            bnb.dense_inference(m, torch.bfloat16)
         return m
 
     times = {False: [], True: []}

@@ -114,25 +114,19 @@ def cast_for_inference(model, precision: str):
 
     Buffers are left as they are: ``QuantLinear``'s scales / zero points (de-quantized to the
     input's dtype in its forward), and rotary ``inv_freq`` (bf16 would shift the angle of position
-    256 by up to half a radian). bitsandbytes 4-bit layers compute in the new dtype, in bf16 from
-    their weights de-quantized once on a CPU (``methods.bnb.dense_inference``: bitsandbytes' fused CPU
-    kernel is 3-5x slower; fp32 keeps bitsandbytes' own path, whichever it takes on the machine).
+    256 by up to half a radian). bitsandbytes 4-bit layers compute in the new dtype (the evaluate
+    stage then has them multiply by their weights de-quantized once at bf16 on a CPU:
+    ``methods.bnb.dense_inference``).
     """
     import torch
 
     dt = dtype(precision)
     if dt == torch.float32:
         return model
-    four_bit = False
     for mod in model.modules():
         for name, prm in mod.named_parameters(recurse=False):
             if prm.is_floating_point() and prm.dtype != dt:
                 prm.data = prm.data.to(dt)
         if hasattr(mod, "compute_dtype") and type(mod).__name__.startswith("Linear4bit"):
             mod.compute_dtype = dt
-            four_bit = True
-    if four_bit:
-        from ptqlib.methods.bnb import dense_inference
-
-        dense_inference(model, dt)
     return model

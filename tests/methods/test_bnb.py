@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ptqlib import artifacts, precision
+from ptqlib.methods.bnb import dense_inference
 from ptqlib.stages import quantize as ptq
 from ptqlib.study.params import QuantizeParams
 
@@ -29,6 +30,7 @@ def test_bf16_inference_multiplies_by_the_weight_dequantized_once(nf4_dir, monke
     layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
     W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
     precision.cast_for_inference(model, "bf16")
+    assert dense_inference(model, torch.bfloat16) > 0
     assert all(getattr(m, "_ptqlib_dense", False) for m in model.modules() if isinstance(m, Linear4bit))
     x = torch.randn(3, 5, layer.in_features)
     b = None if layer.bias is None else layer.bias.to(torch.bfloat16)
