@@ -70,14 +70,19 @@ def load(ref, info: dict, device: str):
 
 def dense_inference(model, dtype) -> int:
     """Every bitsandbytes ``Linear4bit`` of ``model`` on a CPU computes ``x @ W_hat.T + b`` from its
-    weight de-quantized once, in ``dtype``; returns how many. For evaluation (``precision.cast_for_inference``
-    at bf16): on a CPU with AVX512-BF16 bitsandbytes otherwise runs its fused 4-bit kernel
+    weight de-quantized once, in ``dtype``; returns how many (0, without importing bitsandbytes, when
+    it was never loaded). For the evaluate stage at bf16, after ``precision.cast_for_inference``: on a
+    CPU with AVX512-BF16 bitsandbytes otherwise runs its fused 4-bit kernel
     (``gemv_4bit``) at every call, far slower than the dense bf16 matmul at the study's shapes
     (``bench/nf4_eval.py``: perplexity windows 4.6x, generation 2.7x). The dense weight is what
     bitsandbytes' own non-fused path multiplies by (``dequantize_4bit``, then ``linear``), so this is
     bnb's arithmetic, not an approximation of it; it holds a 16-bit copy of the weights, as
     ``QuantLinear``'s inference cache does. Adapters around the layer (peft) are untouched.
     """
+    import sys
+
+    if "bitsandbytes" not in sys.modules:
+        return 0  # nothing loaded a bitsandbytes layer: there is none to convert
     import bitsandbytes.functional as bnbF
     import torch
     from bitsandbytes.nn import Linear4bit

@@ -281,7 +281,7 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
         from ptqlib.precision import cast_for_inference, resolve
 
         cast_for_inference(model, p.precision)  # bf16: the float weights in bf16, QuantLinear codes as they are
-        if resolve(p.precision) == "bf16" and any(type(m).__name__.startswith("Linear4bit") for m in model.modules()):
+        if resolve(p.precision) == "bf16":
             from ptqlib.methods.bnb import dense_inference
 
             dense_inference(model, torch.bfloat16)  # NF4 / FP4 from weights de-quantized once (fp32: bnb's path)
