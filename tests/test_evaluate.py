@@ -124,3 +124,36 @@ def test_the_runner_passes_the_input_of_the_first_quantizing_stage_as_reference(
     assert ev["q"].reference == chains["q"][0] and ev["q"].params["kl_reference"]  # the fine-tuned float model
     assert ev["l4q"].reference == "" and ev["l4q"].params["kl_reference"]  # the model itself
     assert not ev["ll"].params["kl_reference"]  # llama.cpp: no logits to compare
+
+
+def test_chunked_scoring_gives_the_bits_of_the_whole_tensor():
+    """NLL, KL and top-1 agreement scored LOGIT_ROWS positions at a time equal, bit for bit, the same
+    formulas over the whole (b, L-1, vocab) tensor, for float32 and bf16 logits at a real vocabulary."""
+    from types import SimpleNamespace
+
+    from ptqlib.stages import evaluate
+
+    class Fixed(torch.nn.Module):  # a "model" whose logits are given
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids):
+            return SimpleNamespace(logits=self.logits[: len(input_ids)])
+
+    g = torch.Generator().manual_seed(0)
+    b, L, V = 3, 2 * evaluate.LOGIT_ROWS + 7, 49152  # several chunks per window, the last one short
+    x = torch.randint(0, V, (b, L), generator=g)
+    for dt in (torch.float32, torch.bfloat16):
+        lg, rf = ((torch.randn(b, L, V, generator=g) * 3).to(dt) for _ in range(2))
+        lp = torch.log_softmax(lg[:, :-1].float(), -1)
+        lr = torch.log_softmax(rf[:, :-1].float(), -1)
+        nll = -lp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)
+        out = evaluate.window_nll(Fixed(lg), x, reference=Fixed(rf))
+        assert out["nll"] == nll.sum(1).tolist()
+        assert out["kl"] == (lr.exp() * (lr - lp)).sum(-1).sum(1).tolist()
+        assert out["top1"] == (lr.argmax(-1) == lp.argmax(-1)).sum(1).float().tolist()
+        ce = torch.nn.functional.cross_entropy(lg[:, :-1].float().flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        assert torch.equal(evaluate.next_token_nll(lg[:, :-1], x[:, 1:]), ce.view(b, L - 1))
+        assert evaluate.window_nll(Fixed(lg), x)["nll"] == out["nll"]

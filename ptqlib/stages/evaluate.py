@@ -26,16 +26,39 @@ def _device(model) -> torch.device:
     return next(p for p in model.parameters()).device
 
 
-def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per position ``-log softmax(logits)[target]``: ``logits (b, T, vocab)`` float, ``targets (b, T)`` -> ``(b, T)``.
+LOGIT_ROWS = 64
+"""Positions per chunk of the logits scored at a time: their float32 copy (12 MiB at SmolLM2's
+49152-token vocabulary) stays in cache, where the whole (b, L, vocab) tensor did not."""
 
-    The log-softmax runs over the last, contiguous dimension. ``cross_entropy`` given the classes in
-    the middle (``logits.transpose(1, 2)``, as ptqlib did before) copies the logits transposed and
-    runs the strided kernel on CPU: 5x slower at SmolLM2's 49152-token vocabulary (with the copy,
-    over half of the perplexity benchmark's time: ``bench/stage_speed.py --profile``) and ~20x
-    further from the float64 value (7e-5 vs 4e-6 nats per token).
+
+def _row_chunks(n_windows: int, n_positions: int):
+    """``(window, positions)`` pairs covering ``(n_windows, n_positions)`` in chunks of :data:`LOGIT_ROWS`."""
+    for i in range(n_windows):
+        for r in range(0, n_positions, LOGIT_ROWS):
+            yield i, slice(r, min(r + LOGIT_ROWS, n_positions))
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per position ``-log softmax(logits)[target]``: ``logits (b, T, vocab)``, ``targets (b, T)`` -> ``(b, T)``
+    in float32 (float64 logits: float64).
+
+    The log-softmax runs over the last, contiguous dimension, :data:`LOGIT_ROWS` positions at a time,
+    each chunk cast to float32 on its own (bf16 logits are never copied whole). ``cross_entropy``
+    given the classes in the middle (``logits.transpose(1, 2)``, as ptqlib did before) copies the
+    logits transposed and runs the strided kernel on CPU: 5x slower at SmolLM2's 49152-token
+    vocabulary and ~20x further from the float64 value (7e-5 vs 4e-6 nats per token). The kernel
+    works row by row, so the chunks give every position the bits the whole tensor gives (a test
+    says so); at SmolLM2's shapes the whole tensor's float32 copy and log-softmax output (800 MB per
+    batch of 8 windows, fresh pages every batch) took over half of a bf16 perplexity pass.
     """
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    out = torch.empty(targets.shape, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    for i, s in _row_chunks(*targets.shape):
+        out[i, s] = torch.nn.functional.cross_entropy(_at_least_fp32(logits[i, s]), targets[i, s], reduction="none")
+    return out
 
 
 @torch.no_grad()
@@ -49,7 +72,8 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
     stored: the KL is exact over the whole vocabulary, not a top-k approximation.
 
     At most 8 windows per forward (4 with a reference): the full-vocabulary logits are
-    (b, L, vocab) floats, and a larger batch only costs memory (a forward is compute-bound on CPU).
+    (b, L, vocab) in the model's dtype, and a larger batch only costs memory (a forward is
+    compute-bound on CPU). They are scored :data:`LOGIT_ROWS` positions at a time in float32.
     """
     dev = _device(model)
     out: dict[str, list[float]] = {"nll": [], "tokens": [float(windows.shape[1] - 1)] * len(windows)}
@@ -58,16 +82,22 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
     batch_size = min(batch_size, 8 if reference is None else 4)
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
         x = windows[i : i + batch_size].to(dev)
-        logits = model(input_ids=x).logits[:, :-1].float()  # (b, L-1, vocab)
+        logits = model(input_ids=x).logits[:, :-1]  # (b, L-1, vocab), the model's dtype
+        y = x[:, 1:]
         if reference is None:
-            out["nll"] += next_token_nll(logits, x[:, 1:]).sum(1).tolist()
-        else:
-            lp = torch.log_softmax(logits, -1)  # the same kernel as next_token_nll: the same bits
-            del logits
-            out["nll"] += (-lp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)).sum(1).tolist()
-            lr = torch.log_softmax(reference(input_ids=x.to(_device(reference))).logits[:, :-1].float(), -1).to(dev)
-            out["kl"] += (lr.exp() * (lr - lp)).sum(-1).sum(1).tolist()  # sum over tokens of KL per token
-            out["top1"] += (lr.argmax(-1) == lp.argmax(-1)).sum(1).float().tolist()
+            out["nll"] += next_token_nll(logits, y).sum(1).tolist()
+            continue
+        ref_logits = reference(input_ids=x.to(_device(reference))).logits[:, :-1].to(dev)
+        nll, kl, top1 = (torch.empty(y.shape) for _ in range(3))  # (b, L-1) per position
+        for j, s in _row_chunks(*y.shape):
+            lp = torch.log_softmax(_at_least_fp32(logits[j, s]), -1)  # the kernel of next_token_nll: its bits
+            lr = torch.log_softmax(_at_least_fp32(ref_logits[j, s]), -1)
+            nll[j, s] = -lp.gather(-1, y[j, s].unsqueeze(-1)).squeeze(-1)
+            kl[j, s] = (lr.exp() * (lr - lp)).sum(-1)  # KL per position
+            top1[j, s] = (lr.argmax(-1) == lp.argmax(-1)).float()
+        out["nll"] += nll.sum(1).tolist()
+        out["kl"] += kl.sum(1).tolist()  # sum over tokens of KL per token
+        out["top1"] += top1.sum(1).tolist()
     return out
 
 
