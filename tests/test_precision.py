@@ -122,9 +122,18 @@ def test_bf16_evaluation_agrees_with_fp32(tiny, monkeypatch):
 
 def test_bf16_training_agrees_with_fp32_and_says_so(tiny, monkeypatch):
     """Three full-FT steps under bf16 autocast: master weights stay fp32, the loss history within
-    2% of fp32's, and the metrics name the precision that ran."""
+    2% of fp32's, and the metrics name the precision that ran. bf16 steps with the fused AdamW
+    kernel, fp32 (the exact path) with torch's per-tensor one."""
+    from transformers import TrainerCallback
+
     from ptqlib.data import load_task, sft_features
     from ptqlib.stages import finetune
+
+    fused = {}
+
+    class Optimizer(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            fused[prec] = bool(optimizer.defaults.get("fused"))
 
     monkeypatch.setenv(precision.FORCE_ENV, "1")
     model, tok = tiny
@@ -133,10 +142,11 @@ def test_bf16_training_agrees_with_fp32_and_says_so(tiny, monkeypatch):
     for prec in ("fp32", "bf16"):
         m = finetune.prepare(copy.deepcopy(model), "full", FinetuneParams(method="full"))
         p = FinetuneParams(method="full", steps=3, batch_size=2, lr=1e-3, precision=prec)
-        res = finetune.train(m, tok, feats, p, seed=0)
+        res = finetune.train(m, tok, feats, p, seed=0, callbacks=[Optimizer()])
         assert res["metrics"]["precision"] == prec
         assert all(w.dtype == torch.float32 for w in m.parameters())  # fp32 master weights
         out[prec] = [l for _, l in res["loss_history"]]
     assert len(out["bf16"]) == 3
     for a, b in zip(out["fp32"], out["bf16"]):
         assert abs(a - b) / a < 0.02, out
+    assert fused == {"fp32": False, "bf16": True}
