@@ -33,7 +33,11 @@ Not a test: timings on shared machines are noisy; compare the two columns, not r
 only) and prints where its wall time goes: matmuls, attention, the optimizer step, other ATen ops
 (elementwise, casts, copies, reductions; the largest named) and the Python between ops (wall time
 that no ATen op accounts for). The profiler adds a few microseconds per op, so the Python share of
-op-heavy loops (generation, GPTQ's columns) is an upper bound.
+op-heavy loops (generation, GPTQ's columns) is an upper bound. It then measures generation's decode
+steps on their own (the batch generated with 1 new token, then with all of them) at both precisions,
+against the roofline that bounds them: a decode step reads every weight and the whole KV cache to
+produce one token per prompt, so its ceiling is this machine's memory bandwidth (the best rate of
+copying a 256 MiB tensor, bytes read + written), not its matmul rate.
 """
 from __future__ import annotations
 
@@ -111,6 +115,45 @@ def matmul_flops(dtype: torch.dtype, device: str, seconds: float = 1.5) -> float
             torch.cuda.synchronize()
         best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
     return best
+
+
+def copy_bandwidth(device: str, seconds: float = 1.0) -> float:
+    """Best bytes/s (read + written) of copying a 256 MiB float32 tensor: the memory roofline."""
+    a = torch.ones(64 * 2**20, device=device)
+    b = torch.empty_like(a)
+    best = 0.0
+    for _ in range(3):
+        b.copy_(a)  # warm-up: b's pages faulted in
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            b.copy_(a)
+            reps += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * a.numel() * a.element_size() * reps / (time.perf_counter() - t0))
+    return best
+
+
+def decode_steps(model, tok, prec: str, task: str, n: int, new: int) -> dict[str, float]:
+    """Seconds per decode step of greedy generation of ``n`` test prompts of ``task`` at ``prec`` (the
+    batch with ``new`` new tokens minus the batch with 1: the prefill cancels), and the bytes a step
+    must read at least: every matmul weight (lm_head included) once, and the KV cache at its mean
+    length over the steps (the left-padded prompt length plus half the new tokens)."""
+    from ptqlib.data import format_prompt, load_task
+    from ptqlib.stages.evaluate import generate
+
+    m = P.cast_for_inference(copy.deepcopy(model), prec)
+    prompts = [e.prompt for e in load_task(task, "test", n)]
+    longest = max(len(tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"]) for p in prompts)
+    secs = {}
+    for k in (1, new, 1, new):  # best of two each: the prefill must cancel
+        _, _, s = generate(m, tok, prompts, max_new_tokens=k, batch_size=n)
+        secs[k] = min(secs.get(k, math.inf), s)
+    cfg = m.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    width = next(p for p in m.parameters() if p.is_floating_point()).element_size()
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * width * n * (longest + new / 2)
+    return {"step_s": (secs[new] - secs[1]) / (new - 1), "weights": matmul_params(m) * width, "kv": kv}
 
 
 def matmul_params(model) -> int:
@@ -369,6 +412,16 @@ def main() -> None:
     speedup = math.exp(sum(map(math.log, ratios)) / len(ratios))
     if args.profile:
         profile_kinds(kinds, auto)
+        if "generation" in kinds:
+            bw = copy_bandwidth(dev)
+            print(f"\ngeneration's decode steps against the memory roofline (copy bandwidth {bw / 1e9:.1f} GB/s; "
+                  f"batch {S.gen[0]}, {S.gen[1]} new tokens):")
+            for p in dict.fromkeys(("fp32", auto)):
+                d = decode_steps(model, tok, p, S.task, *S.gen)
+                read = d["weights"] + d["kv"]
+                print(f"  {p}: {d['step_s'] * 1e3:.1f} ms per step, reads >= {read / 2**20:.0f} MiB "
+                      f"(weights {d['weights'] / 2**20:.0f}, KV cache {d['kv'] / 2**20:.0f}): "
+                      f"{read / d['step_s'] / 1e9:.1f} GB/s, {read / d['step_s'] / bw:.0%} of the bandwidth", flush=True)
     print(f"speed-up: {speedup:.2f}x")
 
 
