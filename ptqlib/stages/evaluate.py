@@ -28,8 +28,9 @@ def _device(model) -> torch.device:
 
 LOGIT_ROWS = 16
 """Positions per chunk of the logits scored at a time: their float32 copy (3 MiB at SmolLM2's
-49152-token vocabulary) stays in cache, where the whole (b, L, vocab) tensor did not (with a
-reference, 32 windows of SmolLM2 at bf16: 16 rows 1.2 s of scoring, 64 rows 1.6 s, 128 rows 2.4 s)."""
+49152-token vocabulary) stays in cache, where the whole (b, L, vocab) tensor did not (NLL, KL and
+top-1 of 4 windows of 256 bf16 logits and their reference's, 2 threads on an Intel Xeon: 16 rows
+0.15 s, 64 rows 0.21 s, 128 rows 0.31 s)."""
 
 
 def _row_chunks(n_windows: int, n_positions: int):
@@ -89,7 +90,7 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
             out["nll"] += next_token_nll(logits, y).sum(1).tolist()
             continue
         ref_logits = reference(input_ids=x.to(_device(reference))).logits[:, :-1].to(dev)
-        nll, kl, top1 = (torch.empty(y.shape) for _ in range(3))  # (b, L-1) per position
+        nll, kl, top1 = (torch.empty(y.shape, device=dev) for _ in range(3))  # (b, L-1) per position
         for j, s in _row_chunks(*y.shape):
             lp = torch.log_softmax(_at_least_fp32(logits[j, s]), -1)  # the kernel of next_token_nll: its bits
             lr = torch.log_softmax(_at_least_fp32(ref_logits[j, s]), -1)
