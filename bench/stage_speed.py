@@ -412,7 +412,7 @@ def main() -> None:
     speedup = math.exp(sum(map(math.log, ratios)) / len(ratios))
     if args.profile:
         profile_kinds(kinds, auto)
-        if "generation" in kinds:
+        if "generation" in kinds and S.gen[1] > 1:  # decode steps: at least 2 new tokens
             bw = copy_bandwidth(dev)
             print(f"\ngeneration's decode steps against the memory roofline (copy bandwidth {bw / 1e9:.1f} GB/s; "
                   f"batch {S.gen[0]}, {S.gen[1]} new tokens):")
