@@ -15,7 +15,8 @@ def test_window_nll_is_the_models_own_loss(tiny):
     units = window_nll(model, w, batch_size=4)
     assert len(units["nll"]) == 6 and units["tokens"] == [31.0] * 6
     with torch.no_grad():
-        own = model(input_ids=w[2:3], labels=w[2:3]).loss.item()  # mean NLL of one window
+        one = w[2:3].to(model.device)  # window_nll runs on CUDA where there is one (and moves the model)
+        own = model(input_ids=one, labels=one).loss.item()  # mean NLL of one window
     assert units["nll"][2] / 31 == pytest.approx(own, rel=1e-4)
     assert perplexity(model, w, 4) == pytest.approx(math.exp(sum(units["nll"]) / (31 * 6)), rel=1e-6)
 

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module imports its own layer or lower):
 
-0. ``errors``, ``files``, ``hub``: no ptqlib imports of note
+0. ``errors``, ``files``, ``hub``, ``seeding``: no ptqlib imports of note
 1. the numerics and their I/O: ``metrics``, ``precision``, ``text``, ``data``, ``models``, ``tiny``, ``artifacts``,
    ``quant/``, ``adapters/``, ``methods/``, ``deploy/``
 2. ``study/``: parameters, schema, selection, graph
@@ -22,7 +22,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "ptqlib"
 LAYERS = [
-    ["ptqlib.errors", "ptqlib.files", "ptqlib.hub"],
+    ["ptqlib.errors", "ptqlib.files", "ptqlib.hub", "ptqlib.seeding"],
     ["ptqlib.metrics", "ptqlib.precision", "ptqlib.text", "ptqlib.data", "ptqlib.models", "ptqlib.tiny", "ptqlib.artifacts",
      "ptqlib.quant", "ptqlib.adapters", "ptqlib.methods", "ptqlib.deploy"],
     ["ptqlib.study"],

@@ -81,7 +81,7 @@ def test_labelled_rows_head_gives_those_rows_logits(tiny):
     from ptqlib.stages.sft_loss import LabelledRowsHead, shifted_targets
 
     model, _ = tiny
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).cpu()  # the head's logic under CPU autocast (the fixture sits on CUDA where there is one)
     model.requires_grad_(False)
     ids = torch.randint(5, 200, (2, 10), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()

@@ -66,18 +66,45 @@ def version_changes(recorded: dict | None, current: dict) -> dict[str, tuple[str
             if k in recorded and k in current and recorded[k] != current[k]}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere ``platform.processor()``): "Intel(R) Xeon(R) ..."
+    or "AMD EPYC ...". ``platform.processor()`` alone says only "x86_64" on Linux, which cannot tell the
+    AMX machine from a Zen 4, and the same stage id gives different GPTQ codes on the two."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_info() -> dict[str, Any]:
+    """Where a stage ran: the CPU model (always: the CPU computes part of every stage), the GPU if any,
+    the core count and torch's thread count."""
     import torch
 
     info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads()}
+                            "torch_threads": torch.get_num_threads(), "cpu": cpu_model()}
     if torch.cuda.is_available():
         info["device"] = "cuda"
         info["gpu"] = torch.cuda.get_device_name(0)
     else:
         info["device"] = "cpu"
-        info["cpu"] = platform.processor() or platform.machine()
     return info
+
+
+def machine_label(device: dict | None) -> str:
+    """One line naming the machine of a record's ``device``: ``"AMD EPYC 9R14 (cpu, 2 threads)"`` or
+    ``"NVIDIA H200 (cuda; CPU ...)"``; ``"unknown"`` for a record made before devices were recorded."""
+    if not device:
+        return "unknown"
+    cpu = device.get("cpu") or "unknown CPU"
+    if device.get("device") == "cuda":
+        return f"{device.get('gpu', 'GPU')} (cuda; CPU {cpu})"
+    threads = device.get("torch_threads")
+    return f"{cpu} (cpu, {threads} threads)" if threads else f"{cpu} (cpu)"
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:

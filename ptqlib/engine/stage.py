@@ -34,6 +34,7 @@ from ptqlib.files import (
     write_atomic,
     write_json_atomic,
 )
+from ptqlib.seeding import SCHEME
 from ptqlib.study.kinds import KINDS
 
 if TYPE_CHECKING:
@@ -91,11 +92,28 @@ def usable(runs: Path, sid: str, rec: dict | None) -> bool:
     ``model.safetensors`` under an intact record failed a later stage, naming neither."""
     if not complete(rec):
         return False
+    if unseeded(rec):
+        if sid not in _WARNED:
+            _WARNED.add(sid)
+            log.warning("stage %s (%s) counts as not finished: its adapter was drawn before adapters were seeded "
+                        "from (seed, stage) (ptqlib.seeding); it runs again", sid, rec.get("label", "?"))
+        return False
     damaged = damaged_weights(Path(runs) / sid, rec)
     if damaged and sid not in _WARNED:
         _WARNED.add(sid)
         log.warning("stage %s (%s) counts as not finished: %s", sid, rec.get("label", "?"), "; ".join(damaged))
     return not damaged
+
+
+def unseeded(rec: dict) -> bool:
+    """A fine-tuning record of a method that draws its initial adapter, made before that draw was seeded
+    from (pipeline seed, stage): its adapter came from the process's RNG state, so it is no result of its id."""
+    if rec.get("kind") != "finetune" or rec.get("rng") == SCHEME:
+        return False
+    from ptqlib.methods import finetune_methods
+
+    method = finetune_methods().get((rec.get("params") or {}).get("method"))
+    return method is not None and method.draws_init
 
 
 def finished(runs: Path, sid: str) -> bool:
@@ -174,6 +192,7 @@ def execute(runs: Path, node: "StageNode", kernel: str | None = None, progress: 
         "metrics": (outputs or {}).get("metrics", {}), "outputs": {k: v for k, v in (outputs or {}).items() if k != "metrics"},
         "timings": {"wall_s": round(wall, 2), "started": t0, "finished": time.time()},
         "versions": versions(), "git_commit": git_commit(ROOT), "device": (outputs or {}).get("device"),
+        "rng": SCHEME,  # how its draws were seeded (ptqlib.seeding): records without it predate the rule
         "weights": weight_sizes(out),  # checked by usable(): a weight file cut short later re-runs the stage
     }
     try:

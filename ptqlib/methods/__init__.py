@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import sys
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -71,6 +72,7 @@ class FinetuneMethod:
     keeps_adapter: bool = False  # gives quantized with a separate adapter (cannot be quantized again)
     why_needs: str = ""  # said when its input is not what it needs (why; what to use instead)
     options: type | None = None  # its own settings: a dataclass (``Options`` below) merged into FinetuneParams
+    draws_init: bool = True  # its prepare draws random initial weights (an adapter); False: full fine-tuning
 
 
 class Options:
@@ -105,14 +107,19 @@ _loaded = False
 _FIRST = ("uniform", "bnb", "full", "lora", "l4q", "qat_lora", "blora")
 
 
+_REGISTERED_BY: dict[tuple[type, str], str] = {}  # (entry type, name) -> the module that registered it
+
+
 def register(*entries: QuantizeMethod | FinetuneMethod | ArtifactType) -> None:
     """Add entries to the registry; a name can be registered once per table."""
+    caller = sys._getframe(1).f_globals.get("__name__", "?")
     for e in entries:
         table = _TABLES[type(e)]
         if e.name in table and table[e.name] != e:
             raise ValueError(f"{type(e).__name__} {e.name!r} is registered twice: by {_origin(table[e.name])} "
                              f"and by {_origin(e)}")
         table[e.name] = e
+        _REGISTERED_BY.setdefault((type(e), e.name), caller)
 
 
 def _origin(e) -> str:
@@ -127,13 +134,22 @@ def load_all() -> None:
         return
     _loaded = True
     found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
-    for mod in [m for m in _FIRST if m in found] + [m for m in found if m not in _FIRST]:
-        importlib.import_module(f"{__name__}.{mod}")
-    for name in filter(None, (s.strip() for s in os.environ.get("PTQLIB_METHODS", "").split(","))):
+    modules = [f"{__name__}.{m}" for m in [m for m in _FIRST if m in found] + [m for m in found if m not in _FIRST]]
+    for mod in modules:
+        importlib.import_module(mod)
+    extra = list(filter(None, (s.strip() for s in os.environ.get("PTQLIB_METHODS", "").split(","))))
+    for name in extra:
         try:
             importlib.import_module(name)
         except ImportError as e:
             raise ImportError(f"PTQLIB_METHODS names {name!r}, which does not import: {e}") from e
+    # the tables in module order, whichever module a process happened to import first (a test or a stage
+    # that imports methods.bnb before the registry is read registered nf4 ahead of rtn)
+    rank = {m: i for i, m in enumerate(modules + extra)}
+    for kind, table in _TABLES.items():
+        entries = sorted(table.items(), key=lambda kv: rank.get(_REGISTERED_BY.get((kind, kv[0]), ""), len(rank)))
+        table.clear()
+        table.update(entries)
 
 
 def quantize_methods() -> dict[str, QuantizeMethod]:

@@ -30,8 +30,11 @@ def bnb_config(method: str, double_quant: bool = True, blocksize: int = 64):
     import torch
     from transformers import BitsAndBytesConfig
 
-    # compute in fp32 on CPU (bf16 matmuls are slow there), in bf16 on GPU
-    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    # The stored compute dtype is fp32 on every machine: the stages that run the model compute in their own
+    # ``precision`` (bf16 autocast where it says so). A compute dtype taken from the quantizing machine made
+    # the same stage id a bf16 model when quantized on a GPU and an fp32 one on a CPU, and the artifact kept
+    # computing in bf16 wherever it was loaded (a reloaded QDoRA 0.003 off its merge in logits).
+    compute = torch.float32
     kw = {"bnb_4bit_quant_storage": torch.uint8}
     if blocksize != 64:
         kw["bnb_4bit_blocksize"] = blocksize  # newer transformers only; 64 is the universal default

@@ -24,4 +24,4 @@ def save(model, tokenizer, p: FinetuneParams, output_dir, input_ref: str) -> dic
 
 
 register(FinetuneMethod("full", "every weight trains (float input, float output)", needs="float", gives="float",
-                        prepare=prepare, save=save, settings=("lr", "steps", "batch_size")))
+                        prepare=prepare, save=save, settings=("lr", "steps", "batch_size"), draws_init=False))

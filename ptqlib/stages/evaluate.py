@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ptqlib.data import Example, format_prompt
 from ptqlib.metrics import example_scores, ppl_statistic, statistic, task_scores
+from ptqlib.precision import attention_kernels
 from ptqlib.stages.kv_cache import GrowingCache
 from ptqlib.text import held_out_windows
 
@@ -77,6 +78,11 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
     (b, L, vocab) in the model's dtype, and a larger batch only costs memory (a forward is
     compute-bound on CPU). They are scored :data:`LOGIT_ROWS` positions at a time in float32.
     """
+    with attention_kernels(_device(model).type):
+        return _window_nll(model, windows, batch_size, progress, reference)
+
+
+def _window_nll(model, windows: torch.Tensor, batch_size: int, progress: bool, reference) -> dict[str, list[float]]:
     dev = _device(model)
     out: dict[str, list[float]] = {"nll": [], "tokens": [float(windows.shape[1] - 1)] * len(windows)}
     if reference is not None:
@@ -120,6 +126,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     The KV cache appends in place (:class:`~ptqlib.stages.kv_cache.GrowingCache`): the same tokens
     as transformers' default cache without copying the cache at every step.
     """
+    with attention_kernels(_device(model).type):
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+              progress: bool) -> tuple[list[str], int, float]:
     dev = _device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"

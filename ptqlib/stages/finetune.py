@@ -32,12 +32,18 @@ def count_trainable(model) -> tuple[int, int]:
     return tr, sum(p.numel() for p in model.parameters())
 
 
-def prepare(model, method: str, p: FinetuneParams, input_ref: str | None = None):
+def prepare(model, method: str, p: FinetuneParams, input_ref: str | None = None, seed: int = 0):
     """The trainable model for ``method`` (``p``: the FinetuneParams as a dict; ``input_ref``: where
-    ``model`` was loaded from, for methods that read more of their input, such as loftq)."""
+    ``model`` was loaded from, for methods that read more of their input, such as loftq).
+
+    The adapter's initial weights are drawn from ``derive_seed(seed, "finetune", method, "init")``
+    (``ptqlib.seeding``): a function of the pipeline seed and the stage, not of what the process did
+    before, and a draw of its own beside the training run's data order and dropout (``train``)."""
     from ptqlib.methods import finetune_method
+    from ptqlib.seeding import derive_seed, seed_all
     from ptqlib.study.kinds import as_params
 
+    seed_all(derive_seed(seed, "finetune", method, "init"))
     return finetune_method(method).prepare(model, as_params("finetune", p), input_ref)
 
 
@@ -54,7 +60,7 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
     the same to rounding (``tests/test_sft_loss.py``); the default is faster."""
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from ptqlib.precision import autocast, resolve
+    from ptqlib.precision import attention_kernels, autocast, resolve
     from ptqlib.study.kinds import as_params
 
     p = as_params("finetune", p)
@@ -100,7 +106,7 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        with rows or contextlib.nullcontext():
+        with rows or contextlib.nullcontext(), attention_kernels("cuda" if cuda else "cpu"):
             trainer.train()
         secs = time.perf_counter() - t0
     hist = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]

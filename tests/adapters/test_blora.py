@@ -268,6 +268,7 @@ def test_save_load_roundtrip(tmp_path, kind):
 # ---- training -------------------------------------------------------------------------------
 def _train(model: nn.Module, steps: int = 12, lr: float = 1e-2) -> tuple[float, float]:
     ids = torch.randint(0, 1024, (4, 32), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(next(model.parameters()).device)  # a bnb model quantizes onto the GPU where there is one
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
