@@ -10,7 +10,7 @@ from scipy import stats
 from ptqlib.metrics import Statistic
 from ptqlib.report.analysis import mean_pm, summarise
 from ptqlib.report.claims import Claim, check_claims, decide, hypothesis, paired_bootstrap
-from ptqlib.report.inference import holm, p_holds, paired_interval
+from ptqlib.report.inference import effective_units, holm, p_holds, paired_interval
 
 
 def results(a_vals, b_vals, metric="field_f1", trains=True):
@@ -156,7 +156,9 @@ def test_delta_method_matches_the_example_bootstrap_for_ratios(st):
     num_a = num_b + den * rng.normal(0.02, 0.1, size=den.shape)
     iv = paired_interval(num_a, den, num_b, den, st)
     d, lo, hi = paired_bootstrap(num_a, den, num_b, den, st, n_boot=4000)
-    assert float(iv.difference) == pytest.approx(d) and iv.df == 255
+    # df: the units' effective number less one (a fact count of 1-8 per example weighs them unequally)
+    assert float(iv.difference) == pytest.approx(d) and iv.df == pytest.approx(effective_units(den[0]) - 1)
+    assert (iv.df == 255) == bool(st.exp)
     assert float(iv.hi - iv.lo) == pytest.approx(hi - lo, rel=0.1)
 
 
@@ -241,15 +243,20 @@ def test_holm_adjusts_step_down():
 
 
 def test_holm_verdict_over_a_studys_claims():
-    """Three claims: a strong one survives Holm, one at p = 0.02 holds alone but not after Holm,
-    one that does not hold keeps its verdict."""
+    """Holm over every tested claim in the direction its data favour: a strong "holds" and a strong "does
+    not hold" survive; a claim that holds at p = 0.02 and one that does not hold at p = 0.02 each stand
+    alone, but not after Holm (4 tests: 0.02 x 2 = 0.04 > 0.025)."""
     res, units = records(np.clip(BASE + 0.05 + NOISE, 0, 1), BASE)
     one = check_claims(claim(">"), res, units).iloc[0]
-    m = one.difference - stats.t.ppf(0.98, one.df) * one.se  # the margin at which p_holds = 0.02
-    t = check_claims(claim(">") + claim(">", min_effect=m) + claim(">", min_effect=0.2), res, units)
-    assert t.verdict.tolist() == ["holds", "holds", "does not hold"]
-    assert t.p_holds[1] == pytest.approx(0.02) and t.p_holm[1] == pytest.approx(0.04)
-    assert t.verdict_holm.tolist() == ["holds", "undecided (after Holm)", "does not hold"]
+    q = stats.t.ppf(0.98, one.df) * one.se
+    claims = claim(">") + claim(">", min_effect=one.difference - q) + claim(">", min_effect=one.difference + q) \
+        + claim(">", min_effect=0.2)
+    t = check_claims(claims, res, units)
+    assert t.verdict.tolist() == ["holds", "holds", "does not hold", "does not hold"]
+    assert t.p_holds[1] == pytest.approx(0.02) and t.p_fails[2] == pytest.approx(0.02)
+    assert t.p_holm[1] == pytest.approx(0.04) and t.p_holm[2] == pytest.approx(0.04)
+    assert t.verdict_holm.tolist() == ["holds", "undecided (after Holm)", "undecided (after Holm)", "does not hold"]
+    assert (t.p_holds + t.p_fails).round(12).tolist() == [1.0] * 4  # one-sided tests of one t: they sum to 1
 
 
 def test_floor_and_ceiling_are_flagged():

@@ -50,12 +50,25 @@ def test_findings_from_a_reports_dir(tmp_path):
 
     text = readme.read_text()
     assert text.startswith("# x\n\nintro\n\n") and text.endswith(f"{findings.END}\n\nrest\n")
-    assert "- **three** ([report](reports/three/index.html)): 2 claims; 2 tested; 1 hold; 1 hold after Holm." in text
+    assert ("- **three** ([report](reports/three/index.html)): 2 claims; 2 tested; 1 hold; "
+            "after Holm 1 hold, 1 do not.") in text
     assert "- **two** ([report](reports/two/index.html)): 2 claims; 0 tested (2 need >= 3 paired seeds); " \
-           "0 hold; 0 hold after Holm." in text
-    row = next(line for line in text.splitlines() if line.startswith("| three |"))
-    assert "three: a beats b |" in row and "`a - b > 0`" in row and "[+0." in row
-    assert "by 0.5" not in text and "| two |" not in text  # only claims that hold after Holm are listed
+           "0 hold; after Holm 0 hold, 0 do not." in text
+    rows = [line for line in text.splitlines() if line.startswith("| three |")]
+    assert "three: a beats b |" in rows[0] and "`a - b > 0`" in rows[0] and "| holds |" in rows[0] and "[+0." in rows[0]
+    assert "three: a beats b by 0.5 |" in rows[1] and "| does not hold |" in rows[1]  # Holm in both directions
+    assert "| two |" not in text  # only claims decided after Holm are listed
+
+
+def test_floor_and_ceiling_claims_stay_out_of_the_table(tmp_path):
+    reports = tmp_path / "reports"
+    _study(reports, "three", seeds=3, shift=0.1)
+    table = pd.read_csv(reports / "three" / "claims.csv", dtype={"flags": str})
+    table.loc[0, "flags"] = "b at floor (field_f1 0.000)"
+    table.to_csv(reports / "three" / "claims.csv", index=False)
+    text = findings.render(reports)
+    assert "after Holm 1 hold, 1 do not (1 at a floor or ceiling, left out below)." in text
+    assert "three: a beats b |" not in text and "three: a beats b by 0.5 |" in text
 
 
 def test_findings_errors_name_the_problem(tmp_path):

@@ -163,7 +163,7 @@ def plot_metrics(results: pd.DataFrame, metrics: list[str], title: str = ""):
 
 # ---- what the analysis notebook (04) shows and writes --------------------------------------------
 CLAIM_COLUMNS = ["claim", "metric", "tested", "mean_a", "mean_b", "difference", "interval", "seed_sd", "n_seeds",
-                 "n_examples", "verdict", "p_holds", "p_holm", "verdict_holm", "flags"]
+                 "n_examples", "verdict", "p_holds", "p_fails", "p_holm", "verdict_holm", "flags"]
 
 
 @dataclass

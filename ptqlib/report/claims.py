@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from ptqlib.metrics import Statistic, lower_is_better, statistic
-from ptqlib.report.inference import holm, p_holds, paired_interval
+from ptqlib.report.inference import holm, p_fails, p_holds, paired_interval
 
 RELATIONS = (">", ">=", "==")
 MIN_SEEDS = 3  # paired seeds a claim on trained pipelines needs: fewer leave the seed variance unknown
@@ -213,7 +213,7 @@ def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = No
     nan = math.nan
     row.update(mean_a=nan, mean_b=nan, difference=nan, ci_low=nan, ci_high=nan, se=nan, df=nan,
                seed_sd=max(_seed_sd(ra, claim.metric), _seed_sd(rb, claim.metric)), n_seeds=0, n_examples=0,
-               verdict="", p_holds=nan)
+               verdict="", p_holds=nan, p_fails=nan)
     for fam, runs in ((claim.a, ra), (claim.b, rb)):
         if runs["seed"].duplicated().any():
             row["verdict"] = f"undecided ({fam} has a grid: claims compare one grid point, make it its own pipeline)"
@@ -238,6 +238,7 @@ def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = No
     slo, shi = sorted((sign * row["ci_low"], sign * row["ci_high"]))
     row["verdict"] = decide(claim.relation, slo, shi, claim.min_effect)
     row["p_holds"] = p_holds(claim.relation, sign * row["difference"], row["se"], row["df"], claim.min_effect)
+    row["p_fails"] = p_fails(claim.relation, sign * row["difference"], row["se"], row["df"], claim.min_effect)
     return row
 
 
@@ -256,14 +257,23 @@ def flags(row: dict) -> str:
 
 
 def check_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per claim (see :func:`verdict`), with the Holm-adjusted p-values and verdicts over the
-    claims given (one study's) and the floor / ceiling flags."""
+    """One row per claim (see :func:`verdict`), with Holm's adjustment over the claims given (one study's,
+    the family) in both directions, and the floor / ceiling flags.
+
+    Each tested claim enters Holm once, with the p-value of the direction its data favour,
+    ``min(p_holds, p_fails)``; ``p_holm`` is that p-value adjusted. ``verdict_holm`` is "holds" or "does not
+    hold" (the favoured direction) where ``p_holm < HOLM_ALPHA``, "undecided (after Holm)" where only the
+    unadjusted verdict decided, and the unadjusted undecided verdict otherwise. Adjusting "holds" alone let
+    four of the five "does not hold" verdicts of the committed studies stand on unadjusted p-values."""
     rows = [verdict(Claim(**c), results, units) for c in claims]
-    for row, adjusted in zip(rows, holm([r["p_holds"] for r in rows])):
+    favoured = [min(r["p_holds"], r["p_fails"]) for r in rows]  # NaN where not tested
+    for row, adjusted in zip(rows, holm(favoured)):
         row["p_holm"] = adjusted
-        if adjusted < HOLM_ALPHA:  # NaN compares False: a claim not tested never holds
-            row["verdict_holm"] = "holds"
+        if adjusted < HOLM_ALPHA:  # NaN compares False: a claim not tested is never decided
+            row["verdict_holm"] = "holds" if row["p_holds"] <= row["p_fails"] else "does not hold"
+        elif row["verdict"] in ("holds", "does not hold"):
+            row["verdict_holm"] = "undecided (after Holm)"
         else:
-            row["verdict_holm"] = "undecided (after Holm)" if row["verdict"] == "holds" else row["verdict"]
+            row["verdict_holm"] = row["verdict"]
         row["flags"] = flags(row)
     return pd.DataFrame(rows)

@@ -3,9 +3,11 @@
 ``python -m ptqlib findings`` rewrites the text between the two marker comments of README.md;
 ``--check`` only compares (CI and tests/test_findings.py), so a finding is never copied by hand.
 Per study a line: how many claims there are, how many were tested (enough paired seeds and an
-interval), how many hold, how many hold after Holm's correction over the study's claims; then one
-table of the claims that hold after Holm, with their difference and 95% interval
-(docs/statistics.md).
+interval), how many hold, how many hold and how many do not hold after Holm's correction over the
+study's claims (the study is the Holm family: every tested claim of it, both directions); then one
+table of the claims decided after Holm, with their family, difference and 95% interval
+(docs/statistics.md). A claim flagged at the floor or ceiling of its metric (one side learned nothing,
+or both are at 1.000) says little and is left out of the table; the study's own README lists it.
 """
 from __future__ import annotations
 
@@ -18,15 +20,15 @@ import pandas as pd
 from ptqlib.files import write_atomic
 
 BEGIN, END = "<!-- findings:begin -->", "<!-- findings:end -->"
-NEEDED = ("claim", "tested", "metric", "difference", "ci_low", "ci_high", "verdict", "p_holds", "p_holm",
-          "verdict_holm", "flags")
+NEEDED = ("claim", "tested", "metric", "difference", "ci_low", "ci_high", "verdict", "p_holds", "p_fails",
+          "p_holm", "verdict_holm", "flags")
 
 
 def _claims(path: Path) -> pd.DataFrame:
     table = pd.read_csv(path, keep_default_na=False, na_values=[""])
     missing = [c for c in NEEDED if c not in table]
     if missing:
-        raise ValueError(f"{path}: no column {missing} (written before Holm and the flags); re-decide it with "
+        raise ValueError(f"{path}: no column {missing} (written before two-sided Holm and the flags); re-decide it with "
                          f"python -m ptqlib analyse parameters/<study>.yaml or ptqlib.report.analysis.redecide")
     return table
 
@@ -35,24 +37,34 @@ def _num(v: float) -> str:
     return f"{v:+.3f}" if abs(v) < 100 else f"{v:+.1f}"
 
 
+def _flagged(table: pd.DataFrame) -> pd.Series:
+    return table["flags"].fillna("").astype(str).str.len() > 0
+
+
 def counts_line(name: str, table: pd.DataFrame, link: str) -> str:
-    """``- **study** (report): n claims; k tested (...); h hold; j hold after Holm.``"""
+    """``- **study** (report): n claims; k tested (...); h hold; j hold and l do not hold after Holm.``"""
     n, tested = len(table), int(table["p_holds"].notna().sum())
     seeds = int(table["verdict"].str.startswith("undecided (needs >=").sum())
     why = [f"{seeds} need >= 3 paired seeds"] if seeds else []
     why += [f"{n - tested - seeds} without data or interval"] if n - tested - seeds else []
+    decided = table["verdict_holm"].isin(["holds", "does not hold"])
+    flagged = int((decided & _flagged(table)).sum())
     return (f"- **{name}** ([report]({link})): {n} claim{'s' if n != 1 else ''}; {tested} tested"
             + (f" ({', '.join(why)})" if why else "") + f"; {int((table['verdict'] == 'holds').sum())} hold; "
-            f"{int((table['verdict_holm'] == 'holds').sum())} hold after Holm.")
+            f"after Holm {int((table['verdict_holm'] == 'holds').sum())} hold, "
+            f"{int((table['verdict_holm'] == 'does not hold').sum())} do not"
+            + (f" ({flagged} at a floor or ceiling, left out below)" if flagged else "") + ".")
 
 
-def holding_rows(name: str, table: pd.DataFrame) -> list[str]:
-    """Table rows of a study's claims that hold after Holm: difference, interval, adjusted p, flags."""
+def decided_rows(name: str, table: pd.DataFrame) -> list[str]:
+    """Table rows of a study's claims decided after Holm and not flagged: verdict, difference, interval,
+    adjusted p."""
     rows = []
-    for r in table[table["verdict_holm"] == "holds"].itertuples():
+    keep = table["verdict_holm"].isin(["holds", "does not hold"]) & ~_flagged(table)
+    for r in table[keep].itertuples():
         ci = f"{_num(r.difference)} [{_num(r.ci_low)}, {_num(r.ci_high)}]"
-        flag = r.flags if isinstance(r.flags, str) else ""
-        rows.append(f"| {name} | {_cell(r.claim)} | `{_cell(r.tested)}` | {r.metric} | {ci} | {r.p_holm:.2g} | {flag} |")
+        rows.append(f"| {name} | {_cell(r.claim)} | `{_cell(r.tested)}` | {r.metric} | {r.verdict_holm} | {ci} "
+                    f"| {r.p_holm:.2g} |")
     return rows
 
 
@@ -72,12 +84,13 @@ def render(reports: str | Path, relative_to: str | Path = ".") -> str:
         table = _claims(path)
         link = Path(os.path.relpath(path.parent / "index.html", Path(relative_to)))  # as the README links it
         lines.append(counts_line(path.parent.name, table, link.as_posix()))
-        rows += holding_rows(path.parent.name, table)
+        rows += decided_rows(path.parent.name, table)
     lines.append("")
     if not rows:
-        return "\n".join(lines + ["No claim holds after Holm.", ""])
-    head = ["Claims that hold after Holm (95% interval; p: Holm-adjusted, one-sided):", "",
-            "| study | claim | tested | metric | difference [95% CI] | p (Holm) | flags |",
+        return "\n".join(lines + ["No claim is decided after Holm (floor and ceiling claims aside).", ""])
+    head = ["Claims decided after Holm, floor and ceiling claims aside (family: the study, every tested claim "
+            "in both directions; 95% interval; p: Holm-adjusted, one-sided, of the verdict's direction):", "",
+            "| study (Holm family) | claim | tested | metric | verdict | difference [95% CI] | p (Holm) |",
             "|---|---|---|---|---|---|---|"]
     return "\n".join(lines + head + rows + [""])
 
