@@ -18,7 +18,7 @@ from ptqlib.errors import ConfigError
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ptqlib", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,analyse,export,methods,findings}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,analyse,plan,export,methods,findings}")
     run = sub.add_parser("run", help="run (or --dry-run) a study: the stages not cached yet, then the report",
                          description="Run the stages of a study that are not cached yet, then render its report.")
     run.add_argument("study", help="the study file, e.g. parameters/default.yaml")
@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
                              "stages are not in the cache keeps its row from the report already there "
                              "when its stage ids are unchanged, or from another study's report with "
                              "its evaluate stage id")
+    pln = sub.add_parser("plan", help="per claim: variance components, the seeds that would decide it, their CPU time",
+                         description="From a study's recorded units (reports/<study>/units.csv, results.csv): per "
+                                     "claim the seed, example and interaction variance components, the seeds at "
+                                     "which its interval would decide it if the difference stayed at its estimate, "
+                                     "and the CPU time of those seeds from the recorded stage times; writes "
+                                     "reports/<study>/plan.csv. Runs no stage.")
+    pln.add_argument("study", help="the study file, e.g. parameters/default.yaml")
+    pln.add_argument("--reports", default="reports", help="reports directory to read (default: reports)")
     exp = sub.add_parser("export", help="write a stage's model as a GGUF file that llama.cpp runs",
                          description="Export a model (a run directory of a quantize / finetune stage, or a model "
                                      "name) to GGUF. Quantized layers keep their codes exactly where GGUF can "
@@ -203,6 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if args.check and changed else 0
     try:
         study = load_study(args.study, allow_network=not (args.cmd == "run" and args.dry_run))
+        if args.cmd == "plan":
+            from ptqlib.report.plan import describe, plan_study
+
+            try:
+                table = plan_study(study, args.reports)
+            except (FileNotFoundError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(f"{study.name}: {len(table)} claims (reports/{study.name}/plan.csv)")
+            print(describe(table))
+            return 0
         if args.cmd == "analyse":
             r = Runner(study, args.runs, args.reports, keep_previous=not args.fresh_report)
             tables.write_results(r)

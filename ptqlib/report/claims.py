@@ -86,9 +86,15 @@ def _unit_arrays(units: pd.DataFrame, family: str, seeds: list[int], st: Statist
     sub = units[(units["family"] == family) & (units["group"] == st.group)]
     nums, dens = [], []
     for s in seeds:
-        rows = sub[sub["seed"] == s].sort_values("unit")
-        num = rows[st.num].to_numpy(float)
-        den = rows[st.den].to_numpy(float) if st.den else np.ones(len(rows))
+        at_seed = sub[sub["seed"] == s]
+        # a seed's calibration draws (``draws: K``, pipelines <name>[seed=s,draw=k]): their units averaged, so
+        # the seed is the replicate and a draw's spread enters the seed part (the nested design)
+        runs = [g.sort_values("unit") for _, g in at_seed.groupby("pipeline", sort=True)] if "pipeline" in at_seed \
+            else [at_seed.sort_values("unit")]
+        runs = runs or [at_seed]
+        rows = runs[0]
+        num = np.mean([r[st.num].to_numpy(float) for r in runs], axis=0)
+        den = (np.mean([r[st.den].to_numpy(float) for r in runs], axis=0) if st.den else np.ones(len(rows)))
         if "doc" in rows and (pd.to_numeric(rows["doc"], errors="coerce") >= 0).any():
             doc = pd.to_numeric(rows["doc"], errors="coerce").fillna(-1).to_numpy()
             key = np.where(doc >= 0, doc, -1.0 - rows["unit"].to_numpy(float))  # no document: its own cluster
@@ -194,9 +200,9 @@ def _paired(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None, ra:
             return f"undecided (unpaired units: {num_a.shape} vs {num_b.shape})"
         return num_a, den_a, num_b, den_b, st
 
-    def col(runs, seeds):
-        v = runs.drop_duplicates("seed").set_index("seed")[claim.metric]
-        return pd.to_numeric(v.reindex(seeds), errors="coerce").to_numpy(float)[:, None]
+    def col(runs, seeds):  # a seed's draws averaged
+        v = pd.to_numeric(runs[claim.metric], errors="coerce").groupby(runs["seed"]).mean()
+        return v.reindex(seeds).to_numpy(float)[:, None]
 
     num_a, num_b = col(ra, sa), col(rb, sb)
     if np.isnan(num_a).any() or np.isnan(num_b).any():
@@ -215,7 +221,7 @@ def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = No
                seed_sd=max(_seed_sd(ra, claim.metric), _seed_sd(rb, claim.metric)), n_seeds=0, n_examples=0,
                verdict="", p_holds=nan, p_fails=nan)
     for fam, runs in ((claim.a, ra), (claim.b, rb)):
-        if runs["seed"].duplicated().any():
+        if runs.duplicated(["seed", "grid.draw"] if "grid.draw" in runs else ["seed"]).any():
             row["verdict"] = f"undecided ({fam} has a grid: claims compare one grid point, make it its own pipeline)"
             return row
     pairs = _seed_pairs(ra, rb) if len(ra) and len(rb) else []

@@ -36,9 +36,17 @@ class QuantizeSettings:
     calib_seq_len: int = 256  # methods that calibrate: tokens per calibration window
     calib_seed: int = -1  # methods that calibrate: which calibration windows (-1: the pipeline's seed, so each seed is its own draw)
     precision: str = "auto"  # auto | fp32 | bf16: calibration forwards (ptqlib.precision; auto: bf16 where the hardware computes it)
+    draws: int = 1  # methods that calibrate, calib_seed -1: calibration draws per seed, each with all its downstream stages (claims average a seed's draws); not a stage setting
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, quantize_methods())
+        if isinstance(self.draws, bool) or not isinstance(self.draws, int) or self.draws < 1:
+            raise ConfigError(f"draws: {self.draws!r} must be an integer >= 1 (calibration draws per seed)")
+        if self.draws > 1 and not (quantize_methods()[self.method].calibration and self.calib_seed == -1):
+            raise ConfigError(f"draws: {self.draws} needs a method that calibrates with calib_seed -1 (each draw its "
+                              f"own windows); {self.method!r} " + ("calibrates on no windows" if not
+                                                                    quantize_methods()[self.method].calibration
+                                                                    else f"has calib_seed {self.calib_seed}"))
         if self.bits not in quantize_methods()[self.method].bits:
             raise ConfigError(
                 f"bits: {self.bits!r} is not supported by method {self.method!r}; valid: "

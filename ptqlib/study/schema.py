@@ -42,6 +42,7 @@ import yaml
 from ptqlib.errors import ConfigError
 from ptqlib.methods import finetune_methods, quantize_methods
 from ptqlib.metrics import evaluate_metric_names, known_evaluate_metric
+from ptqlib.seeding import derive_seed
 from ptqlib.study.checks import check_pipeline
 from ptqlib.study.choices import check_selects, split_selection, take_select
 from ptqlib.study.kinds import KINDS
@@ -262,6 +263,9 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
         for i, (kind, params) in enumerate(parsed):
             for k, v in params.items():
                 if isinstance(v, list) and k not in LIST_KEYS:
+                    if k == "draws":
+                        raise ConfigError(f"{path}: {where}[{i}].{kind}.draws: {v!r} is a list; draws is a number of "
+                                          "calibration draws per seed (e.g. 2), not a grid")
                     if not v:
                         raise ConfigError(f"{path}: {where}[{i}].{kind}.{k}: an empty list gives an empty grid")
                     if len({repr(x) for x in v}) < len(v):
@@ -278,7 +282,11 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                     kind == "quantize" and _at(point, i, params, "calib_seed") == -1
                     and getattr(quantize_methods().get(_at(point, i, params, "method")), "calibration", False)
                     for i, (kind, params) in enumerate(parsed))
-                for seed in (seeds if draws else seeds[:1]):
+                # calibration draws per seed (``draws: K`` on a calibrating quantize stage): draw 0 keeps the
+                # pipeline's seed as its calib_seed (the stage ids of a study without draws), draw k a derived one
+                n_draws = max([int(_at(point, i, params, "draws") or 1) for i, (kind, params) in enumerate(parsed)
+                               if kind == "quantize"] or [1])
+                for seed, draw in ((s, k) for s in (seeds if draws else seeds[:1]) for k in range(n_draws)):
                     built, label = [], {}
                     for i, (kind, params) in enumerate(parsed):
                         p = dict(params)
@@ -297,7 +305,12 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                         swhere = f"{where}[{i}].{kind}" if kind != "evaluate" else "defaults.evaluate"
                         _check_types(KINDS[kind].params, path, swhere, p)
                         obj = _build(KINDS[kind].params, path, swhere, p)
-                        built.append(Stage(kind, _resolve(path, swhere, kind, dataclasses.asdict(obj), int(seed))))
+                        resolved = _resolve(path, swhere, kind, dataclasses.asdict(obj), int(seed))
+                        if kind == "quantize":
+                            resolved.pop("draws")  # how the pipeline is replicated, not what the stage computes
+                            if draw and p.get("calib_seed", -1) == -1 and resolved["calib_seed"] == int(seed):
+                                resolved["calib_seed"] = derive_seed(int(seed), "calibration", str(draw))
+                        built.append(Stage(kind, resolved))
                     if not any(quantizes(st) for st in built) or built[-1].params["runtime"] != "torch":
                         built[-1].params["kl_reference"] = False  # nothing to compare with (or llama.cpp)
                     check_pipeline(path, where, built, str(model), sizes_cache, linear_input_sizes,
@@ -306,6 +319,8 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                         label["model"] = model
                     if draws and len(seeds) > 1:
                         label["seed"] = seed
+                    if n_draws > 1:
+                        label["draw"] = draw
                     suffix = "[" + ",".join(f"{k}={v}" for k, v in label.items()) + "]" if label else ""
                     if f"{pname}{suffix}" in names:
                         continue  # the same stages as another point (it differs only in an option not read here)

@@ -1,0 +1,101 @@
+"""``ptqlib plan``: variance components from recorded units, the seeds that would decide a claim, their cost."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from ptqlib.report.claims import decide
+from ptqlib.report.plan import MAX_SEEDS, plan_claims, projected, seeds_needed, variance_components
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def crossed(rng, S: int, N: int, sa: float, sb: float, se: float, delta: float = 0.0) -> np.ndarray:
+    """D[s, i] = delta + a_s + b_i + e_si with the given SDs."""
+    return (delta + rng.normal(0, sa, (S, 1)) + rng.normal(0, sb, (1, N)) + rng.normal(0, se, (S, N)))
+
+
+def test_components_are_recovered():
+    """Many seeds and units: each estimated SD within 10% of the simulated one (averaged over 40 studies)."""
+    rng = np.random.default_rng(0)
+    est = np.array([variance_components(crossed(rng, 30, 400, 0.03, 0.05, 0.1)) for _ in range(40)]).mean(0)
+    assert np.sqrt(est) == pytest.approx([0.03, 0.05, 0.1], rel=0.1)
+    one = variance_components(crossed(rng, 1, 400, 0.03, 0.05, 0.1))
+    assert np.isnan(one[0])  # one seed: the seed part is not estimable
+
+
+def _decided(signed, comp, S, N, relation=">", m=0.0):
+    se, df = projected(comp, S, N, N)
+    half = stats.t.ppf(0.975, df) * se
+    return not decide(relation, signed - half, signed + half, m).startswith("undecided")
+
+
+@pytest.mark.parametrize("signed, comp", [(0.05, (0.03 ** 2, 0.0, 0.1 ** 2)), (0.02, (0.02 ** 2, 0.01 ** 2, 0.1 ** 2)),
+                                          (-0.03, (0.05 ** 2, 0.0, 0.0))])
+def test_seeds_needed_is_the_first_count_that_decides(signed, comp):
+    S = seeds_needed(signed, comp, 128, 128.0, ">", 0.0)
+    assert S is not None and _decided(signed, comp, S, 128)
+    assert S == 3 or not _decided(signed, comp, S - 1, 128)
+
+
+def test_a_large_seed_part_needs_more_seeds():
+    small = seeds_needed(0.02, (0.01 ** 2, 0.0, 0.05 ** 2), 128, 128.0, ">", 0.0)
+    large = seeds_needed(0.02, (0.04 ** 2, 0.0, 0.05 ** 2), 128, 128.0, ">", 0.0)
+    assert small < large
+
+
+def test_no_seeds_decide_when_the_example_part_spans_the_boundary():
+    # se of the example part alone: 0.1 / sqrt(128) = 0.0088 > 0.005 / 1.96
+    assert seeds_needed(0.005, (0.01 ** 2, 0.1 ** 2, 0.0), 128, 128.0, ">", 0.0) is None
+    assert seeds_needed(0.005, (0.01 ** 2, 0.0, 0.0), 128, 128.0, ">", 0.0) <= MAX_SEEDS
+
+
+def _records(rng, S=3, N=64):
+    """Two trained pipelines a (= b + 0.03 + seed noise) and b sharing their fine-tuning stage per seed."""
+    base = rng.uniform(0.3, 0.9, (1, N))
+    vals = {"a": base + 0.03 + rng.normal(0, 0.02, (S, 1)) + rng.normal(0, 0.05, (S, N)), "b": base + np.zeros((S, N))}
+    rows, units = [], []
+    for fam, v in vals.items():
+        for s in range(S):
+            rows.append({"pipeline": f"{fam}[seed={s}]", "family": fam, "seed": s, "status": "ok",
+                         "stages": "finetune(full) -> quantize(nf4) -> evaluate" if fam == "a" else "finetune(full) -> evaluate",
+                         "field_f1": v[s].mean(), "wall_s.finetune": 100.0,
+                         **({"wall_s.quantize": 10.0} if fam == "a" else {}), "wall_s.evaluate": 30.0})
+            units += [{"family": fam, "seed": s, "group": "task", "unit": i, "field_f1": x} for i, x in enumerate(v[s])]
+    chains = {f"{fam}[seed={s}]": ([f"ft{s}", f"q{s}", f"ea{s}"] if fam == "a" else [f"ft{s}", f"eb{s}"])
+              for fam in vals for s in range(S)}
+    kinds = {sid: {"ft": "finetune", "q": "quantize", "ea": "evaluate", "eb": "evaluate"}[sid.rstrip("0123456789")]
+             for c in chains.values() for sid in c}
+    return pd.DataFrame(rows), pd.DataFrame(units), chains, kinds
+
+
+def test_plan_of_synthetic_records():
+    results, units, chains, kinds = _records(np.random.default_rng(3))
+    claims = [{"claim": "a beats b", "a": "a", "b": "b", "metric": "field_f1", "relation": ">"}]
+    d = plan_claims(claims, results, units, chains, kinds).loc[0, "difference"]
+    claims.append({"claim": "a beats b by exactly its estimate", "a": "a", "b": "b", "metric": "field_f1",
+                   "relation": ">", "min_effect": d})  # at the boundary: no number of seeds decides it
+    t = plan_claims(claims, results, units, chains, kinds)
+    assert t.loc[0, "n_seeds"] == 3 and t.loc[0, "n_units"] == 64 and t.loc[0, "n_eff"] == 64
+    assert t.loc[0, "seed_cpu_s"] == 100 + 10 + 30 + 30  # the shared fine-tuning once
+    assert t.loc[0, "seeds_needed"] >= 3 and t.loc[0, "extra_cpu_h"] == pytest.approx(
+        (t.loc[0, "seeds_needed"] - 3) * 170 / 3600)
+    assert 0 < t.loc[0, "seed_share"] <= 1
+    assert "no number of seeds" in t.loc[1, "note"] and pd.isna(t.loc[1, "seeds_needed"])
+
+
+def test_plan_command_on_the_committed_default_study(tmp_path, capsys):
+    import shutil
+
+    from ptqlib.cli import main
+
+    reports = tmp_path / "reports"
+    shutil.copytree(ROOT / "reports" / "default", reports / "default")
+    assert main(["plan", str(ROOT / "parameters" / "default.yaml"), "--reports", str(reports)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("default: 12 claims") and out.count("\n- ") == 12 and "decided at" in out
+    plan = pd.read_csv(reports / "default" / "plan.csv")
+    assert len(plan) == 12 and plan["seeds_needed"].dropna().between(3, MAX_SEEDS).all()
+    assert main(["plan", str(ROOT / "parameters" / "default.yaml"), "--reports", str(tmp_path / "none")]) == 2
