@@ -103,14 +103,15 @@ def split_family(pipelines: list["Pipeline"], stage: int, key: str, candidates: 
     selection_pls: dict[str, "Pipeline"] = {}
     for pl in pipelines:
         ci = next(i for i, c in enumerate(candidates) if c == pl.grid[key])  # candidates are distinct (load_study)
-        point = {k: v for k, v in pl.grid.items() if k not in (key, "seed")}
+        # seeds and calibration draws are replicates: one choice for all of them (made at the first seed's draw 0)
+        point = {k: v for k, v in pl.grid.items() if k not in (key, "seed", "draw")}
         sel = sels.setdefault((pl.model, repr(point)), Selection(
             pl.family, key, stage, list(candidates), metric, point, pipelines=[""] * len(candidates),
             options=[[] for _ in candidates]))
         rest = {k: v for k, v in pl.grid.items() if k != key}
         sel.options[ci].append(dataclasses.replace(pl, name=pl.family + suffix(rest), grid=rest))
-        if pl.seed == first_seed:
-            grid = {k: v for k, v in pl.grid.items() if k != "seed"}
+        if pl.seed == first_seed and not pl.grid.get("draw"):
+            grid = {k: v for k, v in pl.grid.items() if k not in ("seed", "draw")}
             ev = pl.stages[-1]
             stages = pl.stages[:-1] + [dataclasses.replace(ev, params=validation_params(ev.params, metric))]
             name = pl.family + SUFFIX + suffix(grid)
