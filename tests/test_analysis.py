@@ -431,3 +431,32 @@ def test_windows_of_one_document_are_one_cluster():
     assert clustered["difference"] == pytest.approx(flat["difference"], rel=1e-12)
     assert clustered["n_examples"] == n_docs and flat["n_examples"] == n_docs * per
     assert clustered["ci_high"] - clustered["ci_low"] > 1.5 * (flat["ci_high"] - flat["ci_low"])
+
+
+def test_history_keeps_every_analysed_run(tmp_path):
+    """history.csv gains one row per claim for each analysis that differs from the last (date, commit,
+    machines, seeds, verdicts); repeating an analysis adds nothing."""
+    from ptqlib.report.analysis import append_history, write_claims
+
+    res, units = records(np.clip(BASE + 0.05 + NOISE, 0, 1), BASE)
+    res["machines"] = "AMD EPYC 9R14 (cpu, 2 threads)"
+    write_claims(claim(">") + claim(">", min_effect=0.2), res, units, tmp_path)
+    first = pd.read_csv(tmp_path / "history.csv")
+    assert len(first) == 2 and set(first.columns) >= {"date", "commit", "machines", "seeds", "claim", "verdict_holm"}
+    assert first.seeds.astype(str).tolist() == ["0 1 2"] * 2 and first.machines[0] == "AMD EPYC 9R14 (cpu, 2 threads)"
+    table = write_claims(claim(">") + claim(">", min_effect=0.2), res, units, tmp_path)  # the same analysis again
+    assert len(pd.read_csv(tmp_path / "history.csv")) == 2
+    res2 = res.assign(machines="Intel(R) Xeon(R) Platinum 8488C (cpu, 2 threads)")
+    assert append_history(table, res2, tmp_path)  # another machine: a run of its own
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert len(hist) == 4 and hist.machines.nunique() == 2
+
+
+def test_machines_note_warns_when_stages_ran_on_more_than_one():
+    from ptqlib.report.analysis import machines_note
+
+    one = pd.DataFrame({"pipeline": ["a", "b"], "machines": ["AMD EPYC (cpu, 2 threads)"] * 2})
+    assert machines_note(one) == "Every stage ran on AMD EPYC (cpu, 2 threads)."
+    two = one.assign(machines=["AMD EPYC (cpu, 2 threads)", "Intel Xeon (cpu, 2 threads) | AMD EPYC (cpu, 2 threads)"])
+    note = machines_note(two)
+    assert note.startswith("**The stages ran on more than one machine**") and "- AMD EPYC (cpu, 2 threads): a" in note

@@ -75,3 +75,18 @@ def test_a_run_dir_has_one_file_mode(tmp_path):
     normalise_modes(tmp_path)
     modes = {stat.S_IMODE(f.stat().st_mode) for f in tmp_path.rglob("*") if f.is_file()}
     assert modes == {0o666 & ~_umask()}
+
+
+def test_records_name_the_machine(monkeypatch):
+    """The CPU model (not platform.processor()'s bare 'x86_64'), torch's threads and the device."""
+    import torch
+
+    from ptqlib.engine import record
+
+    info = record.device_info()
+    assert info["cpu"] and info["cpu"] not in ("x86_64", "aarch64") or not os.path.exists("/proc/cpuinfo")
+    assert info["torch_threads"] == torch.get_num_threads() and info["device"] in ("cpu", "cuda")
+    assert record.machine_label({"cpu": "AMD EPYC 9R14", "device": "cpu", "torch_threads": 2}) == "AMD EPYC 9R14 (cpu, 2 threads)"
+    gpu = {"cpu": "Intel Xeon", "device": "cuda", "gpu": "NVIDIA H200"}
+    assert record.machine_label(gpu) == "NVIDIA H200 (cuda; CPU Intel Xeon)"
+    assert record.machine_label(None) == "unknown"

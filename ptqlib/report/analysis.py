@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from ptqlib.files import write_atomic
@@ -96,6 +97,22 @@ def settings_table(results: pd.DataFrame) -> pd.DataFrame:
                      "grid": "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in grid.items() if v),
                      "seeds": ", ".join(map(str, sorted(set(sub["seed"])))), "model": r.get("model", "")}
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def machines_note(results: pd.DataFrame) -> str:
+    """A markdown note on the machines the study's stages ran on (results.csv's ``machines``): the one,
+    or a warning naming the pipelines of each when there are several. GPTQ's codes and everything
+    downstream differ between CPUs under the same stage id (a 0.05-0.08 field F1 move per seed was seen
+    between an Intel AMX and an AMD Zen 4 machine), so a report that mixes them says so."""
+    if "machines" not in results:
+        return ""
+    m = results["machines"].fillna("").astype(str).replace("", "unknown (recorded before machines were)")
+    sets = {label: results.loc[m == label, "pipeline"].tolist() for label in dict.fromkeys(m)}
+    if len(sets) == 1 and " | " not in next(iter(sets)):
+        return f"Every stage ran on {next(iter(sets))}."
+    lines = [f"- {label}: {', '.join(p[:6])}{' ...' if len(p) > 6 else ''}" for label, p in sets.items()]
+    return ("**The stages ran on more than one machine** (the same stage id computes different bits on different "
+            "CPUs and GPUs; numbers from each are not replicates of one another):\n" + "\n".join(lines))
 
 
 def versions_note(results: pd.DataFrame) -> str:
@@ -207,8 +224,47 @@ def write_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame 
 
     table = check_claims(claims, results, units)
     write_atomic(Path(study_dir) / "claims.csv", table.to_csv(index=False))
+    append_history(table, results, study_dir)
     return table.assign(interval=[f"[{lo:+.3f}, {hi:+.3f}]" if not (math.isnan(lo) or math.isnan(hi)) else ""
                                   for lo, hi in zip(table.ci_low, table.ci_high)])
+
+
+HISTORY_COLUMNS = ["date", "commit", "machines", "seeds", "claim", "metric", "difference", "ci_low", "ci_high",
+                   "verdict", "verdict_holm"]
+
+
+def append_history(table: pd.DataFrame, results: pd.DataFrame, study_dir) -> bool:
+    """Add this analysis's verdicts to ``history.csv`` (one row per claim: UTC date, library commit, the
+    machines and seeds of the runs, difference, interval, verdicts), so a study keeps the verdicts of every
+    earlier analysed run. An analysis that repeats the last one (same commit, machines, seeds and numbers)
+    adds nothing. Returns whether rows were added."""
+    import datetime
+    from pathlib import Path
+
+    from ptqlib.engine.record import git_commit
+    from ptqlib.engine.stage import ROOT
+
+    path = Path(study_dir) / "history.csv"
+    machines = " | ".join(dict.fromkeys(
+        m for v in results.get("machines", pd.Series(dtype=str)).fillna("").astype(str) for m in v.split(" | ") if m))
+    seeds = " ".join(str(s) for s in sorted(set(pd.to_numeric(results["seed"], errors="coerce").dropna().astype(int))))
+    new = table[["claim", "metric", "difference", "ci_low", "ci_high", "verdict", "verdict_holm"]].copy()
+    new.insert(0, "seeds", seeds)
+    new.insert(0, "machines", machines or "unknown")
+    new.insert(0, "commit", git_commit(ROOT) or "unknown")
+    if path.exists():
+        old = pd.read_csv(path, keep_default_na=False, dtype=str)
+        last = old[old["date"] == old["date"].iloc[-1]] if len(old) else old
+        same = (len(last) == len(new) and (last["commit"] == new["commit"].iloc[0]).all()
+                and (last["machines"] == (machines or "unknown")).all() and (last["seeds"] == seeds).all()
+                and last["verdict_holm"].tolist() == new["verdict_holm"].tolist()
+                and np.allclose(pd.to_numeric(last["difference"], errors="coerce"), new["difference"], equal_nan=True))
+        if same:
+            return False
+    new.insert(0, "date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    text = new[HISTORY_COLUMNS].to_csv(index=False, header=not path.exists())
+    write_atomic(path, (path.read_text() if path.exists() else "") + text)
+    return True
 
 
 def redecide(study_dir) -> pd.DataFrame:

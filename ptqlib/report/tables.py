@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ptqlib.engine.record import complete, versions_label
+from ptqlib.engine.record import complete, machine_label, versions_label
 from ptqlib.engine.runner import recorded
 from ptqlib.engine.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
 from ptqlib.files import copy_atomic, write_atomic, write_json_atomic
@@ -48,6 +48,7 @@ def study_rows(runner: "Runner") -> list[dict]:
                      "stages": " -> ".join(runner.nodes[s].label() for s in chain), "eval_stage": chain[-1]}
         statuses = []
         labels: dict[str, None] = {}  # the package versions the chain's stages ran under, in order
+        machines: dict[str, None] = {}  # the machines they ran on (CPU model, GPU, threads), in order
         seen_kinds: dict[str, int] = {}
         for sid in chain:
             rec = runner.record(sid)
@@ -59,6 +60,7 @@ def study_rows(runner: "Runner") -> list[dict]:
             node = runner.nodes[sid]
             if label := versions_label(rec.get("versions")):
                 labels[label] = None
+            machines[machine_label(rec.get("device"))] = None
             # finetune, finetune2, ...: a pipeline such as FT -> PTQ -> QLoRA trains twice
             seen_kinds[node.kind] = seen_kinds.get(node.kind, 0) + 1
             prefix = node.kind + (str(seen_kinds[node.kind]) if seen_kinds[node.kind] > 1 else "")
@@ -73,6 +75,7 @@ def study_rows(runner: "Runner") -> list[dict]:
             row["wall_s." + prefix] = rec["timings"]["wall_s"]  # each stage's own cost, in chain order
             row["wall_s.total"] = row.get("wall_s.total", 0) + rec["timings"]["wall_s"]
         row["versions"] = " | ".join(labels)  # more than one: the chain mixes package versions
+        row["machines"] = " | ".join(machines)  # more than one: the chain's stages ran on different machines
         row["status"] = "ok" if all(s == "ok" for s in statuses) else next(s for s in statuses if s != "ok")
         rows.append(row)
     return rows
@@ -261,6 +264,14 @@ def analyse(runner: "Runner", force: bool = False) -> Path | None:
         log.info("analysis up to date: %s", index)
         return index
     log.info("analysis -> %s", index)
+    if runner.study.claims:  # how many seeds would decide each claim (plan.csv; the report shows it)
+        from ptqlib.report.analysis import load_outputs
+        from ptqlib.report.plan import plan_claims
+
+        out = load_outputs(runner.reports)
+        table = plan_claims(runner.study.claims, out.results, out.units, runner.chains,
+                            {sid: n.kind for sid, n in runner.nodes.items()})
+        write_atomic(runner.reports / "plan.csv", table.to_csv(index=False))
     work = runner.reports / "_analysis"
     work.mkdir(exist_ok=True)
     try:
