@@ -184,8 +184,10 @@ def known_evaluate_metric(metric) -> bool:
                                         or re.fullmatch(r"lmeval\.[\w-]+\.\w+", metric) is not None)
 
 
+# Declared once, read by claims, selection and plots: a time, a size, a memory peak or a loss is better lower.
 LOWER_IS_BETTER = {"empty_outputs", "size_mb_deploy", "size_mb_stored", "train_seconds", "step_seconds", "peak_mem_mb",
-                   "train_loss_last"}
+                   "train_loss_last", "train_loss_first", "quant_seconds", "gen_seconds", "ppl_seconds", "ttft_s",
+                   "load_seconds", "peak_rss_mb"}
 
 
 def lower_is_better(metric: str) -> bool:

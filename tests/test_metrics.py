@@ -55,3 +55,30 @@ def test_example_scores_aggregate_to_task_scores():
         den = cols[st.den] if st.den else None
         assert st(cols[st.num], den) == pytest.approx(agg[name]), name
     assert len(cols["field_f1"]) == 4 and cols["field_f1"][0] == 1.0 and cols["field_f1"][1] == 0.0
+
+
+@pytest.mark.parametrize("metric", ["quantize.quant_seconds", "gen_seconds", "ppl_seconds", "ttft_s", "load_seconds",
+                                    "peak_rss_mb", "finetune.train_seconds", "size_mb_deploy", "ppl", "kl_stdlib"])
+def test_times_sizes_and_losses_are_lower_is_better(metric):
+    from ptqlib.metrics import lower_is_better
+
+    assert lower_is_better(metric)
+    assert not lower_is_better("gen_tokens_per_s") and not lower_is_better("field_f1")
+
+
+def test_a_faster_quantizer_holds_as_faster():
+    """'RTN quantizes faster than GPTQ' (0.36 s vs 4.74 s, one run each: pipelines that do not train) holds;
+    scored as higher-is-better it said "does not hold"."""
+    import pandas as pd
+
+    from ptqlib.report.claims import check_claims
+
+    results = pd.DataFrame([
+        {"pipeline": "q_rtn", "family": "q_rtn", "seed": 0, "status": "ok", "stages": "quantize(rtn) -> evaluate",
+         "quantize.quant_seconds": 0.36},
+        {"pipeline": "q_gptq", "family": "q_gptq", "seed": 0, "status": "ok", "stages": "quantize(gptq) -> evaluate",
+         "quantize.quant_seconds": 4.74}])
+    claim = {"claim": "RTN quantizes faster than GPTQ", "a": "q_rtn", "b": "q_gptq",
+             "metric": "quantize.quant_seconds", "relation": ">"}
+    row = check_claims([claim], results).iloc[0]
+    assert row.verdict == "holds" and row.difference == pytest.approx(0.36 - 4.74)
