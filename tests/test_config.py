@@ -1,5 +1,6 @@
 """Study-file validation: every bad input fails before any stage runs, naming file, key, value, valid."""
 import json
+import re
 import textwrap
 
 import pytest
@@ -412,9 +413,9 @@ def test_duplicate_models_are_refused(tmp_path):
 
 
 def test_claim_metrics_of_stages_and_lmeval_are_accepted(tmp_path):
-    text = ("model: tiny\npipelines:\n  a: [{finetune: full}]\nclaims:\n"
-            "  - {claim: c, a: a, b: a, metric: finetune.train_loss_last}\n"
-            "  - {claim: d, a: a, b: a, metric: lmeval.arc_easy.acc}\n  - {claim: e, a: a, b: a, metric: kl_stdlib}\n")
+    text = ("model: tiny\npipelines:\n  a: [{finetune: full}]\n  b: []\nclaims:\n"
+            "  - {claim: c, a: a, b: b, metric: finetune.train_loss_last}\n"
+            "  - {claim: d, a: a, b: b, metric: lmeval.arc_easy.acc}\n  - {claim: e, a: a, b: b, metric: kl_stdlib}\n")
     assert len(load_study(write(tmp_path, text)).claims) == 3
 
 
@@ -434,3 +435,51 @@ def test_settings_the_model_cannot_take_are_refused_before_any_stage(tmp_path, s
         load_study(write(tmp_path, f"model: tiny\npipelines:\n  a: {stage if stage.startswith('[') else '[' + stage + ']'}\n"))
     with pytest.raises(ConfigError, match=r"defaults.evaluate.ppl_seq_len: 2048 is more tokens"):
         load_study(write(tmp_path, "model: tiny\ndefaults:\n  evaluate: {ppl_seq_len: 2048}\npipelines:\n  a: []\n"))
+
+
+# ---- study files that would give a wrong answer with exit 0 (issue 46): refused before any stage ----------
+def _study_text(pipelines: str, claims: str = "", name: str = "s") -> str:
+    return (f"study: {name}\nmodel: tiny\ntask: meetings\nseeds: [0, 1]\n"
+            "defaults:\n  finetune: {steps: 2, batch_size: 2, train_samples: 8}\n"
+            f"pipelines:\n{pipelines}" + (f"claims:\n{claims}" if claims else ""))
+
+
+@pytest.mark.parametrize("pipelines, claims, message", [
+    ("  ft: [{finetune: full}]\n  'ft[seed=0]': []\n", "", "their runs would overwrite each other"),
+    ("  ft: [{finetune: full}]\n  ft: [{finetune: lora}]\n", "", "key 'ft' is given twice"),
+    ("  ft: [{finetune: full}]\n  base: []\n", "  - {claim: x, a: ft, b: ft, metric: field_f1}\n", "a and b are both 'ft'"),
+    ("  1: [{finetune: full}]\n  base: []\n", "  - {claim: x, a: '2', b: base, metric: field_f1}\n", "'2' is not a pipeline"),
+])
+def test_colliding_duplicate_and_self_comparing_studies_are_refused(tmp_path, pipelines, claims, message):
+    from ptqlib.study.schema import load_study
+
+    f = tmp_path / "s.yaml"
+    f.write_text(_study_text(pipelines, claims))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_study(f)
+
+
+def test_an_integer_pipeline_name_works_in_a_claim(tmp_path):
+    from ptqlib.study.schema import load_study
+
+    f = tmp_path / "s.yaml"
+    f.write_text(_study_text("  1: [{finetune: full}]\n  base: []\n", "  - {claim: x, a: '1', b: base, metric: field_f1}\n"))
+    assert {p.family for p in load_study(f).pipelines} == {"1", "base"}
+
+
+def test_an_alias_bomb_and_a_long_name_are_refused_at_once(tmp_path):
+    import time
+
+    from ptqlib.study.schema import load_study
+
+    bomb = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+        f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    f = tmp_path / "s.yaml"
+    f.write_text(bomb + _study_text("  base: []\n").replace("study: s\n", "description: *i\n"))
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="anchor &a is not allowed"):
+        load_study(f)
+    f.write_text(_study_text("  base: []\n", name="x" * 300))
+    with pytest.raises(ConfigError, match="a name of 300 characters"):
+        load_study(f)
+    assert time.perf_counter() - t0 < 5

@@ -57,6 +57,37 @@ EXECUTOR_KEYS = {"partition": "SLURM partition", "account": "SLURM account", "qo
 CLAIM_KEYS = {"claim", "a", "b", "metric", "relation", "min_effect"}
 
 
+class StudyLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter where a study file would silently lose or blow up: a key written twice in
+    one mapping is an error (YAML keeps the last: a pipeline written twice lost the first), and anchors and
+    aliases are refused (a study file needs neither; nested aliases expand exponentially: a "billion laughs"
+    description grew past 2 GB before the loader died)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(None, None, f"alias *{event.anchor} is not allowed in a study "
+                                                    "file (write the value out)", event.start_mark)
+        event = self.peek_event()
+        if getattr(event, "anchor", None):
+            raise yaml.constructor.ConstructorError(None, None, f"anchor &{event.anchor} is not allowed in a study "
+                                                    "file (write the value out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice in one mapping "
+                                                        "(YAML would keep the last silently)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+MAX_NAME = 100  # characters of a study name (a folder reports/<study>/; a path component has at most 255 bytes)
+
+
 def _where(path, *keys) -> str:
     return f"{path}: " + ".".join(str(k) for k in keys if k != "")
 
@@ -174,7 +205,7 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
     if not path.is_file():
         raise ConfigError(f"study file {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=StudyLoader)  # noqa: S506 — a SafeLoader (below)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -183,6 +214,9 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
     if "pipelines" not in raw or not isinstance(raw["pipelines"], dict) or not raw["pipelines"]:
         raise ConfigError(f"{path}: pipelines: a non-empty mapping of name -> list of stages is required")
     name = str(raw.get("study", path.stem))
+    if len(name) > MAX_NAME:
+        raise ConfigError(f"{path}: study: a name of {len(name)} characters ({name[:40]}...); at most {MAX_NAME} "
+                          "(it names the folder reports/<study>/)")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in (".", ".."):
         raise ConfigError(f"{path}: study: {name!r} names the folder reports/<study>/: letters, digits, '_', '-', '.' "
                           "only (no path separators)")
@@ -228,6 +262,7 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
     pipelines: list[Pipeline] = []
     selections: list = []
     for pname, stages in raw["pipelines"].items():
+        pname = str(pname)  # `1:` is an int key in YAML; claims name pipelines as strings
         where = f"pipelines.{pname}"
         if "~" in str(pname):
             raise ConfigError(f"{path}: {where}: '~' is reserved in pipeline names (selection pipelines are "
@@ -329,6 +364,12 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
         if select:
             pipelines[start:], sels = split_selection(path, pipelines[start:], select, int(seeds[0]))
             selections += sels
+    owner: dict[str, str] = {}
+    for pl in pipelines:  # a pipeline named like another's grid point ("ft[seed=0]" beside ft's seeds)
+        if owner.setdefault(pl.name, pl.family) != pl.family:
+            raise ConfigError(f"{path}: pipelines: {pl.name!r} is both pipeline {owner[pl.name]!r}'s and pipeline "
+                              f"{pl.family!r}'s name; their runs would overwrite each other: rename one (without "
+                              "'[...]', which grid points and seeds add)")
     claims = raw.get("claims") or []
     if not isinstance(claims, list):
         raise ConfigError(f"{path}: claims: expected a list of {{claim, a, b, metric, relation}}")
@@ -340,9 +381,9 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
             if not isinstance(c.get(k), str):
                 raise ConfigError(f"{path}: claims[{i}].{k}: required (a string)")
         for k in ("a", "b"):
-            if c[k] not in raw["pipelines"]:
+            if c[k] not in {str(p) for p in raw["pipelines"]}:
                 raise ConfigError(f"{path}: claims[{i}].{k}: {c[k]!r} is not a pipeline; valid: "
-                                  + ", ".join(raw["pipelines"]))
+                                  + ", ".join(map(str, raw["pipelines"])))
         if not claim_metric(c["metric"]):
             raise ConfigError(f"{path}: claims[{i}].metric: {c['metric']!r} is not a metric a study records; valid: "
                               f"{', '.join(evaluate_metric_names())}, <stage>.<metric> of a quantize / finetune stage "
@@ -355,6 +396,9 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
             raise ConfigError(f"{path}: claims[{i}].min_effect: {m!r} must be a number >= 0 (the smallest difference "
                               "that counts, in the metric's units)")
         c["min_effect"] = float(m)
+        if c["a"] == c["b"]:
+            raise ConfigError(f"{path}: claims[{i}]: a and b are both {c['a']!r}; a claim compares two pipelines "
+                              "(a pipeline against itself 'holds' with p = 0)")
     uncached = dict.fromkeys(k[1] if isinstance(k, tuple) else k for k, cfg in sizes_cache.items() if cfg is None)
     notes = [f"model {m!r} is not in the local cache: it will be fetched at run time (its group sizes are checked then)"
              for m in uncached]
