@@ -460,3 +460,11 @@ def test_machines_note_warns_when_stages_ran_on_more_than_one():
     two = one.assign(machines=["AMD EPYC (cpu, 2 threads)", "Intel Xeon (cpu, 2 threads) | AMD EPYC (cpu, 2 threads)"])
     note = machines_note(two)
     assert note.startswith("**The stages ran on more than one machine**") and "- AMD EPYC (cpu, 2 threads): a" in note
+
+
+def test_notes_show_pipeline_names_as_text():
+    from ptqlib.report.analysis import machines_note, versions_note
+
+    res = pd.DataFrame({"pipeline": ["<script>alert(1)</script>", "b"], "machines": ["m1", "m2"], "versions": ["v1", "v2"]})
+    for note in (machines_note(res), versions_note(res)):
+        assert "<script>" not in note and "&lt;script&gt;" in note

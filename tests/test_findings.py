@@ -85,3 +85,13 @@ def test_findings_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="findings:begin"):
         findings.update(readme, tmp_path / "ok")
     assert main(["findings", "--readme", str(readme), "--reports", str(tmp_path / "ok")]) == 2
+
+
+def test_a_line_break_in_a_claim_stays_in_its_row(tmp_path):
+    reports = tmp_path / "reports"
+    _study(reports, "three", seeds=3, shift=0.1)
+    table = pd.read_csv(reports / "three" / "claims.csv", dtype={"flags": str})
+    table.loc[0, "claim"] = "a beats b\n| injected | row |"
+    table.to_csv(reports / "three" / "claims.csv", index=False)
+    row = next(line for line in findings.render(reports).splitlines() if line.startswith("| three | a beats b"))
+    assert "a beats b \\| injected \\| row \\|" in row and row.count(" | ") == 6  # the table's own 7 cells

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from html import escape
 
 import numpy as np
 import pandas as pd
@@ -110,7 +111,7 @@ def machines_note(results: pd.DataFrame) -> str:
     sets = {label: results.loc[m == label, "pipeline"].tolist() for label in dict.fromkeys(m)}
     if len(sets) == 1 and " | " not in next(iter(sets)):
         return f"Every stage ran on {next(iter(sets))}."
-    lines = [f"- {label}: {', '.join(p[:6])}{' ...' if len(p) > 6 else ''}" for label, p in sets.items()]
+    lines = [f"- {escape(label)}: {escape(', '.join(p[:6]))}{' ...' if len(p) > 6 else ''}" for label, p in sets.items()]
     return ("**The stages ran on more than one machine** (the same stage id computes different bits on different "
             "CPUs and GPUs; numbers from each are not replicates of one another):\n" + "\n".join(lines))
 
@@ -127,7 +128,7 @@ def versions_note(results: pd.DataFrame) -> str:
         return ""
     if len(sets) == 1 and " | " not in next(iter(sets)):
         return f"Every stage ran with {next(iter(sets))}."
-    lines = [f"- {label}: {', '.join(p[:6])}{' ...' if len(p) > 6 else ''}" for label, p in sets.items()]
+    lines = [f"- {escape(label)}: {escape(', '.join(p[:6]))}{' ...' if len(p) > 6 else ''}" for label, p in sets.items()]
     return ("**The stages ran under different package versions** (a cached stage keeps the numbers of the "
             "versions it ran with; `ptqlib run --force` re-runs them here):\n" + "\n".join(lines))
 

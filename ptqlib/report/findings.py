@@ -69,7 +69,8 @@ def decided_rows(name: str, table: pd.DataFrame) -> list[str]:
 
 
 def _cell(text) -> str:
-    return str(text).replace("|", "\\|")  # a '|' (as in |a - b| < m) would end the table cell
+    # a '|' (as in |a - b| < m) would end the table cell, a line break the row
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def render(reports: str | Path, relative_to: str | Path = ".") -> str:
