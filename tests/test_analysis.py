@@ -468,3 +468,14 @@ def test_notes_show_pipeline_names_as_text():
     res = pd.DataFrame({"pipeline": ["<script>alert(1)</script>", "b"], "machines": ["m1", "m2"], "versions": ["v1", "v2"]})
     for note in (machines_note(res), versions_note(res)):
         assert "<script>" not in note and "&lt;script&gt;" in note
+
+
+def test_a_study_without_claims_keeps_no_stale_claims(tmp_path):
+    from ptqlib.report.analysis import drop_claims, write_claims
+
+    res, units = records(np.clip(BASE + 0.05 + NOISE, 0, 1), BASE)
+    write_claims(claim(">"), res, units, tmp_path)
+    (tmp_path / "plan.csv").write_text("claim\nx\n")
+    assert sorted(drop_claims(tmp_path)) == ["claims.csv", "plan.csv"]
+    assert not (tmp_path / "claims.csv").exists() and (tmp_path / "history.csv").exists()
+    assert drop_claims(tmp_path) == []

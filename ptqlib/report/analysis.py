@@ -268,6 +268,21 @@ def append_history(table: pd.DataFrame, results: pd.DataFrame, study_dir) -> boo
     return True
 
 
+def drop_claims(study_dir) -> list[str]:
+    """Remove ``claims.csv`` and ``plan.csv`` of a study that declares no claims (any more): left in place,
+    ``python -m ptqlib findings`` kept reporting the verdicts of claims the study file had dropped.
+    ``history.csv`` stays (it is the record of earlier runs). Returns the names removed."""
+    from pathlib import Path
+
+    gone = []
+    for name in ("claims.csv", "plan.csv"):
+        f = Path(study_dir) / name
+        if f.exists():
+            f.unlink()
+            gone.append(name)
+    return gone
+
+
 def redecide(study_dir) -> pd.DataFrame:
     """Decide the claims of ``study.json`` again from the committed ``results.csv`` / ``units.csv``
     of ``reports/<study>/`` -> ``claims.csv``; runs no stage and leaves the other files alone."""

@@ -272,6 +272,10 @@ def analyse(runner: "Runner", force: bool = False) -> Path | None:
         table = plan_claims(runner.study.claims, out.results, out.units, runner.chains,
                             {sid: n.kind for sid, n in runner.nodes.items()})
         write_atomic(runner.reports / "plan.csv", table.to_csv(index=False))
+    else:
+        from ptqlib.report.analysis import drop_claims
+
+        drop_claims(runner.reports)
     work = runner.reports / "_analysis"
     work.mkdir(exist_ok=True)
     try:
