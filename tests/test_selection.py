@@ -2,6 +2,7 @@
 pipelines, the runner's two phases and the report's selection.csv, on fake stage records."""
 import csv
 import math
+import re
 import textwrap
 import time
 
@@ -219,3 +220,44 @@ def test_an_evaluate_stage_that_measures_nothing_is_refused(tmp_path):
     EvaluateParams(ppl_sources=[], task_samples=8)  # generation only is fine
     with pytest.raises(ConfigError, match="measures nothing"):
         EvaluateParams(ppl_sources=[], task_samples=0)
+
+
+@pytest.mark.parametrize("pipeline, metric, evaluate, why", [
+    ("[{finetune: full}]", "kl", "{}", "no 16-bit reference"),  # nothing quantizes: no KL
+    ("[{finetune: full}]", "top1_agree_stdlib", "{}", "no 16-bit reference"),
+    ("[{quantize: nf4}, {finetune: qlora}]", "kl_stdlib", "{ppl_sources: [pydoc]}", "lack 'stdlib'"),
+    ("[{finetune: full}]", "gen_seconds", "{task_samples: 0}", "task_samples is 0"),
+    ("[{finetune: full}]", "lmeval.arc_easy.acc", "{lm_eval_tasks: [hellaswag]}", "lack 'arc_easy'"),
+])
+def test_a_select_on_a_metric_that_is_never_recorded_is_refused(tmp_path, pipeline, metric, evaluate, why):
+    """Every candidate would score NaN and the first would be 'chosen' silently: refused at load instead."""
+    from ptqlib.errors import ConfigError
+
+    text = f"""
+    study: sel
+    model: tiny
+    defaults:
+      finetune: {{steps: 4, lr: {{select: [1.0e-4, 3.0e-4], metric: {metric}}}}}
+      evaluate: {evaluate}
+    pipelines:
+      ft: {pipeline}
+    """
+    with pytest.raises(ConfigError, match=f"{re.escape(metric)}'? is not recorded .*{re.escape(why)}"):
+        _study(tmp_path, text)
+
+
+def test_an_old_reports_values_of_another_metric_are_not_reused(tmp_path):
+    """selection.csv from a run that ranked by exact_match; the study now ranks by field_f1 and its runs are
+    gone: the old numbers do not stand in for the new metric (same evaluate stage ids)."""
+    from ptqlib.engine.runner import recorded
+
+    study = _study(tmp_path)
+    r = Runner(study, tmp_path / "runs", tmp_path / "reports")
+    sel = [p for p in study.pipelines if selection.is_selection(p)]
+    r.reports.mkdir(parents=True, exist_ok=True)
+    rows = ["family,point,key,candidate,metric,validation,chosen,pipeline,eval_stage"] + [
+        f"ft,,lr,{i},exact_match,0.{i + 1},False,{p.name},{r.chains[p.name][-1]}" for i, p in enumerate(sel)]
+    (r.reports / "selection.csv").write_text("\n".join(rows) + "\n")
+    value_of = recorded(r)
+    assert value_of(sel[0].name, "exact_match") == pytest.approx(0.1)
+    assert value_of(sel[0].name, "field_f1") is None  # not known: its selection stages run again

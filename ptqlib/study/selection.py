@@ -38,18 +38,23 @@ known_metric = known_evaluate_metric
 
 def missing_metric(metric: str, ev: dict) -> str | None:
     """Why an evaluate stage with params ``ev`` records no ``metric`` (None: it records it)."""
-    if metric in STATISTICS and not ev["task_samples"]:
-        return "its task_samples is 0"
-    if metric in PPL_METRICS:
-        source = TEXT_SOURCES[PPL_METRICS.index(metric)]
-        if source not in ev["ppl_sources"]:
-            return f"its ppl_sources {ev['ppl_sources']} lack {source!r}"
+    if (metric in STATISTICS or metric in ("gen_tokens_per_s", "gen_seconds")) and not ev["task_samples"]:
+        return "its task_samples is 0 (no generation)"
+    for i, ppl in enumerate(PPL_METRICS):
+        suffix = ppl[len("ppl"):]
+        if metric in (ppl, "kl" + suffix, "top1_agree" + suffix) and TEXT_SOURCES[i] not in ev["ppl_sources"]:
+            return f"its ppl_sources {ev['ppl_sources']} lack {TEXT_SOURCES[i]!r}"
+        if metric in ("kl" + suffix, "top1_agree" + suffix) and not ev.get("kl_reference"):
+            return ("it compares with no 16-bit reference (nothing in the pipeline quantizes, or its kl_reference "
+                    "is off)")
     if metric in ("ttft_s", "decode_tokens_per_s") and not ev["speed_prompts"]:
         return "its speed_prompts is 0"
     if metric in ("peak_rss_mb", "load_seconds") and ev["runtime"] != "llama.cpp":
         return f"its runtime is {ev['runtime']!r} (llama.cpp only)"
     if metric.startswith("lmeval.") and not ev["lm_eval_tasks"]:
         return "its lm_eval_tasks is empty"
+    if metric.startswith("lmeval.") and metric.split(".")[1] not in ev["lm_eval_tasks"]:
+        return f"its lm_eval_tasks {ev['lm_eval_tasks']} lack {metric.split('.')[1]!r}"
     return None
 
 
