@@ -249,7 +249,7 @@ def test_a_select_on_a_metric_that_is_never_recorded_is_refused(tmp_path, pipeli
 def test_an_old_reports_values_of_another_metric_are_not_reused(tmp_path):
     """selection.csv from a run that ranked by exact_match; the study now ranks by field_f1 and its runs are
     gone: the old numbers do not stand in for the new metric (same evaluate stage ids)."""
-    from ptqlib.engine.runner import recorded
+    from ptqlib.engine.choices import recorded
 
     study = _study(tmp_path)
     r = Runner(study, tmp_path / "runs", tmp_path / "reports")
@@ -261,3 +261,18 @@ def test_an_old_reports_values_of_another_metric_are_not_reused(tmp_path):
     value_of = recorded(r)
     assert value_of(sel[0].name, "exact_match") == pytest.approx(0.1)
     assert value_of(sel[0].name, "field_f1") is None  # not known: its selection stages run again
+
+
+def test_a_selection_csv_with_a_bad_value_is_refused_naming_it(tmp_path, capsys):
+    from ptqlib.cli import main
+
+    study = _study(tmp_path)
+    r = Runner(study, tmp_path / "runs", tmp_path / "reports")
+    sel = next(p for p in study.pipelines if selection.is_selection(p))
+    (r.reports).mkdir(parents=True, exist_ok=True)
+    (r.reports / "selection.csv").write_text("family,point,key,candidate,metric,validation,chosen,pipeline,eval_stage\n"
+                                             f"ft,,lr,0,field_f1,high,False,{sel.name},{r.chains[sel.name][-1]}\n")
+    code = main(["run", str(tmp_path / "s.yaml"), "--dry-run", "--runs", str(tmp_path / "runs"),
+                 "--reports", str(tmp_path / "reports")])
+    err = capsys.readouterr().err
+    assert code == 2 and "selection.csv" in err and "not a number" in err and "Traceback" not in err

@@ -9,16 +9,15 @@ passes a ``reporter`` (``ptqlib.report.tables``), which it calls after a run and
 """
 from __future__ import annotations
 
-import csv
 import logging
-import math
 import re
 import sys
 import time
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
+from ptqlib.engine.choices import recorded
 from ptqlib.engine.executors import Handle, InlineExecutor
 from ptqlib.engine.record import version_changes, versions
 from ptqlib.engine.stage import BUSY, DONE_ELSEWHERE, OK, finished, fresh, kernel_name, stage_busy, stage_environment
@@ -370,31 +369,3 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-# ---- the values that decide a selection (ptqlib.study.selection) --------------------------------
-def recorded(runner: Runner) -> Callable[[str, str], float | None]:
-    """``value_of`` for :func:`resolve`: the metric in the record of a selection pipeline's evaluate stage when
-    its chain is finished (NaN when the record lacks it), else the value in the report's ``selection.csv``
-    for the same evaluate stage id and metric (unless the runner keeps no previous report), else None."""
-    previous = previous_values(runner.reports) if runner.keep_previous else {}
-
-    def value_of(pipeline: str, metric: str) -> float | None:
-        chain = runner.chains[pipeline]
-        if all(runner.finished(s) for s in chain):
-            v = (runner.record(chain[-1]).get("metrics") or {}).get(metric)
-            return math.nan if v is None else float(v)
-        return previous.get((pipeline, chain[-1], metric))  # the same metric: a changed select metric re-runs
-
-    return value_of
-
-
-def previous_values(reports: Path) -> dict[tuple[str, str, str], float]:
-    """(selection pipeline, evaluate stage id, metric) -> validation value, from ``reports/selection.csv`` (the id
-    does not change with the select's metric: keyed on it alone, an old metric's values were reused)."""
-    path = Path(reports) / "selection.csv"
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        return {(r["pipeline"], r["eval_stage"], r.get("metric", "")): float(r["validation"])
-                for r in csv.DictReader(f) if r.get("validation") not in (None, "")}

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ptqlib.engine.choices import recorded
 from ptqlib.engine.record import complete, machine_label, versions_label
-from ptqlib.engine.runner import recorded
 from ptqlib.engine.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
 from ptqlib.files import copy_atomic, write_atomic, write_json_atomic
 from ptqlib.study import selection
