@@ -95,3 +95,22 @@ def test_a_line_break_in_a_claim_stays_in_its_row(tmp_path):
     table.to_csv(reports / "three" / "claims.csv", index=False)
     row = next(line for line in findings.render(reports).splitlines() if line.startswith("| three | a beats b"))
     assert "a beats b \\| injected \\| row \\|" in row and row.count(" | ") == 6  # the table's own 7 cells
+
+
+@pytest.mark.parametrize("text", ["", "\x00\xff garbage", None])
+def test_findings_on_a_malformed_claims_file_names_it(tmp_path, capsys, text):
+    reports = tmp_path / "reports"
+    _study(reports, "three", seeds=3, shift=0.1)
+    path = reports / "three" / "claims.csv"
+    if text is None:  # every column there, but numbers where text belongs
+        table = pd.read_csv(path)
+        table["verdict"] = 1.5
+        table["verdict_holm"] = 2
+        table.to_csv(path, index=False)
+    else:
+        path.write_bytes(text.encode("latin-1"))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{findings.BEGIN}\n{findings.END}\n")
+    assert main(["findings", "--readme", str(readme), "--reports", str(reports)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err

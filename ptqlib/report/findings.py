@@ -25,7 +25,10 @@ NEEDED = ("claim", "tested", "metric", "difference", "ci_low", "ci_high", "verdi
 
 
 def _claims(path: Path) -> pd.DataFrame:
-    table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    try:
+        table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable CSV file ({e})") from None
     missing = [c for c in NEEDED if c not in table]
     if missing:
         raise ValueError(f"{path}: no column {missing} (written before two-sided Holm and the flags); re-decide it with "
@@ -84,8 +87,12 @@ def render(reports: str | Path, relative_to: str | Path = ".") -> str:
     for path in paths:
         table = _claims(path)
         link = Path(os.path.relpath(path.parent / "index.html", Path(relative_to)))  # as the README links it
-        lines.append(counts_line(path.parent.name, table, link.as_posix()))
-        rows += decided_rows(path.parent.name, table)
+        try:
+            lines.append(counts_line(path.parent.name, table, link.as_posix()))
+            rows += decided_rows(path.parent.name, table)
+        except (AttributeError, TypeError, ValueError, KeyError) as e:  # a hand-edited or truncated file
+            raise ValueError(f"{path}: not a claims table as ptqlib writes it ({type(e).__name__}: {e}); re-decide it "
+                             "with python -m ptqlib analyse parameters/<study>.yaml") from None
     lines.append("")
     if not rows:
         return "\n".join(lines + ["No claim is decided after Holm (floor and ceiling claims aside).", ""])
