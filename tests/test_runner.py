@@ -124,3 +124,21 @@ def test_cached_stages_under_other_package_versions_are_named(tmp_path, monkeypa
     rows = {row["pipeline"]: row["versions"] for row in csv.DictReader(open(tmp_path / "reports" / "s" / "results.csv"))}
     assert rows["ft16[seed=0]"].count(" | ") == 1 and "transformers 0.0.1" in rows["ft16[seed=0]"]  # a mixed chain
     assert rows["ft16[seed=1]"] == versions_label(versions())
+
+
+def test_sockets_of_dead_runners_are_removed(tmp_path):
+    """A runner killed by SIGKILL leaves its kernels' socket files; the next runner removes those whose owner
+    is gone and leaves a live process's (and names it cannot attribute) alone."""
+    import subprocess
+    import sys
+
+    from ptqlib.engine.stage import SOCKET_PREFIX, remove_stale_sockets
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    names = [f"{SOCKET_PREFIX}{dead}-abc123def456-1", f"{SOCKET_PREFIX}{dead}-abc123def456-2",
+             f"{SOCKET_PREFIX}{os.getpid()}-0123456789ab-1", f"{SOCKET_PREFIX}14928f03532a-1"]
+    for n in names:
+        (tmp_path / n).write_text("")
+    assert remove_stale_sockets(str(tmp_path)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])

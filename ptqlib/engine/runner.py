@@ -20,7 +20,17 @@ from typing import Protocol
 from ptqlib.engine.choices import recorded
 from ptqlib.engine.executors import Handle, InlineExecutor
 from ptqlib.engine.record import version_changes, versions
-from ptqlib.engine.stage import BUSY, DONE_ELSEWHERE, OK, finished, fresh, kernel_name, stage_busy, stage_environment
+from ptqlib.engine.stage import (
+    BUSY,
+    DONE_ELSEWHERE,
+    OK,
+    finished,
+    fresh,
+    kernel_name,
+    remove_stale_sockets,
+    stage_busy,
+    stage_environment,
+)
 from ptqlib.files import RECORD, read_json
 from ptqlib.study import selection
 from ptqlib.study.graph import build_graph
@@ -144,6 +154,7 @@ class Runner:
         each stage once its input is finished. Several runners may work on one runs directory:
         a stage runs under its own lock, and a stage another runner is running is waited for.
         """
+        remove_stale_sockets()  # those a killed runner left in the temp directory
         from ptqlib.engine import kernels
 
         self.runs.mkdir(parents=True, exist_ok=True)

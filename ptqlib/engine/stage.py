@@ -262,6 +262,33 @@ class _NoAltTextWarning(logging.Filter):
         return "Alternative text is missing" not in record.getMessage()
 
 
+SOCKET_PREFIX = "ptqlib-kernel-"
+
+
+def remove_stale_sockets(tmp: str | None = None) -> int:
+    """Remove the kernels' IPC socket files (``<tmp>/ptqlib-kernel-<pid>-<id>-<n>``) whose owning process is
+    gone: a runner killed by SIGKILL cannot clean up after itself. Returns how many were removed."""
+    import glob
+
+    removed = 0
+    for f in glob.glob(os.path.join(tmp or tempfile.gettempdir(), SOCKET_PREFIX + "*")):
+        parts = os.path.basename(f)[len(SOCKET_PREFIX):].split("-")
+        if len(parts) != 3 or not parts[0].isdigit():
+            continue  # not <pid>-<id>-<n> (an older ptqlib's name: its owner is unknown, so it stays)
+        try:
+            os.kill(int(parts[0]), 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # another user's live process
+            alive = True
+        if not alive:
+            with contextlib.suppress(OSError):
+                os.unlink(f)
+                removed += 1
+    return removed
+
+
 def kernel_manager_kwargs(env: dict | None = None, cwd: str | Path | None = None) -> dict:
     """Stage kernels talk to the runner over Unix sockets, not TCP: local only, no ports to open,
     and nothing for ipykernel to warn about ("running over TCP without encryption"). ``env`` is
@@ -275,7 +302,8 @@ def kernel_manager_kwargs(env: dict | None = None, cwd: str | Path | None = None
 
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kw):
-            path = os.path.join(tempfile.gettempdir(), f"ptqlib-kernel-{uuid.uuid4().hex[:12]}")
+            # the pid of the process that owns the sockets: remove_stale_sockets() sweeps those of dead ones
+            path = os.path.join(tempfile.gettempdir(), f"{SOCKET_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
             super().__init__(transport="ipc", ip=path, **kw)
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
