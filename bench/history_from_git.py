@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from ptqlib.files import write_atomic  # noqa: E402
 from ptqlib.report.analysis import HISTORY_COLUMNS  # noqa: E402
 
-NOT_RECORDED = "not recorded (before 2026-12-04)"
+NOT_RECORDED = "not recorded"
 
 
 def _git(*args: str) -> str:

@@ -114,3 +114,31 @@ def test_findings_on_a_malformed_claims_file_names_it(tmp_path, capsys, text):
     assert main(["findings", "--readme", str(readme), "--reports", str(reports)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "Traceback" not in err
+
+
+def test_each_study_line_names_its_run_and_whether_it_is_declared_final(tmp_path):
+    import json
+
+    from ptqlib.report.analysis import append_history
+
+    reports = tmp_path / "reports"
+    _study(reports, "three", seeds=3, shift=0.1)  # write_claims recorded the run in history.csv
+    assert "Analysed " in findings.render(reports) and "seeds 0-2), not declared final." in findings.render(reports)
+    (reports / "three" / "study.json").write_text(json.dumps({"final": True}))
+    table = pd.read_csv(reports / "three" / "claims.csv")
+    append_history(table, pd.DataFrame({"seed": [0, 1, 2, 3, 4], "machines": ["AMD EPYC (cpu, 2 threads)"] * 5}),
+                   reports / "three")
+    line = next(x for x in findings.render(reports).splitlines() if x.startswith("- **three**"))
+    assert line.endswith("(machines: AMD EPYC (cpu, 2 threads); seeds 0-4), declared final in the study file.")
+
+
+def test_final_must_be_true_or_false(tmp_path):
+    from ptqlib.errors import ConfigError
+    from ptqlib.study.schema import load_study
+
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\nfinal: yes please\npipelines:\n  base: []\n")
+    with pytest.raises(ConfigError, match="final: 'yes please'"):
+        load_study(f)
+    f.write_text("model: tiny\nfinal: true\npipelines:\n  base: []\n")
+    assert load_study(f).final is True

@@ -262,7 +262,7 @@ def append_history(table: pd.DataFrame, results: pd.DataFrame, study_dir) -> boo
                 and np.allclose(pd.to_numeric(last["difference"], errors="coerce"), new["difference"], equal_nan=True))
         if same:
             return False
-    new.insert(0, "date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    new.insert(0, "date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
     text = new[HISTORY_COLUMNS].to_csv(index=False, header=not path.exists())
     write_atomic(path, (path.read_text() if path.exists() else "") + text)
     return True

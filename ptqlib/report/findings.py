@@ -59,6 +59,27 @@ def counts_line(name: str, table: pd.DataFrame, link: str) -> str:
             + (f" ({flagged} at a floor or ceiling, left out below)" if flagged else "") + ".")
 
 
+def run_line(study_dir: Path) -> str:
+    """`` Analysed <date> (<machines>; seeds ...), declared final.``: which analysed run the verdicts are (the
+    last of ``history.csv``) and whether the study file declares it the final one (``final: true``)."""
+    import json
+
+    hist = study_dir / "history.csv"
+    if not hist.exists():
+        return ""
+    try:
+        h = pd.read_csv(hist, keep_default_na=False, dtype=str)
+        last = h.iloc[-1]  # a row of the last analysed run
+        final = bool(json.loads((study_dir / "study.json").read_text()).get("final", False)) \
+            if (study_dir / "study.json").exists() else False
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"{hist}: not a history as ptqlib writes it ({type(e).__name__}: {e})") from None
+    seeds = last["seeds"].split()
+    seed_text = f"seeds {seeds[0]}-{seeds[-1]}" if len(seeds) > 2 else f"seeds {' '.join(seeds)}" if seeds else "no seeds"
+    return (f" Analysed {last['date'][:10]} (machines: {last['machines']}; {seed_text})"
+            + (", declared final in the study file." if final else ", not declared final."))
+
+
 def decided_rows(name: str, table: pd.DataFrame) -> list[str]:
     """Table rows of a study's claims decided after Holm and not flagged: verdict, difference, interval,
     adjusted p."""
@@ -88,7 +109,7 @@ def render(reports: str | Path, relative_to: str | Path = ".") -> str:
         table = _claims(path)
         link = Path(os.path.relpath(path.parent / "index.html", Path(relative_to)))  # as the README links it
         try:
-            lines.append(counts_line(path.parent.name, table, link.as_posix()))
+            lines.append(counts_line(path.parent.name, table, link.as_posix()) + run_line(path.parent))
             rows += decided_rows(path.parent.name, table)
         except (AttributeError, TypeError, ValueError, KeyError) as e:  # a hand-edited or truncated file
             raise ValueError(f"{path}: not a claims table as ptqlib writes it ({type(e).__name__}: {e}); re-decide it "

@@ -192,7 +192,7 @@ def write_results(runner: "Runner") -> Path:
     write_json_atomic(runner.reports / "stages.json", stages)
     write_json_atomic(runner.reports / "study.json", {
         "name": runner.study.name, "file": str(runner.study.path), "description": runner.study.description,
-        "runs_dir": str(runner.runs.resolve()),
+        "runs_dir": str(runner.runs.resolve()), "final": runner.study.final,
         "claims": runner.study.claims, "pipelines": {p.name: runner.chains[p.name] for p in runner.study.pipelines}})
     return path
 

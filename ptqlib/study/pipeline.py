@@ -35,3 +35,4 @@ class Study:
     notes: list[str] = field(default_factory=list)  # what validation could not check (dry-run, uncached hub model)
     executor: dict = field(default_factory=dict)  # the `executor:` section (EXECUTOR_KEYS)
     selections: list = field(default_factory=list)  # ptqlib.study.selection.Selection: each select, per grid point
+    final: bool = False  # `final: true`: its run is the one the README's findings stand on (declared before it runs)

@@ -50,7 +50,7 @@ from ptqlib.study.loader import StudyLoader
 from ptqlib.study.params import LIST_KEYS, fields_of, foreign_settings
 from ptqlib.study.pipeline import Pipeline, Stage, Study
 
-TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims", "executor"}
+TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims", "executor", "final"}
 # the `executor:` section (run --executor slurm): where and with what resources each stage job runs
 EXECUTOR_KEYS = {"partition": "SLURM partition", "account": "SLURM account", "qos": "SLURM QOS",
                  "time_min": "minutes per stage job", "gpus": "GPUs per stage job", "cpus": "CPU cores per stage job",
@@ -386,5 +386,8 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
         if k in executor and (isinstance(executor[k], bool) or not isinstance(executor[k], (int, float))
                               or executor[k] < 0):
             raise ConfigError(f"{path}: executor.{k}: {executor[k]!r} must be a number >= 0 ({EXECUTOR_KEYS[k]})")
+    final = raw.get("final", False)
+    if not isinstance(final, bool):
+        raise ConfigError(f"{path}: final: {final!r}; true (this study's run is the one its findings stand on) or false")
     return Study(name, path, str(raw.get("description", "")), pipelines, claims, notes, dict(executor),
-                 selections=selections)
+                 selections=selections, final=final)
