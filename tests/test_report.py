@@ -5,6 +5,7 @@ import logging
 import shutil
 
 import pandas as pd
+import pytest
 
 from ptqlib.engine.runner import Runner
 from ptqlib.files import write_json_atomic
@@ -158,3 +159,28 @@ def test_the_report_names_the_package_versions_and_warns_when_they_differ():
     one_mixed_chain = pd.DataFrame({"pipeline": ["a"], "versions": ["transformers 5.24.0 | transformers 5.25.0"]})
     assert analysis.versions_note(one_mixed_chain).startswith("**The stages ran under different")
     assert analysis.versions_note(pd.DataFrame({"pipeline": ["a"]})) == ""  # a report from before the column
+
+
+def test_a_truncated_units_csv_is_refused_not_rewritten(tmp_path):
+    """No runs, and the committed units.csv lost rows: the report is not rewritten from it (the next claim
+    failed with a shape error while claims.csv stayed stale); the error names the file and the pipeline."""
+    from ptqlib.errors import ConfigError
+
+    r = _runner(tmp_path)
+    for p in r.study.pipelines:
+        _finish(r, p.name, [0.9, 0.8, 1.0, 0.7])
+    tables.write_results(r)
+    rows = _csv(r.reports / "results.csv")
+    for row in rows:
+        row["task_examples"] = 4
+    with open(r.reports / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = (r.reports / "units.csv").read_text().splitlines()
+    (r.reports / "units.csv").write_text("\n".join(lines[:-2]) + "\n")  # the last run lost two examples
+    before = (r.reports / "units.csv").read_text()
+    shutil.rmtree(r.runs)
+    with pytest.raises(ConfigError, match=r"units\.csv.*has 2 of 4 task examples"):
+        tables.write_results(_runner(tmp_path))
+    assert (r.reports / "units.csv").read_text() == before

@@ -148,6 +148,14 @@ def keep_previous(runner: "Runner", rows: list[dict], prev: PreviousReport) -> d
             kept[p] = [{**u, "pipeline": p, "family": row["family"]} for u in units]
         else:
             row["source"] = "runs"
+    by_name = {r["pipeline"]: r for r in rows}
+    for p, units in kept.items():  # a units.csv cut short would be rewritten with the rows it lost
+        if why := _short_units(runner, by_name[p], units):
+            from ptqlib.errors import ConfigError
+
+            raise ConfigError(f"{runner.reports / 'units.csv'} (or the report it was kept from): pipeline {p!r} has "
+                              f"{why}; the file does not match its runs: restore it (git checkout) or re-run the "
+                              "stages (--fresh-report), nothing was rewritten")
     # a row the study can no longer reproduce (its chain changed) and that nothing replaces
     stale = [r["pipeline"] for r in rows if r["status"] != "ok" and r["pipeline"] in prev.rows
              and r["pipeline"] not in kept]
@@ -159,6 +167,28 @@ def keep_previous(runner: "Runner", rows: list[dict], prev: PreviousReport) -> d
         log.warning("dropped %d pipeline runs of the previous report whose stages the study file has since "
                     "changed (another evaluate stage id): %s", len(stale), ", ".join(stale))
     return kept
+
+
+def _short_units(runner: "Runner", row: dict, units: list[dict]) -> str:
+    """What a kept pipeline run's units lack against its own results row ("" when complete): as many task
+    examples as its ``task_examples``, and for each perplexity it reports, its evaluate stage's ``ppl_samples``
+    windows."""
+    ev = runner.nodes[runner.chains[row["pipeline"]][-1]].params
+    count: dict[str, int] = {}
+    for u in units:
+        count[str(u.get("group", ""))] = count.get(str(u.get("group", "")), 0) + 1
+    short = []
+    for src in ev.get("ppl_sources", []):
+        g = "ppl" if src == "pydoc" else f"ppl_{src}"
+        if row.get(g) not in (None, "") and count.get(g, 0) != ev["ppl_samples"]:
+            short.append(f"{count.get(g, 0)} of {ev['ppl_samples']} {g} windows")
+    try:
+        n = float(row.get("task_examples"))
+    except (TypeError, ValueError):  # absent or empty: no generation
+        n = float("nan")
+    if n == n and count.get("task", 0) != int(n):
+        short.append(f"{count.get('task', 0)} of {int(n)} task examples")
+    return "; ".join(short)
 
 
 def write_results(runner: "Runner") -> Path:
