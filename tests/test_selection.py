@@ -276,3 +276,16 @@ def test_a_selection_csv_with_a_bad_value_is_refused_naming_it(tmp_path, capsys)
                  "--reports", str(tmp_path / "reports")])
     err = capsys.readouterr().err
     assert code == 2 and "selection.csv" in err and "not a number" in err and "Traceback" not in err
+
+
+def test_a_select_on_a_task_without_a_validation_split_is_refused_at_load(tmp_path):
+    """A 3-line jsonl task has no validation line: refused before any candidate trains."""
+    import json
+
+    from ptqlib.errors import ConfigError
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) + "\n" for i in range(3)))
+    text = STUDY.replace("model: tiny", f"model: tiny\ntask: 'jsonl:{data}'")
+    with pytest.raises(ConfigError, match="validation split needs at least 5.*selects a setting"):
+        _study(tmp_path, text)

@@ -171,7 +171,7 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
     ``allow_network=False`` (``--dry-run``): a hub model that is not cached locally is not fetched;
     its layer-size checks are left to run time and noted in ``Study.notes``.
     """
-    from ptqlib.data import check_task
+    from ptqlib.data import check_task, load_task
     from ptqlib.models import check_model_name, linear_input_sizes, model_config
 
     path = Path(path)
@@ -337,6 +337,11 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
         if select:
             pipelines[start:], sels = split_selection(path, pipelines[start:], select, int(seeds[0]))
             selections += sels
+    if selections and task.startswith("jsonl:"):  # before any candidate trains, not at its validation evaluate
+        try:
+            load_task(task, "validation", 1)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: task: {e}; the study selects a setting on the validation split") from None
     owner: dict[str, str] = {}
     for pl in pipelines:  # a pipeline named like another's grid point ("ft[seed=0]" beside ft's seeds)
         if owner.setdefault(pl.name, pl.family) != pl.family:
