@@ -1,7 +1,10 @@
-"""Reading a study file's YAML: the safe loader, stricter where a study file would silently lose or blow up."""
+"""Reading a study file's YAML: the safe loader, stricter where a study file would silently lose or blow up,
+and the check of a mapping's keys."""
 from __future__ import annotations
 
 import yaml
+
+from ptqlib.errors import ConfigError
 
 
 class StudyLoader(yaml.SafeLoader):
@@ -30,3 +33,14 @@ class StudyLoader(yaml.SafeLoader):
                                                         "(YAML would keep the last silently)", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def check_keys(path, where: str, given: dict, valid) -> None:
+    """Refuse a key of ``given`` that is not in ``valid``, naming the closest valid one."""
+    for k in given:
+        if k not in valid:
+            import difflib
+
+            near = difflib.get_close_matches(str(k), list(valid), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{path}: {where}: unknown key {k!r}{hint}; valid: {', '.join(sorted(valid))}")

@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import functools
 import itertools
-import math
 import re
 from pathlib import Path
 
@@ -41,12 +40,13 @@ import yaml
 
 from ptqlib.errors import ConfigError
 from ptqlib.methods import finetune_methods, quantize_methods
-from ptqlib.metrics import evaluate_metric_names, known_evaluate_metric
 from ptqlib.seeding import derive_seed
 from ptqlib.study.checks import check_pipeline
 from ptqlib.study.choices import check_selects, split_selection, take_select
+from ptqlib.study.claims_spec import checked_claims
 from ptqlib.study.kinds import KINDS
 from ptqlib.study.loader import StudyLoader
+from ptqlib.study.loader import check_keys as _check_keys
 from ptqlib.study.params import LIST_KEYS, fields_of, foreign_settings
 from ptqlib.study.pipeline import Pipeline, Stage, Study
 
@@ -55,7 +55,6 @@ TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipel
 EXECUTOR_KEYS = {"partition": "SLURM partition", "account": "SLURM account", "qos": "SLURM QOS",
                  "time_min": "minutes per stage job", "gpus": "GPUs per stage job", "cpus": "CPU cores per stage job",
                  "mem_gb": "memory per stage job (GB)", "constraint": "SLURM node constraint"}
-CLAIM_KEYS = {"claim", "a", "b", "metric", "relation", "min_effect"}
 
 
 MAX_NAME = 100  # characters of a study name (a folder reports/<study>/; a path component has at most 255 bytes)
@@ -63,16 +62,6 @@ MAX_NAME = 100  # characters of a study name (a folder reports/<study>/; a path 
 
 def _where(path, *keys) -> str:
     return f"{path}: " + ".".join(str(k) for k in keys if k != "")
-
-
-def _check_keys(path, where: str, given: dict, valid) -> None:
-    for k in given:
-        if k not in valid:
-            import difflib
-
-            near = difflib.get_close_matches(str(k), list(valid), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ConfigError(f"{path}: {where}: unknown key {k!r}{hint}; valid: {', '.join(sorted(valid))}")
 
 
 def _normalise_stage(path, where: str, entry) -> tuple[str, dict]:
@@ -127,12 +116,6 @@ def _method(kind: str, params: dict):
     """A stage's method: its own or its defaults' value, else the kind's default (None: no methods)."""
     default = fields_of(KINDS[kind].params).get("method")
     return params.get("method", default.default if default else None)
-
-
-def claim_metric(metric: str) -> bool:
-    """A column results.csv will have: an evaluate metric (``metrics.evaluate_metric_names``) or a
-    stage's (``finetune.train_loss_last``, ``quantize2.quant_seconds``)."""
-    return known_evaluate_metric(metric) or re.fullmatch(r"(quantize|finetune)\d*\.\w+", metric) is not None
 
 
 def quantizes(stage: Stage) -> bool:
@@ -348,35 +331,7 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
             raise ConfigError(f"{path}: pipelines: {pl.name!r} is both pipeline {owner[pl.name]!r}'s and pipeline "
                               f"{pl.family!r}'s name; their runs would overwrite each other: rename one (without "
                               "'[...]', which grid points and seeds add)")
-    claims = raw.get("claims") or []
-    if not isinstance(claims, list):
-        raise ConfigError(f"{path}: claims: expected a list of {{claim, a, b, metric, relation}}")
-    for i, c in enumerate(claims):
-        if not isinstance(c, dict):
-            raise ConfigError(f"{path}: claims[{i}]: expected a mapping, got {c!r}")
-        _check_keys(path, f"claims[{i}]", c, CLAIM_KEYS)
-        for k in ("claim", "a", "b", "metric"):
-            if not isinstance(c.get(k), str):
-                raise ConfigError(f"{path}: claims[{i}].{k}: required (a string)")
-        for k in ("a", "b"):
-            if c[k] not in {str(p) for p in raw["pipelines"]}:
-                raise ConfigError(f"{path}: claims[{i}].{k}: {c[k]!r} is not a pipeline; valid: "
-                                  + ", ".join(map(str, raw["pipelines"])))
-        if not claim_metric(c["metric"]):
-            raise ConfigError(f"{path}: claims[{i}].metric: {c['metric']!r} is not a metric a study records; valid: "
-                              f"{', '.join(evaluate_metric_names())}, <stage>.<metric> of a quantize / finetune stage "
-                              "(e.g. finetune.train_loss_last)")
-        c.setdefault("relation", ">")
-        if c["relation"] not in (">", ">=", "=="):
-            raise ConfigError(f"{path}: claims[{i}].relation: {c['relation']!r}; valid: >, >=, ==")
-        m = c.setdefault("min_effect", 0.0)
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0 or not math.isfinite(m):
-            raise ConfigError(f"{path}: claims[{i}].min_effect: {m!r} must be a number >= 0 (the smallest difference "
-                              "that counts, in the metric's units)")
-        c["min_effect"] = float(m)
-        if c["a"] == c["b"]:
-            raise ConfigError(f"{path}: claims[{i}]: a and b are both {c['a']!r}; a claim compares two pipelines "
-                              "(a pipeline against itself 'holds' with p = 0)")
+    claims = checked_claims(path, raw)
     uncached = dict.fromkeys(k[1] if isinstance(k, tuple) else k for k, cfg in sizes_cache.items() if cfg is None)
     notes = [f"model {m!r} is not in the local cache: it will be fetched at run time (its group sizes are checked then)"
              for m in uncached]
