@@ -289,3 +289,30 @@ def test_a_select_on_a_task_without_a_validation_split_is_refused_at_load(tmp_pa
     text = STUDY.replace("model: tiny", f"model: tiny\ntask: 'jsonl:{data}'")
     with pytest.raises(ConfigError, match="validation split needs at least 5.*selects a setting"):
         _study(tmp_path, text)
+
+
+def test_selection_seed_trains_the_candidates_on_a_seed_no_test_pipeline_uses(tmp_path):
+    """selection_seed: 100: the candidates train (and are scored on validation) at seed 100; the test-set
+    pipelines are seeds 0 and 1 only, so the test's seed 0 is not the run that won the selection."""
+    from ptqlib.study.graph import build_graph
+
+    study = _study(tmp_path, STUDY.replace("seeds: [0, 1]", "seeds: [0, 1]\nselection_seed: 100"))
+    sel = [p for p in study.pipelines if selection.is_selection(p)]
+    assert len(sel) == 3 and {p.seed for p in sel} == {100}
+    options = [p for o in study.selections[0].options for p in o]
+    assert {p.seed for p in options} == {0, 1} and len(options) == 6
+    nodes, chains = build_graph(study)
+    train_sel = {chains[p.name][0] for p in sel}
+    assert all(nodes[s].seed == 100 for s in train_sel)
+    resolved = selection.resolve(study, lambda pipeline, metric: 0.7 if "0.0003" in pipeline else 0.5)
+    tests = [p for p in resolved.pipelines if p.family == "ft"]
+    assert {p.seed for p in tests} == {0, 1} and all(p.stages[0].params["lr"] == 3.0e-4 for p in tests)
+    chains2 = build_graph(resolved)[1]
+    assert len({chains2[p.name][0] for p in tests}) == 2 and not ({chains2[p.name][0] for p in tests} & train_sel)
+
+
+def test_a_bad_selection_seed_is_refused(tmp_path):
+    from ptqlib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="selection_seed: -1 is not an integer >= 0"):
+        _study(tmp_path, STUDY.replace("seeds: [0, 1]", "seeds: [0, 1]\nselection_seed: -1"))

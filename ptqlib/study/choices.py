@@ -68,11 +68,12 @@ def take_select(path, where: str, parsed: list[tuple[str, dict]], entries: list)
     return i, k, list(spec["select"]), spec["metric"], origin[0]
 
 
-def split_selection(path, family_pls: list, select: tuple, first_seed: int) -> tuple[list, list]:
+def split_selection(path, family_pls: list, select: tuple, first_seed: int,
+                    test_seeds: set | None = None) -> tuple[list, list]:
     """A family expanded over its candidates -> (its selection pipelines, its selections); its
     evaluate stage must record the metric."""
     stage, key, cands, metric, origin = select
     why = missing_metric(metric, family_pls[0].stages[-1].params)
     if why:
         raise ConfigError(f"{path}: {origin}.metric: {metric!r} is not recorded by the pipeline's evaluate stage: {why}")
-    return split_family(family_pls, stage, key, cands, metric, first_seed)
+    return split_family(family_pls, stage, key, cands, metric, first_seed, test_seeds)

@@ -50,7 +50,8 @@ from ptqlib.study.loader import check_keys as _check_keys
 from ptqlib.study.params import LIST_KEYS, fields_of, foreign_settings
 from ptqlib.study.pipeline import Pipeline, Stage, Study
 
-TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims", "executor", "final"}
+TOP_KEYS = {"study", "description", "model", "task", "seeds", "defaults", "pipelines", "claims", "executor", "final",
+            "selection_seed"}
 # the `executor:` section (run --executor slurm): where and with what resources each stage job runs
 EXECUTOR_KEYS = {"partition": "SLURM partition", "account": "SLURM account", "qos": "SLURM QOS",
                  "time_min": "minutes per stage job", "gpus": "GPUs per stage job", "cpus": "CPU cores per stage job",
@@ -186,6 +187,10 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise ConfigError(f"{path}: seeds: {s!r} is not an integer >= 0")
+    sel_seed = raw.get("selection_seed")  # the selections' training seed; None: the first of seeds
+    if sel_seed is not None and (isinstance(sel_seed, bool) or not isinstance(sel_seed, int) or sel_seed < 0):
+        raise ConfigError(f"{path}: selection_seed: {sel_seed!r} is not an integer >= 0 (a seed no test pipeline uses, "
+                          "e.g. 100)")
     for key, values in (("seeds", seeds), ("model", models)):
         dup = sorted({str(v) for v in values if values.count(v) > 1})
         if dup:
@@ -277,7 +282,9 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                 # pipeline's seed as its calib_seed (the stage ids of a study without draws), draw k a derived one
                 n_draws = max([int(_at(point, i, params, "draws") or 1) for i, (kind, params) in enumerate(parsed)
                                if kind == "quantize"] or [1])
-                for seed, draw in ((s, k) for s in (seeds if draws else seeds[:1]) for k in range(n_draws)):
+                # a select trains its candidates at selection_seed, beside the test seeds
+                run_seeds = seeds + [sel_seed] if select and sel_seed is not None and sel_seed not in seeds else seeds
+                for seed, draw in ((s, k) for s in (run_seeds if draws else seeds[:1]) for k in range(n_draws)):
                     built, label = [], {}
                     for i, (kind, params) in enumerate(parsed):
                         p = dict(params)
@@ -308,7 +315,7 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                                     functools.partial(model_config, allow_network=allow_network), check_models)
                     if len(models) > 1:
                         label["model"] = model
-                    if draws and len(seeds) > 1:
+                    if draws and len(run_seeds) > 1:
                         label["seed"] = seed
                     if n_draws > 1:
                         label["draw"] = draw
@@ -318,7 +325,8 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                     names.add(f"{pname}{suffix}")
                     pipelines.append(Pipeline(f"{pname}{suffix}", pname, str(model), task, int(seed), label, built))
         if select:
-            pipelines[start:], sels = split_selection(path, pipelines[start:], select, int(seeds[0]))
+            pipelines[start:], sels = split_selection(path, pipelines[start:], select,
+                                                      int(seeds[0] if sel_seed is None else sel_seed), set(seeds))
             selections += sels
     if selections and task.startswith("jsonl:"):  # before any candidate trains, not at its validation evaluate
         try:

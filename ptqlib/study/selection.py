@@ -100,10 +100,12 @@ def validation_params(ev: dict, metric: str) -> dict:
 
 
 def split_family(pipelines: list["Pipeline"], stage: int, key: str, candidates: list, metric: str,
-                 first_seed: int) -> tuple[list["Pipeline"], list[Selection]]:
+                 first_seed: int, test_seeds: set | None = None) -> tuple[list["Pipeline"], list[Selection]]:
     """A family expanded with its candidates as the grid axis ``key`` -> (its selection pipelines,
     its selections). A test-set pipeline loses ``key`` from its name and grid; a selection pipeline
-    (the first seed's) loses the seed and scores the validation split."""
+    (``first_seed``'s: the study's first seed, or its ``selection_seed``) loses the seed and scores the
+    validation split. ``test_seeds``: the seeds of the test-set pipelines (all, when None); a selection
+    seed outside them trains the candidates on a draw no test pipeline uses."""
     sels: dict[tuple, Selection] = {}
     selection_pls: dict[str, "Pipeline"] = {}
     for pl in pipelines:
@@ -114,7 +116,8 @@ def split_family(pipelines: list["Pipeline"], stage: int, key: str, candidates: 
             pl.family, key, stage, list(candidates), metric, point, pipelines=[""] * len(candidates),
             options=[[] for _ in candidates]))
         rest = {k: v for k, v in pl.grid.items() if k != key}
-        sel.options[ci].append(dataclasses.replace(pl, name=pl.family + suffix(rest), grid=rest))
+        if test_seeds is None or pl.seed in test_seeds:
+            sel.options[ci].append(dataclasses.replace(pl, name=pl.family + suffix(rest), grid=rest))
         if pl.seed == first_seed and not pl.grid.get("draw"):
             grid = {k: v for k, v in pl.grid.items() if k not in ("seed", "draw")}
             ev = pl.stages[-1]
