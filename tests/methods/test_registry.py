@@ -41,8 +41,6 @@ defaults:
   evaluate: {ppl_samples: 2, ppl_seq_len: 32, task_samples: 2, max_new_tokens: 4, batch_size: 2}
 pipelines:
   norms: [{finetune: norm_only}, {quantize: {method: rtn, group_size: 32}}]
-claims:
-  - {claim: tuning the norms changes perplexity, a: norms, b: norms, metric: ppl, relation: "=="}
 """
 
 
