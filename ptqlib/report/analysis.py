@@ -100,6 +100,11 @@ def settings_table(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def _pipeline_lines(sets: dict[str, list[str]]) -> list[str]:
+    """``- label: pipeline, ...`` per label (at most six pipelines named), escaped for the report's markdown."""
+    return [f"- {escape(label)}: {escape(', '.join(p[:6]))}{' ...' if len(p) > 6 else ''}" for label, p in sets.items()]
+
+
 def machines_note(results: pd.DataFrame) -> str:
     """A markdown note on the machines the study's stages ran on (results.csv's ``machines``): the one,
     or a warning naming the pipelines of each when there are several. GPTQ's codes and everything
@@ -111,7 +116,7 @@ def machines_note(results: pd.DataFrame) -> str:
     sets = {label: results.loc[m == label, "pipeline"].tolist() for label in dict.fromkeys(m)}
     if len(sets) == 1 and " | " not in next(iter(sets)):
         return f"Every stage ran on {next(iter(sets))}."
-    lines = [f"- {escape(label)}: {escape(', '.join(p[:6]))}{' ...' if len(p) > 6 else ''}" for label, p in sets.items()]
+    lines = _pipeline_lines(sets)
     return ("**The stages ran on more than one machine** (the same stage id computes different bits on different "
             "CPUs and GPUs; numbers from each are not replicates of one another):\n" + "\n".join(lines))
 
@@ -128,7 +133,7 @@ def versions_note(results: pd.DataFrame) -> str:
         return ""
     if len(sets) == 1 and " | " not in next(iter(sets)):
         return f"Every stage ran with {next(iter(sets))}."
-    lines = [f"- {escape(label)}: {escape(', '.join(p[:6]))}{' ...' if len(p) > 6 else ''}" for label, p in sets.items()]
+    lines = _pipeline_lines(sets)
     return ("**The stages ran under different package versions** (a cached stage keeps the numbers of the "
             "versions it ran with; `ptqlib run --force` re-runs them here):\n" + "\n".join(lines))
 
