@@ -57,6 +57,18 @@ def test_choose_picks_the_best_and_the_first_on_a_tie(values, metric, best):
     assert selection.choose(values, metric) == best
 
 
+@pytest.mark.parametrize("values, metric, tie, best", [
+    ([0.50, 0.58, 0.60], "field_f1", 0.0, 2),  # no margin: the best
+    ([0.50, 0.58, 0.60], "field_f1", 0.02, 1),  # 0.58 is within 0.02 of 0.60: the first listed of the tied wins
+    ([0.50, 0.58, 0.60], "field_f1", 0.1, 0),
+    ([0.50, 0.58, 0.60], "field_f1", 0.019, 2),  # just outside the margin
+    ([21.0, 20.5, 20.0], "ppl", 0.6, 1),  # lower is better: 20.5 is 0.5 worse than 20.0
+    ([math.nan, 0.58, 0.60], "field_f1", 1.0, 1),  # NaN is never tied
+])
+def test_a_declared_tie_margin_gives_the_first_listed_of_the_tied(values, metric, tie, best):
+    assert selection.choose(values, metric, tie) == best
+
+
 def test_choose_waits_for_every_value():
     assert selection.choose([0.9, None, 0.1], "field_f1") is None
 
@@ -160,6 +172,23 @@ def test_run_selects_first_then_runs_the_chosen_test_pipelines(tmp_path, monkeyp
     ex3.runner = r3
     r3.run(force=True, executor=ex3)
     assert sorted(n.id for n in ex3.ran) == sorted({sid for c in r3.chains.values() for sid in c})
+
+
+def test_the_tie_rule_decides_the_run_and_selection_csv_shows_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "analyse", lambda runner, force=False: None)
+    study = _study(tmp_path, STUDY.replace("1.0e-3], metric: field_f1}", "1.0e-3], metric: field_f1, tie: 0.05}"))
+    assert study.selections[0].tie == 0.05
+    ex = FakeExecutor(lambda lr, split: {1e-4: 0.30, 3e-4: 0.58, 1e-3: 0.60}[lr] if split == "validation" else 0.5)
+    r = Runner(study, tmp_path / "runs", tmp_path / "reports", reporter=report)
+    ex.runner = r
+    assert r.run(executor=ex) == 0
+    assert [p.stages[0].params["lr"] for p in r.study.pipelines if p.family == "ft"] == [3e-4, 3e-4]
+    sel = list(csv.DictReader(open(r.reports / "selection.csv")))
+    assert [(x["candidate"], round(float(x["gap"]), 6), x["tie"], x["tied"], x["chosen"]) for x in sel] == [
+        ("0.0001", 0.3, "0.05", "False", "False"), ("0.0003", 0.02, "0.05", "True", "True"),
+        ("0.001", 0.0, "0.05", "True", "False")]
+    dry = Runner(study, tmp_path / "runs", tmp_path / "reports").describe()
+    assert "lr = 0.0003 chosen by field_f1" in dry and "tie margin 0.05: 0.0003, 0.001 tied, the first listed wins" in dry
 
 
 def test_a_failed_selection_stage_holds_its_test_pipelines_back(tmp_path, monkeypatch, caplog):

@@ -327,19 +327,25 @@ def analyse(runner: "Runner", force: bool = False) -> Path | None:
     return index
 
 
-SELECTION_TABLE = ["family", "point", "key", "candidate", "metric", "validation", "chosen", "pipeline", "eval_stage"]
+SELECTION_TABLE = ["family", "point", "key", "candidate", "metric", "validation", "gap", "tie", "tied", "chosen",
+                   "pipeline", "eval_stage"]
 
 
 def selection_rows(runner: "Runner") -> list[dict]:
     """The rows of ``selection.csv``: one per candidate of each selection (``validation``: the
-    metric on the validation split, empty while not recorded; ``chosen``: True for the one used)."""
+    metric on the validation split, empty while not recorded; ``gap``: how far it falls short of the
+    best; ``tie``: the select's declared tie margin; ``tied``: within it of the best, so the first listed of
+    the tied ones was chosen; ``chosen``: True for the one used)."""
     value_of = recorded(runner)
     rows = []
     for sel in runner.study.selections:
-        for i, (cand, name) in enumerate(zip(sel.candidates, sel.pipelines)):
-            v = value_of(name, sel.metric)
+        values = [value_of(name, sel.metric) for name in sel.pipelines]
+        known = None not in values
+        gaps = selection.gaps(values, sel.metric) if known else [None] * len(values)
+        for i, (cand, name, v, g) in enumerate(zip(sel.candidates, sel.pipelines, values, gaps)):
             rows.append({"family": sel.family, "point": selection.suffix(sel.point)[1:-1],
                          "key": sel.key, "candidate": cand, "metric": sel.metric,
-                         "validation": "" if v is None else v, "chosen": sel.chosen == i, "pipeline": name,
+                         "validation": "" if v is None else v, "gap": "" if g is None else g, "tie": sel.tie,
+                         "tied": known and selection.tied(g, sel.tie), "chosen": sel.chosen == i, "pipeline": name,
                          "eval_stage": runner.chains[name][-1]})
     return rows

@@ -11,7 +11,7 @@ from ptqlib.study.kinds import KINDS
 from ptqlib.study.params import LIST_KEYS, fields_of
 from ptqlib.study.selection import missing_metric, split_family
 
-SELECT_KEYS = {"select", "metric"}
+SELECT_KEYS = {"select", "metric", "tie"}
 
 
 def check_selects(path, where: str, kind: str, params: dict) -> None:
@@ -25,7 +25,7 @@ def check_selects(path, where: str, kind: str, params: dict) -> None:
             raise ConfigError(f"{w}: {v!r}: only {which} settings can be selected, not {kind} settings")
         if set(v) - SELECT_KEYS or "select" not in v:
             raise ConfigError(f"{w}: {v!r} is not a value; give a value, a list (a grid) or "
-                              "{select: [candidates], metric: <metric>} (keys: select, metric)")
+                              "{select: [candidates], metric: <metric>, tie: <margin>} (keys: select, metric, tie)")
         scalar = [f for f, fd in fields_of(KINDS[kind].params).items()
                   if f not in LIST_KEYS and f != "method" and fd.default is not dataclasses.MISSING]
         if k not in scalar:
@@ -46,10 +46,14 @@ def check_selects(path, where: str, kind: str, params: dict) -> None:
         m = v.get("metric")
         if not known_evaluate_metric(m):
             raise ConfigError(f"{w}.metric: {m!r} is not a metric to select by; valid: {', '.join(evaluate_metric_names())}")
+        tie = v.get("tie", 0.0)
+        if isinstance(tie, bool) or not isinstance(tie, (int, float)) or not tie >= 0 or tie == float("inf"):
+            raise ConfigError(f"{w}.tie: {tie!r} is not a margin; give a finite number >= 0 in {m}'s units "
+                              "(candidates within it of the best are tied and the first listed wins; 0: exact ties)")
 
 
 def take_select(path, where: str, parsed: list[tuple[str, dict]], entries: list) -> tuple | None:
-    """The pipeline's select, if any: (stage index, key, candidates, metric, where it is written),
+    """The pipeline's select, if any: (stage index, key, candidates, metric, where it is written, tie margin),
     with the candidates put in its place so that the grid expands over them."""
     found = [(i, k, v) for i, (kind, params) in enumerate(parsed) for k, v in params.items() if isinstance(v, dict)]
     if not found:
@@ -65,15 +69,15 @@ def take_select(path, where: str, parsed: list[tuple[str, dict]], entries: list)
         raise ConfigError(f"{path}: {origin[0]}: {k!r} is also a grid axis of {where}[{clash[0]}]; a setting "
                           "name is either selected or a grid axis in one pipeline")
     parsed[i][1][k] = list(spec["select"])
-    return i, k, list(spec["select"]), spec["metric"], origin[0]
+    return i, k, list(spec["select"]), spec["metric"], origin[0], float(spec.get("tie", 0.0))
 
 
 def split_selection(path, family_pls: list, select: tuple, first_seed: int,
                     test_seeds: set | None = None) -> tuple[list, list]:
     """A family expanded over its candidates -> (its selection pipelines, its selections); its
     evaluate stage must record the metric."""
-    stage, key, cands, metric, origin = select
+    stage, key, cands, metric, origin, tie = select
     why = missing_metric(metric, family_pls[0].stages[-1].params)
     if why:
         raise ConfigError(f"{path}: {origin}.metric: {metric!r} is not recorded by the pipeline's evaluate stage: {why}")
-    return split_family(family_pls, stage, key, cands, metric, first_seed, test_seeds)
+    return split_family(family_pls, stage, key, cands, metric, first_seed, test_seeds, tie)

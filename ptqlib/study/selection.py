@@ -11,7 +11,11 @@ scoring the validation split (``split: validation``, its other settings as the f
 family's test-set pipelines (every seed, the test split, the setting left out of their names) are
 built for every candidate in ``Selection.options``; :func:`resolve` adds the best candidate's to
 the study once every selection pipeline has recorded the metric: higher is better unless
-``metrics.lower_is_better(metric)``, ties go to the first listed, NaN ranks last. Each grid point
+``metrics.lower_is_better(metric)``, ties go to the first listed, NaN ranks last. A declared tie
+rule, ``tie: m`` in the select, counts every candidate within ``m`` of the best (in the metric's
+units) as tied with it, and the first listed of them wins: one training run per candidate cannot
+tell apart candidates closer than its seed noise, so the study file says in advance which it prefers
+(the order of ``select``) instead of letting that noise pick. Each grid point
 (and model) selects on its own. The runner runs the selection pipelines first when the choice is
 not known yet, then the rest (``Runner._run``); cached, the choice is read at start-up. Selection
 pipelines are no rows of ``results.csv`` (claims compare test-set runs only): ``selection.csv``
@@ -68,6 +72,7 @@ class Selection:
     candidates: list  # in the study file's order (a tie goes to the first)
     metric: str
     point: dict  # the other grid values this choice is for ({} without a grid)
+    tie: float = 0.0  # candidates within this of the best (metric units) are tied: the first listed wins
     pipelines: list[str] = field(default_factory=list)  # the selection pipelines, one per candidate
     options: list[list["Pipeline"]] = field(default_factory=list)  # per candidate: the test-set pipelines, all seeds
     values: list[float | None] | None = None  # the metric on the validation split, per candidate (None: not recorded)
@@ -100,12 +105,13 @@ def validation_params(ev: dict, metric: str) -> dict:
 
 
 def split_family(pipelines: list["Pipeline"], stage: int, key: str, candidates: list, metric: str,
-                 first_seed: int, test_seeds: set | None = None) -> tuple[list["Pipeline"], list[Selection]]:
+                 first_seed: int, test_seeds: set | None = None,
+                 tie: float = 0.0) -> tuple[list["Pipeline"], list[Selection]]:
     """A family expanded with its candidates as the grid axis ``key`` -> (its selection pipelines,
     its selections). A test-set pipeline loses ``key`` from its name and grid; a selection pipeline
     (``first_seed``'s: the study's first seed, or its ``selection_seed``) loses the seed and scores the
     validation split. ``test_seeds``: the seeds of the test-set pipelines (all, when None); a selection
-    seed outside them trains the candidates on a draw no test pipeline uses."""
+    seed outside them trains the candidates on a draw no test pipeline uses; ``tie``: the declared tie margin."""
     sels: dict[tuple, Selection] = {}
     selection_pls: dict[str, "Pipeline"] = {}
     for pl in pipelines:
@@ -113,7 +119,7 @@ def split_family(pipelines: list["Pipeline"], stage: int, key: str, candidates: 
         # seeds and calibration draws are replicates: one choice for all of them (made at the first seed's draw 0)
         point = {k: v for k, v in pl.grid.items() if k not in (key, "seed", "draw")}
         sel = sels.setdefault((pl.model, repr(point)), Selection(
-            pl.family, key, stage, list(candidates), metric, point, pipelines=[""] * len(candidates),
+            pl.family, key, stage, list(candidates), metric, point, tie, pipelines=[""] * len(candidates),
             options=[[] for _ in candidates]))
         rest = {k: v for k, v in pl.grid.items() if k != key}
         if test_seeds is None or pl.seed in test_seeds:
@@ -130,18 +136,28 @@ def split_family(pipelines: list["Pipeline"], stage: int, key: str, candidates: 
     return [selection_pls[n] for s in sels.values() for n in s.pipelines], list(sels.values())
 
 
-def choose(values: list[float | None], metric: str) -> int | None:
+def gaps(values: list[float], metric: str) -> list[float]:
+    """How far each candidate's value falls short of the best one's (>= 0; NaN for a NaN value)."""
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    known = [sign * v for v in values if not math.isnan(v)]
+    return [math.nan if math.isnan(v) else max(known) - sign * v for v in values]
+
+
+def tied(gap: float, tie: float) -> bool:
+    """Is a candidate ``gap`` short of the best within the margin ``tie``? (1e-9 of slack: 0.60 - 0.58 is
+    0.020000000000000018 in floats, and a margin of 0.02 means it is tied)."""
+    return gap <= tie + 1e-9 * max(1.0, tie)
+
+
+def choose(values: list[float | None], metric: str, tie: float = 0.0) -> int | None:
     """The best candidate's index: None until every value is known; higher is better unless
-    ``metrics.lower_is_better(metric)``; a tie goes to the first; NaN ranks last (all NaN: the first)."""
+    ``metrics.lower_is_better(metric)``; NaN ranks last (all NaN: the first); the first listed of the
+    candidates within ``tie`` of the best wins (``tie`` 0: exact ties only)."""
     if any(v is None for v in values):
         return None
-
-    sign = -1.0 if lower_is_better(metric) else 1.0
-    best = None
-    for i, v in enumerate(values):
-        if not math.isnan(v) and (best is None or sign * v > sign * values[best]):
-            best = i
-    return 0 if best is None else best
+    if all(math.isnan(v) for v in values):
+        return 0
+    return next(i for i, g in enumerate(gaps(values, metric)) if tied(g, tie))
 
 
 def resolve(study: "Study", value_of: Callable[[str, str], float | None]) -> "Study":
@@ -153,7 +169,7 @@ def resolve(study: "Study", value_of: Callable[[str, str], float | None]) -> "St
     for sel in study.selections:
         if sel.chosen is None:
             values = [value_of(name, sel.metric) for name in sel.pipelines]
-            sel = dataclasses.replace(sel, values=values, chosen=choose(values, sel.metric))
+            sel = dataclasses.replace(sel, values=values, chosen=choose(values, sel.metric, sel.tie))
             if sel.chosen is not None:
                 names = [p.name for p in pls]
                 at = max(names.index(n) for n in sel.pipelines) + 1
@@ -190,6 +206,9 @@ def describe(study: "Study", only: list[str] | None = None) -> list[str]:
                          f"({done} of {len(sel.candidates)} selection pipelines recorded)")
         else:
             vals = ", ".join(f"{c}: {v:.4g}" for c, v in zip(sel.candidates, sel.values))
+            ties = [c for c, g in zip(sel.candidates, gaps(sel.values, sel.metric)) if tied(g, sel.tie)]
+            rule = (f"; tie margin {sel.tie:g}: {', '.join(map(str, ties))} tied, the first listed wins"
+                    if sel.tie and len(ties) > 1 else "")
             lines.append(f"  {sel.where()}: {sel.key} = {sel.candidates[sel.chosen]} chosen by {sel.metric} on the "
-                         f"validation split ({vals})")
+                         f"validation split ({vals}{rule})")
     return lines
