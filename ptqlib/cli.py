@@ -272,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full or read-only reports disk while the report is written
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}: the report could not be written. The stage records under "
+              f"{args.runs} are kept and no report file was left half-written; free space (or give --reports "
+              "another directory) and run the command again: finished stages do not run again", file=sys.stderr)
+        return 1
     print(f"reports: {runner.reports / 'index.html'}  table: {runner.reports / 'results.csv'}")
     if not runner.analysis_ok:
         print("error: the analysis failed (see the log above): the report is not up to date", file=sys.stderr)

@@ -81,3 +81,42 @@ def test_a_runs_path_that_is_a_file_is_refused_before_any_stage(tmp_path, capsys
     monkeypatch.setattr(Runner, "run", lambda *a, **k: pytest.fail("a stage ran"))
     assert main(["run", *args]) == 2
     assert "afile: not writable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["run", "analyse"])
+def test_a_full_reports_disk_is_an_error_naming_the_file_that_loses_nothing(tmp_path, monkeypatch, capsys, cmd):
+    """ENOSPC while results.csv is written: exit 1, the file and the way out named, no traceback; the table
+    written before is left whole and no temp file stays beside it."""
+    import ptqlib.files as files
+    from ptqlib.report import tables
+    from ptqlib.study.schema import load_study
+
+    args = _study(tmp_path)
+    monkeypatch.setattr(Runner, "run", lambda self, *a, **k: tables.write_results(self) and 0)  # the run's report
+    monkeypatch.setattr(tables, "analyse", lambda runner, force=False: runner.reports / "index.html")
+    tables.write_results(Runner(load_study(args[0]), tmp_path / "runs", tmp_path / "reports"))  # while there is space
+    table = tmp_path / "reports" / "s" / "results.csv"
+    before = table.read_bytes()
+    real = files.os.fdopen
+
+    class Full:  # the file a full disk gives: opens, then every write fails
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: Full(real(fd, mode)))
+    code = main([cmd, *args])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "No space left on device" in err and "results.csv" in err and "run the command again" in err
+    assert "Traceback" not in err
+    assert table.read_bytes() == before
+    assert not list(table.parent.glob("*.tmp"))
