@@ -14,6 +14,7 @@ temporary directory and renamed, so a killed conversion never leaves a half mode
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -178,6 +179,16 @@ def resolve_model(name: str) -> Path | str:
     return name
 
 
+def local_model_dir(name: str) -> Path | None:
+    """The directory of a model already on this machine (an embedded model once converted, a local
+    directory), without converting or downloading anything; None otherwise."""
+    if name in EMBEDDED:
+        d = cache_dir() / "models" / name
+        return d if (d / "config.json").exists() else None
+    d = Path(name).expanduser()
+    return d if (d / "config.json").exists() else None
+
+
 def model_config(name: str, allow_network: bool = True) -> dict | None:
     """The model's config.json as a dict, for validating layer sizes before any stage runs.
 
@@ -279,3 +290,39 @@ def load_model(name_or_path, dtype=None, device=None):
             raise ConfigError(f"cannot load model {name_or_path!r} (offline, or not a model): {e}") from e
     model.eval()
     return model, tok
+
+
+_CAPACITY: dict[tuple, int] = {}  # this process's answers (a study asks once per pipeline and source)
+
+
+def held_out_capacity(model: str, source: str, seq_len: int, layout: str) -> int | None:
+    """The most perplexity windows of ``seq_len`` tokens the held-out ``source`` gives ``model``'s tokenizer,
+    so that ``load_study`` refuses a ``ppl_samples`` beyond it before any stage runs; None when the
+    tokenizer is not on this machine yet (a model not converted or downloaded: the evaluate stage refuses
+    it then). Tokenizing takes a second or two (and importing transformers a few): the count is kept in
+    ``<cache>/held-out-windows.json``, keyed on the tokenizer's files and the text's digest."""
+    from ptqlib.files import write_json_atomic
+    from ptqlib.text import TEXT_SOURCES, WINDOW_LAYOUTS, pydoc_split, stdlib_text, window_capacity
+
+    if (model, source, seq_len, layout) in _CAPACITY:
+        return _CAPACITY[model, source, seq_len, layout]
+    d = local_model_dir(model)
+    if d is None or source not in TEXT_SOURCES or layout not in WINDOW_LAYOUTS:
+        return None  # not remembered: the model may be converted later in this process
+    tok_digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(d.glob("tokenizer*")) if f.is_file()))
+    text = stdlib_text() if source == "stdlib" else "".join(pydoc_split()[1].values())
+    key = "|".join([str(d.resolve()), tok_digest.hexdigest()[:16], hashlib.sha256(text.encode()).hexdigest()[:16],
+                    source, layout, str(seq_len)])
+    path = cache_dir() / "held-out-windows.json"
+    try:
+        known = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        known = {}  # a damaged cache file is recomputed, not trusted
+    if key not in known:
+        known[key] = window_capacity(load_tokenizer(d), source, seq_len, layout)
+        try:
+            write_json_atomic(path, known)
+        except OSError:
+            pass  # a read-only cache: counted again next time
+    _CAPACITY[model, source, seq_len, layout] = int(known[key])
+    return int(known[key])

@@ -113,10 +113,24 @@ def held_out_windows(tokenizer, source: str, seq_len: int, n: int, layout: str =
         doc_of += [d] * len(toks)
     g = torch.Generator().manual_seed(seed)
     shift = int(torch.randint(0, seq_len, (1,), generator=g))
-    n_slots = (len(ids) - shift) // seq_len
+    n_slots = (len(ids) - shift) // seq_len  # = window_capacity's count
     if n > n_slots:
         raise ConfigError(f"held-out {source} text has only {n_slots} windows of {seq_len} tokens; asked for {n}")
     slots = torch.randperm(n_slots, generator=g)[:n].sort().values.tolist()
     t = torch.tensor(ids, dtype=torch.long)
     starts = [shift + k * seq_len for k in slots]
     return torch.stack([t[a:a + seq_len] for a in starts]), [doc_of[a + seq_len // 2] for a in starts]
+
+
+def window_capacity(tokenizer, source: str, seq_len: int, layout: str, seed: int = 0) -> int:
+    """How many windows :func:`held_out_windows` can cut for ``(source, seq_len, layout)`` with ``tokenizer``
+    (``models.held_out_capacity`` keeps the count per model)."""
+    import torch
+
+    if layout == "first":
+        text = stdlib_text() if source == "stdlib" else "\n\n".join(pydoc_split()[1].values())
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) // seq_len
+    docs = stdlib_docs() if source == "stdlib" else pydoc_split()[1]
+    n_ids = sum(len(tokenizer(t + "\n\n", add_special_tokens=False)["input_ids"]) for t in docs.values())
+    shift = int(torch.randint(0, seq_len, (1,), generator=torch.Generator().manual_seed(seed)))
+    return (n_ids - shift) // seq_len

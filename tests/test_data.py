@@ -214,3 +214,43 @@ def test_jsonl_with_an_empty_completion_or_bad_bytes_is_refused(tmp_path):
     f.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "d"}\n')
     with pytest.raises(ConfigError, match=r"t.jsonl:2: not UTF-8 text \(byte 0xff\)"):
         read_jsonl(f)
+
+
+@pytest.mark.parametrize("source, seq_len, layout", [("pydoc", 256, "random"), ("stdlib", 64, "random"),
+                                                     ("pydoc", 128, "first")])
+def test_held_out_capacity_is_exactly_what_the_windows_can_give(tmp_path, monkeypatch, source, seq_len, layout):
+    """The count load_study checks ppl_samples against is the one the evaluate stage meets: n windows work,
+    n + 1 are refused; a second process reads it from the cache file without a tokenizer."""
+    from ptqlib import models, text
+    from ptqlib.models import load_tokenizer, resolve_model
+
+    model_dirs = resolve_model("tiny").parent
+    monkeypatch.setenv("PTQLIB_CACHE", str(tmp_path))  # a cache file of its own, the model shared
+    monkeypatch.setattr(models, "_CAPACITY", {})
+    (tmp_path / "models").symlink_to(model_dirs)
+    n = models.held_out_capacity("tiny", source, seq_len, layout)
+    tok = load_tokenizer("tiny")
+    assert text.held_out_windows(tok, source, seq_len, n, layout)[0].shape == (n, seq_len)
+    with pytest.raises(ConfigError, match=f"only {n} windows"):
+        text.held_out_windows(tok, source, seq_len, n + 1, layout)
+    assert (tmp_path / "held-out-windows.json").exists()
+    monkeypatch.setattr(models, "_CAPACITY", {})
+    monkeypatch.setattr(text, "window_capacity", lambda *a: pytest.fail("counted again"))
+    assert models.held_out_capacity("tiny", source, seq_len, layout) == n
+
+
+def test_ppl_samples_beyond_the_held_out_text_are_refused_at_load(tmp_path):
+    from ptqlib.models import held_out_capacity, resolve_model
+    from ptqlib.study.schema import load_study
+
+    resolve_model("tiny")  # the check needs the tokenizer on the machine
+    most = held_out_capacity("tiny", "stdlib", 128, "random")
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\npipelines:\n  base: []\ndefaults:\n"
+                 f"  evaluate: {{ppl_samples: {most + 1}, ppl_seq_len: 128, ppl_sources: [stdlib]}}\n")
+    with pytest.raises(ConfigError, match=rf"s.yaml: defaults.evaluate.ppl_samples: {most + 1} windows of 128 tokens "
+                                          rf"is more than the held-out stdlib text gives model 'tiny' \({most}\); "
+                                          rf"valid: 0 to {most}"):
+        load_study(f)
+    f.write_text(f.read_text().replace(f"ppl_samples: {most + 1}", f"ppl_samples: {most}"))
+    load_study(f)

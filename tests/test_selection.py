@@ -345,3 +345,23 @@ def test_a_bad_selection_seed_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="selection_seed: -1 is not an integer >= 0"):
         _study(tmp_path, STUDY.replace("seeds: [0, 1]", "seeds: [0, 1]\nselection_seed: -1"))
+
+
+def test_a_validation_record_without_the_select_metric_is_refused_naming_it(tmp_path, capsys):
+    """A finished selection evaluate whose record lacks the metric (an older code's record): without the
+    check every value is NaN and the first candidate is 'chosen' with exit 0."""
+    from ptqlib.cli import main
+
+    f = tmp_path / "s.yaml"
+    f.write_text(textwrap.dedent(STUDY))
+    study = load_study(f)
+    r = Runner(study, tmp_path / "runs", tmp_path / "reports")
+    for name in selection.waiting(r.study):
+        ft, ev = r.chains[name]
+        _finish(r, ft, {"train_loss_last": 1.0})
+        _finish(r, ev, {"rouge_l": 0.5})
+    code = main(["run", str(f), "--dry-run", "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "metrics.json: the validation record of selection pipeline 'ft~select[lr=0.0001]' has no 'field_f1' " \
+           "(it records rouge_l)" in err and "Delete that stage directory" in err and "Traceback" not in err

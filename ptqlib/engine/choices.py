@@ -12,15 +12,22 @@ from ptqlib.errors import ConfigError
 
 def recorded(runner) -> Callable[[str, str], float | None]:
     """``value_of`` for ``selection.resolve`` (``runner``: an ``engine.runner.Runner``): the metric in the
-    record of a selection pipeline's evaluate stage when its chain is finished (NaN when the record lacks
-    it), else the value in the report's ``selection.csv`` for the same evaluate stage id and metric (unless
-    the runner keeps no previous report), else None."""
+    record of a selection pipeline's evaluate stage when its chain is finished (NaN when recorded as None;
+    a record without it is refused, naming the file), else the value in the report's ``selection.csv`` for
+    the same evaluate stage id and metric (unless the runner keeps no previous report), else None."""
     previous = previous_values(runner.reports) if runner.keep_previous else {}
 
     def value_of(pipeline: str, metric: str) -> float | None:
         chain = runner.chains[pipeline]
         if all(runner.finished(s) for s in chain):
-            v = (runner.record(chain[-1]).get("metrics") or {}).get(metric)
+            metrics = runner.record(chain[-1]).get("metrics") or {}
+            if metric not in metrics:  # load_study checked that the stage records it: an older or foreign record
+                raise ConfigError(
+                    f"{runner.runs / chain[-1] / 'metrics.json'}: the validation record of selection pipeline "
+                    f"{pipeline!r} has no {metric!r} (it records {', '.join(sorted(metrics)) or 'nothing'}); a choice "
+                    "by a metric that is not there would be the first candidate by default. Delete that stage "
+                    "directory to evaluate it again")
+            v = metrics[metric]
             return math.nan if v is None else float(v)
         return previous.get((pipeline, chain[-1], metric))  # the same metric: a changed select metric re-runs
 

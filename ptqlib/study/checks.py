@@ -31,6 +31,8 @@ def _check_against_config(path, where, stages: list[Stage], model: str, cache: d
             if limit and key in st.params and st.params[key] > limit:
                 raise ConfigError(f"{path}: {swhere}.{key}: {st.params[key]} is more tokens than model {model!r} "
                                   f"has positions ({limit}); valid: 1 to {limit}")
+        if st.kind == "evaluate" and st.params.get("ppl_samples"):
+            _check_held_out(path, swhere, st.params, model)
         unknown = [t for t in st.params.get("target_modules", []) if t not in layers] if st.kind == "finetune" else []
         if llama_like and unknown:
             raise ConfigError(f"{path}: {swhere}.target_modules: {', '.join(map(repr, unknown))} names no layer of "
@@ -44,6 +46,20 @@ def _check_against_config(path, where, stages: list[Stage], model: str, cache: d
                 t = min(sides, key=sides.get)
                 raise ConfigError(f"{path}: {swhere}.rank: {st.params['rank']} exceeds the smaller side of layer {t} "
                                   f"({ins[t]} in, {outs[t]} out) of model {model!r}; valid: 1 to {most}")
+
+
+def _check_held_out(path, where: str, ev: dict, model: str) -> None:
+    """More perplexity windows than the held-out text gives (it once failed only after every stage before
+    the evaluate had run); checked where the model's tokenizer is on this machine (``models.held_out_capacity``)."""
+    from ptqlib.models import held_out_capacity
+
+    n, seq_len = ev["ppl_samples"], ev["ppl_seq_len"]
+    for source in ev.get("ppl_sources", []):
+        most = held_out_capacity(model, source, seq_len, ev.get("ppl_windows", "random"))
+        if most is not None and n > most:
+            raise ConfigError(f"{path}: {where}.ppl_samples: {n} windows of {seq_len} tokens is more than the held-out "
+                              f"{source} text gives model {model!r} ({most}); valid: 0 to {most}, or a shorter "
+                              "ppl_seq_len")
 
 
 def check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, linear_input_sizes, model_config,
