@@ -120,3 +120,27 @@ def test_a_full_reports_disk_is_an_error_naming_the_file_that_loses_nothing(tmp_
     assert "Traceback" not in err
     assert table.read_bytes() == before
     assert not list(table.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("body, why", [
+    ("pipelines:\n  a: [{finetune: full}]\n  b: []\nclaims:\n  - {claim: x, a: a, b: a, metric: field_f1}\n",
+     "a and b are both 'a'"),
+    ("pipelines:\n  a: []\n  a: [{finetune: full}]\n", "'a'"),
+    ("pipelines:\n  a: [{finetune: {method: full, lr: {select: [1.0e-4, 2.0e-4], metric: kl}}}]\n", "not recorded"),
+])
+def test_a_bad_tiny_study_is_refused_without_importing_torch(tmp_path, body, why):
+    """Refusals come in a fraction of a second: validating a study imports neither torch nor transformers
+    (their import alone takes about 5 s on these machines) once the tiny model is built."""
+    import subprocess
+    import sys
+
+    from ptqlib.models import resolve_model
+
+    resolve_model("tiny")
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\n" + body)
+    code = ("import sys; from ptqlib.cli import main; rc = main(['run', sys.argv[1], '--dry-run']); "
+            "print('heavy' if {'torch', 'transformers'} & set(sys.modules) else 'light', rc)")
+    p = subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True, timeout=120)
+    assert p.stdout.split() == ["light", "2"], p.stdout + p.stderr
+    assert why in p.stderr and "Traceback" not in p.stderr
