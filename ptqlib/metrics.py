@@ -83,7 +83,7 @@ def fact_counts(pred: str, source: str, ref: str) -> tuple[int, int, int, int]:
 
 
 def example_scores(preds: list[str], refs: list[str], sources: list[str]) -> dict[str, list[float]]:
-    """Per-example columns (one value per example, in order): what :data:`STATISTICS` aggregates.
+    """Per-example columns (one value per example, in order): what the task metrics' statistics aggregate.
 
     ``fact_pred`` / ``fact_sup`` / ``fact_ref`` / ``fact_kept`` are the counts of
     :func:`fact_counts`, kept as counts so precision and recall stay micro-averaged when
@@ -122,75 +122,150 @@ class Statistic:
         return math.exp(value) if self.exp else value
 
 
-STATISTICS: dict[str, Statistic] = {
-    "exact_match": Statistic("task", "exact_match"),
-    "field_f1": Statistic("task", "field_f1"),
-    "rouge_l": Statistic("task", "rouge_l"),
-    "empty_outputs": Statistic("task", "empty_outputs"),
-    "fact_precision": Statistic("task", "fact_sup", "fact_pred"),
-    "fact_recall": Statistic("task", "fact_kept", "fact_ref"),
-}
+# ---- the metric registry: every metric once, with everything the study, the claims and the report ask of it ----
+@dataclass(frozen=True)
+class Metric:
+    """One metric a stage records: how it is computed, which way is better and where it is shown.
+
+    Claims, selection, the analysis' tables and plots and the stage checks derive their lists from
+    :data:`METRICS`, so a new metric is one :func:`register` call here (and its computation).
+    """
+
+    name: str
+    help: str
+    statistic: Statistic | None = None  # its per-unit definition; None: a run-level figure (no units to resample)
+    lower_is_better: bool = False
+    bounded: bool = False  # a score in [0, 1]: a mean near 0 or 1 is flagged at the floor / ceiling in claims
+    shown: str = ""  # "quality" or "cost": a column of the report's summary table ("": not in it)
+    plot: str = ""  # "quality" or "deployment": a panel of the report's bar plots ("": not plotted)
+    needs: str = ""  # what the evaluate stage must do to record it: task, ppl, kl, speed, llama.cpp ("": always)
+    source: str | None = None  # the held-out text source of a ppl / kl metric
+    stage: str = "evaluate"  # the stage kind whose record holds it (results.csv: "<stage>.<name>" unless evaluate)
+
+    @property
+    def column(self) -> str:
+        """Its column in results.csv."""
+        return self.name if self.stage == "evaluate" else f"{self.stage}.{self.name}"
 
 
-def ppl_statistic(metric: str) -> Statistic | None:
-    """``ppl`` (pydoc) and ``ppl_<source>``: exp of the token-weighted mean NLL of their windows."""
-    if metric == "ppl" or metric.startswith("ppl_") and metric != "ppl_seconds":
-        return Statistic(metric, "nll", "tokens", exp=True)
-    return None
+METRICS: dict[str, Metric] = {}
 
 
-def kl_statistic(metric: str) -> Statistic | None:
-    """``kl`` / ``kl_<source>``: mean per-token KL(reference || model) on the windows of ``ppl`` /
-    ``ppl_<source>``; ``top1_agree`` / ``top1_agree_<source>``: the share of those tokens whose most
-    likely next token is the reference's (``evaluate.window_nll``)."""
-    for prefix, col in (("kl", "kl"), ("top1_agree", "top1")):
-        if metric == prefix or metric.startswith(prefix + "_"):
-            return Statistic("ppl" + metric[len(prefix):], col, "tokens")
-    return None
+def register(m: Metric) -> Metric:
+    """Add ``m`` to :data:`METRICS` (a name registered twice is a mistake, not an override)."""
+    if m.name in METRICS:
+        raise ValueError(f"metric {m.name!r} is registered twice")
+    METRICS[m.name] = m
+    return m
 
 
-def statistic(metric: str) -> Statistic | None:
-    """The per-unit definition of ``metric``, or None for a run-level metric (size, speed, loss)."""
-    return STATISTICS.get(metric) or ppl_statistic(metric) or kl_statistic(metric)
+for _src in TEXT_SOURCES:  # perplexity and closeness to the 16-bit model, per held-out source
+    _sfx = "" if _src == "pydoc" else f"_{_src}"
+    register(Metric("ppl" + _sfx, f"perplexity on held-out {_src} windows (exp of the token-weighted mean NLL)",
+                    Statistic("ppl" + _sfx, "nll", "tokens", exp=True), lower_is_better=True, shown="quality",
+                    plot="quality", needs="ppl", source=_src))
+for _src in TEXT_SOURCES:
+    _sfx = "" if _src == "pydoc" else f"_{_src}"
+    register(Metric("kl" + _sfx, f"mean per-token KL(16-bit || model) on the {_src} windows",
+                    Statistic("ppl" + _sfx, "kl", "tokens"), lower_is_better=True, shown="quality", needs="kl",
+                    source=_src))
+for _src in TEXT_SOURCES:
+    _sfx = "" if _src == "pydoc" else f"_{_src}"
+    register(Metric("top1_agree" + _sfx, f"share of {_src} tokens whose most likely next token is the 16-bit model's",
+                    Statistic("ppl" + _sfx, "top1", "tokens"), shown="quality", needs="kl", source=_src))
+register(Metric("exact_match", "every reference field present with the same value", Statistic("task", "exact_match"),
+                bounded=True, shown="quality", plot="quality", needs="task"))
+register(Metric("field_f1", "F1 of the (field, value) pairs", Statistic("task", "field_f1"), bounded=True,
+                shown="quality", plot="quality", needs="task"))
+register(Metric("rouge_l", "ROUGE-L F-measure", Statistic("task", "rouge_l"), bounded=True, shown="quality",
+                needs="task"))
+register(Metric("empty_outputs", "share of empty generations", Statistic("task", "empty_outputs"),
+                lower_is_better=True, needs="task"))
+register(Metric("fact_precision", "share of the output's numbers and names found in the source (micro-averaged)",
+                Statistic("task", "fact_sup", "fact_pred"), bounded=True, shown="quality", plot="quality", needs="task"))
+register(Metric("fact_recall", "share of the reference's numbers and names the output kept (micro-averaged)",
+                Statistic("task", "fact_kept", "fact_ref"), bounded=True, shown="quality", needs="task"))
+register(Metric("size_mb_deploy", "MiB of the deployable weights", lower_is_better=True, shown="cost", plot="deployment"))
+register(Metric("size_mb_stored", "MiB of the stage's stored weights", lower_is_better=True, shown="cost"))
+register(Metric("model_params", "parameters of the evaluated model"))
+register(Metric("gen_tokens_per_s", "generated tokens per second (batched greedy)", shown="cost", plot="deployment",
+                needs="task"))
+register(Metric("gen_seconds", "seconds of batched greedy generation", lower_is_better=True, needs="task"))
+register(Metric("ppl_seconds", "seconds of the perplexity windows", lower_is_better=True))
+register(Metric("ttft_s", "seconds to the first token of one prompt", lower_is_better=True, needs="speed"))
+register(Metric("decode_tokens_per_s", "decode tokens per second of one prompt", needs="speed"))
+register(Metric("peak_rss_mb", "peak resident MiB of the llama.cpp process", lower_is_better=True, needs="llama.cpp"))
+register(Metric("load_seconds", "seconds to load the GGUF file in llama.cpp", lower_is_better=True, needs="llama.cpp"))
+register(Metric("train_seconds", "seconds of training", lower_is_better=True, shown="cost", stage="finetune"))
+register(Metric("peak_mem_mb", "peak MiB while training", lower_is_better=True, shown="cost", stage="finetune"))
+register(Metric("step_seconds", "seconds per optimizer step", lower_is_better=True, stage="finetune"))
+register(Metric("train_loss_first", "training loss of the first step", lower_is_better=True, stage="finetune"))
+register(Metric("train_loss_last", "training loss of the last step", lower_is_better=True, stage="finetune"))
+register(Metric("quant_seconds", "seconds of quantization", lower_is_better=True, shown="cost", stage="quantize"))
+
+
+def metric(name: str) -> Metric | None:
+    """The registered metric of a name or a results.csv column ("finetune.peak_mem_mb"); None if unknown."""
+    return METRICS.get(name) or METRICS.get(name.rsplit(".", 1)[-1]) if isinstance(name, str) else None
+
+
+def statistic(name: str) -> Statistic | None:
+    """The per-unit definition of ``name``, or None for a run-level metric (size, speed, loss)."""
+    m = METRICS.get(name)
+    return m.statistic if m else None
+
+
+def ppl_statistic(name: str) -> Statistic | None:
+    """The statistic of a perplexity metric (``ppl``, ``ppl_<source>``); None for any other."""
+    m = METRICS.get(name)
+    return m.statistic if m and m.needs == "ppl" and m.statistic else None
+
+
+def task_statistics() -> dict[str, Statistic]:
+    """The task metrics (per-example units) -> their statistics, in registry order."""
+    return {n: m.statistic for n, m in METRICS.items() if m.statistic and m.statistic.group == "task"}
 
 
 def task_scores(preds: list[str], refs: list[str], sources: list[str]) -> dict[str, float]:
-    """Mean exact match, field F1, ROUGE-L, and micro-averaged fact precision / recall."""
+    """Every task metric of the registry: means, and micro-averaged fact precision / recall."""
     if not preds:
         return {}
     cols = example_scores(preds, refs, sources)
     out = {}
-    for name, st in STATISTICS.items():
+    for name, st in task_statistics().items():
         den = cols[st.den] if st.den else None
         out[name] = st(cols[st.num], den) if not den or sum(den) else math.nan
     return out
 
 
-# ---- the names an evaluate stage records (what a claim compares, what a select ranks by) ---------
-# run-level metrics of ptqlib.stages.evaluate: size and speed
-RUN_METRICS = ("size_mb_deploy", "size_mb_stored", "model_params", "gen_tokens_per_s", "gen_seconds", "ppl_seconds",
-               "ttft_s", "decode_tokens_per_s", "peak_rss_mb", "load_seconds")
-PPL_METRICS = tuple("ppl" if s == "pydoc" else f"ppl_{s}" for s in TEXT_SOURCES)
-KL_METRICS = tuple(f"{m}{p[len('ppl'):]}" for p in PPL_METRICS for m in ("kl", "top1_agree"))
-
-
 def evaluate_metric_names() -> list[str]:
     """Every metric the evaluate stage can record, per-unit first; ``lmeval.<task>.<metric>`` last."""
-    return [*PPL_METRICS, *KL_METRICS, *STATISTICS, *RUN_METRICS, "lmeval.<task>.<metric>"]
+    ev = [m for m in METRICS.values() if m.stage == "evaluate"]
+    return [*(m.name for m in ev if m.statistic), *(m.name for m in ev if not m.statistic), "lmeval.<task>.<metric>"]
 
 
-def known_evaluate_metric(metric) -> bool:
-    return isinstance(metric, str) and (metric in evaluate_metric_names()[:-1]
-                                        or re.fullmatch(r"lmeval\.[\w-]+\.\w+", metric) is not None)
+def known_evaluate_metric(name) -> bool:
+    return isinstance(name, str) and (name in evaluate_metric_names()[:-1]
+                                      or re.fullmatch(r"lmeval\.[\w-]+\.\w+", name) is not None)
 
 
-# Declared once, read by claims, selection and plots: a time, a size, a memory peak or a loss is better lower.
-LOWER_IS_BETTER = {"empty_outputs", "size_mb_deploy", "size_mb_stored", "train_seconds", "step_seconds", "peak_mem_mb",
-                   "train_loss_last", "train_loss_first", "quant_seconds", "gen_seconds", "ppl_seconds", "ttft_s",
-                   "load_seconds", "peak_rss_mb"}
+def lower_is_better(name: str) -> bool:
+    """Perplexities, KL, sizes, times and losses (the registry's flag); a results.csv column by its last part."""
+    m = metric(name)
+    return bool(m and m.lower_is_better)
 
 
-def lower_is_better(metric: str) -> bool:
-    """Perplexities, sizes, times and losses; stage-prefixed columns ("finetune.peak_mem_mb") by their name."""
-    name = metric.rsplit(".", 1)[-1]
-    return name in LOWER_IS_BETTER or ppl_statistic(name) is not None or name.split("_", 1)[0] == "kl"
+def bounded(name: str) -> bool:
+    """A score in [0, 1] whose mean can sit at a floor or a ceiling (claims flag it there)."""
+    m = metric(name)
+    return bool(m and m.bounded)
+
+
+def shown(kind: str) -> list[str]:
+    """The results.csv columns of the report's summary table of ``kind`` ("quality" or "cost"), in registry order."""
+    return [m.column for m in METRICS.values() if m.shown == kind]
+
+
+def plotted(panel: str) -> list[str]:
+    """The results.csv columns of the report's bar-plot ``panel`` ("quality" or "deployment")."""
+    return [m.column for m in METRICS.values() if m.plot == panel]

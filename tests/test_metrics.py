@@ -1,5 +1,6 @@
 import math
 
+import pandas as pd
 import pytest
 
 from ptqlib.metrics import exact_match, fact_counts, facts, field_f1, rouge_l, task_scores
@@ -46,12 +47,12 @@ def test_task_scores_micro_averages():
 
 def test_example_scores_aggregate_to_task_scores():
     """The per-example columns the bootstrap resamples give back the stage's own aggregates."""
-    from ptqlib.metrics import STATISTICS, example_scores
+    from ptqlib.metrics import example_scores, task_statistics
 
     preds = [REF, "", REF.replace("120", "12"), "customer: x"]
     refs, srcs = [REF] * 4, [SRC] * 4
     cols, agg = example_scores(preds, refs, srcs), task_scores(preds, refs, srcs)
-    for name, st in STATISTICS.items():
+    for name, st in task_statistics().items():
         den = cols[st.den] if st.den else None
         assert st(cols[st.num], den) == pytest.approx(agg[name]), name
     assert len(cols["field_f1"]) == 4 and cols["field_f1"][0] == 1.0 and cols["field_f1"][1] == 0.0
@@ -82,3 +83,35 @@ def test_a_faster_quantizer_holds_as_faster():
              "metric": "quantize.quant_seconds", "relation": ">"}
     row = check_claims([claim], results).iloc[0]
     assert row.verdict == "holds" and row.difference == pytest.approx(0.36 - 4.74)
+
+
+
+def test_a_new_metric_is_one_register_call(monkeypatch):
+    """Everything that asks about a metric reads the registry: toy metrics registered in ptqlib.metrics
+    alone are known to selects and claims, ranked the right way, checked against what the evaluate stage
+    records, flagged at a floor, scored per example and shown in the report's tables and plots."""
+    from ptqlib import metrics
+    from ptqlib.metrics import Metric, Statistic
+    from ptqlib.report.analysis import summarise
+    from ptqlib.report.claims import flags
+    from ptqlib.study.selection import missing_metric, validation_params
+
+    monkeypatch.setattr(metrics, "METRICS", dict(metrics.METRICS))
+    metrics.register(Metric("toy_seconds", "a toy time", lower_is_better=True, shown="cost", plot="deployment",
+                            needs="task"))
+    metrics.register(Metric("toy_f1", "a toy score", Statistic("task", "field_f1"), bounded=True, shown="quality",
+                            needs="task"))
+    with pytest.raises(ValueError, match="'toy_f1' is registered twice"):
+        metrics.register(Metric("toy_f1", "again"))
+    assert metrics.known_evaluate_metric("toy_seconds") and metrics.known_evaluate_metric("toy_f1")
+    assert metrics.lower_is_better("toy_seconds") and not metrics.lower_is_better("toy_f1")
+    assert "toy_seconds" in metrics.shown("cost") and "toy_seconds" in metrics.plotted("deployment")
+    assert "toy_f1" in metrics.shown("quality") and metrics.statistic("toy_f1").group == "task"
+    assert metrics.task_scores(["a: 1"], ["a: 1"], ["a: 1"])["toy_f1"] == 1.0  # scored with the task metrics
+    ev = {"task_samples": 0, "ppl_sources": ["pydoc"], "kl_reference": False, "speed_prompts": 0,
+          "runtime": "torch", "lm_eval_tasks": []}
+    assert missing_metric("toy_seconds", ev) == "its task_samples is 0 (no generation)"
+    assert validation_params({**ev, "task_samples": 8}, "toy_f1")["ppl_sources"] == []  # only what ranks it
+    assert flags({"metric": "toy_f1", "mean_a": 0.0, "mean_b": 0.5}) == "a at floor (toy_f1 0.000)"
+    res = pd.DataFrame({"family": ["x", "x"], "model": ["m", "m"], "toy_f1": [0.5, 0.7], "toy_seconds": [1.0, 2.0]})
+    assert {"toy_f1", "toy_seconds"} <= {c[0] for c in summarise(res).columns}

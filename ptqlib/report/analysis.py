@@ -11,19 +11,14 @@ import numpy as np
 import pandas as pd
 
 from ptqlib.files import write_atomic
-from ptqlib.metrics import lower_is_better
+from ptqlib.metrics import lower_is_better, plotted, shown
 from ptqlib.report.claims import check_claims
-
-QUALITY = ["ppl", "ppl_stdlib", "kl", "kl_stdlib", "top1_agree", "top1_agree_stdlib", "exact_match", "field_f1",
-           "rouge_l", "fact_precision", "fact_recall"]
-COST = ["size_mb_deploy", "size_mb_stored", "gen_tokens_per_s", "finetune.train_seconds", "finetune.peak_mem_mb",
-        "quantize.quant_seconds"]
 
 
 def summarise(results: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
     """Mean, std over seeds and n per pipeline family (and grid point other than the seed)."""
     df = results[results.get("status", "ok") == "ok"] if "status" in results else results
-    metrics = [m for m in (metrics or QUALITY + COST) if m in df]
+    metrics = [m for m in (metrics or shown("quality") + shown("cost")) if m in df]
     grid = [c for c in df.columns if c.startswith("grid.") and c != "grid.seed"]
     keys = ["family", "model"] + grid
     agg = df.groupby(keys, dropna=False)[metrics].agg(["mean", "std", "count"])
@@ -218,7 +213,7 @@ def write_summary(results: pd.DataFrame, study_dir) -> pd.DataFrame:
     """Mean ± sd per pipeline of the quality metrics, size and speed -> ``summary.csv`` (returned)."""
     from pathlib import Path
 
-    compact = mean_pm(results, [m for m in QUALITY + ["size_mb_deploy", "gen_tokens_per_s"] if m in results])
+    compact = mean_pm(results, [m for m in shown("quality") + plotted("deployment") if m in results])
     write_atomic(Path(study_dir) / "summary.csv", compact.to_csv(index_label="pipeline"))
     return compact
 

@@ -38,13 +38,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ptqlib.metrics import Statistic, lower_is_better, statistic
+from ptqlib import relations
+from ptqlib.metrics import Statistic, bounded, lower_is_better, statistic
 from ptqlib.report.inference import holm, p_fails, p_holds, paired_interval
 
-RELATIONS = (">", ">=", "==")
 MIN_SEEDS = 3  # paired seeds a claim on trained pipelines needs: fewer leave the seed variance unknown
 HOLM_ALPHA = 0.025  # one-sided, the level of each bound of the 95% interval (see docs/statistics.md)
-BOUNDED = ("field_f1", "exact_match", "rouge_l")  # and fact_*: scores in [0, 1] with a floor and a ceiling
 FLOOR, CEILING = 0.05, 0.98
 
 
@@ -139,38 +138,18 @@ def paired_bootstrap(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, de
 
 
 def decide(relation: str, lo: float, hi: float, min_effect: float = 0.0) -> str:
-    """holds / does not hold / undecided from the interval of the signed difference (see the module doc)."""
-    m = min_effect
-    if relation not in RELATIONS:
-        raise ValueError(f"relation {relation!r}; valid: {', '.join(RELATIONS)}")
-    if math.isnan(lo) or math.isnan(hi):
-        return "undecided (no interval)"
-    if relation == ">":
-        return "holds" if lo > m else ("does not hold" if hi < m else "undecided (interval contains the boundary)")
-    if relation == ">=":
-        return "holds" if lo > -m else ("does not hold" if hi < -m else "undecided (interval contains the boundary)")
-    if -m < lo and hi < m:  # ==: the whole interval inside the margin (two one-sided tests)
-        return "holds"
-    return "does not hold" if (lo > m or hi < -m) else "undecided (interval contains the boundary)"
+    """holds / does not hold / undecided from the interval of the signed difference (``ptqlib.relations``)."""
+    return relations.relation(relation).decide(lo, hi, min_effect)
 
 
 def hypothesis(claim: Claim) -> str:
     """What "holds" accepts, in words, on the signed difference: e.g. ``a - b > -0.02 (not worse by
     more than 0.02)``; where lower is better the difference is b - a."""
-    m, lower = f"{claim.min_effect:g}", lower_is_better(claim.metric)
+    rel, lower = relations.relation(claim.relation), lower_is_better(claim.metric)
     d = f"{claim.b} - {claim.a}" if lower else f"{claim.a} - {claim.b}"
-    notes = []
-    if claim.relation == ">":
-        text = f"{d} > {m}"
-    elif claim.relation == ">=":
-        text = f"{d} > -{m}" if claim.min_effect else f"{d} > 0"
-        notes.append(f"not worse by more than {m}" if claim.min_effect else "no margin: as strict as '>'")
-    elif claim.relation == "==":
-        text = f"|{claim.a} - {claim.b}| < {m}"
-        notes += [] if claim.min_effect else ["no margin: cannot hold"]
-    else:
-        raise ValueError(f"relation {claim.relation!r}; valid: {', '.join(RELATIONS)}")
-    notes += ["lower is better"] if lower and claim.relation != "==" else []
+    text, notes = rel.words(d, claim.a, claim.b, claim.min_effect)
+    lo, hi = rel.bounds(1.0)
+    notes += ["lower is better"] if lower and lo != -hi else []  # a symmetric relation has no direction
     return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
@@ -252,7 +231,7 @@ def flags(row: dict) -> str:
     """Pipelines whose mean of a bounded metric is < FLOOR or > CEILING, e.g. ``b at floor (field_f1 0.000)``:
     there a difference says little (no room to move) and the t interval's normal approximation is poor."""
     name = str(row["metric"]).rsplit(".", 1)[-1]
-    if name not in BOUNDED and not name.startswith("fact_"):
+    if not bounded(name):
         return ""
     out = []
     for side in ("a", "b"):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from ptqlib import relations
 from ptqlib.metrics import Statistic
 
 LEVEL = 0.95  # two-sided interval; its bounds are the one-sided tests at (1 - LEVEL) / 2 = 0.025
@@ -148,53 +149,35 @@ def paired_interval(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den
 
 def p_holds(relation: str, signed: float, se: float, df: float, min_effect: float = 0.0) -> float:
     """One-sided p-value of "the claim holds" against its boundary (``signed``: a - b, sign-flipped
-    where lower is better). ``>``: H0 d <= m; ``>=``: H0 d <= -m; ``==``: TOST, the larger of the
-    p-values of H0 d <= -m and H0 d >= m. p < 0.025 exactly when the 95% interval decides "holds".
-    """
-    m = min_effect
+    where lower is better), from the relation's bounds (``ptqlib.relations``): ``>``: H0 d <= m; ``>=``:
+    H0 d <= -m; ``==``: TOST, the larger of the p-values of H0 d <= -m and H0 d >= m. p < 0.025 exactly
+    when the 95% interval decides "holds"."""
+    lower, upper = relations.relation(relation).bounds(min_effect)
     if math.isnan(signed) or math.isnan(se):
         return math.nan
-
-    def beyond(bound: float, side: float) -> float:  # p of H0 "d <= bound" (side +1) or "d >= bound" (-1)
-        t = side * (signed - bound)
-        if se == 0:  # an exact difference: rejected iff strictly beyond the bound
-            return 0.0 if t > 0 else 1.0
-        return float(stats.t.sf(t / se, df))
-
-    if relation == ">":
-        return beyond(m, 1.0)
-    if relation == ">=":
-        return beyond(-m, 1.0)
-    if relation == "==":
-        return max(beyond(-m, 1.0), beyond(m, -1.0))
-    raise ValueError(f"relation {relation!r}; valid: >, >=, ==")
+    ps = [_p_beyond(signed, se, df, lower, 1.0)] if lower > -math.inf else []
+    ps += [_p_beyond(signed, se, df, upper, -1.0)] if upper < math.inf else []
+    return max(ps)
 
 
 def p_fails(relation: str, signed: float, se: float, df: float, min_effect: float = 0.0) -> float:
     """One-sided p-value of "the claim does not hold", the reverse of :func:`p_holds`: ``>``: H0 d >= m;
     ``>=``: H0 d >= -m; ``==``: the smaller of H0 d <= m and H0 d >= -m (outside the margin on either
     side). p < 0.025 exactly when the 95% interval decides "does not hold"."""
-    m = min_effect
+    lower, upper = relations.relation(relation).bounds(min_effect)
     if math.isnan(signed) or math.isnan(se):
         return math.nan
+    ps = [_p_beyond(signed, se, df, lower, -1.0)] if lower > -math.inf else []
+    ps += [_p_beyond(signed, se, df, upper, 1.0)] if upper < math.inf else []
+    return min(ps)
 
-    def below(bound: float) -> float:  # p of H0 "d >= bound"
-        if se == 0:
-            return 0.0 if signed < bound else 1.0
-        return float(stats.t.cdf((signed - bound) / se, df))
 
-    def above(bound: float) -> float:  # p of H0 "d <= bound"
-        if se == 0:
-            return 0.0 if signed > bound else 1.0
-        return float(stats.t.sf((signed - bound) / se, df))
-
-    if relation == ">":
-        return below(m)
-    if relation == ">=":
-        return below(-m)
-    if relation == "==":
-        return min(above(m), below(-m))
-    raise ValueError(f"relation {relation!r}; valid: >, >=, ==")
+def _p_beyond(signed: float, se: float, df: float, bound: float, side: float) -> float:
+    """p of H0 "d <= bound" (``side`` +1: evidence that d is above it) or "d >= bound" (-1: below it)."""
+    t = side * (signed - bound)
+    if se == 0:  # an exact difference: rejected iff strictly beyond the bound
+        return 0.0 if t > 0 else 1.0
+    return float(stats.t.sf(t / se, df))
 
 
 def holm(p: list[float]) -> list[float]:

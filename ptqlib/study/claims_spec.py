@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import re
 
+from ptqlib import relations
 from ptqlib.errors import ConfigError
 from ptqlib.metrics import evaluate_metric_names, known_evaluate_metric
 from ptqlib.study.loader import check_keys as _check_keys
@@ -39,8 +40,9 @@ def checked_claims(path, raw: dict) -> list[dict]:
                               f"{', '.join(evaluate_metric_names())}, <stage>.<metric> of a quantize / finetune stage "
                               "(e.g. finetune.train_loss_last)")
         c.setdefault("relation", ">")
-        if c["relation"] not in (">", ">=", "=="):
-            raise ConfigError(f"{path}: claims[{i}].relation: {c['relation']!r}; valid: >, >=, ==")
+        if c["relation"] not in relations.RELATIONS:
+            raise ConfigError(f"{path}: claims[{i}].relation: {c['relation']!r}; valid: "
+                              + ", ".join(f"{s} ({r.help})" for s, r in relations.RELATIONS.items()))
         m = c.setdefault("min_effect", 0.0)
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0 or not math.isfinite(m):
             raise ConfigError(f"{path}: claims[{i}].min_effect: {m!r} must be a number >= 0 (the smallest difference "

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING, Callable
 
-from ptqlib.metrics import PPL_METRICS, STATISTICS, evaluate_metric_names, known_evaluate_metric, lower_is_better
-from ptqlib.text import TEXT_SOURCES
+from ptqlib.metrics import evaluate_metric_names, known_evaluate_metric, lower_is_better
+from ptqlib.metrics import metric as registered
 
 if TYPE_CHECKING:
     from ptqlib.study.pipeline import Pipeline, Study
@@ -41,24 +41,27 @@ known_metric = known_evaluate_metric
 
 
 def missing_metric(metric: str, ev: dict) -> str | None:
-    """Why an evaluate stage with params ``ev`` records no ``metric`` (None: it records it)."""
-    if (metric in STATISTICS or metric in ("gen_tokens_per_s", "gen_seconds")) and not ev["task_samples"]:
+    """Why an evaluate stage with params ``ev`` records no ``metric`` (None: it records it), from the
+    metric's ``needs`` in the registry (``ptqlib.metrics``)."""
+    if metric.startswith("lmeval."):
+        if not ev["lm_eval_tasks"]:
+            return "its lm_eval_tasks is empty"
+        if metric.split(".")[1] not in ev["lm_eval_tasks"]:
+            return f"its lm_eval_tasks {ev['lm_eval_tasks']} lack {metric.split('.')[1]!r}"
+        return None
+    m = registered(metric)
+    needs = m.needs if m else ""
+    if needs == "task" and not ev["task_samples"]:
         return "its task_samples is 0 (no generation)"
-    for i, ppl in enumerate(PPL_METRICS):
-        suffix = ppl[len("ppl"):]
-        if metric in (ppl, "kl" + suffix, "top1_agree" + suffix) and TEXT_SOURCES[i] not in ev["ppl_sources"]:
-            return f"its ppl_sources {ev['ppl_sources']} lack {TEXT_SOURCES[i]!r}"
-        if metric in ("kl" + suffix, "top1_agree" + suffix) and not ev.get("kl_reference"):
-            return ("it compares with no 16-bit reference (nothing in the pipeline quantizes, or its kl_reference "
-                    "is off)")
-    if metric in ("ttft_s", "decode_tokens_per_s") and not ev["speed_prompts"]:
+    if needs in ("ppl", "kl") and m.source and m.source not in ev["ppl_sources"]:
+        return f"its ppl_sources {ev['ppl_sources']} lack {m.source!r}"
+    if needs == "kl" and not ev.get("kl_reference"):
+        return ("it compares with no 16-bit reference (nothing in the pipeline quantizes, or its kl_reference "
+                "is off)")
+    if needs == "speed" and not ev["speed_prompts"]:
         return "its speed_prompts is 0"
-    if metric in ("peak_rss_mb", "load_seconds") and ev["runtime"] != "llama.cpp":
+    if needs == "llama.cpp" and ev["runtime"] != "llama.cpp":
         return f"its runtime is {ev['runtime']!r} (llama.cpp only)"
-    if metric.startswith("lmeval.") and not ev["lm_eval_tasks"]:
-        return "its lm_eval_tasks is empty"
-    if metric.startswith("lmeval.") and metric.split(".")[1] not in ev["lm_eval_tasks"]:
-        return f"its lm_eval_tasks {ev['lm_eval_tasks']} lack {metric.split('.')[1]!r}"
     return None
 
 
@@ -95,12 +98,11 @@ def validation_params(ev: dict, metric: str) -> dict:
     only what ranks the candidates (a task statistic: no perplexity or KL; a perplexity or KL metric:
     that source's windows only, no generation), so choosing costs one short evaluation per candidate."""
     out = {**ev, "split": "validation", "speed_prompts": 0, "lm_eval_tasks": []}
-    if metric in STATISTICS:
+    m = registered(metric)
+    if m and m.needs == "task" and m.statistic:
         return {**out, "ppl_sources": [], "kl_reference": False}
-    for i, ppl in enumerate(PPL_METRICS):
-        suffix = ppl[len("ppl"):]
-        if metric in (ppl, "kl" + suffix, "top1_agree" + suffix):
-            return {**out, "ppl_sources": [TEXT_SOURCES[i]], "task_samples": 0, "kl_reference": metric != ppl}
+    if m and m.needs in ("ppl", "kl") and m.statistic:
+        return {**out, "ppl_sources": [m.source], "task_samples": 0, "kl_reference": m.needs == "kl"}
     return {**ev, "split": "validation"}  # a run metric (size, speed) or lm-eval: measured as the family does
 
 
