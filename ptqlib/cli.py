@@ -2,6 +2,9 @@
 
 Every pipeline of the study file runs through the stage notebooks (quantize, finetune, evaluate);
 finished stages are cached under runs/, and the report is written to reports/<study>/index.html.
+The other commands: analyse (re-render a report), plan (the seeds each claim needs), export (a stage's
+model as GGUF), methods (the registered methods), notebooks (the stage notebooks' parameters cells
+from the parameter dataclasses), findings (the README's findings from reports/*/claims.csv).
 """
 from __future__ import annotations
 

@@ -296,7 +296,7 @@ def load_task(task: str, split: str, n: int) -> list[Example]:
     line 1; hub: every 10th row from row 5). So these tasks train on 3/5 (8/10) of the data
     where they trained on 4/5 (9/10) before validation existed, whether or not the study selects
     anything: one rule, so a model never depends on which other stages a study has. (Their
-    finetune stage ids changed with it, see ``runner.stage_id``.)
+    finetune stage ids changed with it, see ``study.graph.stage_id``.)
     """
     if split not in SPLITS:
         raise ConfigError(f"split: {split!r} is not a task split; valid: {', '.join(SPLITS)}")

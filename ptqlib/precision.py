@@ -17,7 +17,7 @@ What each precision means per stage kind (the papers' mixed precision):
 - quantize ``bf16``: GPTQ's calibration forwards under bf16 autocast (the reference runs them in
   fp16); the Hessian, the Cholesky and the column updates stay fp32.
 
-``auto`` is resolved when the study file is loaded (``config.load_study``), so the stage id and the
+``auto`` is resolved when the study file is loaded (``study.schema.load_study``), so the stage id and the
 record carry the precision that runs. Asking for ``bf16`` where the hardware lacks it is an error
 naming the flags looked for, unless ``PTQLIB_FORCE_BF16=1`` (emulated bf16: correct, slow).
 This module imports torch only to ask CUDA, so the study file validates without it.

@@ -36,7 +36,7 @@ from ptqlib.study import selection
 from ptqlib.study.graph import build_graph
 from ptqlib.study.pipeline import Pipeline, Study
 
-log = logging.getLogger("ptqlib.runner")
+log = logging.getLogger("ptqlib.engine.runner")
 
 
 class Reporter(Protocol):

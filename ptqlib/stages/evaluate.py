@@ -1,7 +1,7 @@
 """Evaluation: held-out perplexity, greedy batched generation and its task metrics, size, speed.
 
 Every score is kept per unit (per task example, per perplexity window) as well as aggregated,
-so the analysis can pair two pipelines example by example (``ptqlib.report.analysis.bootstrap_claim``).
+so the analysis can pair two pipelines example by example (``ptqlib.report.claims.check_claims``).
 The aggregate of each metric is computed from its units by ``ptqlib.metrics.statistic``.
 """
 from __future__ import annotations

@@ -21,6 +21,7 @@ from ptqlib.errors import ConfigError, check_choice, check_positive
 from ptqlib.methods import finetune_methods, quantize_methods
 from ptqlib.precision import PRECISIONS
 from ptqlib.study.neutral import HISTORIC, ID_NEUTRAL
+from ptqlib.text import WINDOW_LAYOUTS
 
 
 @dataclass
@@ -243,7 +244,7 @@ class EvaluateParams:
 
     def __post_init__(self) -> None:
         check_choice("precision", self.precision, PRECISIONS)
-        check_choice("ppl_windows", self.ppl_windows, ("random", "first"))  # ptqlib.data.WINDOW_LAYOUTS (torch-free here)
+        check_choice("ppl_windows", self.ppl_windows, WINDOW_LAYOUTS)
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime: {self.runtime!r} is not a runtime; valid: {', '.join(RUNTIMES)}")
         from ptqlib.deploy.types import TYPES as GGUF_TYPES

@@ -5,7 +5,7 @@ A study file may give one finetune setting per pipeline as candidates (in the st
 
     ft16: [{finetune: {method: full, lr: {select: [1.0e-4, 3.0e-4, 1.0e-3], metric: field_f1}}}]
 
-``config.load_study`` expands such a family into one *selection pipeline* per candidate (family
+``study.schema.load_study`` expands such a family into one *selection pipeline* per candidate (family
 ``ft16~select``, name ``ft16~select[lr=0.0003]``): the study's first seed, its evaluate stage
 scoring the validation split (``split: validation``, its other settings as the family's). The
 family's test-set pipelines (every seed, the test split, the setting left out of their names) are
