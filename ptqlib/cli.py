@@ -21,7 +21,7 @@ from ptqlib.errors import ConfigError
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ptqlib", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,analyse,plan,export,methods,findings}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,analyse,plan,export,methods,notebooks,findings}")
     run = sub.add_parser("run", help="run (or --dry-run) a study: the stages not cached yet, then the report",
                          description="Run the stages of a study that are not cached yet, then render its report.")
     run.add_argument("study", help="the study file, e.g. parameters/default.yaml")

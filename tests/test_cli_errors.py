@@ -144,3 +144,14 @@ def test_a_bad_tiny_study_is_refused_without_importing_torch(tmp_path, body, why
     p = subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True, timeout=120)
     assert p.stdout.split() == ["light", "2"], p.stdout + p.stderr
     assert why in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_help_names_every_command(capsys):
+    """The usage line and the description list each subcommand the parser accepts (notebooks was left out)."""
+    from ptqlib.cli import _parser
+
+    ap = _parser()
+    cmds = next(a for a in ap._actions if a.dest == "cmd").choices
+    usage = ap.format_help()
+    assert all(c in usage.split("\n\n")[0] for c in cmds), usage  # the usage line
+    assert all(c in ap.description for c in cmds if c != "run")
