@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             from ptqlib.report.plan import describe, plan_study
 
             try:
-                table = plan_study(study, args.reports)
+                table = plan_study(study, args.reports, tables)
             except (FileNotFoundError, ValueError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(table))
             return 0
         if args.cmd == "analyse":
-            r = Runner(study, args.runs, args.reports, keep_previous=not args.fresh_report)
+            r = Runner(study, args.runs, args.reports, keep_previous=not args.fresh_report, reporter=tables)
             tables.write_results(r)
             return 0 if tables.analyse(r, force=True) else 1
         runner = Runner(study, args.runs, args.reports, kernel=args.kernel, keep_previous=not args.fresh_report,

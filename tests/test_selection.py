@@ -120,9 +120,12 @@ def test_runner_reads_cached_choice_and_report_keeps_selection_out_of_results(tm
         ("ft", "lr", "0.0001", "field_f1", "0.2", "False"), ("ft", "lr", "0.0003", "field_f1", "0.1", "False"),
         ("ft", "lr", "0.001", "field_f1", "0.3", "True")]
     # without runs/ (a fresh clone), the choice comes from the report's selection.csv (same evaluate stage ids)
-    fresh = Runner(study, tmp_path / "no-runs", tmp_path / "reports")
+    fresh = Runner(study, tmp_path / "no-runs", tmp_path / "reports", reporter=report)
     assert [p.name for p in fresh.study.pipelines if p.family == "ft"] == ["ft[seed=0]", "ft[seed=1]"]
-    assert Runner(study, tmp_path / "no-runs", tmp_path / "reports", keep_previous=False).study.selections[0].chosen is None
+    assert Runner(study, tmp_path / "no-runs", tmp_path / "reports", keep_previous=False,
+                  reporter=report).study.selections[0].chosen is None
+    # the engine reads no report file: without a reporter the runs alone decide, and they are gone
+    assert Runner(study, tmp_path / "no-runs", tmp_path / "reports").study.selections[0].chosen is None
 
 
 class FakeExecutor:
@@ -281,7 +284,7 @@ def test_an_old_reports_values_of_another_metric_are_not_reused(tmp_path):
     from ptqlib.engine.choices import recorded
 
     study = _study(tmp_path)
-    r = Runner(study, tmp_path / "runs", tmp_path / "reports")
+    r = Runner(study, tmp_path / "runs", tmp_path / "reports", reporter=report)
     sel = [p for p in study.pipelines if selection.is_selection(p)]
     r.reports.mkdir(parents=True, exist_ok=True)
     rows = ["family,point,key,candidate,metric,validation,chosen,pipeline,eval_stage"] + [

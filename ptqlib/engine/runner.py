@@ -46,6 +46,8 @@ class Reporter(Protocol):
 
     def analyse(self, runner: "Runner", force: bool = False) -> Path | None: ...
 
+    def previous_choices(self, runner: "Runner") -> dict[tuple[str, str, str], float]: ...
+
 
 class Runner:
     def __init__(self, study: Study, runs_dir: str | Path = "runs", reports_dir: str | Path = "reports",

@@ -174,8 +174,9 @@ def plan_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame |
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def plan_study(study, reports: str | Path) -> pd.DataFrame:
-    """The plan of a loaded study (``study.schema.load_study``) from ``reports/<study>/``; writes ``plan.csv``."""
+def plan_study(study, reports: str | Path, reporter) -> pd.DataFrame:
+    """The plan of a loaded study (``study.schema.load_study``) from ``reports/<study>/``; writes ``plan.csv``.
+    ``reporter`` (``ptqlib.report.tables``) reads the report's selection choices, so the chains are as run."""
     import tempfile
 
     from ptqlib.engine.runner import Runner
@@ -187,7 +188,7 @@ def plan_study(study, reports: str | Path) -> pd.DataFrame:
                                 f"(python -m ptqlib run parameters/{study.name}.yaml)")
     out = load_outputs(out_dir)
     with tempfile.TemporaryDirectory() as runs:  # the chains as run: selections read from selection.csv
-        runner = Runner(study, runs, reports)
+        runner = Runner(study, runs, reports, reporter=reporter)
         chains, kinds = runner.chains, {sid: n.kind for sid, n in runner.nodes.items()}
     claims = [dict(c) for c in (out.meta.get("claims") or [])]
     if not claims:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from ptqlib.engine.choices import recorded
 from ptqlib.engine.record import complete, machine_label, versions_label
 from ptqlib.engine.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
+from ptqlib.errors import ConfigError
 from ptqlib.files import copy_atomic, write_atomic, write_json_atomic
 from ptqlib.study import selection
 
@@ -151,8 +152,6 @@ def keep_previous(runner: "Runner", rows: list[dict], prev: PreviousReport) -> d
     by_name = {r["pipeline"]: r for r in rows}
     for p, units in kept.items():  # a units.csv cut short would be rewritten with the rows it lost
         if why := _short_units(runner, by_name[p], units):
-            from ptqlib.errors import ConfigError
-
             raise ConfigError(f"{runner.reports / 'units.csv'} (or the report it was kept from): pipeline {p!r} has "
                               f"{why}; the file does not match its runs: restore it (git checkout) or re-run the "
                               "stages (--fresh-report), nothing was rewritten")
@@ -265,6 +264,23 @@ def write_selection(runner: "Runner") -> Path | None:
         path.unlink(missing_ok=True)
         return None
     return _write_csv(path, SELECTION_TABLE, selection_rows(runner))
+
+
+def previous_choices(runner: "Runner") -> dict[tuple[str, str, str], float]:
+    """(selection pipeline, evaluate stage id, metric) -> validation value, from the report's ``selection.csv``
+    (``write_selection``'s columns): the choice of a study whose runs are gone (a fresh clone). Keyed on the
+    metric too (the id does not change with the select's metric: keyed on it alone, an old metric's values
+    were reused); a malformed file is refused, naming it."""
+    path = runner.reports / "selection.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("validation") not in (None, "")]
+    try:
+        return {(r["pipeline"], r["eval_stage"], r.get("metric", "")): float(r["validation"]) for r in rows}
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"{path}: a row without a pipeline / eval_stage or a validation that is not a number ({e}); "
+                          "fix or delete the file (the selection stages then run again)") from None
 
 
 def _write_csv(path: Path, keys: list[str], rows: list[dict]) -> Path:
