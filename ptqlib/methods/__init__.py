@@ -24,7 +24,17 @@ import os
 import pkgutil
 import sys
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, Protocol
+
+
+class StageSettings(Protocol):
+    """What a method's hooks receive as ``p``: a stage's validated settings, read by attribute (``p.bits``,
+    ``p.group_size``, a method's own ``Options`` fields). ``ptqlib.study.params`` builds them (the shared
+    settings plus every method's options); declared here so that a method needs nothing from the study
+    layer above this one."""
+
+    def __getattr__(self, name: str) -> Any: ...
+
 
 # What a fine-tuning method needs as input:
 #   float      a float model (no quantized layer)
@@ -47,7 +57,7 @@ class QuantizeMethod:
     summary: str  # one line for --help and the docs
     bits: tuple[int, ...]  # the weight bits it supports
     grid: Grid  # uniform: QuantLinear (codes, scale, zero per group); bnb: bitsandbytes Linear4bit
-    quantize: Callable  # (input_ref, p: QuantizeParams, calib | None, progress) -> (model, tokenizer, stats)
+    quantize: Callable  # (input_ref, p: StageSettings, calib | None, progress) -> (model, tokenizer, stats)
     save: Callable  # (model, tokenizer, p, output_dir) -> artifact info (artifact.json)
     settings: tuple[str, ...] = ()  # the params a reader needs next to its numbers (report, results.csv)
     label_keys: tuple[str, ...] = ()  # params shown in the stage label: bits -> "4b", group_size -> "g64"
@@ -62,7 +72,7 @@ class FinetuneMethod:
     summary: str
     needs: Needs
     gives: Gives
-    prepare: Callable  # (model, p: FinetuneParams, input_ref) -> the trainable model
+    prepare: Callable  # (model, p: StageSettings, input_ref) -> the trainable model
     save: Callable  # (model, tokenizer, p, output_dir, input_ref) -> artifact info
     settings: tuple[str, ...] = ()
     label_keys: tuple[str, ...] = ()

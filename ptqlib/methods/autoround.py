@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ptqlib.errors import ConfigError, check_positive
-from ptqlib.methods import Options, QuantizeMethod, register
+from ptqlib.methods import Options, QuantizeMethod, StageSettings, register
 from ptqlib.methods.uniform import save_uniform
 from ptqlib.quant.grid import SUPPORTED_BITS
-
-if TYPE_CHECKING:
-    from ptqlib.study.params import QuantizeParams
 
 
 @dataclass
@@ -85,7 +81,7 @@ def library_codes(layer, bits: int, group_size: int, name: str = ""):
     return codes.to(torch.uint8), scale, zp
 
 
-def _quantize(algorithm: str, input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
+def _quantize(algorithm: str, input_ref: str, p: StageSettings, calib=None, progress: bool = False):
     import torch
 
     from ptqlib import artifacts
@@ -136,11 +132,11 @@ def _quantize(algorithm: str, input_ref: str, p: QuantizeParams, calib=None, pro
                         "weights_rescaled": algorithm == "awq"}  # AWQ: no error against the float weight
 
 
-def quantize_autoround(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
+def quantize_autoround(input_ref: str, p: StageSettings, calib=None, progress: bool = False):
     return _quantize("autoround", input_ref, p, calib, progress)
 
 
-def quantize_awq(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
+def quantize_awq(input_ref: str, p: StageSettings, calib=None, progress: bool = False):
     return _quantize("awq", input_ref, p, calib, progress)
 
 

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ptqlib.errors import ConfigError, check_choice
-from ptqlib.methods import ArtifactType, FinetuneMethod, Options, register
+from ptqlib.methods import ArtifactType, FinetuneMethod, Options, StageSettings, register
 from ptqlib.quant.grid import POOL_NORMS
-
-if TYPE_CHECKING:
-    from ptqlib.study.params import FinetuneParams
 
 
 @dataclass
@@ -45,7 +41,7 @@ class MergedBalancedOptions(BalancedOptions):
             raise ConfigError(f"group_size: {self.group_size!r} must be 0 (the base's group) or the base's group size")
 
 
-def prepare(model, p: FinetuneParams, input_ref: str):
+def prepare(model, p: StageSettings, input_ref: str):
     from ptqlib.adapters.blora import apply_adapter
 
     method = p.method
@@ -64,7 +60,7 @@ def prepare(model, p: FinetuneParams, input_ref: str):
     return model
 
 
-def save(model, tokenizer, p: FinetuneParams, output_dir, input_ref: str) -> dict:
+def save(model, tokenizer, p: StageSettings, output_dir, input_ref: str) -> dict:
     from ptqlib import artifacts
     from ptqlib.adapters import blora
 

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ptqlib.errors import check_positive
-from ptqlib.methods import ArtifactType, Options, QuantizeMethod, register
-
-if TYPE_CHECKING:
-    from ptqlib.study.params import QuantizeParams
+from ptqlib.methods import ArtifactType, Options, QuantizeMethod, StageSettings, register
 
 
 @dataclass
@@ -42,7 +38,7 @@ def bnb_config(method: str, double_quant: bool = True, blocksize: int = 64):
                               bnb_4bit_compute_dtype=compute, **kw)
 
 
-def quantize(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
+def quantize(input_ref: str, p: StageSettings, calib=None, progress: bool = False):
     from transformers import AutoModelForCausalLM
 
     from ptqlib import artifacts
@@ -55,7 +51,7 @@ def quantize(input_ref: str, p: QuantizeParams, calib=None, progress: bool = Fal
     return model, load_tokenizer(src), {}
 
 
-def save(model, tokenizer, p: QuantizeParams, output_dir) -> dict:
+def save(model, tokenizer, p: StageSettings, output_dir) -> dict:
     out = Path(output_dir)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")

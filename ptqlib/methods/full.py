@@ -2,21 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ptqlib.methods import FinetuneMethod, register
-
-if TYPE_CHECKING:
-    from ptqlib.study.params import FinetuneParams
+from ptqlib.methods import FinetuneMethod, StageSettings, register
 
 
-def prepare(model, p: FinetuneParams, input_ref: str):
+def prepare(model, p: StageSettings, input_ref: str):
     for prm in model.parameters():
         prm.requires_grad_(True)
     return model
 
 
-def save(model, tokenizer, p: FinetuneParams, output_dir, input_ref: str) -> dict:
+def save(model, tokenizer, p: StageSettings, output_dir, input_ref: str) -> dict:
     out = Path(output_dir)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from ptqlib.methods import Options, QuantizeMethod, register
+from ptqlib.methods import Options, QuantizeMethod, StageSettings, register
 from ptqlib.methods.uniform import save_uniform
-
-if TYPE_CHECKING:
-    from ptqlib.study.params import QuantizeParams
 
 BITS = (2, 3, 4, 8)  # of hqq's bit widths, those QuantLinear packs
 
@@ -54,7 +50,7 @@ def hqq_codes(w, bits: int, group_size: int, optimize: bool = True):
     return codes, meta["scale"].reshape(out_f, G).float(), meta["zero"].reshape(out_f, G).float(), {**meta, "W_q": W_q}
 
 
-def quantize(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
+def quantize(input_ref: str, p: StageSettings, calib=None, progress: bool = False):
     import torch
     from tqdm.auto import tqdm
 

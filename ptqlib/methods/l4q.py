@@ -5,15 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ptqlib.errors import ConfigError, check_choice
-from ptqlib.methods import FinetuneMethod, Options, register
+from ptqlib.methods import FinetuneMethod, Options, StageSettings, register
 from ptqlib.quant.grid import SUPPORTED_BITS
-
-if TYPE_CHECKING:
-    from ptqlib.study.params import FinetuneParams
-
 
 DEFAULT_GROUP = 64  # the group when group_size is left at 0 (SmolLM2's 576-wide layers take 64, not 128)
 
@@ -33,14 +28,14 @@ class GridOptions(Options):
             self.group_size = DEFAULT_GROUP
 
 
-def prepare(model, p: FinetuneParams, input_ref: str):
+def prepare(model, p: StageSettings, input_ref: str):
     from ptqlib.adapters.l4q import apply_l4q
 
     return apply_l4q(model, bits=p.bits, group_size=p.group_size, rank=p.rank, alpha=p.alpha,
                      target_modules=list(p.target_modules))
 
 
-def save(model, tokenizer, p: FinetuneParams, output_dir, input_ref: str) -> dict:
+def save(model, tokenizer, p: StageSettings, output_dir, input_ref: str) -> dict:
     from ptqlib.adapters.l4q import export_l4q
     from ptqlib.quant.checkpoint import save_quantized
 

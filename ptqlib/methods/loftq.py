@@ -29,9 +29,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from ptqlib.study.params import FinetuneParams
-
-from ptqlib.methods import FinetuneMethod, lora, register
+from ptqlib.methods import FinetuneMethod, StageSettings, lora, register
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +89,7 @@ def loftq_initialise(peft_model, float_dir: str | Path, adapter: str = "default"
     return errors
 
 
-def prepare(model, p: FinetuneParams, input_ref: str | None):
+def prepare(model, p: StageSettings, input_ref: str | None):
     from ptqlib import artifacts
 
     if input_ref is None:

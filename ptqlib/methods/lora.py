@@ -21,12 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ptqlib.methods import ArtifactType, FinetuneMethod, Options, register
-
-if TYPE_CHECKING:
-    from ptqlib.study.params import FinetuneParams
+from ptqlib.methods import ArtifactType, FinetuneMethod, Options, StageSettings, register
 
 
 @dataclass
@@ -51,7 +47,7 @@ def keep_bnb_layout(model):
     return model
 
 
-def prepare(model, p: FinetuneParams, input_ref: str):
+def prepare(model, p: StageSettings, input_ref: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from ptqlib.adapters.lora_quantlinear import register as register_quantlinear
@@ -84,7 +80,7 @@ def float_copy(input_ref: str):
     return model.float(), tok
 
 
-def save(model, tokenizer, p: FinetuneParams, output_dir, input_ref: str) -> dict:
+def save(model, tokenizer, p: StageSettings, output_dir, input_ref: str) -> dict:
     from ptqlib import artifacts
 
     out = Path(output_dir)

@@ -3,24 +3,20 @@ beside it (``ptqlib/adapters/qat_lora.py``). The output is quantized, and keeps 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ptqlib.methods import ArtifactType, FinetuneMethod, register
+from ptqlib.methods import ArtifactType, FinetuneMethod, StageSettings, register
 from ptqlib.methods.l4q import GridOptions
 from ptqlib.quant.grid import SUPPORTED_BITS
 
-if TYPE_CHECKING:
-    from ptqlib.study.params import FinetuneParams
 
-
-def prepare(model, p: FinetuneParams, input_ref: str):
+def prepare(model, p: StageSettings, input_ref: str):
     from ptqlib.adapters.qat_lora import apply_qat_lora
 
     return apply_qat_lora(model, bits=p.bits, group_size=p.group_size, rank=p.rank, alpha=p.alpha,
                           target_modules=list(p.target_modules))
 
 
-def save(model, tokenizer, p: FinetuneParams, output_dir, input_ref: str) -> dict:
+def save(model, tokenizer, p: StageSettings, output_dir, input_ref: str) -> dict:
     from ptqlib.adapters.qat_lora import save_exported
 
     out = Path(output_dir)

@@ -7,14 +7,10 @@ Hessian of the calibration inputs); both write the GPTQ checkpoint layout (``ptq
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ptqlib.errors import ConfigError, check_choice, check_positive
-from ptqlib.methods import Options, QuantizeMethod, register
+from ptqlib.methods import Options, QuantizeMethod, StageSettings, register
 from ptqlib.quant.grid import GROUP_GRIDS, SUPPORTED_BITS, SYM_GRIDS
-
-if TYPE_CHECKING:
-    from ptqlib.study.params import QuantizeParams
 
 
 @dataclass
@@ -43,7 +39,7 @@ class GPTQOptions(RTNOptions):
             raise ConfigError(f"damp: {self.damp!r} must be in (0, 1)")
 
 
-def quantize_rtn(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
+def quantize_rtn(input_ref: str, p: StageSettings, calib=None, progress: bool = False):
     from ptqlib import artifacts
     from ptqlib.quant import rtn_quantize_model
 
@@ -53,7 +49,7 @@ def quantize_rtn(input_ref: str, p: QuantizeParams, calib=None, progress: bool =
     return model, tok, stats
 
 
-def quantize_gptq(input_ref: str, p: QuantizeParams, calib=None, progress: bool = False):
+def quantize_gptq(input_ref: str, p: StageSettings, calib=None, progress: bool = False):
     from ptqlib import artifacts
     from ptqlib.quant.gptq_model import gptq_quantize_model
 
@@ -68,7 +64,7 @@ def quantize_gptq(input_ref: str, p: QuantizeParams, calib=None, progress: bool 
     return model, tok, stats
 
 
-def save_uniform(model, tokenizer, p: QuantizeParams, output_dir) -> dict:
+def save_uniform(model, tokenizer, p: StageSettings, output_dir) -> dict:
     from pathlib import Path
 
     from ptqlib.quant import save_quantized
