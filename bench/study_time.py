@@ -37,9 +37,10 @@ def stage_times(study_file: str, runs: str) -> dict:
     "versions"}`` of a study (``compute``: the part of ``seconds`` the stages timed as their own work)."""
     from ptqlib.engine.record import complete, versions_label
     from ptqlib.engine.runner import Runner
+    from ptqlib.report import tables
     from ptqlib.study.schema import load_study
 
-    r = Runner(load_study(study_file), runs, ROOT / "reports")  # reads records; writes nothing
+    r = Runner(load_study(study_file), runs, ROOT / "reports", reporter=tables)  # reads records; writes nothing
     plan = r.plan()
     seconds: dict[str, float] = defaultdict(float)
     compute: dict[str, float] = defaultdict(float)

@@ -104,7 +104,7 @@ def test_stage_id_is_content_addressed():
     ("model: tiny\npipelines:\n  a: [{quantize: {method: gptq, group_size: 32}}, {finetune: {method: qalora, group_size: 64}}]\n",
      ["pipelines.a[1].finetune.group_size", "64", "base's group_size 32", "set it to 32"]),
     ("model: tiny\npipelines:\n  a: [{quantize: nf4}, {finetune: qablora}]\n",
-     ["pipelines.a[1].finetune.method", "'qablora'", "rtn or gptq"]),
+     ["pipelines.a[1].finetune.method", "'qablora'", "uniform grid", "quantize with method rtn, gptq"]),
     # a key that would be accepted and then ignored is an error
     ("model: tiny\npipelines:\n  a: [{quantize: nf4}, {finetune: {method: qlora, group_size: 32}}]\n",
      ["finetune.group_size", "32", "no effect on method 'qlora'", "l4q, qat_lora, qalora, qablora"]),

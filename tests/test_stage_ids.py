@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from ptqlib.engine.runner import Runner
+from ptqlib.report import tables
 from ptqlib.study.schema import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,7 +19,7 @@ STUDIES = sorted(p.parent.name for p in (ROOT / "reports").glob("*/results.csv")
 def test_committed_report_rows_keep_their_stage_ids(study, tmp_path):
     # no runs here: a select's choice is read from the committed selection.csv
     runner = Runner(load_study(ROOT / "parameters" / f"{study}.yaml", allow_network=False), tmp_path / "runs",
-                    ROOT / "reports")
+                    ROOT / "reports", reporter=tables)
     now = {name: chain[-1] for name, chain in runner.chains.items()}
     with open(ROOT / "reports" / study / "results.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("eval_stage")]

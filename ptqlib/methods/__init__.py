@@ -64,6 +64,9 @@ class QuantizeMethod:
     calibration: bool = False  # needs calibration windows (calib_samples x calib_seq_len tokens)
     options: type | None = None  # its own settings: a dataclass (``Options`` below) merged into QuantizeParams
     fixed_precision: str = ""  # computes in this precision whatever ``precision`` says (not in its stage ids)
+    inert: Callable | None = None  # (params dict) -> its settings that cannot act there (left out of its stage id)
+    dense_weight: Callable | None = None  # (module) -> its layer's de-quantized weight, or None if not its layer
+    prepare_inference: Callable | None = None  # (model, dtype) -> None: its layers ready to score at dtype (CPU)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,25 @@ class FinetuneMethod:
     why_needs: str = ""  # said when its input is not what it needs (why; what to use instead)
     options: type | None = None  # its own settings: a dataclass (``Options`` below) merged into FinetuneParams
     draws_init: bool = True  # its prepare draws random initial weights (an adapter); False: full fine-tuning
+
+
+def dense_weight(module):
+    """``module``'s de-quantized weight from the first quantize method whose ``dense_weight`` hook knows its
+    layer type (a dispatch over the registry, as peft tries its backends in order); None for a float layer."""
+    seen = set()
+    for entry in quantize_methods().values():
+        if entry.dense_weight is not None and entry.dense_weight not in seen:
+            seen.add(entry.dense_weight)
+            w = entry.dense_weight(module)
+            if w is not None:
+                return w
+    return None
+
+
+def prepare_inference(model, dtype) -> None:
+    """Every quantize method's ``prepare_inference`` hook on ``model`` (each acts on its own layers only)."""
+    for hook in dict.fromkeys(e.prepare_inference for e in quantize_methods().values() if e.prepare_inference):
+        hook(model, dtype)
 
 
 class Options:

@@ -67,6 +67,27 @@ def load(ref, info: dict, device: str):
     return AutoModelForCausalLM.from_pretrained(path, device_map=device), load_tokenizer(path)
 
 
+def dense_weight(module):
+    """A bitsandbytes ``Linear4bit``'s weight de-quantized (fp32); None for any other layer (and without
+    importing bitsandbytes when nothing loaded it)."""
+    import sys
+
+    if "bitsandbytes" not in sys.modules or type(module).__name__ != "Linear4bit":
+        return None
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+
+
+def prepare_inference(model, dtype) -> None:
+    """The evaluate stage's hook: at bf16, every CPU ``Linear4bit`` from its weight de-quantized once
+    (:func:`dense_inference`); at fp32 bitsandbytes' own path stays."""
+    import torch
+
+    if dtype == torch.bfloat16:
+        dense_inference(model, dtype)
+
+
 def dense_inference(model, dtype) -> int:
     """Every bitsandbytes ``Linear4bit`` of ``model`` on a CPU computes ``x @ W_hat.T + b`` from its
     weight de-quantized once, in ``dtype``; returns how many (0, without importing bitsandbytes, when
@@ -113,8 +134,8 @@ def dense_inference(model, dtype) -> int:
 _SETTINGS = ("blocksize", "double_quant")
 register(
     QuantizeMethod("nf4", "bitsandbytes 4-bit NormalFloat, absmax per block", (4,), "bnb", quantize, save, _SETTINGS,
-                   options=BnbOptions),
+                   options=BnbOptions, dense_weight=dense_weight, prepare_inference=prepare_inference),
     QuantizeMethod("fp4", "bitsandbytes 4-bit float, absmax per block", (4,), "bnb", quantize, save, _SETTINGS,
-                   options=BnbOptions),
+                   options=BnbOptions, dense_weight=dense_weight, prepare_inference=prepare_inference),
     ArtifactType("bnb", load, quantized=True),
 )

@@ -73,12 +73,33 @@ def save_uniform(model, tokenizer, p: StageSettings, output_dir) -> dict:
     return {"type": "quant", "path": "model", "method": p.method}
 
 
+def inert_rtn(params: dict) -> set[str]:
+    """``sym_grid`` shapes only a symmetric grid."""
+    return set() if params.get("sym") else {"sym_grid"}
+
+
+def inert_gptq(params: dict) -> set[str]:
+    """As RTN's, and ``group_grid`` acts only on groups chosen as the columns go (not per row, not static)."""
+    dynamic = params.get("group_size") != -1 and not (params.get("act_order") and params.get("static_groups"))
+    return inert_rtn(params) | (set() if dynamic else {"group_grid"})
+
+
+def dense_weight(module):
+    """A ``QuantLinear``'s weight from its codes (fp32); None for any other layer."""
+    import torch
+
+    from ptqlib.quant import QuantLinear
+
+    return module.dequantize_weight(torch.float32) if isinstance(module, QuantLinear) else None
+
+
 register(
     QuantizeMethod("rtn", "round to nearest on a uniform grid per group", SUPPORTED_BITS, "uniform", quantize_rtn,
                    save_uniform, settings=("bits", "group_size", "sym"), label_keys=("bits", "group_size"),
-                   options=RTNOptions),
+                   options=RTNOptions, inert=inert_rtn, dense_weight=dense_weight),
     QuantizeMethod("gptq", "GPTQ: second-order error compensation from calibration inputs", SUPPORTED_BITS,
                    "uniform", quantize_gptq, save_uniform,
                    settings=("bits", "group_size", "sym", "act_order", "calib_samples", "calib_seq_len"),
-                   label_keys=("bits", "group_size"), calibration=True, options=GPTQOptions),
+                   label_keys=("bits", "group_size"), calibration=True, options=GPTQOptions, inert=inert_gptq,
+                   dense_weight=dense_weight),
 )

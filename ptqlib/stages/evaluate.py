@@ -326,9 +326,9 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
 
         cast_for_inference(model, p.precision)  # bf16: the float weights in bf16, QuantLinear codes as they are
         if resolve(p.precision) == "bf16":
-            from ptqlib.methods.bnb import dense_inference
+            from ptqlib.methods import prepare_inference
 
-            dense_inference(model, torch.bfloat16)  # NF4 / FP4 from weights de-quantized once (fp32: bnb's path)
+            prepare_inference(model, torch.bfloat16)  # each method's layers (NF4 / FP4: weights de-quantized once)
         ref = None
         if p.kl_reference and reference:
             from ptqlib import artifacts

@@ -67,18 +67,12 @@ def save(model, tokenizer, p: QuantizeParams, output_dir: str | Path, input_ref:
 
 def weight_error(model_fp, model_q) -> dict[str, float]:
     """Relative Frobenius error ||W - W_hat|| / ||W|| per quantized linear (names as in the model)."""
-    from ptqlib.quant import QuantLinear
+    from ptqlib.methods import dense_weight
 
     fp = dict(model_fp.named_modules())
     out = {}
     for name, mod in model_q.named_modules():
-        w = None
-        if isinstance(mod, QuantLinear):
-            w = mod.dequantize_weight(torch.float32)
-        elif type(mod).__name__ == "Linear4bit":
-            import bitsandbytes.functional as F
-
-            w = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float()
+        w = dense_weight(mod)  # the quantize method whose layer it is de-quantizes it (methods' hooks)
         if w is not None and name in fp:
             ref = fp[name].weight.detach().float()
             out[name] = (torch.linalg.norm(ref - w.to(ref.device)) / torch.linalg.norm(ref)).item()

@@ -62,6 +62,12 @@ def _check_held_out(path, where: str, ev: dict, model: str) -> None:
                               "ppl_seq_len")
 
 
+def _giving(grid: str) -> str:
+    """The quantize methods whose output is a ``grid`` model, for a message: "rtn, gptq or awq"."""
+    names = [n for n, e in quantize_methods().items() if e.grid == grid]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
 def check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, linear_input_sizes, model_config,
                     check_models: bool) -> None:
     """Checks that need the whole chain: what each method needs as input (``FinetuneMethod.needs``,
@@ -96,11 +102,12 @@ def check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, li
                 raise ConfigError(f"{path}: {swhere}.method: {name!r} needs a float model but its input is quantized; "
                                   f"valid on a quantized input: {', '.join(n for n, e in ft.items() if e.needs != 'float')}")
             if m.needs == "uniform" and grid != "uniform":
-                raise ConfigError(f"{path}: {swhere}.method: {name!r} merges into a uniform (rtn / gptq) grid; "
-                                  "its input is not one (quantize with method rtn or gptq first)")
+                raise ConfigError(f"{path}: {swhere}.method: {name!r} merges into a uniform grid (integer codes, scale "
+                                  f"and zero per group); its input is not one (quantize with method "
+                                  f"{_giving('uniform')} first)")
             if m.needs == "bnb" and grid != "bnb":
                 raise ConfigError(f"{path}: {swhere}.method: {name!r} needs a bitsandbytes 4-bit input; "
-                                  f"its input is not one (quantize with method nf4 or fp4 first){m.why_needs}")
+                                  f"its input is not one (quantize with method {_giving('bnb')} first){m.why_needs}")
             if m.group == "base":
                 # pooling over the base's quantization groups is what makes the merge exact
                 if p["group_size"] not in (0, base_group):

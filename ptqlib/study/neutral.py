@@ -17,6 +17,8 @@ ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated", "precisio
 # every id (for a stage whose method does not read one: its default; before, a value from the study's
 # ``defaults`` went in there too, so such a stage of a user's study file gets a new id, once). An
 # option added later enters only the ids of the methods that declare it.
-HISTORIC = {"quantize": ("sym", "sym_grid", "group_grid", "double_quant", "blocksize", "act_order", "static_groups",
-                         "true_sequential", "damp", "block_size"),
+# (``sym_grid`` and ``group_grid`` came later, with RTN / GPTQ's options: in the ids of the methods that read
+# them only, and there only where they act, ``QuantizeMethod.inert``.)
+HISTORIC = {"quantize": ("sym", "double_quant", "blocksize", "act_order", "static_groups", "true_sequential", "damp",
+                         "block_size"),
             "finetune": ("merge", "bits", "group_size", "pool", "repeat", "pool_norm")}

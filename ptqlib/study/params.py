@@ -302,20 +302,18 @@ def foreign_settings(kind: str, method) -> set[str]:
 
 def id_params(kind: str, params: dict) -> dict:
     """The params that enter a stage's id: all, less ``ID_NEUTRAL`` values, other methods' options
-    (except the ``HISTORIC`` ones every id carried before methods declared their own), and grid rules that
-    cannot act (``sym_grid`` of an asymmetric or NF4 run, ``group_grid`` of a GPTQ run without
-    dynamic groups), so adding those rules re-ran only the stages whose codes they change."""
+    (except the ``HISTORIC`` ones every id carried before methods declared their own), and the method's
+    settings that cannot act at these params (``QuantizeMethod.inert``: RTN's and GPTQ's ``sym_grid`` of an
+    asymmetric run, GPTQ's ``group_grid`` without dynamic groups), so adding those rules re-ran only the
+    stages whose codes they change."""
     neutral = ID_NEUTRAL.get(kind, {})
     out = {k: v for k, v in params.items() if not (k in neutral and neutral[k] == v)}
     for k in foreign_settings(kind, params.get("method")) - set(HISTORIC.get(kind, ())):
         out.pop(k, None)  # another method's setting, at its default here: not what this stage computes from
     if kind == "quantize":
-        if params.get("method") not in ("rtn", "gptq") or not params.get("sym"):
-            out.pop("sym_grid", None)
-        dynamic = params.get("group_size") != -1 and not (params.get("act_order") and params.get("static_groups"))
-        if params.get("method") != "gptq" or not dynamic:
-            out.pop("group_grid", None)
         entry = quantize_methods().get(params.get("method"))
+        for k in entry.inert(params) if entry is not None and entry.inert else ():
+            out.pop(k, None)  # a setting of the method that cannot act at these params (its ``inert`` hook)
         if entry is not None and (not entry.calibration or entry.fixed_precision):
             out.pop("precision", None)  # only calibration forwards run at the stage's precision, if the method lets them
     if kind == "evaluate" and params.get("runtime") == "llama.cpp":
