@@ -11,11 +11,11 @@ import json
 from dataclasses import dataclass, field
 
 from ptqlib.methods import FinetuneMethod, QuantizeMethod, finetune_method, quantize_method
+from ptqlib.study.expand import quantizes
 from ptqlib.study.kinds import KINDS
 from ptqlib.study.neutral import ID_NEUTRAL
 from ptqlib.study.params import id_params
 from ptqlib.study.pipeline import Study
-from ptqlib.study.schema import quantizes
 
 
 @dataclass
