@@ -22,6 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ptqlib", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,analyse,plan,export,methods,notebooks,findings}")
+    _study_parsers(sub)
+    _tool_parsers(sub)
+    return ap
+
+
+def _study_parsers(sub) -> None:
+    """run, analyse, plan: the commands that read a study file."""
     run = sub.add_parser("run", help="run (or --dry-run) a study: the stages not cached yet, then the report",
                          description="Run the stages of a study that are not cached yet, then render its report.")
     run.add_argument("study", help="the study file, e.g. parameters/default.yaml")
@@ -67,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                                      "reports/<study>/plan.csv. Runs no stage.")
     pln.add_argument("study", help="the study file, e.g. parameters/default.yaml")
     pln.add_argument("--reports", default="reports", help="reports directory to read (default: reports)")
+
+
+def _tool_parsers(sub) -> None:
+    """export, methods, notebooks, findings: the commands that need no study file."""
     exp = sub.add_parser("export", help="write a stage's model as a GGUF file that llama.cpp runs",
                          description="Export a model (a run directory of a quantize / finetune stage, or a model "
                                      "name) to GGUF. Quantized layers keep their codes exactly where GGUF can "
@@ -96,7 +107,6 @@ def _parser() -> argparse.ArgumentParser:
                      help="write nothing; exit 1 with a diff when the README's table is not what would be written")
     fin.add_argument("--readme", default="README.md", help="the file with the markers (default: README.md)")
     fin.add_argument("--reports", default="reports", help="reports directory to read (default: reports)")
-    return ap
 
 
 def _unwritable(d: Path) -> str | None:
@@ -192,96 +202,121 @@ def main(argv: list[str] | None = None) -> int:
         return _findings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("papermill").setLevel(logging.WARNING)  # one line per stage from the runner is enough
-
-    from ptqlib.engine.runner import Runner
-    from ptqlib.report import tables
+    if args.cmd in ("export", "methods", "notebooks"):
+        return {"export": _export, "methods": _methods, "notebooks": _notebooks}[args.cmd](args)
     from ptqlib.study.schema import load_study
 
-    if args.cmd == "export":
-        return _export(args)
-    if args.cmd == "methods":
-        print(methods_table())
-        return 0
-    if args.cmd == "notebooks":
-        from ptqlib.study.cells import sync
-
-        changed = sync(args.dir, check=args.check)
-        for path in changed:
-            print(f"{path}: parameters cell {'differs from' if args.check else 'rewritten from'} ptqlib/study/params.py",
-                  file=sys.stderr if args.check else sys.stdout)
-        if args.check and changed:
-            print("run: python -m ptqlib notebooks", file=sys.stderr)
-        return 1 if args.check and changed else 0
     try:
         study = load_study(args.study, allow_network=not (args.cmd == "run" and args.dry_run))
-        if args.cmd == "plan":
-            from ptqlib.report.plan import describe, plan_study
-
-            try:
-                table = plan_study(study, args.reports, tables)
-            except (FileNotFoundError, ValueError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            print(f"{study.name}: {len(table)} claims (reports/{study.name}/plan.csv)")
-            print(describe(table))
-            return 0
-        if args.cmd == "analyse":
-            r = Runner(study, args.runs, args.reports, keep_previous=not args.fresh_report, reporter=tables)
-            tables.write_results(r)
-            return 0 if tables.analyse(r, force=True) else 1
-        runner = Runner(study, args.runs, args.reports, kernel=args.kernel, keep_previous=not args.fresh_report,
-                        reporter=tables)
-        if args.dry_run:
-            print(runner.describe(args.only, args.force))
-            for note in study.notes:
-                print(f"note: {note}")
-            return 0
-        from ptqlib.engine.executors import make_executor
-
-        for d in (Path(args.runs), Path(args.reports)):  # before any stage: a result must have a place to go
-            problem = _unwritable(d)
-            if problem:
-                print(f"error: {d}: {problem}; no stage ran (choose another directory with --runs / --reports)",
-                      file=sys.stderr)
-                return 2
-
-        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-        section = dict(study.executor)
-        for opt in args.executor_opt or []:  # flags override the study file's executor: section
-            key, sep, value = opt.partition("=")
-            if not sep:
-                print(f"error: --executor-opt {opt!r}: expected KEY=VALUE", file=sys.stderr)
-                return 2
-            section[key] = int(value) if value.isdigit() else value
-        try:
-            executor = make_executor(args.executor or "local", runner.runs, args.jobs, gpus, args.kernel,
-                                     args.progress, section, args.threads)
-        except (ValueError, RuntimeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        import signal
-
-        def _terminate(signum, frame):  # SIGTERM (a scheduler, kill): stop as Ctrl-C does, and say so
-            raise Terminated()
-
-        previous = signal.signal(signal.SIGTERM, _terminate)
-        try:
-            failed = runner.run(args.only, args.force, args.progress, executor=executor)
-        except (KeyboardInterrupt, Terminated) as e:
-            print(runner.interrupted(), file=sys.stderr)
-            return 143 if isinstance(e, Terminated) else 130
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        return {"plan": _plan, "analyse": _analyse, "run": _run}[args.cmd](args, study)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full or read-only reports disk while the report is written
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}: the report could not be written. The stage records under "
-              f"{args.runs} are kept and no report file was left half-written; free space (or give --reports "
-              "another directory) and run the command again: finished stages do not run again", file=sys.stderr)
+              f"{getattr(args, 'runs', 'runs')} are kept and no report file was left half-written; free space (or "
+              "give --reports another directory) and run the command again: finished stages do not run again",
+              file=sys.stderr)
         return 1
+
+
+def _methods(args) -> int:
+    print(methods_table())
+    return 0
+
+
+def _notebooks(args) -> int:
+    from ptqlib.study.cells import sync
+
+    changed = sync(args.dir, check=args.check)
+    for path in changed:
+        print(f"{path}: parameters cell {'differs from' if args.check else 'rewritten from'} ptqlib/study/params.py",
+              file=sys.stderr if args.check else sys.stdout)
+    if args.check and changed:
+        print("run: python -m ptqlib notebooks", file=sys.stderr)
+    return 1 if args.check and changed else 0
+
+
+def _plan(args, study) -> int:
+    from ptqlib.report import tables
+    from ptqlib.report.plan import describe, plan_study
+
+    try:
+        table = plan_study(study, args.reports, tables)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{study.name}: {len(table)} claims (reports/{study.name}/plan.csv)")
+    print(describe(table))
+    return 0
+
+
+def _analyse(args, study) -> int:
+    from ptqlib.engine.runner import Runner
+    from ptqlib.report import tables
+
+    r = Runner(study, args.runs, args.reports, keep_previous=not args.fresh_report, reporter=tables)
+    tables.write_results(r)
+    return 0 if tables.analyse(r, force=True) else 1
+
+
+def _run(args, study) -> int:
+    """run (or --dry-run): the stages not cached yet, then the report; exit 130 / 143 when interrupted."""
+    from ptqlib.engine.runner import Runner
+    from ptqlib.report import tables
+
+    runner = Runner(study, args.runs, args.reports, kernel=args.kernel, keep_previous=not args.fresh_report,
+                    reporter=tables)
+    if args.dry_run:
+        print(runner.describe(args.only, args.force))
+        for note in study.notes:
+            print(f"note: {note}")
+        return 0
+    for d in (Path(args.runs), Path(args.reports)):  # before any stage: a result must have a place to go
+        problem = _unwritable(d)
+        if problem:
+            print(f"error: {d}: {problem}; no stage ran (choose another directory with --runs / --reports)",
+                  file=sys.stderr)
+            return 2
+    executor = _make_executor(args, study, runner)
+    if executor is None:
+        return 2
+    import signal
+
+    def _terminate(signum, frame):  # SIGTERM (a scheduler, kill): stop as Ctrl-C does, and say so
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        failed = runner.run(args.only, args.force, args.progress, executor=executor)
+    except (KeyboardInterrupt, Terminated) as e:
+        print(runner.interrupted(), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"reports: {runner.reports / 'index.html'}  table: {runner.reports / 'results.csv'}")
     if not runner.analysis_ok:
         print("error: the analysis failed (see the log above): the report is not up to date", file=sys.stderr)
     return 1 if failed or not runner.analysis_ok else 0
+
+
+def _make_executor(args, study, runner):
+    """Where the stages run (--executor, --jobs, --gpus, the study's executor: section with --executor-opt
+    over it); None after printing why it cannot be made."""
+    from ptqlib.engine.executors import make_executor
+
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    section = dict(study.executor)
+    for opt in args.executor_opt or []:  # flags override the study file's executor: section
+        key, sep, value = opt.partition("=")
+        if not sep:
+            print(f"error: --executor-opt {opt!r}: expected KEY=VALUE", file=sys.stderr)
+            return None
+        section[key] = int(value) if value.isdigit() else value
+    try:
+        return make_executor(args.executor or "local", runner.runs, args.jobs, gpus, args.kernel, args.progress,
+                             section, args.threads)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
