@@ -2,6 +2,7 @@
 input (``FinetuneMethod.needs``), group sizes the layers can take, ranks, positions and target layers."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ptqlib.errors import ConfigError
@@ -68,74 +69,96 @@ def _giving(grid: str) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
+@dataclass
+class _Input:
+    """What a stage receives, as the checks track it along the chain."""
+
+    grid: str | None = None  # the model's quantized grid: None (float), "uniform" (QuantLinear) or "bnb"
+    base_group: int | None = None  # group size of the current uniform grid
+    adapter: str | None = None  # an unmerged adapter on the model (the name of its method)
+
+
 def check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, linear_input_sizes, model_config,
                     check_models: bool) -> None:
     """Checks that need the whole chain: what each method needs as input (``FinetuneMethod.needs``,
     tracked through what the stages before it give) and layer sizes."""
     if check_models:
         _check_against_config(path, where, stages, model, sizes_cache, model_config)
-    ft = finetune_methods()
-    grid = None  # the current model's quantized grid: None (float), "uniform" (QuantLinear) or "bnb"
-    base_group: int | None = None  # group size of the current uniform grid
-    adapter = None  # an unmerged adapter on the current model (name of its method)
+    state = _Input()
     for i, st in enumerate(stages):
-        p = st.params
         swhere = f"{where}[{i}].{st.kind}"
         groups: list[int] = []
         if st.kind == "quantize":
-            if adapter:
-                mergeable = ", ".join(n for n, e in ft.items() if e.can_merge)
-                raise ConfigError(f"{path}: {swhere}: its input carries an unmerged {adapter!r} adapter; "
-                                  f"set merge: true on that finetune stage ({mergeable}) to quantize the merged model")
-            if grid:
-                raise ConfigError(f"{path}: {swhere}: the input is already quantized; add a merge (finetune with "
-                                  "merge: true) first")
-            grid = quantize_methods()[p["method"]].grid
-            base_group = p["group_size"] if grid == "uniform" else None
-            groups = [p["group_size"]] if grid == "uniform" else []
+            groups = _quantize_step(path, swhere, st.params, state)
         elif st.kind == "finetune":
-            name, m = p["method"], ft[p["method"]]
-            if m.needs != "float" and not grid:
-                raise ConfigError(f"{path}: {swhere}.method: {name!r} trains adapters on a quantized model; put a "
-                                  "quantize stage before it")
-            if m.needs == "float" and grid:
-                raise ConfigError(f"{path}: {swhere}.method: {name!r} needs a float model but its input is quantized; "
-                                  f"valid on a quantized input: {', '.join(n for n, e in ft.items() if e.needs != 'float')}")
-            if m.needs == "uniform" and grid != "uniform":
-                raise ConfigError(f"{path}: {swhere}.method: {name!r} merges into a uniform grid (integer codes, scale "
-                                  f"and zero per group); its input is not one (quantize with method "
-                                  f"{_giving('uniform')} first)")
-            if m.needs == "bnb" and grid != "bnb":
-                raise ConfigError(f"{path}: {swhere}.method: {name!r} needs a bitsandbytes 4-bit input; "
-                                  f"its input is not one (quantize with method {_giving('bnb')} first){m.why_needs}")
-            if m.group == "base":
-                # pooling over the base's quantization groups is what makes the merge exact
-                if p["group_size"] not in (0, base_group):
-                    raise ConfigError(f"{path}: {swhere}.group_size: {p['group_size']} differs from the quantized "
-                                      f"base's group_size {base_group}; {name} pools over the base's groups, so leave "
-                                      f"group_size out or set it to {base_group}")
-                p["group_size"] = base_group  # resolved: the stage id and label carry the real value
-            if m.group == "own":
-                groups = [p["group_size"]]
-            if m.gives == "float" or (m.gives == "adapter" and p["merge"]):
-                grid, base_group = None, None
-            elif m.gives == "quantized":
-                grid, base_group = "uniform", p["group_size"]
-                adapter = name if m.keeps_adapter else None
-            elif m.gives == "adapter":
-                adapter = name
+            groups = _finetune_step(path, swhere, st.params, state)
         if check_models and groups:
             if model not in sizes_cache:
                 cfg = model_config(model)
                 sizes_cache[model] = linear_input_sizes(cfg) if cfg is not None else None
-            for g in groups if sizes_cache[model] is not None else []:
-                if g == -1:
-                    continue
-                bad = {k: n for k, n in sizes_cache[model].items() if n % g}
-                if bad:
-                    raise ConfigError(
-                        f"{path}: {swhere}.group_size: {g} does not divide the input size of "
-                        + ", ".join(f"{k} ({n})" for k, n in bad.items())
-                        + f" in model {model!r}; valid: -1 or a divisor of "
-                        + ", ".join(sorted({str(n) for n in sizes_cache[model].values()}))
-                    )
+            _check_groups(path, swhere, groups, model, sizes_cache[model])
+
+
+def _quantize_step(path, where: str, p: dict, state: _Input) -> list[int]:
+    """A quantize stage needs a float input without an unmerged adapter; -> the group sizes to check."""
+    if state.adapter:
+        mergeable = ", ".join(n for n, e in finetune_methods().items() if e.can_merge)
+        raise ConfigError(f"{path}: {where}: its input carries an unmerged {state.adapter!r} adapter; "
+                          f"set merge: true on that finetune stage ({mergeable}) to quantize the merged model")
+    if state.grid:
+        raise ConfigError(f"{path}: {where}: the input is already quantized; add a merge (finetune with "
+                          "merge: true) first")
+    state.grid = quantize_methods()[p["method"]].grid
+    state.base_group = p["group_size"] if state.grid == "uniform" else None
+    return [p["group_size"]] if state.grid == "uniform" else []
+
+
+def _finetune_step(path, where: str, p: dict, state: _Input) -> list[int]:
+    """A finetune stage's method gets the input it needs (``FinetuneMethod.needs``); its ``group_size`` is
+    resolved where it pools over the base's groups; -> the group sizes to check."""
+    ft = finetune_methods()
+    name, m = p["method"], ft[p["method"]]
+    grid = state.grid
+    if m.needs != "float" and not grid:
+        raise ConfigError(f"{path}: {where}.method: {name!r} trains adapters on a quantized model; put a "
+                          "quantize stage before it")
+    if m.needs == "float" and grid:
+        raise ConfigError(f"{path}: {where}.method: {name!r} needs a float model but its input is quantized; "
+                          f"valid on a quantized input: {', '.join(n for n, e in ft.items() if e.needs != 'float')}")
+    if m.needs == "uniform" and grid != "uniform":
+        raise ConfigError(f"{path}: {where}.method: {name!r} merges into a uniform grid (integer codes, scale "
+                          f"and zero per group); its input is not one (quantize with method {_giving('uniform')} first)")
+    if m.needs == "bnb" and grid != "bnb":
+        raise ConfigError(f"{path}: {where}.method: {name!r} needs a bitsandbytes 4-bit input; "
+                          f"its input is not one (quantize with method {_giving('bnb')} first){m.why_needs}")
+    groups: list[int] = []
+    if m.group == "base":
+        # pooling over the base's quantization groups is what makes the merge exact
+        if p["group_size"] not in (0, state.base_group):
+            raise ConfigError(f"{path}: {where}.group_size: {p['group_size']} differs from the quantized "
+                              f"base's group_size {state.base_group}; {name} pools over the base's groups, so leave "
+                              f"group_size out or set it to {state.base_group}")
+        p["group_size"] = state.base_group  # resolved: the stage id and label carry the real value
+    if m.group == "own":
+        groups = [p["group_size"]]
+    if m.gives == "float" or (m.gives == "adapter" and p["merge"]):
+        state.grid, state.base_group = None, None
+    elif m.gives == "quantized":
+        state.grid, state.base_group = "uniform", p["group_size"]
+        state.adapter = name if m.keeps_adapter else None
+    elif m.gives == "adapter":
+        state.adapter = name
+    return groups
+
+
+def _check_groups(path, where: str, groups: list[int], model: str, sizes: dict[str, int] | None) -> None:
+    """Each group size (-1: the whole row) divides every linear layer's input size (``sizes``; None: unknown)."""
+    for g in groups if sizes is not None else []:
+        if g == -1:
+            continue
+        bad = {k: n for k, n in sizes.items() if n % g}
+        if bad:
+            raise ConfigError(f"{path}: {where}.group_size: {g} does not divide the input size of "
+                              + ", ".join(f"{k} ({n})" for k, n in bad.items())
+                              + f" in model {model!r}; valid: -1 or a divisor of "
+                              + ", ".join(sorted({str(n) for n in sizes.values()})))
