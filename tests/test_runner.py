@@ -7,7 +7,8 @@ import os
 import nbformat
 import pytest
 
-from ptqlib.engine.runner import Progress, Runner
+from ptqlib.engine.progress import Progress
+from ptqlib.engine.runner import Runner
 from ptqlib.engine.stage import kernel_manager_kwargs, render_html, stage_environment
 from ptqlib.files import write_json_atomic
 from ptqlib.study.schema import load_study

@@ -10,15 +10,15 @@ passes a ``reporter`` (``ptqlib.report.tables``), which it calls after a run and
 from __future__ import annotations
 
 import logging
-import re
-import sys
 import time
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Protocol
 
 from ptqlib.engine.choices import recorded
 from ptqlib.engine.executors import Handle, InlineExecutor
+from ptqlib.engine.progress import Progress
 from ptqlib.engine.record import version_changes, versions
 from ptqlib.engine.stage import (
     BUSY,
@@ -47,6 +47,17 @@ class Reporter(Protocol):
     def analyse(self, runner: "Runner", force: bool = False) -> Path | None: ...
 
     def previous_choices(self, runner: "Runner") -> dict[tuple[str, str, str], float]: ...
+
+
+@dataclass
+class _Schedule:
+    """One run's scheduling state: stage id -> status, and the stages waiting, running and held elsewhere."""
+
+    status: dict[str, str]  # sid -> cached / ok / failed / skipped
+    pending: list[str]  # in dependency order
+    running: dict[str, Handle] = field(default_factory=dict)  # sid -> executor handle
+    errors: dict[str, str] = field(default_factory=dict)  # sid -> why, for failures no record describes
+    elsewhere: set[str] = field(default_factory=set)  # stages another runner holds: waited for, then taken if unfinished
 
 
 class Runner:
@@ -189,75 +200,88 @@ class Runner:
 
     def _run_stages(self, only, force, executor, report: bool = True) -> int:
         plan = self.plan(only)
-        status: dict[str, str] = {sid: self.done.get(sid, "cached") for sid in plan}
         t_all = time.time()
         todo = self.to_run(plan, force)
         log.info("study %s: %d stages, %d cached, %d to run%s", self.study.name, len(plan), len(plan) - len(todo),
                  len(todo), f" ({executor.slots} at a time)" if executor.slots > 1 else "")
         if drift := self.version_drift([s for s in plan if s not in todo and s not in self.done]):
             log.warning(drift)
-        progress_line = self.progress = Progress(self, todo, executor.slots)
-        pending = list(todo)  # dependency order
-        running: dict[str, Handle] = {}  # sid -> executor handle
-        errors: dict[str, str] = {}  # sid -> why, for failures no record describes
-        elsewhere: set[str] = set()  # stages another runner holds: waited for, then taken if unfinished
-        while pending or running or elsewhere:
-            for sid in list(pending):
-                node = self.nodes[sid]
-                if node.input_id and status.get(node.input_id) in ("failed", "skipped"):
-                    pending.remove(sid)
-                    status[sid] = "skipped"
-                    progress_line.skip(sid)
-                    log.info("skip %s %s: its input %s did not finish", sid, node.label(), node.input_id)
-                    continue
-                blocked = node.input_id in running or node.input_id in elsewhere or node.input_id in pending
-                if blocked or len(running) >= executor.slots:
-                    continue
-                pending.remove(sid)
-                if stage_busy(self.runs, sid):
-                    elsewhere.add(sid)
-                    log.info("   %s %s is running in another runner: waiting for it", sid, node.label())
-                    continue
-                progress_line.start(sid)
-                running[sid] = executor.submit(node, force)
-                # one stage at a time in this process: the handle is already done
-            for sid, handle in list(running.items()):
-                res = handle.poll()
-                if res is None:
-                    continue
-                del running[sid]
-                if res == BUSY:  # another runner took it between our check and the start
-                    progress_line.skip(sid, restart=True)
-                    elsewhere.add(sid)
-                    continue
-                status[sid] = self.done[sid] = "ok" if res in (OK, DONE_ELSEWHERE) else "failed"
-                if handle.error:
-                    errors[sid] = handle.error
-                progress_line.done(sid, status[sid] == "ok", by_other=res == DONE_ELSEWHERE)
-            for sid in list(elsewhere):
-                if stage_busy(self.runs, sid):
-                    continue
-                elsewhere.discard(sid)
-                if fresh(self.runs, self.nodes[sid]):  # the other runner finished it (from the current input)
-                    status[sid] = "ok"
-                    progress_line.done(sid, True, by_other=True)
-                else:  # the other runner died or failed it: run it here
-                    pending.insert(0, sid)
-            if running or elsewhere:
+        self.progress = Progress(self, todo, executor.slots)
+        sched = _Schedule(status={sid: self.done.get(sid, "cached") for sid in plan}, pending=list(todo))
+        while sched.pending or sched.running or sched.elsewhere:
+            self._start_ready(sched, executor, force)
+            self._collect_finished(sched)
+            self._reclaim_elsewhere(sched)
+            if sched.running or sched.elsewhere:
                 time.sleep(0.2)
-        progress_line.close()
-        failed = [s for s, v in status.items() if v == "failed"]
-        skipped = [s for s, v in status.items() if v == "skipped"]
+        self.progress.close()
         if report and self.reporter is not None:
             self.reporter.write_results(self)
             # also with failures: the report shows what finished and marks the rest
             self.analysis_ok = self.reporter.analyse(self) is not None
-        log.info("done in %.0f s: %d ran, %d cached, %d failed, %d skipped", time.time() - t_all,
-                 sum(v == "ok" for v in status.values()), sum(v == "cached" for v in status.values()),
+        return self._summarise(sched, time.time() - t_all)
+
+    def _start_ready(self, sched: "_Schedule", executor, force: bool) -> None:
+        """Submit each pending stage whose input is done, while the executor has a free slot; skip those
+        whose input failed; leave to another runner those it holds."""
+        for sid in list(sched.pending):
+            node = self.nodes[sid]
+            if node.input_id and sched.status.get(node.input_id) in ("failed", "skipped"):
+                sched.pending.remove(sid)
+                sched.status[sid] = "skipped"
+                self.progress.skip(sid)
+                log.info("skip %s %s: its input %s did not finish", sid, node.label(), node.input_id)
+                continue
+            blocked = node.input_id in sched.running or node.input_id in sched.elsewhere or node.input_id in sched.pending
+            if blocked or len(sched.running) >= executor.slots:
+                continue
+            sched.pending.remove(sid)
+            if stage_busy(self.runs, sid):
+                sched.elsewhere.add(sid)
+                log.info("   %s %s is running in another runner: waiting for it", sid, node.label())
+                continue
+            self.progress.start(sid)
+            sched.running[sid] = executor.submit(node, force)  # one job in this process: already done
+
+    def _collect_finished(self, sched: "_Schedule") -> None:
+        """Record the stages whose handles have finished (one another runner took in between: waited for)."""
+        for sid, handle in list(sched.running.items()):
+            res = handle.poll()
+            if res is None:
+                continue
+            del sched.running[sid]
+            if res == BUSY:  # another runner took it between our check and the start
+                self.progress.skip(sid, restart=True)
+                sched.elsewhere.add(sid)
+                continue
+            sched.status[sid] = self.done[sid] = "ok" if res in (OK, DONE_ELSEWHERE) else "failed"
+            if handle.error:
+                sched.errors[sid] = handle.error
+            self.progress.done(sid, sched.status[sid] == "ok", by_other=res == DONE_ELSEWHERE)
+
+    def _reclaim_elsewhere(self, sched: "_Schedule") -> None:
+        """A stage another runner held: done if it finished it (from the current input), else run here."""
+        for sid in list(sched.elsewhere):
+            if stage_busy(self.runs, sid):
+                continue
+            sched.elsewhere.discard(sid)
+            if fresh(self.runs, self.nodes[sid]):
+                sched.status[sid] = "ok"
+                self.progress.done(sid, True, by_other=True)
+            else:  # the other runner died or failed it
+                sched.pending.insert(0, sid)
+
+    def _summarise(self, sched: "_Schedule", seconds: float) -> int:
+        """Log what ran and why each failure failed -> the number of failed stages."""
+        failed = [s for s, v in sched.status.items() if v == "failed"]
+        skipped = [s for s, v in sched.status.items() if v == "skipped"]
+        log.info("done in %.0f s: %d ran, %d cached, %d failed, %d skipped", seconds,
+                 sum(v == "ok" for v in sched.status.values()), sum(v == "cached" for v in sched.status.values()),
                  len(failed), len(skipped))
         for sid in failed:
             rec = self.record(sid) or {}
-            why = (rec.get("error") or {}).get("message") or errors.get(sid) or "no record written (see the log above)"
+            why = ((rec.get("error") or {}).get("message") or sched.errors.get(sid)
+                   or "no record written (see the log above)")
             log.error("FAILED %s %s (pipelines %s): %s", sid, self.nodes[sid].label(),
                       ", ".join(self.nodes[sid].pipelines), why)
         if failed:
@@ -283,102 +307,3 @@ class Runner:
 
     def kernel_name(self) -> str:
         return kernel_name(self.kernel)
-
-
-def _fmt(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class Progress:
-    """One line per stage: finished / total, elapsed, and an estimate of the time left.
-
-    The estimate sums, over the stages still to run, the recorded wall time of similar stages
-    (same model and label up to the seed, from any finished record under runs/), else the mean of this
-    run's finished stages of the same kind, else of all kinds. Attached to a terminal it is a
-    tqdm bar; otherwise (a log file, CI) plain log lines.
-    """
-
-    def __init__(self, runner: "Runner", todo: list[str], slots: int = 1):
-        self.runner, self.todo, self.t0, self.slots = runner, list(todo), time.time(), slots
-        self.finished = 0
-        self.history: dict[str, list[float]] = {}  # similarity key -> recorded wall seconds
-        for d in runner.runs.iterdir() if runner.runs.exists() else []:
-            rec = read_json(d / RECORD) if d.is_dir() else None
-            wall = ((rec or {}).get("timings") or {}).get("wall_s")
-            if (rec or {}).get("status") == "ok" and isinstance(wall, (int, float)) and d.name not in self.todo:
-                key = self._key_of(rec.get("kind", ""), rec.get("label", ""), rec.get("model", ""))
-                self.history.setdefault(key, []).append(rec["timings"]["wall_s"])
-        self.this_run: dict[str, list[float]] = {}
-        self.started: dict[str, float] = {}  # running stages -> start time
-        self.bar = None
-        if sys.stderr.isatty() and self.todo:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=len(self.todo), unit="stage", dynamic_ncols=True, file=sys.stderr)
-
-    @staticmethod
-    def _key_of(kind: str, label: str, model: str) -> str:
-        return f"{kind}:{model}:" + re.sub(r",? seed \d+", "", label)
-
-    def _key(self, sid: str) -> str:
-        n = self.runner.nodes[sid]
-        return self._key_of(n.kind, n.label(), n.model)
-
-    def estimate(self, sid: str) -> float | None:
-        key, kind = self._key(sid), self.runner.nodes[sid].kind
-        for pool in (self.this_run.get(key), self.history.get(key),
-                     [t for k, v in self.this_run.items() if k.startswith(kind + ":") for t in v],
-                     [t for v in self.this_run.values() for t in v]):
-            if pool:
-                return sum(pool) / len(pool)
-        return None
-
-    def left(self) -> str:
-        """Estimated time left: the stages still to run, divided over the slots running at once."""
-        rest = [self.estimate(s) for s in self.todo]
-        known = [t for t in rest if t is not None]
-        if not rest:
-            return "0m00s"
-        if not known:
-            return "unknown"
-        return ("~" if len(known) == len(rest) else ">=") + _fmt(sum(known) / max(1, min(self.slots, len(rest))))
-
-    def start(self, sid: str) -> None:
-        node = self.runner.nodes[sid]
-        self.started[sid] = time.time()
-        who = ", ".join(node.pipelines[:3]) + (" ..." if len(node.pipelines) > 3 else "")
-        msg = (f"[{self.finished + 1}/{self.finished + len(self.todo)}] {node.label()} ({who}) · "
-               f"elapsed {_fmt(time.time() - self.t0)} · left {self.left()}")
-        if len(self.started) > 1:  # [k/n] is then the next to finish; say how many run alongside
-            msg += f" · {len(self.started)} running"
-        if self.bar is not None:
-            more = f" +{len(self.started) - 1}" if len(self.started) > 1 else ""
-            self.bar.set_description_str(f"{node.label()} ({who}){more}")
-            self.bar.set_postfix_str(f"left {self.left()}")
-        else:
-            log.info("%s", msg)
-
-    def done(self, sid: str, ok: bool, by_other: bool = False) -> None:
-        wall = time.time() - self.started.pop(sid, time.time())
-        if not by_other:
-            self.this_run.setdefault(self._key(sid), []).append(wall)
-        if sid in self.todo:
-            self.todo.remove(sid)
-        self.finished += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elif by_other:
-            log.info("   ok %s (finished by another runner)", sid)
-        else:
-            log.info("   %s %s in %s", "ok" if ok else "FAILED", sid, _fmt(wall))
-
-    def skip(self, sid: str, restart: bool = False) -> None:
-        """``sid`` will not run here (``restart``: not now; it stays to do)."""
-        self.started.pop(sid, None)
-        if sid in self.todo and not restart:
-            self.todo.remove(sid)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
