@@ -58,19 +58,60 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
     path (the model's loss over every position; under ``bf16`` accelerate's autocast, which casts the
     whole ``(B, L, vocab)`` logits to fp32). In fp32 both give the same weights bit for bit, in bf16
     the same to rounding (``tests/test_sft_loss.py``); the default is faster."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
-    from ptqlib.precision import attention_kernels, autocast, resolve
+    from ptqlib.precision import attention_kernels, resolve
     from ptqlib.study.kinds import as_params
 
     p = as_params("finetune", p)
     precision = resolve(p.precision)  # bf16: autocast, fp32 master weights and AdamW state (Trainer's bf16)
-
     set_seed(seed)
     cuda = torch.cuda.is_available()
-
     # bf16: the head on the labelled rows only (fp32 keeps every row: transformers' weights, bit for bit)
     rows = LabelledRowsHead(model, torch.bfloat16) if labelled_loss and precision == "bf16" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        args = _training_args(p, seed, tmp, precision, labelled_loss, progress, cuda)
+        trainer_cls, loss = (_labelled_loss_trainer(precision, rows, cuda), causal_lm_loss) if labelled_loss \
+            else (Trainer, None)
+        trainer = trainer_cls(model=model, args=args, train_dataset=features,
+                              data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id),
+                              callbacks=callbacks, compute_loss_func=loss)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with rows or contextlib.nullcontext(), attention_kernels("cuda" if cuda else "cpu"):
+            trainer.train()
+        secs = time.perf_counter() - t0
+    hist = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    model.eval()
+    return {"loss_history": hist, "metrics": _train_metrics(model, features, p, hist, secs, precision, cuda)}
+
+
+def _training_args(p: FinetuneParams, seed: int, output_dir: str, precision: str, labelled_loss: bool,
+                   progress: bool, cuda: bool):
+    """transformers ``TrainingArguments`` for ``p``: cosine schedule, no checkpoints, Trainer's seed and data_seed."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir, max_steps=p.steps, per_device_train_batch_size=p.batch_size,
+        gradient_accumulation_steps=p.grad_accum, learning_rate=p.lr, lr_scheduler_type="cosine",
+        warmup_steps=int(p.warmup_ratio * p.steps), weight_decay=p.weight_decay, logging_steps=1,
+        save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not cuda,
+        disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0,
+        # bf16, the fast path: AdamW in one fused kernel (SmolLM2's full-FT step: 0.08 s instead of
+        # 0.23-0.56 s on CPU); it rounds differently in float32's last place (3e-8 after 4 steps),
+        # far below bf16's own rounding. fp32, the exact path, keeps torch's per-tensor AdamW.
+        optim="adamw_torch_fused" if precision == "bf16" else "adamw_torch",
+        bf16=precision == "bf16" and not labelled_loss,
+    )
+
+
+def _labelled_loss_trainer(precision: str, rows, cuda: bool):
+    """A ``Trainer`` whose loss covers the labelled tokens only, under our autocast (``rows``: the bf16
+    head on the labelled rows, or None)."""
+    from transformers import Trainer
+
+    from ptqlib.precision import autocast
 
     class LabelledLossTrainer(Trainer):
         def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
@@ -86,35 +127,18 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
             finally:
                 rows.keep = None
 
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp, max_steps=p.steps, per_device_train_batch_size=p.batch_size,
-            gradient_accumulation_steps=p.grad_accum, learning_rate=p.lr, lr_scheduler_type="cosine",
-            warmup_steps=int(p.warmup_ratio * p.steps), weight_decay=p.weight_decay, logging_steps=1,
-            save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not cuda,
-            disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0,
-            # bf16, the fast path: AdamW in one fused kernel (SmolLM2's full-FT step: 0.08 s instead of
-            # 0.23-0.56 s on CPU); it rounds differently in float32's last place (3e-8 after 4 steps),
-            # far below bf16's own rounding. fp32, the exact path, keeps torch's per-tensor AdamW.
-            optim="adamw_torch_fused" if precision == "bf16" else "adamw_torch",
-            bf16=precision == "bf16" and not labelled_loss,
-        )
-        trainer_cls, loss = (LabelledLossTrainer, causal_lm_loss) if labelled_loss else (Trainer, None)
-        trainer = trainer_cls(model=model, args=args, train_dataset=features,
-                              data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id),
-                              callbacks=callbacks, compute_loss_func=loss)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        with rows or contextlib.nullcontext(), attention_kernels("cuda" if cuda else "cpu"):
-            trainer.train()
-        secs = time.perf_counter() - t0
-    hist = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    return LabelledLossTrainer
+
+
+def _train_metrics(model, features: list[dict], p: FinetuneParams, hist: list, secs: float, precision: str,
+                   cuda: bool) -> dict:
+    """The finetune stage's training metrics: time, tokens/s, losses (last: the mean of the last 5 logged),
+    trainable and total parameters, peak memory, precision."""
     n_tok = sum(sum(1 for l in f["input_ids"]) for f in features)
     seen = p.steps * p.batch_size * p.grad_accum
     tokens = n_tok / len(features) * seen  # average tokens per example x examples seen
     trainable, total = count_trainable(model)
-    metrics = {
+    return {
         "train_seconds": secs, "train_tokens_per_s": tokens / secs, "step_seconds": secs / p.steps,
         "train_loss_first": hist[0][1] if hist else math.nan,
         "train_loss_last": sum(l for _, l in hist[-5:]) / max(1, len(hist[-5:])) if hist else math.nan,
@@ -122,8 +146,6 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
         "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb(),
         "precision": precision,
     }
-    model.eval()
-    return {"loss_history": hist, "metrics": metrics}
 
 
 def save(model, tokenizer, method: str, p: FinetuneParams, output_dir: str | Path, input_ref: str) -> dict:
