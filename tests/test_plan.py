@@ -99,3 +99,22 @@ def test_plan_command_on_the_committed_default_study(tmp_path, capsys):
     plan = pd.read_csv(reports / "default" / "plan.csv")
     assert len(plan) == 12 and plan["seeds_needed"].dropna().between(3, MAX_SEEDS).all()
     assert main(["plan", str(ROOT / "parameters" / "default.yaml"), "--reports", str(tmp_path / "none")]) == 2
+
+
+def test_the_plan_is_the_same_bytes_whatever_the_hash_seed(tmp_path):
+    """plan.csv of the committed default study in two processes with different PYTHONHASHSEED: identical
+    (the CPU seconds once summed a set of stage ids, whose order moves with the hash seed)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    out = []
+    for h in ("1", "2"):
+        reports = tmp_path / h
+        shutil.copytree(ROOT / "reports" / "default", reports / "default")
+        subprocess.run([sys.executable, "-m", "ptqlib", "plan", str(ROOT / "parameters" / "default.yaml"), "--reports",
+                        str(reports)], check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": h})
+        out.append((reports / "default" / "plan.csv").read_bytes())
+    assert out[0] == out[1]
+    assert out[0] == (ROOT / "reports" / "default" / "plan.csv").read_bytes()  # and the committed one

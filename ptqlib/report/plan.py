@@ -106,7 +106,7 @@ def _seed_cost(claim: Claim, results: pd.DataFrame, chains: dict[str, list[str]]
                 for name in runs.loc[runs["seed"] == s, "pipeline"]:
                     ids |= set(chains.get(str(name), []))
         if ids:
-            per_seed.append(sum(cost.get(i, 0.0) for i in ids))
+            per_seed.append(sum(cost.get(i, 0.0) for i in sorted(ids)))  # sorted: a set's order moves with the hash seed
     return float(np.mean(per_seed)) if per_seed else math.nan
 
 
@@ -114,64 +114,60 @@ def plan_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame |
                 chains: dict[str, list[str]] | None = None, kinds: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per claim: its variance components, the seeds that would decide it, and their CPU time."""
     cost = stage_costs(results, chains or {}, kinds or {}) if chains else {}
-    rows = []
-    for c in claims:
-        claim = Claim(**c)
-        row: dict = {k: math.nan for k in COLUMNS} | {"claim": claim.claim, "metric": claim.metric,
-                                                          "relation": claim.relation, "min_effect": claim.min_effect,
-                                                          "note": ""}
-        ra, rb = _runs(results, claim.a), _runs(results, claim.b)
-        pairs = _seed_pairs(ra, rb) if len(ra) and len(rb) else []
-        data = _paired(claim, results, units, ra, rb, pairs) if pairs and claim.metric in results else "no data"
-        if isinstance(data, str):
-            row["note"] = data
-            rows.append(row)
-            continue
-        num_a, den_a, num_b, den_b, st = data
-        va, pa = influence(num_a, den_a, st)
-        vb, pb = influence(num_b, den_b, st)
-        d = pa - pb
-        S, N = d.shape
-        n_eff = float(effective_units((den_a + den_b).mean(0)))
-        comp = variance_components(d)
-        sign = -1.0 if lower_is_better(claim.metric) else 1.0
-        signed = sign * float(va - vb)
-        trains = _trains(ra) or _trains(rb)
-        se_now, df_now = projected(comp, max(S, 1), N, n_eff) if S > 1 else (math.nan, math.nan)
-        total = sum(0.0 if math.isnan(x) else x for x in (comp[0] / S, comp[1] / N, comp[2] / (S * N)))
-        row.update(difference=float(va - vb), n_seeds=S, n_units=N, n_eff=n_eff,
-                   sigma_seed=math.sqrt(comp[0]) if not math.isnan(comp[0]) else math.nan,
-                   sigma_example=math.sqrt(comp[1]), sigma_interaction=math.sqrt(comp[2]),
-                   seed_share=(comp[0] / S + comp[2] / (S * N)) / total if total > 0 and not math.isnan(comp[0]) else math.nan)
-        if not trains:
-            row["note"] = "pipelines that do not train: one run each, seeds do not change the interval"
-            rows.append(row)
-            continue
-        if S < 2:
-            row["note"] = "one paired seed: the seed part is not estimable; run >= 2 seeds first"
-            rows.append(row)
-            continue
-        half = stats.t.ppf(0.5 + LEVEL / 2, df_now) * se_now
-        row["verdict_now"] = decide(claim.relation, signed - half, signed + half, claim.min_effect) if S >= MIN_SEEDS \
-            else f"undecided (needs >= {MIN_SEEDS} seeds; has {S})"
-        need = seeds_needed(signed, comp, N, n_eff, claim.relation, claim.min_effect)
-        row["seed_cpu_s"] = _seed_cost(claim, results, chains or {}, cost) if chains else math.nan
-        if need is None:
-            floor = math.sqrt(comp[1] / N)  # the interval's se with infinitely many seeds
-            z = stats.norm.ppf(0.5 + LEVEL / 2)
-            if decide(claim.relation, signed - z * floor, signed + z * floor, claim.min_effect).startswith("undecided"):
-                why = f"the example part alone (se {floor:.3g} at any number of seeds) keeps the interval across the boundary"
-            else:
-                boundary = min(abs(signed - b) for b in {claim.min_effect, -claim.min_effect})
-                why = f"the estimate sits {boundary:.3g} from the boundary, within the interval of {MAX_SEEDS} seeds"
-            row["note"] = (f"no number of seeds up to {MAX_SEEDS} decides it at this estimate: {why}; "
-                           "more examples, or an equivalence claim with a stated margin")
-        else:
-            row.update(seeds_needed=need, extra_seeds=max(need - S, 0))
-            if not math.isnan(row["seed_cpu_s"]):
-                row["extra_cpu_h"] = row["extra_seeds"] * row["seed_cpu_s"] / 3600
-        rows.append(row)
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame([_plan_row(Claim(**c), results, units, chains or {}, cost) for c in claims], columns=COLUMNS)
+
+
+def _plan_row(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None, chains: dict, cost: dict) -> dict:
+    row: dict = {k: math.nan for k in COLUMNS} | {"claim": claim.claim, "metric": claim.metric,
+                                                      "relation": claim.relation, "min_effect": claim.min_effect,
+                                                      "note": ""}
+    ra, rb = _runs(results, claim.a), _runs(results, claim.b)
+    pairs = _seed_pairs(ra, rb) if len(ra) and len(rb) else []
+    data = _paired(claim, results, units, ra, rb, pairs) if pairs and claim.metric in results else "no data"
+    if isinstance(data, str):
+        return row | {"note": data}
+    num_a, den_a, num_b, den_b, st = data
+    va, pa = influence(num_a, den_a, st)
+    vb, pb = influence(num_b, den_b, st)
+    d = pa - pb
+    S, N = d.shape
+    n_eff = float(effective_units((den_a + den_b).mean(0)))
+    comp = variance_components(d)
+    signed = (-1.0 if lower_is_better(claim.metric) else 1.0) * float(va - vb)
+    total = sum(0.0 if math.isnan(x) else x for x in (comp[0] / S, comp[1] / N, comp[2] / (S * N)))
+    row.update(difference=float(va - vb), n_seeds=S, n_units=N, n_eff=n_eff,
+               sigma_seed=math.sqrt(comp[0]) if not math.isnan(comp[0]) else math.nan,
+               sigma_example=math.sqrt(comp[1]), sigma_interaction=math.sqrt(comp[2]),
+               seed_share=(comp[0] / S + comp[2] / (S * N)) / total if total > 0 and not math.isnan(comp[0]) else math.nan)
+    if not (_trains(ra) or _trains(rb)):
+        return row | {"note": "pipelines that do not train: one run each, seeds do not change the interval"}
+    if S < 2:
+        return row | {"note": "one paired seed: the seed part is not estimable; run >= 2 seeds first"}
+    se_now, df_now = projected(comp, S, N, n_eff)
+    half = stats.t.ppf(0.5 + LEVEL / 2, df_now) * se_now
+    row["verdict_now"] = decide(claim.relation, signed - half, signed + half, claim.min_effect) if S >= MIN_SEEDS \
+        else f"undecided (needs >= {MIN_SEEDS} seeds; has {S})"
+    need = seeds_needed(signed, comp, N, n_eff, claim.relation, claim.min_effect)
+    row["seed_cpu_s"] = _seed_cost(claim, results, chains, cost) if chains else math.nan
+    if need is None:
+        return row | {"note": _why_undecidable(claim, signed, comp, N)}
+    row.update(seeds_needed=need, extra_seeds=max(need - S, 0))
+    if not math.isnan(row["seed_cpu_s"]):
+        row["extra_cpu_h"] = row["extra_seeds"] * row["seed_cpu_s"] / 3600
+    return row
+
+
+def _why_undecidable(claim: Claim, signed: float, comp, N: int) -> str:
+    """Why no number of seeds up to MAX_SEEDS decides the claim at its estimate."""
+    floor = math.sqrt(comp[1] / N)  # the interval's se with infinitely many seeds
+    z = stats.norm.ppf(0.5 + LEVEL / 2)
+    if decide(claim.relation, signed - z * floor, signed + z * floor, claim.min_effect).startswith("undecided"):
+        why = f"the example part alone (se {floor:.3g} at any number of seeds) keeps the interval across the boundary"
+    else:
+        boundary = min(abs(signed - b) for b in {claim.min_effect, -claim.min_effect})
+        why = f"the estimate sits {boundary:.3g} from the boundary, within the interval of {MAX_SEEDS} seeds"
+    return (f"no number of seeds up to {MAX_SEEDS} decides it at this estimate: {why}; "
+            "more examples, or an equivalence claim with a stated margin")
 
 
 def plan_study(study, reports: str | Path, reporter) -> pd.DataFrame:
