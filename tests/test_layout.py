@@ -161,3 +161,18 @@ def test_the_architecture_docs_layer_table_is_the_one_tested():
     rows = re.findall(r"^\| (\d) \| ([^|]+) \|", doc, re.M)
     table = {int(n): {"ptqlib." + m.rstrip("/") for m in re.findall(r"`([\w/]+)`", mods)} for n, mods in rows}
     assert table == {i: set(layer) for i, layer in enumerate(LAYERS)}
+
+
+# the numerics kept whole, each one algorithm read top to bottom with the paper's notation (docs/architecture.md)
+LONG_NUMERICS = {("ptqlib/quant/gptq.py", "quantize"), ("ptqlib/quant/gptq_model.py", "gptq_quantize_model")}
+
+
+def test_no_function_is_longer_than_60_lines_outside_the_named_numerics():
+    long = []
+    for f in sorted(PKG.rglob("*.py")):
+        rel = str(f.relative_to(PKG.parent))
+        for n in ast.walk(ast.parse(f.read_text())):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60 \
+                    and (rel, n.name) not in LONG_NUMERICS:
+                long.append(f"{rel}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)")
+    assert not long, "split these into named steps:\n" + "\n".join(long)
