@@ -8,7 +8,7 @@ batch, mean padded length, share of labelled tokens), in fp32 and in the ``auto`
 (the model's own loss over every position; accelerate's autocast, which casts the logits to fp32),
 in the order A B B A in one process (the mean of the two runs each). In fp32 the two give the same
 weights bit for bit; in bf16 ptqlib's path also runs the output head on the labelled rows only, the
-same weights to rounding (``tests/test_sft_loss.py``).
+same weights to rounding (``tests/stages/test_sft_loss.py``).
 """
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def paired_bootstrap(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, de
     recomputed from the drawn units' pooled sums (``transform(sum num / sum den)``).
 
     Superseded for claims by :func:`ptqlib.report.inference.paired_interval`: with 2-5 seeds resampling
-    them under-states the seed variance (the interval under-covers, tests/test_coverage.py); kept
+    them under-states the seed variance (the interval under-covers, tests/report/test_coverage.py); kept
     to compare with.
     """
     rng = np.random.default_rng(seed)

@@ -1,7 +1,7 @@
 """The README's findings table, generated from the committed ``reports/<study>/claims.csv`` files.
 
 ``python -m ptqlib findings`` rewrites the text between the two marker comments of README.md;
-``--check`` only compares (CI and tests/test_findings.py), so a finding is never copied by hand.
+``--check`` only compares (CI and tests/report/test_findings.py), so a finding is never copied by hand.
 Per study a line: how many claims there are, how many were tested (enough paired seeds and an
 interval), how many hold, how many hold and how many do not hold after Holm's correction over the
 study's claims (the study is the Holm family: every tested claim of it, both directions); then one

@@ -85,7 +85,7 @@ def components(d: np.ndarray, n_eff: np.ndarray | float | None = None) -> tuple[
     and interaction mean squares get ``n_eff - 1`` and ``(S - 1)(n_eff - 1)`` degrees of freedom in place
     of ``N - 1`` and ``(S - 1)(N - 1)`` (at least 1). Unequal documents are fewer independent draws than
     their count says; with ``N - 1`` the perplexity interval over them covered 0.90 (0.86 with skewed
-    document effects), with ``n_eff - 1`` 0.99 (0.96): ``tests/test_coverage.py``.
+    document effects), with ``n_eff - 1`` 0.99 (0.96): ``tests/report/test_coverage.py``.
 
     seed_var = max(var of the per-seed means / S, MS_e / (S N)): the per-seed means carry
     sigma_a^2/S + sigma_e^2/(SN) on only S - 1 df; their part sigma_e^2/(SN) is also known from the

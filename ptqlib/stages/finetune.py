@@ -57,7 +57,7 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
     are selected, and under bf16 the output head run on those rows only; ``False`` is transformers' own
     path (the model's loss over every position; under ``bf16`` accelerate's autocast, which casts the
     whole ``(B, L, vocab)`` logits to fp32). In fp32 both give the same weights bit for bit, in bf16
-    the same to rounding (``tests/test_sft_loss.py``); the default is faster."""
+    the same to rounding (``tests/stages/test_sft_loss.py``); the default is faster."""
     from transformers import Trainer, set_seed
 
     from ptqlib.precision import attention_kernels, resolve

@@ -10,7 +10,7 @@ time on an AMD Zen 4 and 20% on an Intel CPU with AMX, where the matmuls are fas
 holds when it grows) and hands the attention the views ``buf[:, :, :n]``: O(T) bytes per generation.
 The attention receives the same values in the same shapes (transformers' SDPA path makes them
 contiguous before the kernel when there is a padding mask), so greedy outputs are the same tokens, bit
-for bit (``tests/test_kv_cache.py``). transformers' own ``StaticCache`` removes the copy too, but
+for bit (``tests/stages/test_kv_cache.py``). transformers' own ``StaticCache`` removes the copy too, but
 attends over all ``max_cache_len`` positions under a mask: other reductions, other tokens (332 of
 32 x 56 on the study's prompts), which is why it is not used.
 

@@ -10,7 +10,7 @@ Why this is the same training, bit for bit: an ignored row's gradient through
 ``log_softmax -> nll_loss`` is exactly zero in transformers' loss, and the backward of the row
 selection writes exactly zero there too; a labelled row's log-softmax and its gradient are row-wise,
 so equal; the ``(B, L, vocab)`` gradient reaching ``lm_head`` is therefore the same tensor, and so is
-every weight after the step (``tests/test_sft_loss.py``). Only the reported loss value may differ in
+every weight after the step (``tests/stages/test_sft_loss.py``). Only the reported loss value may differ in
 its last bits: it is a sum over fewer terms, in another order.
 
 Under bf16 the head itself runs on the labelled rows only (:class:`LabelledRowsHead`): its matmul, the

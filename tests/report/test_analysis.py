@@ -1,5 +1,5 @@
 """Claim verdicts on synthetic records whose truth is known: the crossed seeds x examples t interval,
-the seed rule, Holm, the flags (coverage: tests/test_coverage.py)."""
+the seed rule, Holm, the flags (coverage: tests/report/test_coverage.py)."""
 import math
 
 import numpy as np

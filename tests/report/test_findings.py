@@ -9,7 +9,7 @@ from ptqlib.cli import main
 from ptqlib.report import findings
 from ptqlib.report.analysis import write_claims
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_committed_readme_findings_are_the_generated_ones():

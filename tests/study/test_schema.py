@@ -138,7 +138,7 @@ def test_shipped_studies_validate(name):
     from pathlib import Path
 
     # the 7B study's task is a hub dataset: offline, only --dry-run (allow_network=False) accepts it
-    s = load_study(Path(__file__).parent.parent / "parameters" / f"{name}.yaml", allow_network=name != "ptq-qlora-7b")
+    s = load_study(Path(__file__).resolve().parents[2] / "parameters" / f"{name}.yaml", allow_network=name != "ptq-qlora-7b")
     assert s.pipelines
 
 
@@ -149,7 +149,7 @@ def test_7b_study_dry_run_offline(tmp_path, monkeypatch, capsys):
     from ptqlib.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    study = Path(__file__).parent.parent / "parameters" / "ptq-qlora-7b.yaml"
+    study = Path(__file__).resolve().parents[2] / "parameters" / "ptq-qlora-7b.yaml"
     assert main(["run", str(study), "--dry-run", "--runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ft_gptq_qlora[model=mistralai/Mistral-7B-v0.1,seed=1]" in out

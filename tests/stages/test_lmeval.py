@@ -13,7 +13,7 @@ import yaml
 
 from ptqlib.stages.lmeval import PRESETS, expand_tasks, flatten_results
 
-DATA = Path(__file__).parent / "data" / "lmeval"
+DATA = Path(__file__).resolve().parents[1] / "data" / "lmeval"
 TASK = "ptqlib_mc_tiny"
 
 

@@ -9,7 +9,7 @@ from scipy import stats
 from ptqlib.report.claims import decide
 from ptqlib.report.plan import MAX_SEEDS, plan_claims, projected, seeds_needed, variance_components
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def crossed(rng, S: int, N: int, sa: float, sb: float, se: float, delta: float = 0.0) -> np.ndarray:

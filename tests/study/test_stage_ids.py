@@ -10,7 +10,7 @@ from ptqlib.engine.runner import Runner
 from ptqlib.report import tables
 from ptqlib.study.schema import load_study
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STUDIES = sorted(p.parent.name for p in (ROOT / "reports").glob("*/results.csv")
                  if (ROOT / "parameters" / f"{p.parent.name}.yaml").exists())
 
