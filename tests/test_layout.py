@@ -176,3 +176,13 @@ def test_no_function_is_longer_than_60_lines_outside_the_named_numerics():
                     and (rel, n.name) not in LONG_NUMERICS:
                 long.append(f"{rel}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)")
     assert not long, "split these into named steps:\n" + "\n".join(long)
+
+
+def test_the_tests_mirror_the_package():
+    """Each test folder is a package of ptqlib (besides integration/ and data/), and each package with tests
+    has its folder: the tests of ptqlib/<pkg>/ live in tests/<pkg>/."""
+    tests = PKG.parent / "tests"
+    folders = {d.name for d in tests.iterdir() if d.is_dir() and not d.name.startswith((".", "__"))}
+    packages = {d.name for d in PKG.iterdir() if (d / "__init__.py").exists()}
+    assert folders - {"integration", "data"} <= packages, folders - packages
+    assert {"study", "engine", "stages", "report", "quant", "adapters", "methods", "deploy"} <= folders
