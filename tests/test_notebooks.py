@@ -116,3 +116,22 @@ def test_parameters_cells_are_generated_from_the_dataclasses(tmp_path):
     nb.write_text(nb.read_text().replace("# optimizer steps", "# optimiser steps (edited by hand)"))
     assert sync(tmp_path, check=True) == [str(nb)]
     assert sync(tmp_path) == [str(nb)] and sync(tmp_path, check=True) == []  # rewritten from the dataclass
+
+
+def test_the_stage_notebooks_intros_name_every_registered_method_and_source():
+    """01's and 02's introductions name each method of the registry, 03's each held-out text source: a method
+    added without its notebook's word fails here."""
+    import json
+
+    from ptqlib.methods import finetune_methods, quantize_methods
+    from ptqlib.text import TEXT_SOURCES
+
+    def intro(name):
+        text = "".join(json.load(open(NB / f"{name}.ipynb"))["cells"][0]["source"]).lower()
+        return text.replace("-", "").replace("_", "")  # "QA-BLoRA" names qablora, "QAT-LoRA" qat_lora
+
+    for name, names in (("01_quantize", quantize_methods()), ("02_finetune", finetune_methods()),
+                        ("03_evaluate", TEXT_SOURCES)):
+        text = intro(name)
+        missing = [m for m in names if m.lower().replace("_", "") not in text]
+        assert not missing, f"{name}: its introduction does not name {missing}"
