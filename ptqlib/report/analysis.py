@@ -13,6 +13,7 @@ import pandas as pd
 from ptqlib.files import write_atomic
 from ptqlib.metrics import lower_is_better, plotted, shown
 from ptqlib.report.claims import check_claims
+from ptqlib.study.kinds import KINDS
 
 
 def summarise(results: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
@@ -65,7 +66,7 @@ def _stage_prefixes(chain: str) -> list[str]:
     out = []
     for label in chain.split(" -> "):
         kind = label.split("(", 1)[0].strip()
-        if kind in ("quantize", "finetune"):
+        if kind in KINDS and not KINDS[kind].implicit:
             seen[kind] = seen.get(kind, 0) + 1
             out.append(kind + (str(seen[kind]) if seen[kind] > 1 else ""))
     return out

@@ -28,6 +28,7 @@ from ptqlib.engine.stage import ROOT, kernel_manager_kwargs, render_html, short_
 from ptqlib.errors import ConfigError
 from ptqlib.files import copy_atomic, write_atomic, write_json_atomic
 from ptqlib.study import selection
+from ptqlib.study.kinds import KINDS
 
 if TYPE_CHECKING:
     from ptqlib.engine.runner import Runner
@@ -65,7 +66,7 @@ def study_rows(runner: "Runner") -> list[dict]:
             # finetune, finetune2, ...: a pipeline such as FT -> PTQ -> QLoRA trains twice
             seen_kinds[node.kind] = seen_kinds.get(node.kind, 0) + 1
             prefix = node.kind + (str(seen_kinds[node.kind]) if seen_kinds[node.kind] > 1 else "")
-            if node.kind == "evaluate":
+            if KINDS[node.kind].implicit:  # the evaluate stage's metrics: results.csv's unprefixed columns
                 row.update({k: v for k, v in rec["metrics"].items()})
             else:
                 for k, v in rec["metrics"].items():

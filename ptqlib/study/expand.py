@@ -12,11 +12,9 @@ import itertools
 from dataclasses import dataclass
 
 from ptqlib.errors import ConfigError
-from ptqlib.methods import finetune_methods, quantize_methods
-from ptqlib.seeding import derive_seed
 from ptqlib.study.checks import check_pipeline
 from ptqlib.study.choices import check_selects, split_selection, take_select
-from ptqlib.study.kinds import KINDS
+from ptqlib.study.kinds import IMPLICIT, KINDS, quantizes
 from ptqlib.study.loader import check_keys as _check_keys
 from ptqlib.study.params import LIST_KEYS, fields_of, foreign_settings
 from ptqlib.study.pipeline import Pipeline, Stage
@@ -37,9 +35,9 @@ def _normalise_stage(path, where: str, entry) -> tuple[str, dict]:
         raise ConfigError(f"{path}: {where}: a stage is a one-key mapping such as {{quantize: nf4}}, got {entry!r}")
     (kind, params), = entry.items()
     if kind not in KINDS:
-        inner = ", ".join(k for k in KINDS if k != "evaluate")
-        raise ConfigError(f"{path}: {where}: unknown stage {kind!r}; valid: {inner}, and evaluate "
-                          "as the last entry (it is implicit; the entry overrides defaults.evaluate)")
+        inner = ", ".join(k for k, sk in KINDS.items() if not sk.implicit)
+        raise ConfigError(f"{path}: {where}: unknown stage {kind!r}; valid: {inner}, and {IMPLICIT} "
+                          f"as the last entry (it is implicit; the entry overrides defaults.{IMPLICIT})")
     if isinstance(params, str):
         params = {"method": params}
     if params is None:
@@ -86,34 +84,23 @@ def _method(kind: str, params: dict):
     return params.get("method", default.default if default else None)
 
 
-def quantizes(stage: Stage) -> bool:
-    """Does the stage make a quantized model from a float one (PTQ, or a method that trains into a grid)?"""
-    if stage.kind == "quantize":
-        return True
-    return stage.kind == "finetune" and finetune_methods()[stage.params["method"]].gives in ("quantized", "merged")
+def _at(point: dict, i: int, kind: str, params: dict, key: str):
+    """Stage ``i``'s value of ``key`` at a grid ``point`` (else its params', else its kind's default, else None)."""
+    f = fields_of(KINDS[kind].params).get(key)
+    return point.get(f"{i}.{key}", params.get(key, f.default if f else None))
 
 
-def _at(point: dict, i: int, params: dict, key: str):
-    """Stage ``i``'s value of ``key`` at a grid ``point`` (else its params', else the default)."""
-    default = fields_of(KINDS["quantize"].params)[key].default
-    return point.get(f"{i}.{key}", params.get(key, default))
-
-
-def _resolve(path, where: str, kind: str, p: dict, seed: int) -> dict:
+def _resolve(path, where: str, kind: str, p: dict, seed: int, draw: int, given: dict) -> dict:
     """Values that depend on the pipeline or the machine, made concrete for the stage id and record:
-    ``precision: auto`` -> fp32 / bf16 (``ptqlib.precision``); ``calib_seed: -1`` -> the pipeline's
-    seed where the method calibrates, 0 (unread) where it does not (the id such stages always had)."""
+    ``precision: auto`` -> fp32 / bf16 (``ptqlib.precision``), then the kind's own (``StageKind.resolve``:
+    a quantize stage's calibration seed and draw)."""
     from ptqlib.precision import resolve
 
     try:
         p["precision"] = resolve(p["precision"])
     except ConfigError as e:
         raise ConfigError(f"{path}: {where}.{e}") from None
-    if kind == "quantize" and quantize_methods()[p["method"]].fixed_precision:
-        p["precision"] = quantize_methods()[p["method"]].fixed_precision  # what it computes in (not in its id)
-    if kind == "quantize" and p["calib_seed"] == -1:
-        p["calib_seed"] = seed if quantize_methods()[p["method"]].calibration else 0
-    return p
+    return KINDS[kind].resolve(p, seed, draw, given) if KINDS[kind].resolve else p
 
 
 def _parse_stages(path, where: str, stages: list, defaults: dict) -> tuple[list[tuple[str, dict]], list[set]]:
@@ -123,15 +110,15 @@ def _parse_stages(path, where: str, stages: list, defaults: dict) -> tuple[list[
     for i, entry in enumerate(stages):
         kind, params = _normalise_stage(path, f"{where}[{i}]", entry)
         check_selects(path, f"{where}[{i}].{kind}", kind, params)
-        if kind == "evaluate":
+        if KINDS[kind].implicit:
             if i != len(stages) - 1:
-                raise ConfigError(f"{path}: {where}[{i}]: evaluate can only be the last entry (every pipeline "
+                raise ConfigError(f"{path}: {where}[{i}]: {kind} can only be the last entry (every pipeline "
                                   "ends with one); move it to the end")
             eval_over = params
             continue
         parsed.append((kind, {**copy.deepcopy(defaults.get(kind, {})), **params}))
         explicit.append(set(params))
-    parsed.append(("evaluate", {**copy.deepcopy(defaults.get("evaluate", {})), **eval_over}))
+    parsed.append((IMPLICIT, {**copy.deepcopy(defaults.get(IMPLICIT, {})), **eval_over}))
     explicit.append(set(eval_over))
     for (kind, params), own in zip(parsed, explicit):
         for k in foreign_settings(kind, _method(kind, params)) - own:
@@ -174,16 +161,11 @@ def _build_stages(path, where: str, parsed, explicit, point: dict, seed: int, dr
             p.pop(k, None)
             if f"{i}.{k}" in point:
                 label.pop(k, None)  # an axis this point's method does not read
-        swhere = f"{where}[{i}].{kind}" if kind != "evaluate" else "defaults.evaluate"
+        swhere = f"defaults.{kind}" if KINDS[kind].implicit else f"{where}[{i}].{kind}"
         _check_types(KINDS[kind].params, path, swhere, p)
         obj = _build(KINDS[kind].params, path, swhere, p)
-        resolved = _resolve(path, swhere, kind, dataclasses.asdict(obj), seed)
-        if kind == "quantize":
-            resolved.pop("draws")  # how the pipeline is replicated, not what the stage computes
-            if draw and p.get("calib_seed", -1) == -1 and resolved["calib_seed"] == seed:
-                resolved["calib_seed"] = derive_seed(seed, "calibration", str(draw))
-        built.append(Stage(kind, resolved))
-    if not any(quantizes(st) for st in built) or built[-1].params["runtime"] != "torch":
+        built.append(Stage(kind, _resolve(path, swhere, kind, dataclasses.asdict(obj), seed, draw, p)))
+    if not any(quantizes(st.kind, st.params) for st in built) or built[-1].params["runtime"] != "torch":
         built[-1].params["kl_reference"] = False  # nothing to compare with (or llama.cpp)
     return built, label
 
@@ -214,13 +196,11 @@ def expand_pipeline(path, pname: str, stages, header: Header, defaults: dict, si
             # a pipeline is replicated over the seeds when a stage draws from the seed: training,
             # or a calibration left at the pipeline's seed (each seed its own GPTQ draw)
             draws = trains or any(
-                kind == "quantize" and _at(point, i, params, "calib_seed") == -1
-                and getattr(quantize_methods().get(_at(point, i, params, "method")), "calibration", False)
+                KINDS[kind].seeded({k: _at(point, i, kind, params, k) for k in ("method", "calib_seed")})
                 for i, (kind, params) in enumerate(parsed))
             # calibration draws per seed (``draws: K`` on a calibrating quantize stage): draw 0 keeps the
             # pipeline's seed as its calib_seed (the stage ids of a study without draws), draw k a derived one
-            n_draws = max([int(_at(point, i, params, "draws") or 1) for i, (kind, params) in enumerate(parsed)
-                           if kind == "quantize"] or [1])
+            n_draws = max([int(_at(point, i, kind, params, "draws") or 1) for i, (kind, params) in enumerate(parsed)])
             for seed, draw in ((s, k) for s in (run_seeds if draws else seeds[:1]) for k in range(n_draws)):
                 built, label = _build_stages(path, where, parsed, explicit, point, int(seed), draw)
                 check_pipeline(path, where, built, str(model), sizes_cache, linear_input_sizes,

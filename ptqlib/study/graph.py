@@ -10,10 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ptqlib.methods import FinetuneMethod, QuantizeMethod, finetune_method, quantize_method
-from ptqlib.study.expand import quantizes
-from ptqlib.study.kinds import KINDS
-from ptqlib.study.neutral import ID_NEUTRAL
+from ptqlib.study.kinds import KINDS, quantizes
 from ptqlib.study.params import id_params
 from ptqlib.study.pipeline import Study
 
@@ -33,13 +30,7 @@ class StageNode:
     reference: str | None = None
 
     def label(self) -> str:
-        p = self.params
-        if self.kind == "quantize":
-            return f"quantize({p['method']}{label_extra(quantize_method(p['method']), p)})"
-        if self.kind == "finetune":
-            extra = label_extra(finetune_method(p["method"]), p)
-            return f"finetune({p['method']}{extra}, {p['steps']} steps, seed {self.seed}{', merge' if p['merge'] else ''})"
-        return "evaluate(validation)" if p.get("split") == "validation" else "evaluate"
+        return KINDS[self.kind].label(self.params, self.seed)
 
 
 def stage_id(kind: str, params: dict, input_id: str | None, model: str, task: str, seed: int) -> str:
@@ -64,22 +55,13 @@ def build_graph(study: Study) -> tuple[dict[str, StageNode], dict[str, list[str]
     for pl in study.pipelines:
         prev, chain, reference = None, [], None
         for st in pl.stages:
-            if reference is None and quantizes(st):
+            if reference is None and quantizes(st.kind, st.params):
                 reference = prev or ""
             sid = stage_id(st.kind, st.params, prev, pl.model, pl.task, pl.seed)
             node = nodes.setdefault(sid, StageNode(sid, st.kind, st.params, prev, pl.model, pl.task, pl.seed,
-                                                   reference=reference if st.kind == "evaluate" else None))
+                                                   reference=reference if KINDS[st.kind].takes_reference else None))
             node.pipelines.append(pl.name)
             chain.append(sid)
             prev = sid
         chains[pl.name] = chain
     return nodes, chains
-
-
-def label_extra(entry: QuantizeMethod | FinetuneMethod, p: dict) -> str:
-    """``", 4b, g64"`` for the entry's label keys (stage labels; ``p``: a stage's params dict). A value left
-    out of stage ids (``ID_NEUTRAL``) is left out of labels too."""
-    neutral = ID_NEUTRAL.get("quantize" if isinstance(entry, QuantizeMethod) else "finetune", {})
-    fmt = {"bits": "{}b", "group_size": "g{}", "pool_norm": "{} pool"}
-    return "".join(", " + fmt.get(k, k + " {}").format(p[k]) for k in entry.label_keys
-                   if k in p and not (k in neutral and neutral[k] == p[k]))
