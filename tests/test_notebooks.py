@@ -135,3 +135,21 @@ def test_the_stage_notebooks_intros_name_every_registered_method_and_source():
         text = intro(name)
         missing = [m for m in names if m.lower().replace("_", "") not in text]
         assert not missing, f"{name}: its introduction does not name {missing}"
+
+
+@pytest.mark.parametrize("name", ["01_quantize", "02_finetune", "03_evaluate", "04_analyse"])
+def test_papermill_parses_every_line_of_the_parameters_cell(name, caplog):
+    """--help-notebook and the runner's parameter check read each `name: type = value  # help` line; a line
+    papermill cannot parse (a comment with a quoted call once) makes it warn 'unknown parameter' at every stage."""
+    import json
+    import logging
+
+    import papermill
+
+    nb = json.load(open(NB / f"{name}.ipynb"))
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    names = [ln.split(":", 1)[0] for ln in "".join(cell["source"]).splitlines() if ln and not ln.startswith("#")]
+    with caplog.at_level(logging.WARNING):
+        inferred = papermill.inspect_notebook(str(NB / f"{name}.ipynb"))
+    assert list(inferred) == names
+    assert "Unable to parse" not in caplog.text
