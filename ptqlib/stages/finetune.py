@@ -65,8 +65,11 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
 
     p = as_params("finetune", p)
     precision = resolve(p.precision)  # bf16: autocast, fp32 master weights and AdamW state (Trainer's bf16)
-    set_seed(seed)
     cuda = torch.cuda.is_available()
+    if p.steps == 0:  # the method's start alone (eora): nothing to train
+        model.eval()
+        return {"loss_history": [], "metrics": _train_metrics(model, features, p, [], 0.0, precision, cuda)}
+    set_seed(seed)
     # bf16: the head on the labelled rows only (fp32 keeps every row: transformers' weights, bit for bit)
     rows = LabelledRowsHead(model, torch.bfloat16) if labelled_loss and precision == "bf16" else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,10 +139,11 @@ def _train_metrics(model, features: list[dict], p: FinetuneParams, hist: list, s
     trainable and total parameters, peak memory, precision."""
     n_tok = sum(sum(1 for l in f["input_ids"]) for f in features)
     seen = p.steps * p.batch_size * p.grad_accum
-    tokens = n_tok / len(features) * seen  # average tokens per example x examples seen
+    tokens = n_tok / len(features) * seen if features else 0.0  # average tokens per example x examples seen
     trainable, total = count_trainable(model)
     return {
-        "train_seconds": secs, "train_tokens_per_s": tokens / secs, "step_seconds": secs / p.steps,
+        "train_seconds": secs, "train_tokens_per_s": tokens / secs if secs else math.nan,
+        "step_seconds": secs / p.steps if p.steps else math.nan,
         "train_loss_first": hist[0][1] if hist else math.nan,
         "train_loss_last": sum(l for _, l in hist[-5:]) / max(1, len(hist[-5:])) if hist else math.nan,
         "trainable_params": trainable, "total_params": total,

@@ -126,8 +126,8 @@ def _finetune_step(path, where: str, p: dict, state: _Input) -> list[int]:
         raise ConfigError(f"{path}: {where}.method: {name!r} needs a float model but its input is quantized; "
                           f"valid on a quantized input: {', '.join(n for n, e in ft.items() if e.needs != 'float')}")
     if m.needs == "uniform" and grid != "uniform":
-        raise ConfigError(f"{path}: {where}.method: {name!r} merges into a uniform grid (integer codes, scale "
-                          f"and zero per group); its input is not one (quantize with method {_giving('uniform')} first)")
+        raise ConfigError(f"{path}: {where}.method: {name!r} needs a uniform grid (integer codes, scale and zero per "
+                          f"group); its input is not one (quantize with method {_giving('uniform')} first){m.why_needs}")
     if m.needs == "bnb" and grid != "bnb":
         raise ConfigError(f"{path}: {where}.method: {name!r} needs a bitsandbytes 4-bit input; "
                           f"its input is not one (quantize with method {_giving('bnb')} first){m.why_needs}")

@@ -70,7 +70,7 @@ class FinetuneSettings:
     into ``FinetuneParams``."""
 
     method: str = "lora"  # a registered fine-tuning method: full, lora, qlora, l4q, ... (python -m ptqlib methods lists them)
-    steps: int = 40  # optimizer steps
+    steps: int = 40  # optimizer steps (0: the method's start alone, e.g. EoRA's training-free correction)
     lr: float = 2e-4  # peak learning rate (cosine schedule)
     warmup_ratio: float = 0.1  # share of steps for linear warm-up
     weight_decay: float = 0.0  # AdamW weight decay
@@ -86,8 +86,11 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, finetune_methods())
-        for k in ("steps", "batch_size", "grad_accum", "max_length", "train_samples", "rank"):
+        for k in ("batch_size", "grad_accum", "max_length", "train_samples", "rank"):
             check_positive(k, getattr(self, k))
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ConfigError(f"steps: {self.steps!r} must be an integer >= 0 (0: the method's start alone, untrained, "
+                              "e.g. eora)")
         check_positive("lr", self.lr, float)
         check_positive("alpha", self.alpha, float)
         if not 0 <= self.warmup_ratio < 1:

@@ -1,0 +1,73 @@
+"""EoRA: a training-free low-rank correction of the quantization error in the eigenspace of the layer's
+inputs (Liu et al., "EoRA: Training-free Compensation for Compressed LLM with Eigenspace Low-Rank
+Approximation", arXiv 2410.21271).
+
+For a linear layer ``y = x W^T`` quantized to ``Q``, with error ``dW = W - Q`` (out, in) and calibration
+inputs ``X`` (tokens, in), the correction ``s B A`` (the LoRA form: ``B`` (out, r), ``A`` (r, in), scale
+``s = alpha / r``) that matters is the one that minimises the error of the layer's *outputs*::
+
+    min_{rank r}  || (dW - s B A) X^T ||_F^2  =  || (dW - s B A) Q_H L^{1/2} ||_F^2
+
+where ``H = X^T X = Q_H L Q_H^T`` (eigendecomposition; ``L`` the eigenvalues). In the eigenspace
+``P = Q_H L^{1/2}`` the problem is a plain low-rank approximation, solved by the SVD (Eckart-Young)::
+
+    dW P = U S V^T        s B = U_r S_r        A = V_r^T P^{-1} = V_r^T L^{-1/2} Q_H^T
+
+so the output error left is ``sum_{i > r} S_i^2`` (:func:`output_error` measures it), the least any
+rank-r correction can leave, and at full rank ``s B A = dW``: the corrected layer is the float layer.
+An SVD of ``dW`` alone (LoftQ's first step) minimises the *weight* error instead; where the inputs are
+far from isotropic (LLM activations have outlier channels) the two differ most.
+
+Eigenvalues below ``eps * max(L)`` are raised to it (``H`` is singular when the calibration has fewer
+tokens than the layer has inputs, or dead channels): the directions with no input energy then weigh
+almost nothing, and ``P`` stays invertible, so full rank still gives ``dW`` exactly.
+
+Why not GPTQModel's EoRA: it needs a CUDA torch (see the developers' guide); peft has no EoRA.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def eora_factors(dW: Tensor, H: Tensor, rank: int, scale: float = 1.0, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """``(A (r, in), B (out, r))`` with ``scale * B @ A`` the rank-``rank`` correction of ``dW`` (out, in) that
+    minimises the output error over inputs with second moment ``H = X^T X`` (in, in). float64 inside."""
+    dW64, H64 = dW.double(), H.double()
+    H64 = (H64 + H64.T) / 2  # symmetric up to rounding of the accumulation
+    L, QH = torch.linalg.eigh(H64)  # ascending eigenvalues
+    L = L.clamp_min(eps * L.max().clamp_min(torch.finfo(torch.float64).tiny))
+    root = L.sqrt()
+    U, S, Vh = torch.linalg.svd(dW64 @ (QH * root), full_matrices=False)  # dW P, P = Q_H L^{1/2}
+    r = min(rank, S.numel())
+    B = U[:, :r] * S[:r] / scale  # (out, r)
+    A = (Vh[:r] / root) @ QH.T  # (r, in): V_r^T L^{-1/2} Q_H^T
+    return A.to(dW.dtype), B.to(dW.dtype)
+
+
+def output_error(residual: Tensor, H: Tensor) -> float:
+    """``||residual X^T||_F^2 = tr(residual H residual^T)``: the summed squared output error over the calibration
+    inputs of a weight error ``residual`` (out, in)."""
+    R = residual.double()
+    return float(torch.einsum("oi,ij,oj->", R, H.double(), R))
+
+
+class InputMoments:
+    """Accumulates ``H = X^T X`` of the inputs of named linear layers over forward passes (hooks)."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        self.H: dict[str, Tensor] = {}
+        self.tokens = 0
+        mods = dict(model.named_modules())
+        self._hooks = [mods[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def hook(mod, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (tokens, in)
+            self.H[name] = self.H.get(name, 0) + x.T @ x
+        return hook
+
+    def close(self) -> dict[str, Tensor]:
+        for h in self._hooks:
+            h.remove()
+        return self.H
