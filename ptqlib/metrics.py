@@ -173,6 +173,14 @@ for _src in TEXT_SOURCES:
     _sfx = "" if _src == "pydoc" else f"_{_src}"
     register(Metric("top1_agree" + _sfx, f"share of {_src} tokens whose most likely next token is the 16-bit model's",
                     Statistic("ppl" + _sfx, "top1", "tokens"), shown="quality", needs="kl", source=_src))
+for _src in TEXT_SOURCES:  # how llama.cpp's perplexity --kl-divergence describes closeness, beside the mean KL
+    _sfx = "" if _src == "pydoc" else f"_{_src}"
+    register(Metric("delta_p" + _sfx, f"mean Delta-p on the {_src} windows: the model's probability of the actual "
+                    "next token less the 16-bit model's", Statistic("ppl" + _sfx, "dp", "tokens"), needs="kl",
+                    source=_src))
+    for _q, _what in (("p50", "median"), ("p90", "90th percentile"), ("p99", "99th percentile"), ("max", "maximum")):
+        register(Metric(f"kl_{_q}{_sfx}", f"the {_what} of the per-token KL(16-bit || model) on the {_src} windows",
+                        lower_is_better=True, needs="kl", source=_src))
 register(Metric("exact_match", "every reference field present with the same value", Statistic("task", "exact_match"),
                 bounded=True, shown="quality", plot="quality", needs="task"))
 register(Metric("field_f1", "F1 of the (field, value) pairs", Statistic("task", "field_f1"), bounded=True,

@@ -86,7 +86,7 @@ def _window_nll(model, windows: torch.Tensor, batch_size: int, progress: bool, r
     dev = _device(model)
     out: dict[str, list[float]] = {"nll": [], "tokens": [float(windows.shape[1] - 1)] * len(windows)}
     if reference is not None:
-        out.update(kl=[], top1=[])
+        out.update(kl=[], top1=[], dp=[], kl_tokens=[])  # kl_tokens: every position's KL (its quantiles)
     batch_size = min(batch_size, 8 if reference is None else 4)
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
         x = windows[i : i + batch_size].to(dev)
@@ -96,17 +96,30 @@ def _window_nll(model, windows: torch.Tensor, batch_size: int, progress: bool, r
             out["nll"] += next_token_nll(logits, y).sum(1).tolist()
             continue
         ref_logits = reference(input_ids=x.to(_device(reference))).logits[:, :-1].to(dev)
-        nll, kl, top1 = (torch.empty(y.shape, device=dev) for _ in range(3))  # (b, L-1) per position
+        nll, kl, top1, dp = (torch.empty(y.shape, device=dev) for _ in range(4))  # (b, L-1) per position
         for j, s in _row_chunks(*y.shape):
             lp = torch.log_softmax(_at_least_fp32(logits[j, s]), -1)  # the kernel of next_token_nll: its bits
             lr = torch.log_softmax(_at_least_fp32(ref_logits[j, s]), -1)
             nll[j, s] = -lp.gather(-1, y[j, s].unsqueeze(-1)).squeeze(-1)
             kl[j, s] = (lr.exp() * (lr - lp)).sum(-1)  # KL per position
             top1[j, s] = (lr.argmax(-1) == lp.argmax(-1)).float()
+            # llama.cpp's Delta-p: the probability the model gives the actual next token, less the reference's
+            dp[j, s] = (-nll[j, s]).exp() - lr.gather(-1, y[j, s].unsqueeze(-1)).squeeze(-1).exp()
         out["nll"] += nll.sum(1).tolist()
         out["kl"] += kl.sum(1).tolist()  # sum over tokens of KL per token
         out["top1"] += top1.sum(1).tolist()
+        out["dp"] += dp.sum(1).tolist()
+        out["kl_tokens"] += kl.flatten().tolist()
     return out
+
+
+def kl_quantiles(kl_tokens: list[float], suffix: str = "") -> dict[str, float]:
+    """The per-token KL's median, 90th and 99th percentiles and maximum (``kl_p50``, ``kl_p90``, ``kl_p99``,
+    ``kl_max``, each with the source's ``suffix``), as llama.cpp's ``perplexity --kl-divergence`` reports them:
+    the mean KL hides the few positions where a quantized model goes wrong."""
+    t = torch.tensor(kl_tokens, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    return {f"kl_p50{suffix}": q[0], f"kl_p90{suffix}": q[1], f"kl_p99{suffix}": q[2], f"kl_max{suffix}": float(t.max())}
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
@@ -200,13 +213,16 @@ def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int =
     for source in ppl_sources:
         name = "ppl" if source == "pydoc" else f"ppl_{source}"
         windows, docs = held_out_windows(tokenizer, source, ppl_seq_len, ppl_samples, ppl_windows)
-        units[name] = {**window_nll(model, windows, batch_size, progress, reference), "doc": [float(d) for d in docs]}
+        w = window_nll(model, windows, batch_size, progress, reference)
+        kl_tokens = w.pop("kl_tokens", None)  # per position, not per window: its quantiles only
+        units[name] = {**w, "doc": [float(d) for d in docs]}
         metrics[name] = ppl_statistic(name)(units[name]["nll"], units[name]["tokens"])
         if reference is not None:
             suffix = name[len("ppl"):]  # "" or "_<source>"
-            for metric in ("kl" + suffix, "top1_agree" + suffix):
+            for metric in ("kl" + suffix, "top1_agree" + suffix, "delta_p" + suffix):
                 st = statistic(metric)
                 metrics[metric] = st(units[name][st.num], units[name][st.den])
+            metrics.update(kl_quantiles(kl_tokens, suffix))
     metrics["ppl_seconds"] = time.perf_counter() - t0
     rows: list[dict] = []
     if examples:

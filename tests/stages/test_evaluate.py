@@ -99,6 +99,8 @@ def test_kl_against_the_reference_is_zero_for_itself_and_grows_with_quantization
     m, _, u = evaluate_model(model, tok, [], ppl_samples=4, ppl_seq_len=32, reference=model,
                              ppl_sources=("pydoc", "stdlib"))
     assert m["kl"] == pytest.approx(0, abs=1e-6) and m["top1_agree"] == 1.0 and m["kl_stdlib"] == pytest.approx(0, abs=1e-6)
+    assert m["delta_p"] == 0 and m["kl_max"] == pytest.approx(0, abs=1e-6) and m["kl_p99_stdlib"] == pytest.approx(0, abs=1e-6)
+    assert "kl_tokens" not in u["ppl"] and len(u["ppl"]["dp"]) == 4  # per window only in the units
     assert len(u["ppl"]["kl"]) == 4 and statistic("kl_stdlib").group == "ppl_stdlib"
     kl = {}
     for bits in (8, 3):
@@ -107,6 +109,7 @@ def test_kl_against_the_reference_is_zero_for_itself_and_grows_with_quantization
         mq, _, _ = evaluate_model(q, tok, [], ppl_samples=4, ppl_seq_len=32, reference=model)
         kl[bits] = mq["kl"]
         assert 0 < mq["kl"] and 0 < mq["top1_agree"] <= 1
+        assert mq["kl_p50"] <= mq["kl_p90"] <= mq["kl_p99"] <= mq["kl_max"] and mq["kl_max"] > mq["kl"]
     assert kl[3] > 10 * kl[8]
 
 
@@ -155,6 +158,16 @@ def test_chunked_scoring_gives_the_bits_of_the_whole_tensor():
         assert out["nll"] == nll.sum(1).tolist()
         assert out["kl"] == (lr.exp() * (lr - lp)).sum(-1).sum(1).tolist()
         assert out["top1"] == (lr.argmax(-1) == lp.argmax(-1)).sum(1).float().tolist()
+        kl_pos = (lr.exp() * (lr - lp)).sum(-1)
+        assert out["kl_tokens"] == kl_pos.flatten().tolist()  # every position's KL, for its quantiles
+        dp = lp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1).exp() - lr.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1).exp()
+        assert torch.allclose(torch.tensor(out["dp"]), dp.sum(1), atol=1e-5)  # Delta-p summed per window
+        q = evaluate.kl_quantiles(out["kl_tokens"], "_x")
+        t = kl_pos.flatten().double()
+        assert q == pytest.approx({"kl_p50_x": float(t.median() if len(t) % 2 else t.quantile(0.5)),
+                                   "kl_p90_x": float(t.quantile(0.9)), "kl_p99_x": float(t.quantile(0.99)),
+                                   "kl_max_x": float(t.max())})
+        assert q["kl_p50_x"] <= q["kl_p90_x"] <= q["kl_p99_x"] <= q["kl_max_x"]
         ce = torch.nn.functional.cross_entropy(lg[:, :-1].float().flatten(0, 1), x[:, 1:].flatten(), reduction="none")
         assert torch.equal(evaluate.next_token_nll(lg[:, :-1], x[:, 1:]), ce.view(b, L - 1))
         assert evaluate.window_nll(Fixed(lg), x)["nll"] == out["nll"]
