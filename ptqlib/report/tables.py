@@ -106,14 +106,29 @@ def _read_report(reports: Path) -> tuple[dict[str, dict], dict[str, list[dict]]]
     return rows, units
 
 
+def _preference(d: Path) -> tuple:
+    """Which sibling report a shared evaluate stage id is taken from first: a study declared final (its run is
+    the one its findings stand on), then one whose rows name their machine, then name order."""
+    try:
+        final = bool(json.loads((d / "study.json").read_text()).get("final"))
+    except (OSError, ValueError):
+        final = False
+    with open(d / "results.csv", newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    return (not final, "machines" not in header, d.name)
+
+
 def previous_report(reports: Path) -> PreviousReport:
     """Read ``results.csv`` and ``units.csv`` of ``reports`` (empty when absent) and of every
-    sibling study's report, indexed by evaluate stage id (the first study in name order wins
-    where two reports hold one id)."""
+    sibling study's report, indexed by evaluate stage id. Where several reports hold one id, the
+    declared-final study's wins, then a report that records its machines, then name order (the same
+    id computed on another CPU or by older code can hold other numbers: a warning names them)."""
     rows, units = _read_report(reports)
     found: dict[str, tuple[str, dict, list[dict]]] = {}
+    differ: dict[str, set[str]] = {}
     if reports.parent.is_dir():
-        for d in sorted(reports.parent.iterdir()):
+        siblings = [d for d in reports.parent.iterdir() if d.is_dir() and (d / "results.csv").exists()]
+        for d in sorted(siblings, key=_preference):
             if d.resolve() == reports.resolve() or not (d / "results.csv").exists():
                 continue
             try:
@@ -122,7 +137,13 @@ def previous_report(reports: Path) -> PreviousReport:
                 log.warning("skipping %s: its results.csv / units.csv cannot be read (%s)", d, e)
                 continue
             for pipeline, row in orows.items():
-                found.setdefault(row["eval_stage"], (d.name, row, ounits.get(pipeline, [])))
+                first = found.setdefault(row["eval_stage"], (d.name, row, ounits.get(pipeline, [])))
+                if first[0] != d.name and first[1].get("field_f1") != row.get("field_f1"):
+                    differ.setdefault(first[0], set()).add(d.name)
+    for taken, others in differ.items():
+        log.warning("reports %s hold evaluate stage ids of report %s with other numbers (another CPU or older "
+                    "code); where a row is taken from another study's report, %s's are used", ", ".join(sorted(others)),
+                    taken, taken)
     return PreviousReport(rows, units, found)
 
 

@@ -184,3 +184,23 @@ def test_a_truncated_units_csv_is_refused_not_rewritten(tmp_path):
     with pytest.raises(ConfigError, match=r"units\.csv.*has 2 of 4 task examples"):
         tables.write_results(_runner(tmp_path))
     assert (r.reports / "units.csv").read_text() == before
+
+
+def test_a_shared_stage_id_is_taken_from_the_declared_final_report_and_a_disagreement_is_named(tmp_path, caplog):
+    """Two sibling reports hold one evaluate stage id with different numbers (runs on two CPUs): the study
+    declared final wins over name order, and the warning names both reports."""
+    import json
+    import logging
+
+    from ptqlib.report.tables import previous_report
+
+    for name, f1, final in (("aaa", "0.88", False), ("zzz", "0.87", True)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.csv").write_text(f"pipeline,family,status,eval_stage,field_f1,machines\nft,ft,ok,abc123,{f1},cpu\n")
+        (d / "study.json").write_text(json.dumps({"name": name, "final": final}))
+    (tmp_path / "mine").mkdir()
+    with caplog.at_level(logging.WARNING):
+        prev = previous_report(tmp_path / "mine")
+    assert prev.others["abc123"][0] == "zzz" and prev.others["abc123"][1]["field_f1"] == "0.87"
+    assert "reports aaa hold evaluate stage ids of report zzz with other numbers" in caplog.text
