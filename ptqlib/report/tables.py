@@ -113,8 +113,11 @@ def _preference(d: Path) -> tuple:
         final = bool(json.loads((d / "study.json").read_text()).get("final"))
     except (OSError, ValueError):
         final = False
-    with open(d / "results.csv", newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
+    try:
+        with open(d / "results.csv", newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        header = []  # a damaged report: last, and skipped with a warning when it is read
     return (not final, "machines" not in header, d.name)
 
 
