@@ -60,6 +60,19 @@ def text_windows(tokenizer, split: str, seq_len: int, n: int, seed: int = 0, sou
     """
     import torch
 
+    ids = torch.tensor(_joined_ids(tokenizer, split, source), dtype=torch.long)
+    if split == "train":
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(ids) - seq_len, (n,), generator=g)
+        return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    n_avail = len(ids) // seq_len
+    if n > n_avail:
+        raise ConfigError(f"held-out {source} text has only {n_avail} windows of {seq_len} tokens; asked for {n}")
+    return ids[: n * seq_len].view(-1, seq_len)[:n]
+
+
+def _joined_ids(tokenizer, split: str, source: str) -> list[int]:
+    """The token ids of a split's text joined into one (``text_windows``' layout)."""
     if source not in TEXT_SOURCES:
         raise ConfigError(f"unknown text source {source!r}; valid: {', '.join(TEXT_SOURCES)}")
     if source == "stdlib":
@@ -69,15 +82,29 @@ def text_windows(tokenizer, split: str, seq_len: int, n: int, seed: int = 0, sou
     else:
         train, held = pydoc_split()
         text = "\n\n".join((train if split == "train" else held).values())
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    if split == "train":
-        g = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, len(ids) - seq_len, (n,), generator=g)
-        return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-    n_avail = len(ids) // seq_len
-    if n > n_avail:
-        raise ConfigError(f"held-out {source} text has only {n_avail} windows of {seq_len} tokens; asked for {n}")
-    return ids[: n * seq_len].view(-1, seq_len)[:n]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _document_ids(tokenizer, source: str) -> tuple[list[int], list[int]]:
+    """(token ids of the held-out documents, each tokenized on its own and joined; each token's document index)."""
+    if source not in TEXT_SOURCES:
+        raise ConfigError(f"unknown text source {source!r}; valid: {', '.join(TEXT_SOURCES)}")
+    docs = stdlib_docs() if source == "stdlib" else pydoc_split()[1]
+    ids: list[int] = []
+    doc_of: list[int] = []
+    for d, text in enumerate(docs.values()):
+        toks = tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
+        ids += toks
+        doc_of += [d] * len(toks)
+    return ids, doc_of
+
+
+def _slots(n_ids: int, seq_len: int, g) -> tuple[int, int]:
+    """(the random shift, the number of aligned ``seq_len`` slots after it): the first draw of ``g``."""
+    import torch
+
+    shift = int(torch.randint(0, seq_len, (1,), generator=g))
+    return shift, (n_ids - shift) // seq_len
 
 
 WINDOW_LAYOUTS = ("random", "first")
@@ -102,18 +129,9 @@ def held_out_windows(tokenizer, source: str, seq_len: int, n: int, layout: str =
     if layout == "first":
         w = text_windows(tokenizer, "test", seq_len, n, source=source)
         return w, [-1] * len(w)  # -1: document not known (each window its own cluster)
-    if source not in TEXT_SOURCES:
-        raise ConfigError(f"unknown text source {source!r}; valid: {', '.join(TEXT_SOURCES)}")
-    docs = stdlib_docs() if source == "stdlib" else pydoc_split()[1]
-    ids: list[int] = []
-    doc_of: list[int] = []
-    for d, text in enumerate(docs.values()):
-        toks = tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
-        ids += toks
-        doc_of += [d] * len(toks)
+    ids, doc_of = _document_ids(tokenizer, source)
     g = torch.Generator().manual_seed(seed)
-    shift = int(torch.randint(0, seq_len, (1,), generator=g))
-    n_slots = (len(ids) - shift) // seq_len  # = window_capacity's count
+    shift, n_slots = _slots(len(ids), seq_len, g)
     if n > n_slots:
         raise ConfigError(f"held-out {source} text has only {n_slots} windows of {seq_len} tokens; asked for {n}")
     slots = torch.randperm(n_slots, generator=g)[:n].sort().values.tolist()
@@ -128,9 +146,5 @@ def window_capacity(tokenizer, source: str, seq_len: int, layout: str, seed: int
     import torch
 
     if layout == "first":
-        text = stdlib_text() if source == "stdlib" else "\n\n".join(pydoc_split()[1].values())
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) // seq_len
-    docs = stdlib_docs() if source == "stdlib" else pydoc_split()[1]
-    n_ids = sum(len(tokenizer(t + "\n\n", add_special_tokens=False)["input_ids"]) for t in docs.values())
-    shift = int(torch.randint(0, seq_len, (1,), generator=torch.Generator().manual_seed(seed)))
-    return (n_ids - shift) // seq_len
+        return len(_joined_ids(tokenizer, "test", source)) // seq_len
+    return _slots(len(_document_ids(tokenizer, source)[0]), seq_len, torch.Generator().manual_seed(seed))[1]

@@ -30,15 +30,22 @@ import torch
 from torch import Tensor
 
 
-def eora_factors(dW: Tensor, H: Tensor, rank: int, scale: float = 1.0, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
-    """``(A (r, in), B (out, r))`` with ``scale * B @ A`` the rank-``rank`` correction of ``dW`` (out, in) that
-    minimises the output error over inputs with second moment ``H = X^T X`` (in, in). float64 inside."""
-    dW64, H64 = dW.double(), H.double()
+def eigenbasis(H: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """``(L^{1/2}, Q_H)`` of ``H = X^T X`` (float64; eigenvalues below ``eps * max(L)`` raised to it)."""
+    H64 = H.double()
     H64 = (H64 + H64.T) / 2  # symmetric up to rounding of the accumulation
     L, QH = torch.linalg.eigh(H64)  # ascending eigenvalues
     L = L.clamp_min(eps * L.max().clamp_min(torch.finfo(torch.float64).tiny))
-    root = L.sqrt()
-    U, S, Vh = torch.linalg.svd(dW64 @ (QH * root), full_matrices=False)  # dW P, P = Q_H L^{1/2}
+    return L.sqrt(), QH
+
+
+def eora_factors(dW: Tensor, H: Tensor, rank: int, scale: float = 1.0, eps: float = 1e-8,
+                 basis: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """``(A (r, in), B (out, r))`` with ``scale * B @ A`` the rank-``rank`` correction of ``dW`` (out, in) that
+    minimises the output error over inputs with second moment ``H = X^T X`` (in, in). float64 inside.
+    ``basis``: :func:`eigenbasis` of ``H`` when several layers share it (q, k and v read the same inputs)."""
+    root, QH = basis if basis is not None else eigenbasis(H, eps)
+    U, S, Vh = torch.linalg.svd(dW.double() @ (QH * root), full_matrices=False)  # dW P, P = Q_H L^{1/2}
     r = min(rank, S.numel())
     B = U[:, :r] * S[:r] / scale  # (out, r)
     A = (Vh[:r] / root) @ QH.T  # (r, in): V_r^T L^{-1/2} Q_H^T
@@ -53,21 +60,30 @@ def output_error(residual: Tensor, H: Tensor) -> float:
 
 
 class InputMoments:
-    """Accumulates ``H = X^T X`` of the inputs of named linear layers over forward passes (hooks)."""
+    """Accumulates ``H = X^T X`` of the inputs of named linear layers over forward passes (hooks). Layers that
+    read the same input tensor (a block's q, k and v; gate and up) share one ``H`` object, summed once."""
 
     def __init__(self, model: torch.nn.Module, names: list[str]):
         self.H: dict[str, Tensor] = {}
-        self.tokens = 0
+        self._last: tuple[Tensor, str] | None = None  # the previous hook's input and layer
         mods = dict(model.named_modules())
         self._hooks = [mods[n].register_forward_hook(self._hook(n)) for n in names]
 
     def _hook(self, name: str):
         def hook(mod, inputs, output):
+            if self._last is not None and inputs[0] is self._last[0]:  # the same input as the layer before
+                self.H.setdefault(name, self.H[self._last[1]])
+                return
+            self._last = (inputs[0], name)
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (tokens, in)
-            self.H[name] = self.H.get(name, 0) + x.T @ x
+            if name in self.H:
+                self.H[name] += x.T @ x  # in place: layers sharing it see the sum
+            else:
+                self.H[name] = x.T @ x
         return hook
 
     def close(self) -> dict[str, Tensor]:
         for h in self._hooks:
             h.remove()
+        self._last = None
         return self.H

@@ -44,7 +44,7 @@ from torch import nn
 from ptqlib.quant.qlinear import QuantLinear
 
 from .blocks import _rope_rows, encode_exact, encode_float, exact_type
-from .types import TYPES, ExportError
+from .types import ARCHITECTURES, TYPES, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class ExportReport:
 
 # ---- model -> file ----------------------------------------------------------------------------
 def _check_arch(cfg) -> None:
-    if cfg.model_type != "llama":
+    if cfg.model_type not in ARCHITECTURES:
         raise ExportError(f"GGUF export supports Llama-style models (SmolLM2, tiny); got model_type {cfg.model_type!r}")
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"

@@ -31,7 +31,7 @@ def eora_initialise(peft_model, float_ref: str, windows, adapter: str = "default
     import torch
 
     from ptqlib import artifacts
-    from ptqlib.adapters.eora import InputMoments, eora_factors, output_error
+    from ptqlib.adapters.eora import InputMoments, eigenbasis, eora_factors, output_error
     from ptqlib.adapters.lora_quantlinear import LoraQuantLinear
 
     prefix = "base_model.model."
@@ -46,13 +46,17 @@ def eora_initialise(peft_model, float_ref: str, windows, adapter: str = "default
             fmodel(windows[i:i + batch])
     H = moments.close()
     fmods = dict(fmodel.named_modules())
+    bases: dict[int, tuple] = {}  # one eigendecomposition per distinct H (layers that share their input share it)
     errors = {}
     with torch.no_grad():
         for name, mod in layers.items():
             W = fmods[name].weight.float()  # (out, in)
             Q = mod.get_base_layer().dequantize_weight(torch.float32).cpu()
             s, r = mod.scaling[adapter], mod.r[adapter]
-            A, B = eora_factors(W - Q, H[name], r, s)
+            if id(H[name]) not in bases:
+                bases[id(H[name])] = eigenbasis(H[name])
+            basis = bases[id(H[name])]
+            A, B = eora_factors(W - Q, H[name], r, s, basis=basis)
             a, b = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
             a.copy_(A.to(a.device, a.dtype))
             b.copy_(B.to(b.device, b.dtype))

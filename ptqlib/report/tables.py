@@ -130,10 +130,9 @@ def previous_report(reports: Path) -> PreviousReport:
     found: dict[str, tuple[str, dict, list[dict]]] = {}
     differ: dict[str, set[str]] = {}
     if reports.parent.is_dir():
-        siblings = [d for d in reports.parent.iterdir() if d.is_dir() and (d / "results.csv").exists()]
+        siblings = [d for d in reports.parent.iterdir()
+                    if d.resolve() != reports.resolve() and (d / "results.csv").exists()]
         for d in sorted(siblings, key=_preference):
-            if d.resolve() == reports.resolve() or not (d / "results.csv").exists():
-                continue
             try:
                 orows, ounits = _read_report(d)
             except (UnicodeDecodeError, csv.Error, KeyError) as e:  # another study's damaged report: not ours to fail on

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ptqlib.deploy.types import ARCHITECTURES as GGUF_ARCHITECTURES
 from ptqlib.errors import ConfigError
 from ptqlib.methods import finetune_methods, quantize_methods
 
@@ -34,7 +35,7 @@ def _check_against_config(path, where, stages: list[Stage], model: str, cache: d
                                   f"has positions ({limit}); valid: 1 to {limit}")
         if st.kind == "evaluate" and st.params.get("ppl_samples"):
             _check_held_out(path, swhere, st.params, model)
-        if st.params.get("runtime") == "llama.cpp" and cfg.get("model_type") != "llama":
+        if st.params.get("runtime") == "llama.cpp" and cfg.get("model_type") not in GGUF_ARCHITECTURES:
             raise ConfigError(f"{path}: {swhere}.runtime: 'llama.cpp' runs a GGUF export, which ptqlib writes for "
                               f"Llama-style models only; model {model!r} is {cfg.get('model_type')!r}: use runtime: torch")
         unknown = [t for t in st.params.get("target_modules", []) if t not in layers] if st.kind == "finetune" else []

@@ -59,3 +59,24 @@ def test_input_moments_sum_x_transpose_x_over_every_forward():
     with torch.no_grad():
         lin(torch.randn(1, 6))  # hooks removed: nothing more accumulates
     assert torch.allclose(H["0"], X.T @ X) and H["1"].shape == (4, 4)
+
+
+def test_layers_reading_one_input_share_one_sum():
+    """q, k and v (here two heads on one input) are summed once and share H; another input has its own."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.o = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4), torch.nn.Linear(4, 6)
+
+        def forward(self, x):
+            return self.o(self.q(x) + self.k(x))
+
+    block = Block()
+    m = InputMoments(block, ["q", "k", "o"])
+    xs = [torch.randn(2, 3, 6), torch.randn(5, 6)]
+    with torch.no_grad():
+        for x in xs:
+            block(x)
+    H = m.close()
+    X = torch.cat([x.reshape(-1, 6) for x in xs]).double()
+    assert H["q"] is H["k"] and torch.allclose(H["q"], X.T @ X) and H["o"] is not H["q"]
