@@ -27,6 +27,7 @@ from ptqlib.engine.record import complete, machine_label, versions_label
 from ptqlib.engine.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
 from ptqlib.errors import ConfigError
 from ptqlib.files import copy_atomic, write_atomic, write_json_atomic
+from ptqlib.metrics import METRICS
 from ptqlib.study import selection
 from ptqlib.study.kinds import KINDS
 
@@ -121,6 +122,14 @@ def _preference(d: Path) -> tuple:
     return (not final, "machines" not in header, d.name)
 
 
+def _differ(a: dict, b: dict) -> bool:
+    """Do two results rows of one evaluate stage id hold other scores (per-unit metrics both recorded; times and
+    sizes vary from run to run, and a report written before a metric existed lacks it)?"""
+    both = [m.name for m in METRICS.values() if m.statistic and a.get(m.name) not in (None, "")
+            and b.get(m.name) not in (None, "")]
+    return any(str(a[k]) != str(b[k]) and float(a[k]) != float(b[k]) for k in both)  # "nan" equals "nan"
+
+
 def previous_report(reports: Path) -> PreviousReport:
     """Read ``results.csv`` and ``units.csv`` of ``reports`` (empty when absent) and of every
     sibling study's report, indexed by evaluate stage id. Where several reports hold one id, the
@@ -140,7 +149,7 @@ def previous_report(reports: Path) -> PreviousReport:
                 continue
             for pipeline, row in orows.items():
                 first = found.setdefault(row["eval_stage"], (d.name, row, ounits.get(pipeline, [])))
-                if first[0] != d.name and first[1].get("field_f1") != row.get("field_f1"):
+                if first[0] != d.name and _differ(first[1], row):
                     differ.setdefault(first[0], set()).add(d.name)
     for taken, others in differ.items():
         log.warning("reports %s hold evaluate stage ids of report %s with other numbers (another CPU or older "
