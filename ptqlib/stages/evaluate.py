@@ -128,23 +128,44 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
     return math.exp(sum(w["nll"]) / sum(w["tokens"]))
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8,
-             progress: bool = False) -> tuple[list[str], int, float]:
-    """Greedy, batched (left padding) -> (texts, new tokens, seconds of the timed batches).
+             progress: bool = False, generation: str = "prefix") -> tuple[list[str], int, float]:
+    """Greedy, batched -> (texts, new tokens (EOS included), seconds of the timed batches).
 
-    Prompts are sorted by length before batching (and the outputs put back in order), so a
-    batch pads little: on CPU the prefill of ~200-token prompts is most of the work. A short
+    ``generation``: ``prefix`` runs :func:`ptqlib.stages.generation.greedy` (the prompts' shared prefix
+    computed once, finished rows dropped); ``generate`` runs transformers' ``generate`` on left-padded
+    batches (the path of every evaluate stage before; the same tokens in fp32). Prompts are sorted by
+    length before batching (and the outputs put back in order), so a batch pads little. A short
     untimed warm-up comes first, so the tokens/s of the first model of a process is not a cold start.
-    The KV cache appends in place (:class:`~ptqlib.stages.kv_cache.GrowingCache`): the same tokens
-    as transformers' default cache without copying the cache at every step.
     """
+    from ptqlib.study.params import GENERATIONS
+
+    if generation not in GENERATIONS:
+        raise ValueError(f"generation: {generation!r} is not valid; valid: {', '.join(GENERATIONS)}")
     with attention_kernels(_device(model).type):
-        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+        if generation == "generate":
+            return _hf_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+        return _greedy(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
 
 
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-              progress: bool) -> tuple[list[str], int, float]:
+def _greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+            progress: bool) -> tuple[list[str], int, float]:
+    from ptqlib.stages.generation import greedy
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    if ids:  # warm-up, untimed: the first call pays for allocator growth and kernel selection
+        greedy(model, ids[:1], 2, eos, pad)
+    outs, seconds = greedy(model, ids, max_new_tokens, eos, pad, batch_size, progress)
+    texts = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+    return texts, sum(len(o) for o in outs), seconds
+
+
+@torch.no_grad()
+def _hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                 progress: bool) -> tuple[list[str], int, float]:
+    """transformers' ``generate`` on left-padded batches; the KV cache appends in place
+    (:class:`~ptqlib.stages.kv_cache.GrowingCache`): the same tokens as its default cache without a copy per step."""
     dev = _device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -196,8 +217,8 @@ def _score_task(texts: list[str], examples: list[Example], n_tokens: int, second
 
 def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int = 16, ppl_seq_len: int = 256,
                    max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False,
-                   ppl_sources: tuple[str, ...] = ("pydoc",), ppl_windows: str = "random", reference=None
-                   ) -> tuple[dict, list[dict], dict]:
+                   ppl_sources: tuple[str, ...] = ("pydoc",), ppl_windows: str = "random", reference=None,
+                   generation: str = "prefix") -> tuple[dict, list[dict], dict]:
     """All quality and speed metrics of one model -> (metrics, generated examples, units).
 
     ``units`` holds the per-unit columns by group: ``task`` (one entry per example, see
@@ -205,7 +226,7 @@ def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int =
     ``ppl_<source>`` for the others: ``nll``, ``tokens`` and ``doc`` per window; ``ppl_windows``:
     the windows' layout, ``text.held_out_windows``; with a ``reference`` model also ``kl`` and
     ``top1`` per window, giving the metrics ``kl`` / ``kl_<source>`` and ``top1_agree`` /
-    ``top1_agree_<source>``, see :func:`window_nll`).
+    ``top1_agree_<source>``, see :func:`window_nll`). ``generation``: see :func:`generate`.
     """
     metrics: dict = {}
     units: dict[str, dict[str, list[float]]] = {}
@@ -228,7 +249,7 @@ def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int =
     if examples:
         prompts = [e.prompt for e in examples]
         t0 = time.perf_counter()
-        texts, n_tok, secs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+        texts, n_tok, secs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, generation)
         metrics["gen_seconds"] = time.perf_counter() - t0
         rows = _score_task(texts, examples, n_tok, secs, metrics, units)
     return metrics, rows, units
@@ -352,7 +373,8 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
             ref = cast_for_inference(artifacts.load(reference)[0], p.precision).eval()
         metrics, generations, units = evaluate_model(model, tokenizer, examples, p.ppl_samples, p.ppl_seq_len,
                                                      p.max_new_tokens, p.batch_size, progress=progress,
-                                                     ppl_sources=sources, ppl_windows=p.ppl_windows, reference=ref)
+                                                     ppl_sources=sources, ppl_windows=p.ppl_windows, reference=ref,
+                                                     generation=p.generation)
         del ref
         if p.speed_prompts:
             metrics.update(decode_speed(model, tokenizer, [e.prompt for e in examples[:p.speed_prompts]],

@@ -219,6 +219,7 @@ def __getattr__(name: str):
 
 
 RUNTIMES = ("torch", "llama.cpp")
+GENERATIONS = ("prefix", "generate")  # evaluate.generation: ptqlib.stages.generation.greedy | transformers' generate
 
 
 @dataclass
@@ -234,6 +235,7 @@ class EvaluateParams:
     split: str = "test"  # test | validation: which held-out task examples are generated (validation: for select)
     max_new_tokens: int = 64  # generation length limit
     batch_size: int = 32  # generation / perplexity batch size
+    generation: str = "prefix"  # prefix: ptqlib's greedy loop, the prompts' shared prefix computed once (stages.generation) | generate: transformers' generate, left-padded (the path before 2026-12-05; same fp32 tokens, 85% of bf16 outputs)
     lm_eval_tasks: list = field(default_factory=list)  # lm-eval tasks or presets (mmlu, commonsense); needs the lmeval extra
     lm_eval_fewshot: int = -1  # lm-eval few-shot examples (-1: the task's default; MMLU is usually 5)
     lm_eval_limit: int = 0  # lm-eval examples per task (0: all)
@@ -279,6 +281,7 @@ class EvaluateParams:
             raise ConfigError("the evaluate stage measures nothing: ppl_sources is [] and task_samples is 0 "
                               "(give a text source, task examples, lm_eval_tasks or speed_prompts)")
         check_choice("split", self.split, ("test", "validation"))
+        check_choice("generation", self.generation, GENERATIONS)
 
 
 def from_namespace(cls, ns: dict):

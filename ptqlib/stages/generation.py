@@ -1,0 +1,249 @@
+"""Greedy batched generation that does less work than ``model.generate``: the prompts' shared prefix once.
+
+Every prompt of a task starts with the same chat-template header and instruction (64 of the ~200
+tokens of a meetings-hard prompt for SmolLM2), and on a CPU the prefill of the prompts is most of
+generation's time (58% of an evaluate stage's generation at the default study's shapes on an AMD
+Zen 4, bf16, where the matmuls already run at the machine's bf16 rate). So :func:`greedy`
+
+1. runs the longest prefix that all prompts share **once** (batch 1) and keeps its keys and values;
+2. per batch (prompts sorted by length), copies them into a fresh cache for every row and prefills
+   only the rest of each prompt, laid out ``[prefix][padding][rest]`` (the padding masked, the
+   positions counted as if it were not there: ``prefix_len + i``);
+3. decodes greedily with its own loop (no logits processors, no stopping criteria, only the last
+   position's logits computed), and drops the rows that have produced EOS from the batch once a
+   quarter of it has (their cache rows with them), so a finished prompt costs nothing more.
+
+The attention sees the same keys and values at the same positions as transformers' left-padded
+``generate``, in another order of the masked padding: the same tokens unless two logits tie to within
+rounding. fp32 gives ``model.generate``'s tokens on the tiny model and on SmolLM2's test prompts
+(``tests/stages/test_generation.py``); bf16's share of identical outputs is in docs/precision.md.
+
+Why not transformers: ``generate`` has no shared-prefix prefill and keeps finished rows to the end;
+its prefix caching (``past_key_values`` passed in) needs one prompt per call.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from ptqlib.stages.kv_cache import GrowingCache, GrowingLayer
+
+ATTENTION = "ptqlib_matmul"
+"""The attention implementation :func:`greedy` runs the model with on a CPU (:func:`matmul_attention`)."""
+
+DROP_SHARE = 0.25
+"""Finished rows are dropped from the batch once this share of it has produced EOS: dropping copies
+every layer's cache rows, so it is done in a few large steps, not one row at a time."""
+
+
+def matmul_attention(module, query, key, value, attention_mask, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention as two matmuls and a float32 softmax, the query heads that share a key head stacked as rows.
+
+    ``query`` (b, heads, q, d), ``key`` / ``value`` (b, kv_heads, k, d), ``attention_mask`` boolean
+    (b, 1, q, k) (True: attend) -> (b, q, heads, d). On a CPU PyTorch's SDPA kernel, given a mask, took
+    0.9 ms per layer of a bf16 decode step at batch 32 x 250 keys (SmolLM2, AMD Zen 4) and 35 ms per
+    layer of the prefill, where these matmuls take about a third; without a mask (no padding, no
+    cache) SDPA's causal kernel is used as transformers does.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, h, q, d = query.shape
+    kvh, k = key.shape[1], key.shape[2]
+    if q > 1 or attention_mask is None or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    g = h // kvh  # query heads per key head, consecutive (transformers' repeat_kv order)
+    scores = query.reshape(b, kvh, g * q, d) @ key.transpose(-1, -2)  # (b, kvh, g*q, k)
+    scores = scores.float() * (scaling if scaling is not None else d ** -0.5)
+    keep = attention_mask.expand(b, 1, q, k).unsqueeze(2).expand(b, 1, g, q, k).reshape(b, 1, g * q, k)
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).to(value.dtype)
+    out = (probs @ value).reshape(b, h, q, d)  # (b, kvh, g*q, d) -> (b, heads, q, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def decode_attention(model):
+    """Run ``model`` with :func:`matmul_attention` where it computes with SDPA (restored on exit)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = getattr(base.config, "_attn_implementation", None)
+    if before != "sdpa" or not hasattr(base, "set_attn_implementation"):
+        yield
+        return
+    AttentionInterface.register(ATTENTION, matmul_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    base.set_attn_implementation(ATTENTION)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(before)
+
+
+def shared_prefix(rows: list[list[int]]) -> int:
+    """The length of the longest prefix all ``rows`` share, less one token of the shortest row: every
+    prompt keeps at least one token of its own, whose logits give its first new token."""
+    if not rows:
+        return 0
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    k = 0
+    while k < n and all(r[k] == first[k] for r in rows):
+        k += 1
+    return max(k, 0)
+
+
+def _prefix_fits(model, n: int) -> bool:
+    """Whether a cache of ``n`` prefix tokens can be copied as is: every sliding-window layer keeps
+    ``n`` tokens whole only while ``n`` is under its window."""
+    window = getattr(model.config, "sliding_window", None)
+    text_cfg = getattr(model.config, "text_config", None)
+    window = window or getattr(text_cfg, "sliding_window", None)
+    return window is None or n < window
+
+
+@torch.no_grad()
+def _prefix_cache(model, prefix: list[int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer the prefix's keys and values, each (1, kv_heads, len(prefix), head_dim)."""
+    cache = GrowingCache(model.config)
+    model(input_ids=torch.tensor([prefix], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _batch_cache(model, prefix_kv, rows: int) -> GrowingCache:
+    """A fresh cache holding the prefix's keys and values for each of ``rows`` prompts."""
+    cache = GrowingCache(model.config)
+    for i, (k, v) in enumerate(prefix_kv):
+        cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
+    return cache
+
+
+class FixedLayer(DynamicLayer):
+    """A full-attention layer's cache for decoding: keys / values (b, kv_heads, capacity, d) buffers of which
+    the first ``n`` slots are filled, handed to the attention whole (the empty slots masked).
+
+    A growing view ``buf[:, :, :n]`` (:class:`~ptqlib.stages.kv_cache.GrowingLayer`) has a batch stride that
+    is not ``n * d``, and CPU ``bmm`` copies such an operand: the whole cache, every decode step (17 ms of a
+    100 ms bf16 step at batch 32, SmolLM2, AMD Zen 4). A buffer of the final length is read in place.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        b, h, n, _ = keys.shape
+        self.keys = keys.new_zeros(b, h, capacity, keys.shape[-1])
+        self.values = values.new_zeros(b, h, capacity, values.shape[-1])
+        self.keys[:, :, :n], self.values[:, :, :n] = keys, values
+        self.n, self.is_initialized = n, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = key_states.shape[-2]
+        self.keys[:, :, self.n:self.n + t] = key_states
+        self.values[:, :, self.n:self.n + t] = value_states
+        self.n += t
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.keys, self.values = self.keys[indices], self.values[indices]
+
+
+def _fixed(cache: DynamicCache, capacity: int) -> DynamicCache:
+    """``cache`` (after the prefill) with each full-attention layer moved into a :class:`FixedLayer`."""
+    cache.layers = [FixedLayer(layer.keys, layer.values, capacity) if isinstance(layer, GrowingLayer) else layer
+                    for layer in cache.layers]
+    return cache
+
+
+class _Batch:
+    """One batch being decoded: its rows' prompt indices, cache, mask, next positions, outputs."""
+
+    def __init__(self, model, idx: list[int], rests: list[list[int]], prefix_kv, n_prefix: int, pad_id: int,
+                 device):
+        b, s = len(idx), max(len(r) for r in rests)
+        ids = torch.full((b, s), pad_id, dtype=torch.long)
+        mask = torch.zeros(b, n_prefix + s, dtype=torch.long)
+        mask[:, :n_prefix] = 1
+        pos = torch.zeros(b, s, dtype=torch.long)
+        for j, r in enumerate(rests):  # right-aligned: [prefix][padding][rest]
+            ids[j, s - len(r):] = torch.tensor(r)
+            mask[j, n_prefix + s - len(r):] = 1
+            pos[j, s - len(r):] = torch.arange(n_prefix, n_prefix + len(r))
+        self.idx = list(idx)
+        self.ids, self.mask, self.pos = ids.to(device), mask.to(device), pos.to(device)
+        self.next_pos = self.pos[:, -1:] + 1  # (b, 1)
+        self.cache = _batch_cache(model, prefix_kv, b) if prefix_kv else GrowingCache(model.config)
+        self.out: dict[int, list[int]] = {i: [] for i in idx}
+
+    def step(self, model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One forward of ``ids`` (b, t) at ``pos`` (b, t) -> the greedy next token per row (b,)."""
+        logits = model(input_ids=ids, attention_mask=self.mask, position_ids=pos, cache=self.cache,
+                       use_cache=True, logits_to_keep=1).logits  # (b, 1, vocab)
+        return logits[:, -1].argmax(-1)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices into the batch) of the cache, the mask and the positions."""
+        self.cache.batch_select_indices(rows)
+        self.mask, self.next_pos = self.mask[rows], self.next_pos[rows]
+        self.idx = [self.idx[r] for r in rows.tolist()]
+
+
+def _decode(model, batch: _Batch, max_new_tokens: int, eos_id: int | None) -> None:
+    """Greedy decoding of ``batch`` (prefilled by its first step) into ``batch.out``, EOS included."""
+    nxt = batch.step(model, batch.ids, batch.pos)
+    filled = batch.mask.shape[1]
+    batch.cache = _fixed(batch.cache, filled + max_new_tokens)
+    batch.mask = torch.cat([batch.mask, batch.mask.new_zeros(len(batch.idx), max_new_tokens)], dim=1)
+    live = torch.ones(len(batch.idx), dtype=torch.bool)
+    for t in range(max_new_tokens):
+        for j, tok in enumerate(nxt.tolist()):
+            if live[j]:
+                batch.out[batch.idx[j]].append(tok)
+                live[j] = tok != eos_id
+        if t == max_new_tokens - 1 or not live.any():
+            return
+        if (~live).sum() >= DROP_SHARE * len(live):  # drop the finished rows, their cache with them
+            rows = live.nonzero().squeeze(1)
+            batch.keep(rows.to(batch.mask.device))
+            nxt, live = nxt[rows.to(nxt.device)], live[rows]
+        batch.mask[:, filled + t] = 1
+        nxt = batch.step(model, nxt.unsqueeze(1), batch.next_pos)
+        batch.next_pos = batch.next_pos + 1
+
+
+@torch.no_grad()
+def greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None, pad_id: int,
+           batch_size: int = 32, progress: bool = False, share_prefix: bool = True
+           ) -> tuple[list[list[int]], float]:
+    """Greedy continuations of the token lists ``prompts`` -> (new tokens per prompt, EOS included when
+    produced; seconds of the batches, the shared prefix's forward included).
+
+    At most ``max_new_tokens`` per prompt, ``batch_size`` prompts at a time, sorted by length (and
+    returned in the given order). ``share_prefix=False`` prefills every prompt whole.
+    """
+    dev = next(p for p in model.parameters()).device
+    n_prefix = shared_prefix(prompts) if share_prefix and len(prompts) > 1 else 0
+    if n_prefix and not _prefix_fits(model, n_prefix):
+        n_prefix = 0
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    t0 = time.perf_counter()
+    with decode_attention(model):
+        prefix_kv = _prefix_cache(model, prompts[0][:n_prefix], dev) if n_prefix else None
+        for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+            idx = order[i : i + batch_size]
+            batch = _Batch(model, idx, [prompts[j][n_prefix:] for j in idx], prefix_kv, n_prefix, pad_id, dev)
+            _decode(model, batch, max_new_tokens, eos_id)
+            for j, toks in batch.out.items():
+                out[j] = toks
+    return out, time.perf_counter() - t0
