@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ptqlib.data import Example, format_prompt
 from ptqlib.metrics import example_scores, ppl_statistic, statistic, task_scores
 from ptqlib.precision import attention_kernels
-from ptqlib.stages.kv_cache import GrowingCache
+from ptqlib.stages.generation import decode_speed, hf_generate
 from ptqlib.text import held_out_windows
 
 if TYPE_CHECKING:
@@ -72,7 +72,8 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
     distributions (``kl``) and the number of positions whose most likely token agrees (``top1``),
     as llama.cpp's ``perplexity --kl-divergence`` reports them (far more sensitive than perplexity
     to what quantization changes). Both models run on the same batch, so no reference logits are
-    stored: the KL is exact over the whole vocabulary, not a top-k approximation.
+    stored: the KL is exact over the whole vocabulary, not a top-k approximation. ``reference`` may be a
+    :class:`~ptqlib.stages.reference.CachedReference` (its hidden states from an earlier stage: the same logits).
 
     At most 8 windows per forward (4 with a reference): the full-vocabulary logits are
     (b, L, vocab) in the model's dtype, and a larger batch only costs memory (a forward is
@@ -95,7 +96,7 @@ def _window_nll(model, windows: torch.Tensor, batch_size: int, progress: bool, r
         if reference is None:
             out["nll"] += next_token_nll(logits, y).sum(1).tolist()
             continue
-        ref_logits = reference(input_ids=x.to(_device(reference))).logits[:, :-1].to(dev)
+        ref_logits = _reference_logits(reference, x)[:, :-1].to(dev)
         nll, kl, top1, dp = (torch.empty(y.shape, device=dev) for _ in range(4))  # (b, L-1) per position
         for j, s in _row_chunks(*y.shape):
             lp = torch.log_softmax(_at_least_fp32(logits[j, s]), -1)  # the kernel of next_token_nll: its bits
@@ -111,6 +112,15 @@ def _window_nll(model, windows: torch.Tensor, batch_size: int, progress: bool, r
         out["dp"] += dp.sum(1).tolist()
         out["kl_tokens"] += kl.flatten().tolist()
     return out
+
+
+def _reference_logits(reference, x: torch.Tensor) -> torch.Tensor:
+    """The reference's logits (b, L, vocab) on ``x``: a model's forward, or a ``CachedReference``'s."""
+    from ptqlib.stages.reference import CachedReference
+
+    if isinstance(reference, CachedReference):
+        return reference.logits(x)
+    return reference(input_ids=x.to(_device(reference))).logits
 
 
 def kl_quantiles(kl_tokens: list[float], suffix: str = "") -> dict[str, float]:
@@ -144,7 +154,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
         raise ValueError(f"generation: {generation!r} is not valid; valid: {', '.join(GENERATIONS)}")
     with attention_kernels(_device(model).type):
         if generation == "generate":
-            return _hf_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+            return hf_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
         return _greedy(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
 
 
@@ -159,45 +169,6 @@ def _greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_siz
     outs, seconds = greedy(model, ids, max_new_tokens, eos, pad, batch_size, progress)
     texts = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
     return texts, sum(len(o) for o in outs), seconds
-
-
-@torch.no_grad()
-def _hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                 progress: bool) -> tuple[list[str], int, float]:
-    """transformers' ``generate`` on left-padded batches; the KV cache appends in place
-    (:class:`~ptqlib.stages.kv_cache.GrowingCache`): the same tokens as its default cache without a copy per step."""
-    dev = _device(model)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    eos = tokenizer.eos_token_id
-    formatted = [format_prompt(tokenizer, p) for p in prompts]
-    lengths = [len(tokenizer(f, add_special_tokens=False)["input_ids"]) for f in formatted]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    texts: list[str] = [""] * len(prompts)
-    n_tokens, seconds = 0, 0.0
-    try:
-        if prompts:  # warm-up, untimed: the first call pays for allocator growth and kernel selection
-            enc = tokenizer(formatted[order[0]], return_tensors="pt", add_special_tokens=False).to(dev)
-            model.generate(**enc, max_new_tokens=2, do_sample=False, num_beams=1,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-        for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-            idx = order[i : i + batch_size]
-            enc = tokenizer([formatted[j] for j in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(dev)
-            t0 = time.perf_counter()
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                                 cache=GrowingCache(model.config))
-            seconds += time.perf_counter() - t0
-            new = out[:, enc["input_ids"].shape[1]:]
-            for j, row in zip(idx, new):
-                row = row.tolist()
-                k = row.index(eos) + 1 if eos in row else len(row)  # tokens actually generated
-                n_tokens += k
-                texts[j] = tokenizer.decode(row[:k], skip_special_tokens=True).strip()
-    finally:
-        tokenizer.padding_side = side
-    return texts, n_tokens, seconds
 
 
 def _score_task(texts: list[str], examples: list[Example], n_tokens: int, seconds: float, metrics: dict,
@@ -253,36 +224,6 @@ def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int =
         metrics["gen_seconds"] = time.perf_counter() - t0
         rows = _score_task(texts, examples, n_tok, secs, metrics, units)
     return metrics, rows, units
-
-
-@torch.no_grad()
-def decode_speed(model, tokenizer, prompts: list[str], new_tokens: int = 64) -> dict[str, float]:
-    """Batch-1 greedy decode of exactly ``new_tokens`` (EOS ignored) after each prompt.
-
-    -> ``ttft_s`` (median seconds to the first token: prefill + one step) and
-    ``decode_tokens_per_s`` (the tokens after the first / their time), the latency figures a
-    single user of a deployed model sees; comparable with ``deploy.llamacpp.run``.
-    """
-    dev = _device(model)
-    ttft, dec_s, dec_n = [], 0.0, 0
-    encs = [tokenizer(format_prompt(tokenizer, p), return_tensors="pt", add_special_tokens=False).to(dev)
-            for p in prompts]
-    if encs:  # warm-up, untimed
-        model.generate(**encs[0], max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    for enc in encs:
-        t0 = time.perf_counter()
-        out = model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             return_dict_in_generate=True, use_cache=True, cache=GrowingCache(model.config))
-        t1 = time.perf_counter()
-        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=tokenizer.pad_token_id, use_cache=True, cache=GrowingCache(model.config))
-        t2 = time.perf_counter()
-        ttft.append(t1 - t0)
-        dec_s += (t2 - t1) - (t1 - t0)  # the full run minus its prefill + first token
-        dec_n += new_tokens - 1
-        del out
-    return {"ttft_s": float(sorted(ttft)[len(ttft) // 2]) if ttft else math.nan,
-            "decode_tokens_per_s": dec_n / dec_s if dec_s > 0 else math.nan}
 
 
 def evaluate_gguf(path, tokenizer, examples: list[Example], ppl_samples: int = 16, ppl_seq_len: int = 256,
@@ -369,8 +310,10 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
         ref = None
         if p.kl_reference and reference:
             from ptqlib import artifacts
+            from ptqlib.stages.reference import CachedReference, cache_dir
 
-            ref = cast_for_inference(artifacts.load(reference)[0], p.precision).eval()
+            ref = CachedReference(cast_for_inference(artifacts.load(reference)[0], p.precision).eval(),
+                                  cache_dir(reference))
         metrics, generations, units = evaluate_model(model, tokenizer, examples, p.ppl_samples, p.ppl_seq_len,
                                                      p.max_new_tokens, p.batch_size, progress=progress,
                                                      ppl_sources=sources, ppl_windows=p.ppl_windows, reference=ref,
