@@ -26,6 +26,9 @@ new). Per-step costs (the optimizer, GPTQ's column loop, a decode step's Python)
 other shapes, so a benchmark at smaller ones would not say how fast the study runs. ``--quick`` only
 repeats less: 3 timed training steps instead of 6, GPTQ on 2 decoder layers instead of 4.
 
+The last column is the time of one unit of each kind at ``auto``: seconds per training step, per GPTQ
+layer, per perplexity window, per generated example (its batch's wall time over its prompts);
+``bench/compare_commits.py`` compares these between two commits of the library.
 The last line is ``speed-up: X.XXx``: the geometric mean over the stage kinds of auto / fp32.
 Not a test: timings on shared machines are noisy; compare the two columns, not runs.
 
@@ -262,7 +265,11 @@ def gen_speed(model, tok, prec: str, task: str, n: int, new: int) -> float:
     t0 = time.perf_counter()
     with REGION:  # generate's own warm-up (2 tokens of one prompt) is inside
         _, n_new, _ = generate(m, tok, prompts, max_new_tokens=new, batch_size=n)
+    PER_UNIT["generation"] = (prompt_tokens + n_new) / n  # tokens per example
     return (prompt_tokens + n_new) / (time.perf_counter() - t0)
+
+
+PER_UNIT: dict[str, float] = {}  # stage kind -> tokens per unit (a training step, a layer, a window, an example)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,7 +404,11 @@ def main() -> None:
     }
     if args.only:
         kinds = {k: v for k, v in kinds.items() if any(o.lower() in k.lower() for o in args.only)}
-    print(f"\n{'stage kind':26s} {'fp32 tok/s':>11s} {'roof':>5s}  {auto + ' tok/s':>11s} {'roof':>5s}  {'ratio':>6s}")
+    PER_UNIT.update({"full FT step": b * L, "QLoRA step (4-bit base)": b * L, "L4Q step": b * L,
+                     "GPTQ layer": S.calib[0] * S.calib[1], "perplexity windows": S.ppl[1]})
+    unit = {"GPTQ layer": "s/layer", "perplexity windows": "s/window", "generation": "s/example"}
+    print(f"\n{'stage kind':26s} {'fp32 tok/s':>11s} {'roof':>5s}  {auto + ' tok/s':>11s} {'roof':>5s}  {'ratio':>6s}"
+          f"  {auto + ' per unit':>20s}")
     ratios = []
     for name, (fn, flops_per_tok) in kinds.items():
         row = {}
@@ -407,8 +418,9 @@ def main() -> None:
             row[p] = (tps, fl / roof[p])
         ratio = row[auto][0] / row["fp32"][0]
         ratios.append(ratio)
+        per = PER_UNIT[name] / row[auto][0]  # seconds per step / layer / window / example
         print(f"{name:26s} {row['fp32'][0]:11.0f} {row['fp32'][1]:5.0%}  {row[auto][0]:11.0f} {row[auto][1]:5.0%}  "
-              f"{ratio:5.2f}x", flush=True)
+              f"{ratio:5.2f}x  {per:10.3f} {unit.get(name, 's/step'):>9s}", flush=True)
     speedup = math.exp(sum(map(math.log, ratios)) / len(ratios))
     if args.profile:
         profile_kinds(kinds, auto)

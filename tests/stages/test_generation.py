@@ -57,6 +57,9 @@ def test_greedy_gives_transformers_tokens_in_fp32(lively):
     assert outs == _hf(model, tok, ids, 10, tok.eos_token_id) and secs > 0
     assert len({tuple(o) for o in outs}) == len(ids) and all(len(set(o)) > 3 for o in outs)  # not degenerate
     assert outs == G.greedy(model, ids, 10, tok.eos_token_id, tok.pad_token_id, share_prefix=False)[0]
+    # prefilled in chunks of 2, decoded 4 at a time (two chunks side by side) and in one batch of 6
+    for rows in (4, 6):
+        assert G.greedy(model, ids, 10, tok.eos_token_id, tok.pad_token_id, batch_size=2, decode_rows=rows)[0] == outs
 
 
 def test_finished_rows_are_dropped_and_the_rest_decode_as_before(lively, monkeypatch):
