@@ -9,7 +9,8 @@ rounds and keeping each figure's best. The measurements are ``bench/stage_speed.
 the shapes B's study runs (its model, generation batch and new tokens, perplexity windows, training batch,
 GPTQ calibration), at ``precision: auto``, each as a time per unit:
 
-- ``generation``: seconds per task example (one batch of the study's test prompts, greedy);
+- ``generation``: seconds per task example (an evaluate stage's test prompts, ``task_samples`` of them, in
+  the study's ``batch_size``, greedy);
 - ``ppl`` / ``kl``: seconds per perplexity window without / with the 16-bit reference (KL, top-1);
   where the commit caches the reference's hidden states (``ptqlib.stages.reference``) ``kl`` is a stage
   that finds the cache written (every KL stage after the first of its reference) and ``kl_cold`` the
@@ -36,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +48,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ("full", "qlora", "l4q")
 PROBE = "PROBE "
+
+
+def task_samples(study: str) -> int:
+    """The test examples an evaluate stage of ``study`` generates (``defaults.evaluate.task_samples``)."""
+    import yaml
+
+    raw = yaml.safe_load(Path(study).read_text()) or {}
+    return int(((raw.get("defaults") or {}).get("evaluate") or {}).get("task_samples", 128))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +86,7 @@ def probe(study: str, quick: bool) -> dict[str, float]:
     prec = P.resolve("auto")
     out: dict[str, float] = {}
     m = P.cast_for_inference(copy.deepcopy(model), prec)
-    prompts = [e.prompt for e in load_task(S.task, "test", S.gen[0])]
+    prompts = [e.prompt for e in load_task(S.task, "test", task_samples(study))]
     out["generation"] = _timed(lambda: generate(m, tok, prompts, max_new_tokens=S.gen[1], batch_size=S.gen[0])) / len(prompts)
     n = 8 if quick else S.ppl[0]
     w = torch.randint(10, len(tok) - 10, (n, S.ppl[1]), generator=torch.Generator().manual_seed(0))
@@ -208,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 2)
     if rounds < 1:
         ap.error(f"--rounds {rounds}: give at least 1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still removes its worktrees
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
         trees = [Path(tmp) / f"{i}-{s[:10]}" for i, s in enumerate(shas)]
         for t, s in zip(trees, shas):

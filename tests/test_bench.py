@@ -55,3 +55,42 @@ def test_study_time_sums_recorded_stages_per_kind_and_gives_the_ratio(tmp_path, 
     with pytest.raises(SystemExit):
         st.main([str(a), str(b), "--runs", "r1", "r2", "r3"])
     assert "one per study (2); got 3" in capsys.readouterr().err
+
+
+def _compare():
+    spec = importlib.util.spec_from_file_location("compare_commits", ROOT / "bench" / "compare_commits.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_commits_weighs_the_studys_stage_mix(tmp_path):
+    """The smoke study's units: each evaluate stage's examples and windows (the first KL stage of each
+    16-bit reference cold, the others warm), each training stage's steps, each GPTQ stage's layers."""
+    mix = _compare().stage_mix(str(ROOT / "parameters" / "smoke.yaml"))
+    study = load_study(ROOT / "parameters" / "smoke.yaml")
+    r = Runner(study, tmp_path / "runs", ROOT / "reports")
+    evals = [r.nodes[s] for s in r.plan() if r.nodes[s].kind == "evaluate"]
+    refs = {n.reference for n in evals if n.reference is not None}
+    assert mix["generation"] == 4 * len(evals) and len(refs) >= 1
+    assert mix["kl_cold"] == 4 * 2 * len(refs) and mix["kl"] == 4 * 2 * (sum(n.reference is not None for n in evals) - len(refs))
+    assert mix["ppl"] == 4 * 2 * sum(n.reference is None for n in evals)
+    assert mix["full"] == 4 and mix["qlora"] == 2 * 4 and mix["gptq"] == 2  # the tiny model has 2 layers
+
+
+def test_compare_commits_ends_with_the_four_ratios():
+    cc = _compare()
+    a = {"generation": 0.4, "ppl": 0.2, "kl": 0.6, "kl_cold": 0.6, "full": 4.0, "qlora": 3.0, "l4q": 4.0, "gptq": 2.0}
+    b = {**a, "generation": 0.2, "kl": 0.3, "full": 2.0}
+    mix = cc.Counter({"generation": 100, "kl": 10, "kl_cold": 10, "full": 5, "gptq": 10})
+    lines = cc.report("A", "B", a, b, mix)
+    assert [ln.split(":")[0] for ln in lines[-4:]] == ["generation", "perplexity", "training", "study stage time"]
+    assert lines[-4] == "generation: 2.00x" and lines[-3] == f"perplexity: {12 / 9:.2f}x"
+    assert lines[-2] == f"training: {2 ** (1 / 3):.2f}x"
+    assert lines[-1] == f"study stage time: {(40 + 6 + 6 + 20 + 20) / (20 + 3 + 6 + 10 + 20):.2f}x"
+
+
+def test_compare_commits_refuses_what_is_not_a_commit(capsys):
+    with pytest.raises(SystemExit) as e:
+        _compare().main(["HEAD", "no-such-commit-xyz"])
+    assert e.value.code == 2 and "'no-such-commit-xyz' is not a commit" in capsys.readouterr().err
