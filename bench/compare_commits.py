@@ -1,6 +1,7 @@
 """B's speed over A's: the library at two commits, measured side by side with one environment.
 
     python bench/compare_commits.py A B [--quick] [--study parameters/default.yaml] [--rounds 2]
+                                        [--generation study|prefix|generate]
 
 Checks out ``ptqlib`` at commits A and B (``git worktree``, removed at the end) and runs the same
 measurements for each in a fresh process whose ``import ptqlib`` is that commit's (this file's
@@ -10,15 +11,17 @@ the shapes B's study runs (its model, generation batch and new tokens, perplexit
 GPTQ calibration), at ``precision: auto``, each as a time per unit:
 
 - ``generation``: seconds per task example (an evaluate stage's test prompts, ``task_samples`` of them, in
-  the study's ``batch_size``, greedy);
+  the study's ``batch_size``, greedy), by the study's ``generation`` path (``--generation`` picks one; a
+  commit with one path runs it);
 - ``ppl`` / ``kl``: seconds per perplexity window without / with the 16-bit reference (KL, top-1);
   where the commit caches the reference's hidden states (``ptqlib.stages.reference``) ``kl`` is a stage
   that finds the cache written (every KL stage after the first of its reference) and ``kl_cold`` the
   first;
 - ``full`` / ``qlora`` / ``l4q``: seconds per optimizer step; ``gptq``: seconds per decoder layer.
 
-The study's stage mix (B's study planned by this checkout's library, its selections read from its
-committed report) weighs them into an estimated stage time: every evaluate stage's examples and windows
+The study's stage mix (B's study planned by this checkout's library, each selection's test pipelines
+counted at its first candidate: a stage's cost does not depend on which value is chosen) weighs them
+into an estimated stage time: every evaluate stage's examples and windows
 (a KL stage per reference cold, the rest warm), every training stage's steps (methods other than full,
 qlora and l4q at full FT's rate), every GPTQ stage's layers. The output ends with
 
@@ -50,12 +53,13 @@ TRAINING = ("full", "qlora", "l4q")
 PROBE = "PROBE "
 
 
-def task_samples(study: str) -> int:
-    """The test examples an evaluate stage of ``study`` generates (``defaults.evaluate.task_samples``)."""
+def evaluate_default(study: str, key: str, default):
+    """``defaults.evaluate.<key>`` of ``study`` (``task_samples``: the test examples a stage generates;
+    ``generation``: its generation path), else ``default``."""
     import yaml
 
     raw = yaml.safe_load(Path(study).read_text()) or {}
-    return int(((raw.get("defaults") or {}).get("evaluate") or {}).get("task_samples", 128))
+    return ((raw.get("defaults") or {}).get("evaluate") or {}).get(key, default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,10 +71,12 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def probe(study: str, quick: bool) -> dict[str, float]:
-    """Seconds per unit of each measured kind at ``study``'s shapes, with this process's ``ptqlib``."""
+def probe(study: str, quick: bool, generation: str) -> dict[str, float]:
+    """Seconds per unit of each measured kind at ``study``'s shapes, with this process's ``ptqlib``
+    (``generation``: the evaluate stage's path, where this commit has more than one)."""
     import copy
     import importlib.util
+    import inspect
 
     import stage_speed as B
     import torch
@@ -86,8 +92,10 @@ def probe(study: str, quick: bool) -> dict[str, float]:
     prec = P.resolve("auto")
     out: dict[str, float] = {}
     m = P.cast_for_inference(copy.deepcopy(model), prec)
-    prompts = [e.prompt for e in load_task(S.task, "test", task_samples(study))]
-    out["generation"] = _timed(lambda: generate(m, tok, prompts, max_new_tokens=S.gen[1], batch_size=S.gen[0])) / len(prompts)
+    prompts = [e.prompt for e in load_task(S.task, "test", int(evaluate_default(study, "task_samples", 128)))]
+    path = {"generation": generation} if "generation" in inspect.signature(generate).parameters else {}
+    out["generation"] = _timed(lambda: generate(m, tok, prompts, max_new_tokens=S.gen[1], batch_size=S.gen[0],
+                                                **path)) / len(prompts)
     n = 8 if quick else S.ppl[0]
     w = torch.randint(10, len(tok) - 10, (n, S.ppl[1]), generator=torch.Generator().manual_seed(0))
     window_nll(m, w[:2])  # warm-up
@@ -124,11 +132,17 @@ def stage_mix(study: str) -> Counter:
     sys.path.insert(0, str(ROOT))
     from ptqlib.engine.runner import Runner
     from ptqlib.models import model_config
-    from ptqlib.report import tables
     from ptqlib.study.schema import load_study
 
+    class AnyChoice(dict):  # every candidate scores alike: the first is chosen; a stage's cost is not its lr's
+        def get(self, key, default=None):
+            return 0.0
+
+    class Choices:
+        previous_choices = staticmethod(lambda runner: AnyChoice())
+
     with tempfile.TemporaryDirectory() as runs:
-        r = Runner(load_study(study), runs, ROOT / "reports", reporter=tables)
+        r = Runner(load_study(study), runs, Path(runs) / "reports", reporter=Choices())
         plan = r.plan()
     mix: Counter = Counter()
     warm: set = set()
@@ -158,9 +172,10 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def _run_probe(tree: Path, study: str, quick: bool, threads: int) -> dict[str, float]:
+def _run_probe(tree: Path, study: str, quick: bool, threads: int, generation: str) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", study] + (["--quick"] if quick else [])
+    cmd = ([sys.executable, str(Path(__file__).resolve()), "--probe", study, "--generation", generation]
+           + (["--quick"] if quick else []))
     res = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith(PROBE)]
     if res.returncode or not lines:
@@ -195,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="repeat less (one round unless --rounds)")
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds A, B (default 2; --quick 1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--generation", choices=("study", "prefix", "generate"), default="study",
+                    help="the generation path measured where a commit has both: the study's (default), or one")
     ap.add_argument("--probe", metavar="STUDY", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.probe:
@@ -205,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(ptqlib.__file__).resolve().is_relative_to(Path.cwd().resolve()):
             raise SystemExit(f"the probe imported {ptqlib.__file__}, not the worktree's {Path.cwd()}")
         torch.set_num_threads(args.threads)
-        print(PROBE + json.dumps(probe(args.probe, args.quick)), flush=True)
+        print(PROBE + json.dumps(probe(args.probe, args.quick, args.generation)), flush=True)
         return 0
     if not (args.a and args.b):
         ap.error("give two commits: A B (for example 892662b HEAD)")
@@ -228,11 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             if not study.is_file():
                 ap.error(f"--study {args.study}: not a file at {args.b}")
             mix = stage_mix(str(study))
-            print(f"B's study {args.study}: {dict(mix)}", flush=True)
+            generation = (evaluate_default(str(study), "generation", "prefix") if args.generation == "study"
+                          else args.generation)
+            print(f"B's study {args.study}: {dict(mix)}; generation: {generation}", flush=True)
             best: list[dict[str, float]] = [{}, {}]
             for r in range(rounds):
                 for i, t in enumerate(trees):
-                    got = _run_probe(t, str(study), args.quick, args.threads)
+                    got = _run_probe(t, str(study), args.quick, args.threads, generation)
                     best[i] = {k: min(v, best[i].get(k, math.inf)) for k, v in got.items()}
                     print(f"round {r + 1}, {'AB'[i]} ({shas[i][:10]}): "
                           + ", ".join(f"{k} {v:.4f}" for k, v in got.items()), flush=True)

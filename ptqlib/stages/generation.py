@@ -23,7 +23,9 @@ rounding. fp32 gives ``model.generate``'s tokens on the tiny model and on SmolLM
 (``tests/stages/test_generation.py``); bf16's share of identical outputs is in docs/precision.md.
 
 Why not transformers: ``generate`` has no shared-prefix prefill and keeps finished rows to the end;
-its prefix caching (``past_key_values`` passed in) needs one prompt per call.
+its prefix caching (``past_key_values`` passed in) needs one prompt per call. transformers' path stays
+here as :func:`hf_generate` (``evaluate.generation: generate``), beside the batch-1 latency of
+:func:`decode_speed`.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from ptqlib.stages.kv_cache import GrowingCache, GrowingLayer
 
 ATTENTION = "ptqlib_matmul"
 """The attention implementation :func:`greedy` runs the model with on a CPU (:func:`matmul_attention`)."""
+
 
 def _device(model) -> torch.device:
     return next(p for p in model.parameters()).device
@@ -61,10 +64,10 @@ def matmul_attention(module, query, key, value, attention_mask, scaling: float |
     """Attention as two matmuls and a float32 softmax, the query heads that share a key head stacked as rows.
 
     ``query`` (b, heads, q, d), ``key`` / ``value`` (b, kv_heads, k, d), ``attention_mask`` boolean
-    (b, 1, q, k) (True: attend) -> (b, q, heads, d). On a CPU PyTorch's SDPA kernel, given a mask, took
-    0.9 ms per layer of a bf16 decode step at batch 32 x 250 keys (SmolLM2, AMD Zen 4) and 35 ms per
-    layer of the prefill, where these matmuls take about a third; without a mask (no padding, no
-    cache) SDPA's causal kernel is used as transformers does.
+    (b, 1, q, k) (True: attend) -> (b, q, heads, d). Only for a decode step (q = 1) on a CPU: there
+    PyTorch's SDPA kernel, given a mask, took 0.7-0.9 ms per layer at batch 32 x 250 keys (bf16, SmolLM2,
+    AMD Zen 4), these matmuls 0.35 ms. A prefill (q > 1) goes to SDPA, as transformers does: there the
+    float32 scores and the mask's copies cost more than SDPA's kernel (6.3 vs 5.1 s per 32-prompt prefill).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
