@@ -57,7 +57,8 @@ CASES = [
                                          ppl_seq_len=64, ppl_sources=["stdlib"], task_samples=3, split="validation",
                                          max_new_tokens=8, batch_size=2, lm_eval_tasks=["arc_easy"],
                                          lm_eval_fewshot=0, lm_eval_limit=5, lm_eval_include="", runtime="torch",
-                                         gguf_type="auto", gguf_lossy=False, speed_prompts=1, speed_tokens=8, generation="generate")),
+                                         gguf_type="auto", gguf_lossy=False, speed_prompts=1, speed_tokens=8,
+                                         generation="generate")),
 ]
 
 

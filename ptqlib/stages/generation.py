@@ -54,6 +54,9 @@ then decoded as one batch, whose products read each weight once for all rows. bf
 prompts of meetings-hard, 56 new tokens, AMD Zen 4, 2 threads: 2.8-3.4 ms per row and step at 32 rows,
 2.0-2.4 at 64, 1.6-1.8 at 128. Its KV cache: 2 x layers x kv_heads x head_dim x slots x 2 bytes per row
 (7 MB for SmolLM2 at 300 slots, 0.9 GB for 128 rows)."""
+DECODE_KV_BYTES = 2 * 2**30
+"""The most a decode batch's KV cache may hold (2 GiB): fewer rows than :data:`DECODE_ROWS` for a larger
+model (a 7B Llama-2 at 300 slots takes 157 MB per row), never fewer than the prefill's ``batch_size``."""
 DROP_SHARE = 0.25
 """Finished rows are dropped from the batch once this share of it has produced EOS: dropping copies
 every layer's cache rows, so it is done in a few large steps, not one row at a time."""
@@ -140,6 +143,18 @@ def _batch_cache(model, prefix_kv, rows: int) -> GrowingCache:
     for i, (k, v) in enumerate(prefix_kv):
         cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
     return cache
+
+
+def rows_per_decode(model, slots: int, batch_size: int) -> int:
+    """Rows decoded together: :data:`DECODE_ROWS`, or fewer where their KV cache of ``slots`` positions
+    would pass :data:`DECODE_KV_BYTES`; at least ``batch_size``."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    width = next(p for p in model.parameters() if p.is_floating_point()).element_size()
+    per_row = 2 * cfg.num_hidden_layers * kv_heads * head_dim * slots * width  # keys and values
+    return max(batch_size, min(DECODE_ROWS, DECODE_KV_BYTES // per_row))
 
 
 class FixedLayer(DynamicLayer):
@@ -303,7 +318,7 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | N
     produced; seconds of the work, the shared prefix's forward included).
 
     At most ``max_new_tokens`` per prompt. Prompts sorted by length are prefilled ``batch_size`` at a
-    time (little padding) and decoded :data:`DECODE_ROWS` (``decode_rows``) at a time (larger products);
+    time (little padding) and decoded :func:`rows_per_decode` (``decode_rows``) at a time (larger products);
     the outputs come back in the given order. ``share_prefix=False`` prefills every prompt whole.
     """
     dev = _device(model)
@@ -311,7 +326,7 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | N
     if n_prefix and not _prefix_fits(model, n_prefix):
         n_prefix = 0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    rows = max(decode_rows or DECODE_ROWS, batch_size)
+    rows = decode_rows or rows_per_decode(model, max(map(len, prompts), default=0) + max_new_tokens, batch_size)
     out: list[list[int]] = [[] for _ in prompts]
     t0 = time.perf_counter()
     with decode_attention(model), tqdm(total=len(order), desc="generate", disable=not progress) as bar:

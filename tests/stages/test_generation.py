@@ -131,3 +131,13 @@ def test_smollm2_test_prompts_give_transformers_tokens_in_fp32():
     finally:
         torch.set_num_threads(threads)
     assert ours[:2] == theirs[:2] and len(set(ours[0])) > 16  # the same outputs, and not all alike
+
+
+def test_rows_decoded_together_are_bounded_by_the_kv_cache(lively, monkeypatch):
+    """128 rows for a small model; fewer where their cache would pass the budget, never under batch_size."""
+    model, _ = lively
+    assert G.rows_per_decode(model, 300, 32) == G.DECODE_ROWS
+    cfg = model.config
+    per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 300 * 4
+    monkeypatch.setattr(G, "DECODE_KV_BYTES", 40 * per_row)
+    assert G.rows_per_decode(model, 300, 32) == 40 and G.rows_per_decode(model, 300, 64) == 64

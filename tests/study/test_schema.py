@@ -233,10 +233,12 @@ def test_evaluate_entry_overrides_defaults_and_neutral_keys_keep_stage_ids(tmp_p
     from ptqlib.study.graph import build_graph
 
     f = tmp_path / "s.yaml"
-    f.write_text("model: tiny\ndefaults:\n  evaluate: {ppl_samples: 4, task_samples: 2, precision: fp32, ppl_windows: first}\n"
+    f.write_text("model: tiny\ndefaults:\n  evaluate: {ppl_samples: 4, task_samples: 2, precision: fp32, ppl_windows: first,"
+                 " generation: generate}\n"
                  "pipelines:\n"
                  "  t: []\n  g: [{evaluate: {runtime: llama.cpp, speed_prompts: 2}}]\n"
-                 "  t2: [{evaluate: {runtime: torch, speed_prompts: 0}}]\n")
+                 "  t2: [{evaluate: {runtime: torch, speed_prompts: 0}}]\n"
+                 "  loop: [{evaluate: {generation: prefix}}]\n")
     study = load_study(f)
     ev = {p.name: p.stages[-1].params for p in study.pipelines}
     assert ev["g"]["runtime"] == "llama.cpp" and ev["g"]["ppl_samples"] == 4 and ev["g"]["speed_prompts"] == 2
@@ -244,6 +246,7 @@ def test_evaluate_entry_overrides_defaults_and_neutral_keys_keep_stage_ids(tmp_p
     _, chains = build_graph(study)
     # the new keys at their neutral values leave the id of an existing evaluate stage unchanged
     assert chains["t"] == chains["t2"] != chains["g"]
+    assert chains["loop"] != chains["t"]  # ptqlib's greedy loop: other bf16 outputs, so another id
     from ptqlib.study.params import ID_NEUTRAL
 
     before = {k: v for k, v in ev["t"].items() if k not in ID_NEUTRAL["evaluate"]}  # params as cached before
