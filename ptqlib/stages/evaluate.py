@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ptqlib.data import Example, format_prompt
 from ptqlib.metrics import example_scores, ppl_statistic, statistic, task_scores
 from ptqlib.precision import attention_kernels
-from ptqlib.stages.generation import decode_speed, hf_generate
+from ptqlib.stages.hf_generation import decode_speed, hf_generate
 from ptqlib.text import held_out_windows
 
 if TYPE_CHECKING:
