@@ -92,3 +92,26 @@ def test_the_key_holds_the_dtype_and_the_cache_sits_beside_the_runs(tiny, tmp_pa
     stage.mkdir(parents=True)
     assert cache_dir(stage) == tmp_path / "runs" / ".reference" / "finetune-abc123"
     assert cache_dir("smollm2-135m").name == "smollm2-135m"
+
+
+def test_the_evaluate_stage_caches_its_reference_beside_the_runs(tiny, tmp_path):
+    """run_stage with a reference stage's run directory: the hidden states land in ``runs/.reference/<id>``,
+    and a second stage against it gives the first one's KL, top-1 and NLL (and those of the uncached path)."""
+    from ptqlib.stages.evaluate import evaluate_model, run_stage
+    from ptqlib.study.params import EvaluateParams
+
+    model, tok = tiny
+    ref_dir = tmp_path / "runs" / "finetune-0123456789ab"
+    model.save_pretrained(ref_dir)
+    tok.save_pretrained(ref_dir)
+    quant = _quantized_copy(model)
+    p = EvaluateParams(ppl_samples=3, ppl_seq_len=32, ppl_sources=["pydoc"], task_samples=0,
+                       precision="fp32").__dict__
+    first = run_stage(quant, tok, "tiny", [], p, output_dir=None, reference=str(ref_dir))[0]
+    cached = sorted((tmp_path / "runs" / ".reference" / ref_dir.name).glob("*.pt"))
+    assert cached and not list(ref_dir.glob("*.pt"))  # beside the runs, not inside the reference's own directory
+    second = run_stage(quant, tok, "tiny", [], p, output_dir=None, reference=str(ref_dir))[0]
+    plain = evaluate_model(quant, tok, [], 3, 32, reference=model, ppl_windows=p["ppl_windows"])[0]
+    for k in ("kl", "top1_agree", "ppl", "delta_p", "kl_max"):
+        assert first[k] == second[k] == plain[k], k
+    assert first["kl"] > 0
