@@ -92,5 +92,5 @@ def test_compare_commits_ends_with_the_four_ratios():
 
 def test_compare_commits_refuses_what_is_not_a_commit(capsys):
     with pytest.raises(SystemExit) as e:
-        _compare().main(["HEAD", "no-such-commit-xyz"])
+        _compare().main(["no-such-commit-xyz", "HEAD"])  # refused before HEAD is looked at
     assert e.value.code == 2 and "'no-such-commit-xyz' is not a commit" in capsys.readouterr().err
