@@ -12,7 +12,7 @@ from ptqlib.methods import finetune_methods, quantize_methods
 if TYPE_CHECKING:
     from ptqlib.study.pipeline import Stage
 
-def _check_against_config(path, where, stages: list[Stage], model: str, cache: dict, model_config) -> None:
+def _check_against_config(path, where, stages: list[Stage], model: str, cache: dict, model_config, kinds: dict) -> None:
     """Token windows the model cannot position (GPTQ once ran 5 minutes before failing on one) and
     adapter targets that name no layer of a Llama-style model, from its config (when it is known)."""
     if ("cfg", model) not in cache:
@@ -28,21 +28,21 @@ def _check_against_config(path, where, stages: list[Stage], model: str, cache: d
     ins, outs = (linear_input_sizes(cfg), linear_output_sizes(cfg)) if llama_like else ({}, {})
     layers = tuple(ins)  # the decoder linears of a Llama-style block
     for i, st in enumerate(stages):
-        swhere = f"{where}[{i}].{st.kind}" if st.kind != "evaluate" else "defaults.evaluate"
+        swhere = f"defaults.{st.kind}" if kinds[st.kind].implicit else f"{where}[{i}].{st.kind}"
         for key in ("calib_seq_len", "ppl_seq_len", "max_length"):
             if limit and key in st.params and st.params[key] > limit:
                 raise ConfigError(f"{path}: {swhere}.{key}: {st.params[key]} is more tokens than model {model!r} "
                                   f"has positions ({limit}); valid: 1 to {limit}")
-        if st.kind == "evaluate" and st.params.get("ppl_samples"):
+        if st.params.get("ppl_samples"):  # a stage that scores held-out windows
             _check_held_out(path, swhere, st.params, model)
         if st.params.get("runtime") == "llama.cpp" and cfg.get("model_type") not in GGUF_ARCHITECTURES:
             raise ConfigError(f"{path}: {swhere}.runtime: 'llama.cpp' runs a GGUF export, which ptqlib writes for "
                               f"Llama-style models only; model {model!r} is {cfg.get('model_type')!r}: use runtime: torch")
-        unknown = [t for t in st.params.get("target_modules", []) if t not in layers] if st.kind == "finetune" else []
+        unknown = [t for t in st.params.get("target_modules", []) if t not in layers]  # a stage with adapters
         if llama_like and unknown:
             raise ConfigError(f"{path}: {swhere}.target_modules: {', '.join(map(repr, unknown))} names no layer of "
                               f"model {model!r}; valid: {', '.join(layers)}")
-        if llama_like and st.kind == "finetune" and "rank" in finetune_methods()[st.params["method"]].settings:
+        if llama_like and "target_modules" in st.params and "rank" in finetune_methods()[st.params["method"]].settings:
             # a rank beyond a layer's smaller side adds parameters and no expressiveness (LoftQ's SVD has
             # only that many singular values): a typo (160 for 16) more likely than a wish
             sides = {t: min(ins[t], outs[t]) for t in st.params["target_modules"]}
@@ -83,19 +83,17 @@ class _Input:
 
 
 def check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, linear_input_sizes, model_config,
-                    check_models: bool) -> None:
+                    check_models: bool, kinds: dict) -> None:
     """Checks that need the whole chain: what each method needs as input (``FinetuneMethod.needs``,
-    tracked through what the stages before it give) and layer sizes."""
+    tracked through what the stages before it give, by each kind's ``StageKind.chain_step``; ``kinds``:
+    the registry, ``study.kinds.KINDS``, passed in since it registers this module's steps) and layer sizes."""
     if check_models:
-        _check_against_config(path, where, stages, model, sizes_cache, model_config)
+        _check_against_config(path, where, stages, model, sizes_cache, model_config, kinds)
     state = _Input()
     for i, st in enumerate(stages):
         swhere = f"{where}[{i}].{st.kind}"
-        groups: list[int] = []
-        if st.kind == "quantize":
-            groups = _quantize_step(path, swhere, st.params, state)
-        elif st.kind == "finetune":
-            groups = _finetune_step(path, swhere, st.params, state)
+        step = kinds[st.kind].chain_step  # what the kind needs of its input and gives the next stage
+        groups: list[int] = step(path, swhere, st.params, state) if step else []
         if check_models and groups:
             if model not in sizes_cache:
                 cfg = model_config(model)
@@ -103,7 +101,7 @@ def check_pipeline(path, where, stages: list[Stage], model: str, sizes_cache, li
             _check_groups(path, swhere, groups, model, sizes_cache[model])
 
 
-def _quantize_step(path, where: str, p: dict, state: _Input) -> list[int]:
+def quantize_step(path, where: str, p: dict, state: _Input) -> list[int]:
     """A quantize stage needs a float input without an unmerged adapter; -> the group sizes to check."""
     if state.adapter:
         mergeable = ", ".join(n for n, e in finetune_methods().items() if e.can_merge)
@@ -117,7 +115,7 @@ def _quantize_step(path, where: str, p: dict, state: _Input) -> list[int]:
     return [p["group_size"]] if state.grid == "uniform" else []
 
 
-def _finetune_step(path, where: str, p: dict, state: _Input) -> list[int]:
+def finetune_step(path, where: str, p: dict, state: _Input) -> list[int]:
     """A finetune stage's method gets the input it needs (``FinetuneMethod.needs``); its ``group_size`` is
     resolved where it pools over the base's groups; -> the group sizes to check."""
     ft = finetune_methods()

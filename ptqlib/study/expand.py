@@ -204,7 +204,7 @@ def expand_pipeline(path, pname: str, stages, header: Header, defaults: dict, si
             for seed, draw in ((s, k) for s in (run_seeds if draws else seeds[:1]) for k in range(n_draws)):
                 built, label = _build_stages(path, where, parsed, explicit, point, int(seed), draw)
                 check_pipeline(path, where, built, str(model), sizes_cache, linear_input_sizes,
-                               functools.partial(model_config, allow_network=allow_network), check_models)
+                               functools.partial(model_config, allow_network=allow_network), check_models, KINDS)
                 if len(header.models) > 1:
                     label["model"] = model
                 if draws and len(run_seeds) > 1:

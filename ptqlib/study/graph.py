@@ -1,6 +1,6 @@
 """The stage graph of a study: one node per distinct stage, addressed by its content.
 
-A stage's id is the hash of its kind, its parameters (``params.id_params``) and its input's id (or
+A stage's id is the hash of its kind, its parameters (``kinds.id_params``) and its input's id (or
 the model name at the root), so a stage shared by several pipelines (the fine-tuned model that three
 pipelines quantize) exists once and runs once. Torch-free: ``--dry-run`` prints the graph.
 """
@@ -10,8 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ptqlib.study.kinds import KINDS, quantizes
-from ptqlib.study.params import id_params
+from ptqlib.study.kinds import KINDS, id_params, quantizes
 from ptqlib.study.pipeline import Study
 
 

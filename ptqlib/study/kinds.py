@@ -10,8 +10,9 @@ from typing import Callable
 
 from ptqlib.methods import FinetuneMethod, QuantizeMethod, finetune_method, quantize_methods
 from ptqlib.seeding import derive_seed
-from ptqlib.study.neutral import ID_NEUTRAL
-from ptqlib.study.params import EvaluateParams, FinetuneSettings, QuantizeSettings, params_class
+from ptqlib.study.checks import finetune_step, quantize_step
+from ptqlib.study.neutral import HISTORIC, ID_NEUTRAL
+from ptqlib.study.params import EvaluateParams, FinetuneSettings, QuantizeSettings, foreign_settings, params_class
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class StageKind:
     resolve: Callable[[dict, int, int, dict], dict] | None = None  # (built, seed, draw, given) -> values for its id
     implicit: bool = False  # the last stage of every pipeline, written only to override defaults.<kind>
     takes_reference: bool = False  # it receives the pipeline's 16-bit reference (the input of its first grid maker)
+    inert: Callable[[dict], set[str]] = lambda p: set()  # params that cannot act at these values: not in its id
+    chain_step: Callable | None = None  # (path, where, params, input) -> group sizes: what it needs of its input
+    #                                    and gives the next stage (study.checks.check_pipeline)
 
     @property
     def params(self) -> type:
@@ -65,6 +69,23 @@ def _quantize_seeded(p: dict) -> bool:
     return p.get("calib_seed", -1) == -1 and bool(entry and entry.calibration)
 
 
+def _quantize_inert(p: dict) -> set[str]:
+    """The method's settings that cannot act at these params (``QuantizeMethod.inert``), and ``precision``
+    where no calibration forward runs at it (a method that does not calibrate, or has a fixed precision)."""
+    entry = quantize_methods().get(p.get("method"))
+    if entry is None:
+        return set()
+    out = set(entry.inert(p)) if entry.inert else set()
+    if not entry.calibration or entry.fixed_precision:
+        out.add("precision")
+    return out
+
+
+def _evaluate_inert(p: dict) -> set[str]:
+    """llama.cpp computes in its own types: the stage's ``precision`` does not act there."""
+    return {"precision"} if p.get("runtime") == "llama.cpp" else set()
+
+
 def _finetune_label(p: dict, seed: int) -> str:
     extra = label_extra(finetune_method(p["method"]), p)
     return f"finetune({p['method']}{extra}, {p['steps']} steps, seed {seed}{', merge' if p['merge'] else ''})"
@@ -73,15 +94,33 @@ def _finetune_label(p: dict, seed: int) -> str:
 KINDS: dict[str, StageKind] = {k.name: k for k in (
     StageKind("quantize", QuantizeSettings, "01_quantize.ipynb", reads_task=False, draws=False,
               label=lambda p, seed: f"quantize({p['method']}{label_extra(quantize_methods()[p['method']], p)})",
-              makes_grid=lambda p: True, seeded=_quantize_seeded, resolve=_quantize_resolve),
+              makes_grid=lambda p: True, seeded=_quantize_seeded, resolve=_quantize_resolve, inert=_quantize_inert,
+              chain_step=quantize_step),
     StageKind("finetune", FinetuneSettings, "02_finetune.ipynb", reads_task=True, draws=True, selectable=True,
               label=_finetune_label,
-              makes_grid=lambda p: finetune_method(p["method"]).gives in ("quantized", "merged")),
+              makes_grid=lambda p: finetune_method(p["method"]).gives in ("quantized", "merged"),
+              chain_step=finetune_step),
     StageKind("evaluate", EvaluateParams, "03_evaluate.ipynb", reads_task=True, draws=False,
               label=lambda p, seed: "evaluate(validation)" if p.get("split") == "validation" else "evaluate",
-              implicit=True, takes_reference=True),
+              implicit=True, takes_reference=True, inert=_evaluate_inert),
 )}
 IMPLICIT = next(k for k, sk in KINDS.items() if sk.implicit)  # the stage every pipeline ends with (evaluate)
+
+
+def id_params(kind: str, params: dict) -> dict:
+    """The params that enter a stage's id: all, less ``ID_NEUTRAL`` values, other methods' options
+    (except the ``HISTORIC`` ones every id carried before methods declared their own), and the settings
+    that cannot act at these params (the kind's ``StageKind.inert``: a method's own, such as RTN's and
+    GPTQ's ``sym_grid`` of an asymmetric run, or a precision nothing computes in), so adding those rules
+    re-ran only the stages whose codes they change."""
+    neutral = ID_NEUTRAL.get(kind, {})
+    out = {k: v for k, v in params.items() if not (k in neutral and neutral[k] == v)}
+    for k in foreign_settings(kind, params.get("method")) - set(HISTORIC.get(kind, ())):
+        out.pop(k, None)  # another method's setting, at its default here: not what this stage computes from
+    entry = KINDS.get(kind)
+    for k in entry.inert(params) if entry is not None else ():
+        out.pop(k, None)  # a setting that cannot act at these params
+    return out
 
 
 def quantizes(kind: str, params: dict) -> bool:

@@ -4,7 +4,7 @@ Quantize and finetune stages have methods: their parameters are the settings eve
 (``QuantizeSettings``, ``FinetuneSettings``) plus each registered method's own (``ptqlib.methods.Options``
 in the method's module), composed by :func:`params_class` into ``QuantizeParams`` / ``FinetuneParams``.
 Field comments are the documentation (the notebooks' parameters cells are generated from them);
-``id_params`` says which values enter a stage's id. Errors are ``ConfigError`` naming the key, the bad
+``kinds.id_params`` says which values enter a stage's id. Errors are ``ConfigError`` naming the key, the bad
 value and what is valid. A study file's schema, grids and selections are ``ptqlib.study.schema``.
 """
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 from ptqlib.errors import ConfigError, check_choice, check_positive
 from ptqlib.methods import finetune_methods, quantize_methods
 from ptqlib.precision import PRECISIONS
-from ptqlib.study.neutral import HISTORIC, ID_NEUTRAL
 from ptqlib.text import WINDOW_LAYOUTS
 
 
@@ -304,29 +303,6 @@ def foreign_settings(kind: str, method) -> set[str]:
     if kind not in SETTINGS or not isinstance(method, str):
         return set()
     return {k for k, owners in option_owners(SETTINGS[kind]).items() if method not in owners}
-
-
-def id_params(kind: str, params: dict) -> dict:
-    """The params that enter a stage's id: all, less ``ID_NEUTRAL`` values, other methods' options
-    (except the ``HISTORIC`` ones every id carried before methods declared their own), and the method's
-    settings that cannot act at these params (``QuantizeMethod.inert``: RTN's and GPTQ's ``sym_grid`` of an
-    asymmetric run, GPTQ's ``group_grid`` without dynamic groups), so adding those rules re-ran only the
-    stages whose codes they change."""
-    neutral = ID_NEUTRAL.get(kind, {})
-    out = {k: v for k, v in params.items() if not (k in neutral and neutral[k] == v)}
-    for k in foreign_settings(kind, params.get("method")) - set(HISTORIC.get(kind, ())):
-        out.pop(k, None)  # another method's setting, at its default here: not what this stage computes from
-    if kind == "quantize":
-        entry = quantize_methods().get(params.get("method"))
-        for k in entry.inert(params) if entry is not None and entry.inert else ():
-            out.pop(k, None)  # a setting of the method that cannot act at these params (its ``inert`` hook)
-        if entry is not None and (not entry.calibration or entry.fixed_precision):
-            out.pop("precision", None)  # only calibration forwards run at the stage's precision, if the method lets them
-    if kind == "evaluate" and params.get("runtime") == "llama.cpp":
-        out.pop("precision", None)  # llama.cpp computes in its own types
-    return out
-
-
 
 
 LIST_KEYS = {"target_modules", "lm_eval_tasks", "ppl_sources"}  # list-valued by nature: never a grid axis

@@ -69,7 +69,7 @@ def test_a_symmetric_grid_reads_the_librarys_single_zero_point():
 
 
 def test_they_tune_in_fp32_so_precision_is_not_in_their_ids():
-    from ptqlib.study.params import id_params
+    from ptqlib.study.kinds import id_params
 
     for method in ("awq", "autoround"):
         p = QuantizeParams(method=method, precision="fp32").__dict__

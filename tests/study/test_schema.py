@@ -184,7 +184,7 @@ def test_qa_group_size_comes_from_the_base(tmp_path):
 def test_qa_pool_norm_keeps_cached_ids_and_is_refused_where_it_does_nothing(tmp_path):
     """pool_norm: the mean (the code before the key) keeps the ids stages were cached under; the
     sum is a new stage with its own label; a method without a pooled adapter refuses the key."""
-    from ptqlib.study.params import ID_NEUTRAL
+    from ptqlib.study.neutral import ID_NEUTRAL
 
     text = ("model: tiny\ndefaults:\n  finetune: {precision: fp32}\npipelines:\n"  # fp32: as cached before
             "  mean: [{quantize: {method: rtn, group_size: 32}}, {finetune: qalora}]\n"
@@ -247,7 +247,7 @@ def test_evaluate_entry_overrides_defaults_and_neutral_keys_keep_stage_ids(tmp_p
     # the new keys at their neutral values leave the id of an existing evaluate stage unchanged
     assert chains["t"] == chains["t2"] != chains["g"]
     assert chains["loop"] != chains["t"]  # ptqlib's greedy loop: other bf16 outputs, so another id
-    from ptqlib.study.params import ID_NEUTRAL
+    from ptqlib.study.neutral import ID_NEUTRAL
 
     before = {k: v for k, v in ev["t"].items() if k not in ID_NEUTRAL["evaluate"]}  # params as cached before
     assert stage_id("evaluate", before, None, "tiny", "meetings", 0) == chains["t"][-1]
@@ -340,7 +340,7 @@ def test_bad_select_is_named(tmp_path, text, expect):
 
 
 def test_select_builds_one_validation_pipeline_per_candidate_at_the_first_seed(tmp_path):
-    from ptqlib.study.params import ID_NEUTRAL
+    from ptqlib.study.neutral import ID_NEUTRAL
 
     study = load_study(write(tmp_path, """
         model: tiny
