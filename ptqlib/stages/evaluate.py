@@ -16,15 +16,12 @@ from tqdm.auto import tqdm
 from ptqlib.data import Example, format_prompt
 from ptqlib.metrics import example_scores, ppl_statistic, statistic, task_scores
 from ptqlib.precision import attention_kernels
+from ptqlib.stages.generation import model_device
 from ptqlib.stages.hf_generation import decode_speed, hf_generate
 from ptqlib.text import held_out_windows
 
 if TYPE_CHECKING:
     from ptqlib.study.params import EvaluateParams
-
-
-def _device(model) -> torch.device:
-    return next(p for p in model.parameters()).device
 
 
 LOGIT_ROWS = 16
@@ -79,12 +76,12 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
     (b, L, vocab) in the model's dtype, and a larger batch only costs memory (a forward is
     compute-bound on CPU). They are scored :data:`LOGIT_ROWS` positions at a time in float32.
     """
-    with attention_kernels(_device(model).type):
+    with attention_kernels(model_device(model).type):
         return _window_nll(model, windows, batch_size, progress, reference)
 
 
 def _window_nll(model, windows: torch.Tensor, batch_size: int, progress: bool, reference) -> dict[str, list[float]]:
-    dev = _device(model)
+    dev = model_device(model)
     out: dict[str, list[float]] = {"nll": [], "tokens": [float(windows.shape[1] - 1)] * len(windows)}
     if reference is not None:
         out.update(kl=[], top1=[], dp=[], kl_tokens=[])  # kl_tokens: every position's KL (its quantiles)
@@ -120,7 +117,7 @@ def _reference_logits(reference, x: torch.Tensor) -> torch.Tensor:
 
     if isinstance(reference, CachedReference):
         return reference.logits(x)
-    return reference(input_ids=x.to(_device(reference))).logits
+    return reference(input_ids=x.to(model_device(reference))).logits
 
 
 def kl_quantiles(kl_tokens: list[float], suffix: str = "") -> dict[str, float]:
@@ -152,7 +149,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
 
     if generation not in GENERATIONS:
         raise ValueError(f"generation: {generation!r} is not valid; valid: {', '.join(GENERATIONS)}")
-    with attention_kernels(_device(model).type):
+    with attention_kernels(model_device(model).type):
         if generation == "generate":
             return hf_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
         return _greedy(model, tokenizer, prompts, max_new_tokens, batch_size, progress)

@@ -41,7 +41,8 @@ ATTENTION = "ptqlib_matmul"
 """The attention implementation :func:`greedy` runs the model with on a CPU (:func:`matmul_attention`)."""
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of ``model``'s first parameter (where its inputs go)."""
     return next(p for p in model.parameters()).device
 
 
@@ -318,7 +319,7 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | N
     time (little padding) and decoded :func:`rows_per_decode` (``decode_rows``) at a time (larger products);
     the outputs come back in the given order. ``share_prefix=False`` prefills every prompt whole.
     """
-    dev = _device(model)
+    dev = model_device(model)
     n_prefix = shared_prefix(prompts) if share_prefix and len(prompts) > 1 else 0
     if n_prefix and not _prefix_fits(model, n_prefix):
         n_prefix = 0

@@ -13,11 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ptqlib.data import format_prompt
+from ptqlib.stages.generation import model_device
 from ptqlib.stages.kv_cache import GrowingCache
-
-
-def _device(model) -> torch.device:
-    return next(p for p in model.parameters()).device
 
 
 @torch.no_grad()
@@ -25,7 +22,7 @@ def hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch
                  progress: bool) -> tuple[list[str], int, float]:
     """transformers' ``generate`` on left-padded batches; the KV cache appends in place
     (:class:`~ptqlib.stages.kv_cache.GrowingCache`): the same tokens as its default cache without a copy per step."""
-    dev = _device(model)
+    dev = model_device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
@@ -67,7 +64,7 @@ def decode_speed(model, tokenizer, prompts: list[str], new_tokens: int = 64) -> 
     ``decode_tokens_per_s`` (the tokens after the first / their time), the latency figures a
     single user of a deployed model sees; comparable with ``deploy.llamacpp.run``.
     """
-    dev = _device(model)
+    dev = model_device(model)
     ttft, dec_s, dec_n = [], 0.0, 0
     encs = [tokenizer(format_prompt(tokenizer, p), return_tensors="pt", add_special_tokens=False).to(dev)
             for p in prompts]

@@ -7,10 +7,10 @@ pass (8 of 17 s per source, bf16, SmolLM2, 32 x 256 tokens, 2-core AMD Zen 4). T
 reference's whole next-token distribution, and its logits (b x 256 x 49152 per batch) are too large to
 keep; its final hidden states (b x 256 x 576) are not. :class:`CachedReference` keeps them on disk, one
 file per batch of windows, and gives the logits as the output layer of those states: the matmul the
-reference's forward ends with, on the same input, so the same bits. It checks that on the first batch it
-computes in a process (the decoder's output through the output layer against the whole forward, bit for
-bit) and, where a model's forward does more than that (a soft-capping, a scale), runs the whole forward
-every time instead, with one warning.
+reference's forward ends with, on the same input, so the same bits. That is checked once per reference
+and machine (the output layer on the hidden states against the whole forward, bit for bit; a marker file
+records it), and where a model's forward does more than that (a soft-capping, a scale) the whole forward
+runs every time instead, with one warning.
 
 A cache file is keyed by the batch's token ids, the reference's dtype and device, the torch version and the
 CPU (bf16 matmuls round differently on AMX and AVX512-BF16), so a hit is the reference's own output here.
@@ -21,24 +21,14 @@ import hashlib
 import io
 import logging
 import os
-import platform
 from pathlib import Path
 
 import torch
 
+from ptqlib.engine.record import cpu_model
 from ptqlib.files import write_atomic
 
 log = logging.getLogger(__name__)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class CachedReference:
@@ -52,28 +42,25 @@ class CachedReference:
         self.model, self.dir = model, Path(cache_dir)
         self.exact: bool | None = None  # None: not yet checked in this process
         self.hits = self.misses = 0
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _context(self) -> str:
-        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        return f"{type(self.model).__name__}|{dtype}|{self.device.type}|{torch.__version__}|{_cpu()}"
+        self.device = next(model.parameters()).device
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        # what a cached file's bits depend on besides its tokens (read once, not per batch)
+        self.context = f"{type(model).__name__}|{dtype}|{self.device.type}|{torch.__version__}|{cpu_model()}"
 
     def _key(self, x: torch.Tensor) -> str:
         h = hashlib.sha256(x.cpu().numpy().tobytes())
-        h.update(f"{tuple(x.shape)}|{self._context()}".encode())
+        h.update(f"{tuple(x.shape)}|{self.context}".encode())
         return h.hexdigest()[:32]
 
     def _marker(self) -> Path:
         """Written once a forward here was checked to be its output layer on its hidden states."""
-        return self.dir / f"exact-{hashlib.sha256(self._context().encode()).hexdigest()[:16]}"
+        return self.dir / f"exact-{hashlib.sha256(self.context.encode()).hexdigest()[:16]}"
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's whole forward -> (logits (b, L, vocab), the output layer's input (b, L, hidden))."""
         seen: dict[str, torch.Tensor] = {}
         head = self.model.get_output_embeddings()
+
         def keep(mod, args, out) -> None:  # returns None: a hook's return value would replace the logits
             seen["h"] = args[0]
 
@@ -116,7 +103,7 @@ class CachedReference:
         if self.exact:
             try:
                 os.makedirs(self.dir, exist_ok=True)
-                write_atomic(self._marker(), self._context())
+                write_atomic(self._marker(), self.context)
             except OSError as e:
                 log.warning("reference cache %s not written: %s", self.dir, e)
         if not self.exact:
