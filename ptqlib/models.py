@@ -163,6 +163,11 @@ def check_model_name(name: str) -> None:
         raise ConfigError(f"model path {name!r} has no config.json (not a transformers model directory)")
     if _HUB_ID.match(name):
         return
+    if name.startswith((".", "/", "~")):  # a path, not a name: most often an earlier stage's output not written yet
+        raise ConfigError(
+            f"model path {name!r} does not exist (from {Path.cwd()}): a stage's run directory appears once that stage "
+            "has run; in JupyterLab run the notebook that writes it first (01_quantize.ipynb writes "
+            "../runs/_interactive/01_quantize, which 02 reads) or give a model name such as 'tiny'")
     raise ConfigError(
         f"unknown model {name!r}: valid are {', '.join(sorted(EMBEDDED))}, a local model directory, "
         "or a hub id such as 'Qwen/Qwen2-7B'"
@@ -284,9 +289,9 @@ def load_model(name_or_path, dtype=None, device=None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg_file = Path(path) / "config.json" if isinstance(path, Path) else None
     qcfg = json.loads(cfg_file.read_text()).get("quantization_config") if cfg_file and cfg_file.exists() else None
-    if qcfg and qcfg.get("quant_method") in ("gptq", "ptqlib"):
-        from ptqlib.quant.checkpoint import load_quantized
+    from ptqlib.quant.checkpoint import is_quantized_checkpoint, load_quantized
 
+    if is_quantized_checkpoint(qcfg):
         model = load_quantized(path).to(device)
     else:
         try:

@@ -15,6 +15,8 @@ arrows of the design too), with no exception: a method annotates the settings it
 ``ptqlib.methods.StageSettings``, a protocol of its own layer, not with the study layer's dataclasses.
 """
 import ast
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +188,54 @@ def test_the_tests_mirror_the_package():
     packages = {d.name for d in PKG.iterdir() if (d / "__init__.py").exists()}
     assert folders - {"integration", "data"} <= packages, folders - packages
     assert {"study", "engine", "stages", "report", "quant", "adapters", "methods", "deploy"} <= folders
+
+
+# The packages that may name a method: the registry's own modules, and the numerics they call, each module
+# named for its algorithm (quant/gptq.py, adapters/balanced.py; quant/checkpoint.py writes the "gptq" format).
+NAMES_METHODS = ("methods", "quant", "adapters")
+
+
+def _method_names_in(source: str, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) for each string constant of ``source`` that is or contains a method name as a word,
+    docstrings aside ("full" only as a whole string: it is an English word too)."""
+    tree = ast.parse(source)
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    hits = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
+            hits += [(n.lineno, m) for m in sorted(names) if n.value == m or (
+                m != "full" and re.search(rf"(?<![\w/.-]){re.escape(m)}(?![\w/-])", n.value))]
+    return hits
+
+
+def _registered_names() -> set[str]:
+    from ptqlib.methods import finetune_methods, quantize_methods
+
+    return set(quantize_methods()) | set(finetune_methods())
+
+
+def test_no_code_outside_the_methods_names_a_method():
+    """A method's knowledge lives in its module (issue 45): no other code branches on, defaults to or spells
+    a method's name; the notebooks' code cells neither (their parameters cells are generated from the
+    dataclasses, whose defaults come from ``ptqlib.methods``)."""
+    names = _registered_names()
+    found = [f"{path.relative_to(PKG.parent)}:{line}: {name}" for path in sorted(PKG.rglob("*.py"))
+             if path.relative_to(PKG).parts[0] not in NAMES_METHODS
+             for line, name in _method_names_in(path.read_text(), names)]
+    for nb in sorted((PKG.parent / "notebooks").glob("*.ipynb")):
+        for i, cell in enumerate(json.loads(nb.read_text())["cells"]):
+            if cell["cell_type"] == "code" and "parameters" not in cell.get("metadata", {}).get("tags", []):
+                src = "".join(cell["source"])
+                found += [f"{nb.name} cell {i}: {name}" for name in sorted(names) if name != "full"
+                          and re.search(rf"(?<![\w/.-]){re.escape(name)}(?![\w/-])", src)]
+    assert not found, found
+
+
+def test_the_method_name_check_sees_a_branch_a_default_and_a_message():
+    names = _registered_names()
+    src = ('"""Docstrings may say gptq."""\n'
+           'def f(p):\n    """Or qlora."""\n    if p.method == "gptq":\n        return "a full run"\n'
+           '    x = {"method": "nf4"}\n    raise ValueError(f"try {x} or eora instead")\n')
+    assert _method_names_in(src, names) == [(4, "gptq"), (6, "nf4"), (7, "eora")]

@@ -6,6 +6,7 @@ import nbformat
 import papermill as pm
 import pytest
 
+from ptqlib.study.kinds import KINDS
 from ptqlib.study.params import EvaluateParams, FinetuneParams, QuantizeParams
 
 NB = Path(__file__).resolve().parent.parent / "notebooks"
@@ -18,12 +19,14 @@ def test_parameters_cell_matches_stage_schema(name, cls):
     params = pm.inspect_notebook(str(NB / f"{name}.ipynb"))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     context = {"reference_model"} if cls is EvaluateParams else set()  # set by the runner from the stage graph
+    explore = next(k.explore for k in KINDS.values() if k.notebook == f"{name}.ipynb")
     assert set(params) == set(fields) | COMMON | context
     for k, info in params.items():
         assert info["inferred_type_name"] != "None", f"{name}.{k} has no type annotation"
         assert info["help"], f"{name}.{k} has no comment"
-        if k in fields and fields[k].default is not dataclasses.MISSING:
-            assert eval(info["default"]) == fields[k].default, f"{name}.{k}: notebook default differs"
+        if k in fields and fields[k].default is not dataclasses.MISSING:  # or the notebook's own (study.cells)
+            want = explore.get(k, fields[k].default)
+            assert eval(info["default"]) == want, f"{name}.{k}: notebook default differs"
 
 
 def test_every_notebook_has_a_tagged_parameters_cell_and_no_outputs():

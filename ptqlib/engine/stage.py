@@ -164,9 +164,10 @@ def execute(runs: Path, node: "StageNode", kernel: str | None = None, progress: 
     out.mkdir(parents=True)
     params = {**node.params, "input_model": input_ref(runs, node), "output_dir": str(out.resolve()),
               "task": node.task, "seed": node.seed, "progress": progress}
-    if KINDS[node.kind].takes_reference and node.params.get("kl_reference") and node.reference is not None:
-        params["reference_model"] = (str((Path(runs) / node.reference).resolve()) if node.reference
-                                     else node.model)
+    if KINDS[node.kind].takes_reference:  # always set: the notebook's own default is for JupyterLab's chain
+        with_reference = node.params.get("kl_reference") and node.reference is not None
+        params["reference_model"] = ("" if not with_reference else str((Path(runs) / node.reference).resolve())
+                                     if node.reference else node.model)
     t0 = time.time()
     error = None
     try:

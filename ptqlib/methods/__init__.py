@@ -129,6 +129,15 @@ class ArtifactType:
     quantized: bool | Literal["base"]  # "base": as quantized as the artifact it sits on (info["base"])
 
 
+# The methods a stage gets when its settings name none (``study.params``' defaults): RTN, which needs no
+# calibration and no other library; LoRA, the adapter of a float model. A stage notebook opened on its own
+# continues the previous notebook's output (02 fine-tunes what 01 quantized): there the fine-tuning default
+# is QLoRA, the adapter of a quantized model (``study.kinds``' ``explore``). Named here so that no module
+# outside this package names a method.
+DEFAULT_QUANTIZE = "rtn"
+DEFAULT_FINETUNE = "lora"
+DEFAULT_FINETUNE_ON_QUANTIZED = "qlora"
+
 QUANTIZE: dict[str, QuantizeMethod] = {}
 FINETUNE: dict[str, FinetuneMethod] = {}
 ARTIFACTS: dict[str, ArtifactType] = {}

@@ -107,6 +107,12 @@ def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def is_quantized_checkpoint(qcfg: dict | None) -> bool:
+    """Whether a config.json ``quantization_config`` is one :func:`load_quantized` reads: the GPTQ checkpoint
+    layout (integer zeros) or ptqlib's float-zero one (module docstring)."""
+    return bool(qcfg) and qcfg.get("quant_method") in ("gptq", "ptqlib")
+
+
 def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` (with ``QuantLinear`` layers) to ``out_dir``; returns the directory."""
     out = Path(out_dir)

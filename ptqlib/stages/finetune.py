@@ -1,7 +1,7 @@
 """The finetune stage: transformers ``Trainer`` around the registered method's ``prepare`` and ``save``.
 
-:func:`prepare` turns the input model into the trainable one for a method (``ptqlib.methods``: full,
-lora / qlora, l4q, qat_lora, qblora / qalora / qablora, loftq); :func:`train` runs ``Trainer`` on SFT
+:func:`prepare` turns the input model into the trainable one for a method (a module of ``ptqlib.methods``;
+``python -m ptqlib methods`` lists them); :func:`train` runs ``Trainer`` on SFT
 features (loss on the answer only) and returns the loss history; :func:`save` writes the artifact
 the next stage loads (see ``ptqlib.artifacts``).
 """
@@ -34,7 +34,7 @@ def count_trainable(model) -> tuple[int, int]:
 
 def prepare(model, method: str, p: FinetuneParams, input_ref: str | None = None, seed: int = 0):
     """The trainable model for ``method`` (``p``: the FinetuneParams as a dict; ``input_ref``: where
-    ``model`` was loaded from, for methods that read more of their input, such as loftq).
+    ``model`` was loaded from, for methods that read more of their input than its weights).
 
     The adapter's initial weights are drawn from ``derive_seed(seed, "finetune", method, "init")``
     (``ptqlib.seeding``): a function of the pipeline seed and the stage, not of what the process did
@@ -66,7 +66,7 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
     p = as_params("finetune", p)
     precision = resolve(p.precision)  # bf16: autocast, fp32 master weights and AdamW state (Trainer's bf16)
     cuda = torch.cuda.is_available()
-    if p.steps == 0:  # the method's start alone (eora): nothing to train
+    if p.steps == 0:  # the method's start alone (a training-free correction): nothing to train
         model.eval()
         return {"loss_history": [], "metrics": _train_metrics(model, features, p, [], 0.0, precision, cuda)}
     set_seed(seed)

@@ -1,8 +1,8 @@
 """The quantize stage: the registered method's ``quantize`` and ``save``, timed, and what the
 notebook reports about the result (calibration windows, weight error).
 
-The methods are modules of ``ptqlib.methods`` (``uniform``: rtn, gptq; ``bnb``: nf4, fp4); this
-module holds what every method shares.
+The methods are modules of ``ptqlib.methods`` (``python -m ptqlib methods`` lists them); this module
+holds what every method shares.
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def _check_held_out(path, where: str, ev: dict, model: str) -> None:
 
 
 def _giving(grid: str) -> str:
-    """The quantize methods whose output is a ``grid`` model, for a message: "rtn, gptq or awq"."""
+    """The quantize methods whose output is a ``grid`` model, for a message: "a, b or c"."""
     names = [n for n, e in quantize_methods().items() if e.grid == grid]
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 

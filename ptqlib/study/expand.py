@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass
 
 from ptqlib.errors import ConfigError
+from ptqlib.methods import DEFAULT_QUANTIZE
 from ptqlib.study.checks import check_pipeline
 from ptqlib.study.choices import check_selects, split_selection, take_select
 from ptqlib.study.kinds import IMPLICIT, KINDS, quantizes
@@ -32,7 +33,8 @@ class Header:
 
 def _normalise_stage(path, where: str, entry) -> tuple[str, dict]:
     if not isinstance(entry, dict) or len(entry) != 1:
-        raise ConfigError(f"{path}: {where}: a stage is a one-key mapping such as {{quantize: nf4}}, got {entry!r}")
+        raise ConfigError(f"{path}: {where}: a stage is a one-key mapping such as "
+                          f"{{quantize: {DEFAULT_QUANTIZE}}}, got {entry!r}")
     (kind, params), = entry.items()
     if kind not in KINDS:
         inner = ", ".join(k for k, sk in KINDS.items() if not sk.implicit)

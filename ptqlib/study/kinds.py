@@ -5,10 +5,10 @@ and takes the 16-bit reference). Adding a kind (an export, a merge) is one ``Sta
 parameters dataclass and its notebook; the schema, the graph and the engine ask the entry, never the name."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-from ptqlib.methods import FinetuneMethod, QuantizeMethod, finetune_method, quantize_methods
+from ptqlib.methods import DEFAULT_FINETUNE_ON_QUANTIZED, FinetuneMethod, QuantizeMethod, finetune_method, quantize_methods
 from ptqlib.seeding import derive_seed
 from ptqlib.study.checks import finetune_step, quantize_step
 from ptqlib.study.neutral import HISTORIC, ID_NEUTRAL
@@ -32,6 +32,8 @@ class StageKind:
     inert: Callable[[dict], set[str]] = lambda p: set()  # params that cannot act at these values: not in its id
     chain_step: Callable | None = None  # (path, where, params, input) -> group sizes: what it needs of its input
     #                                    and gives the next stage (study.checks.check_pipeline)
+    explore: dict = field(default_factory=dict)  # its notebook's defaults where they differ from the settings':
+    #   opened on its own the notebook continues the previous notebook's output (study.cells)
 
     @property
     def params(self) -> type:
@@ -97,7 +99,7 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
               makes_grid=lambda p: True, seeded=_quantize_seeded, resolve=_quantize_resolve, inert=_quantize_inert,
               chain_step=quantize_step),
     StageKind("finetune", FinetuneSettings, "02_finetune.ipynb", reads_task=True, draws=True, selectable=True,
-              label=_finetune_label,
+              label=_finetune_label, explore={"method": DEFAULT_FINETUNE_ON_QUANTIZED},  # 02 reads 01's output
               makes_grid=lambda p: finetune_method(p["method"]).gives in ("quantized", "merged"),
               chain_step=finetune_step),
     StageKind("evaluate", EvaluateParams, "03_evaluate.ipynb", reads_task=True, draws=False,

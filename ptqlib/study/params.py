@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ptqlib.errors import ConfigError, check_choice, check_positive
-from ptqlib.methods import finetune_methods, quantize_methods
+from ptqlib.methods import DEFAULT_FINETUNE, DEFAULT_QUANTIZE, finetune_methods, quantize_methods
 from ptqlib.precision import PRECISIONS
 from ptqlib.text import WINDOW_LAYOUTS
 
@@ -29,10 +29,10 @@ class QuantizeSettings:
     method reads; each method's own (GPTQ's damping, bitsandbytes' block size) are its ``options``,
     merged in by :func:`params_class` into ``QuantizeParams``."""
 
-    method: str = "rtn"  # a registered quantization method: rtn, gptq, nf4, fp4 (python -m ptqlib methods)
-    bits: int = 4  # weight bits: rtn/gptq 2, 3, 4, 8; nf4/fp4 4
-    group_size: int = 64  # rtn/gptq: input columns per scale/zero (-1: the whole row); must divide every layer's input size
-    calib_samples: int = 32  # methods that calibrate (gptq): calibration windows of pydoc train text
+    method: str = DEFAULT_QUANTIZE  # a registered quantization method (python -m ptqlib methods lists them, with their bits and settings)
+    bits: int = 4  # weight bits, among those the method allows (python -m ptqlib methods)
+    group_size: int = 64  # methods with a grouped uniform grid: input columns per scale/zero (-1: the whole row); must divide every layer's input size
+    calib_samples: int = 32  # methods that calibrate: calibration windows of pydoc train text
     calib_seq_len: int = 256  # methods that calibrate: tokens per calibration window
     calib_seed: int = -1  # methods that calibrate: which calibration windows (-1: the pipeline's seed, so each seed is its own draw)
     precision: str = "auto"  # auto | fp32 | bf16: calibration forwards (ptqlib.precision; auto: bf16 where the hardware computes it)
@@ -68,7 +68,7 @@ class FinetuneSettings:
     method's own (L4Q's bits, Q-BLoRA's pool) are its ``options``, merged in by :func:`params_class`
     into ``FinetuneParams``."""
 
-    method: str = "lora"  # a registered fine-tuning method: full, lora, qlora, l4q, ... (python -m ptqlib methods lists them)
+    method: str = DEFAULT_FINETUNE  # a registered fine-tuning method (python -m ptqlib methods lists them, with the input each needs)
     steps: int = 40  # optimizer steps (0: the method's start alone, e.g. EoRA's training-free correction)
     lr: float = 2e-4  # peak learning rate (cosine schedule)
     warmup_ratio: float = 0.1  # share of steps for linear warm-up
@@ -77,7 +77,7 @@ class FinetuneSettings:
     grad_accum: int = 1  # gradient accumulation steps
     max_length: int = 256  # tokens per example (prompt cut from the left)
     train_samples: int = 256  # examples of the task's train split
-    rank: int = 8  # adapter rank r (qblora/qablora raise it at equal parameters)
+    rank: int = 8  # adapter rank r (the balanced adapters raise it at equal parameters)
     alpha: float = 16.0  # adapter scale numerator (the scale s is alpha / r)
     dropout: float = 0.0  # LoRA dropout
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # layers that get adapters
@@ -89,7 +89,7 @@ class FinetuneSettings:
             check_positive(k, getattr(self, k))
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ConfigError(f"steps: {self.steps!r} must be an integer >= 0 (0: the method's start alone, untrained, "
-                              "e.g. eora)")
+                              "such as a training-free correction)")
         check_positive("lr", self.lr, float)
         check_positive("alpha", self.alpha, float)
         if not 0 <= self.warmup_ratio < 1:
@@ -130,7 +130,7 @@ def field_help(cls) -> dict[str, str]:
 
 def params_class(settings: type) -> type:
     """A stage kind's parameters: its shared ``settings`` plus the options of every registered method
-    (``QuantizeParams`` = ``QuantizeSettings`` + rtn's, gptq's, nf4's ... options). Composed, not written
+    (``QuantizeParams`` = ``QuantizeSettings`` + each quantize method's options). Composed, not written
     out, so that a method with a new setting is its own module only. A stage of one method refuses
     another method's setting set away from its default. Kinds without methods (evaluate): ``settings``."""
     registry = _REGISTRIES.get(settings)
