@@ -60,6 +60,16 @@ def is_quantized(ref: str | Path) -> bool:
     return is_quantized(base_of(ref, info)) if q == "base" else bool(q)
 
 
+def own_gguf(ref: str | Path) -> Path | None:
+    """The GGUF file a stage output *is* (a K-quant stage keeps llama.cpp's file), which runtime llama.cpp
+    scores as it is; None for every other output (the evaluate stage exports those)."""
+    info = describe(ref)
+    if info["type"] in ("name", "hf", "quant"):
+        return None
+    hook = _artifact_type(ref, info).gguf
+    return Path(hook(ref, info)) if hook else None
+
+
 def _artifact_type(ref, info: dict):
     from ptqlib.methods import artifact_types
 
@@ -190,9 +200,12 @@ def tensor_bytes(model: torch.nn.Module, float_bytes: int | None = None) -> int:
 
 
 def size_metrics(model: torch.nn.Module, ref: str | Path) -> dict[str, float]:
-    """``size_mb_deploy``: every tensor ``model`` holds, floats at 16 bits (:func:`tensor_bytes`);
-    ``size_mb_stored``: the safetensors on disk of the artifact at ``ref``, base chain included."""
-    return {"size_mb_deploy": tensor_bytes(model, float_bytes=2) / 2**20, "size_mb_stored": dir_bytes(ref) / 2**20}
+    """``size_mb_deploy``: every tensor ``model`` holds, floats at 16 bits (:func:`tensor_bytes`), or the GGUF
+    file the artifact is (:func:`own_gguf`: a K-quant); ``size_mb_stored``: the weight files on disk of the
+    artifact at ``ref``, base chain included."""
+    own = own_gguf(ref)
+    deploy = own.stat().st_size if own else tensor_bytes(model, float_bytes=2)
+    return {"size_mb_deploy": deploy / 2**20, "size_mb_stored": dir_bytes(ref) / 2**20}
 
 
 def dir_bytes(ref: str | Path) -> int:
@@ -203,7 +216,7 @@ def dir_bytes(ref: str | Path) -> int:
     if info["type"] == "name":
         p = resolve_model(info["name"])
         return sum(f.stat().st_size for f in Path(p).rglob("*.safetensors")) if isinstance(p, Path) else 0
-    own = sum(f.stat().st_size for f in Path(ref).rglob("*.safetensors"))
+    own = sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in Path(ref).rglob(pattern))
     if "base" in info:
         own += dir_bytes(base_of(ref, info))
     return own

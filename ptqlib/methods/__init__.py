@@ -48,7 +48,7 @@ Needs = Literal["float", "quantized", "uniform", "bnb"]
 #   quantized  a new uniform grid of the method's own bits / group, plus an adapter if keeps_adapter
 #   merged     the input's uniform grid, the adapter merged into it (still quantized, same group)
 Gives = Literal["float", "adapter", "quantized", "merged"]
-Grid = Literal["uniform", "bnb"]
+Grid = Literal["uniform", "bnb", "gguf"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class QuantizeMethod:
     name: str
     summary: str  # one line for --help and the docs
     bits: tuple[int, ...]  # the weight bits it supports
-    grid: Grid  # uniform: QuantLinear (codes, scale, zero per group); bnb: bitsandbytes Linear4bit
+    grid: Grid  # uniform: QuantLinear (codes, scale, zero per group); bnb: bitsandbytes Linear4bit; gguf: a
+    #             llama.cpp file, loaded as its de-quantized float weights
     quantize: Callable  # (input_ref, p: StageSettings, calib | None, progress) -> (model, tokenizer, stats)
     save: Callable  # (model, tokenizer, p, output_dir) -> artifact info (artifact.json)
     settings: tuple[str, ...] = ()  # the params a reader needs next to its numbers (report, results.csv)
@@ -67,6 +68,7 @@ class QuantizeMethod:
     inert: Callable | None = None  # (params dict) -> its settings that cannot act there (left out of its stage id)
     dense_weight: Callable | None = None  # (module) -> its layer's de-quantized weight, or None if not its layer
     prepare_inference: Callable | None = None  # (model, dtype) -> None: its layers ready to score at dtype (CPU)
+    check: Callable | None = None  # (params dict) -> why its settings do not go together, or None (study load)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class ArtifactType:
     name: str
     load: Callable  # (ref, info, device) -> (model, tokenizer)
     quantized: bool | Literal["base"]  # "base": as quantized as the artifact it sits on (info["base"])
+    gguf: Callable | None = None  # (ref, info) -> its own GGUF file, which runtime llama.cpp scores as it is
 
 
 # The methods a stage gets when its settings name none (``study.params``' defaults): RTN, which needs no

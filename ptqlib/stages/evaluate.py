@@ -270,32 +270,44 @@ def model_metrics(model, input_ref) -> dict[str, float]:
     return {**artifacts.size_metrics(model, input_ref), "model_params": sum(p.numel() for p in model.parameters())}
 
 
+def _run_llamacpp(model, tokenizer, input_ref, examples: list[Example], p: EvaluateParams, output_dir):
+    """Runtime llama.cpp: the model exported to ``output_dir/model.gguf`` (or, at ``gguf_type: auto``, the
+    GGUF file the input stage is: a K-quant) and scored in a llama.cpp process, with the file's metrics."""
+    from pathlib import Path
+
+    from ptqlib import artifacts
+    from ptqlib.deploy import deployed_metrics, export_gguf
+    from ptqlib.deploy.kquants import file_report
+
+    own = artifacts.own_gguf(input_ref) if p.gguf_type == "auto" else None
+    gguf = own or Path(output_dir) / "model.gguf"
+    export = file_report(own) if own else export_gguf(model, tokenizer, gguf, type=p.gguf_type, lossy=p.gguf_lossy)
+    metrics, generations, units = evaluate_gguf(gguf, tokenizer, examples, p.ppl_samples, p.ppl_seq_len,
+                                                p.max_new_tokens, tuple(p.ppl_sources), p.speed_prompts,
+                                                p.speed_tokens, ppl_windows=p.ppl_windows)
+    metrics.update(deployed_metrics(export, model.config, metrics.get("decode_tokens_per_s")))
+    return metrics, generations, units
+
+
 def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateParams, output_dir, progress: bool = False,
               reference: str | None = None):
     """The evaluate stage for ``p`` (EvaluateParams, or a dict of them) -> ``(metrics, generations, units)``.
 
     Runtime ``torch``: the model as loaded (:func:`evaluate_model`, then batch-1 speed if asked);
-    ``llama.cpp``: exported to ``output_dir/model.gguf`` and scored in a llama.cpp process. Then the
-    model's size (:func:`model_metrics`) and the lm-eval tasks, if any (torch only).
+    ``llama.cpp``: exported to ``output_dir/model.gguf`` (a K-quant stage's own file as it is) and scored in a
+    llama.cpp process (:func:`_run_llamacpp`). Then the model's size (:func:`model_metrics`) and the lm-eval
+    tasks, if any (torch only).
     ``reference``: the pipeline's 16-bit reference (a model name or a stage's run directory; the
     runner passes the input of the pipeline's first quantizing stage): with ``p.kl_reference`` the
     KL divergence and top-1 agreement against it on the perplexity windows (torch runtime).
     """
-    from pathlib import Path
 
     from ptqlib.study.kinds import as_params
 
     p = as_params("evaluate", p)
     sources = tuple(p.ppl_sources)
-    if p.runtime == "llama.cpp":  # the deployed file: exported here, scored in a llama.cpp process
-        from ptqlib.deploy import deployed_metrics, export_gguf
-
-        gguf = Path(output_dir) / "model.gguf"
-        export = export_gguf(model, tokenizer, gguf, type=p.gguf_type, lossy=p.gguf_lossy)
-        metrics, generations, units = evaluate_gguf(gguf, tokenizer, examples, p.ppl_samples, p.ppl_seq_len,
-                                                    p.max_new_tokens, sources, p.speed_prompts, p.speed_tokens,
-                                                    ppl_windows=p.ppl_windows)
-        metrics.update(deployed_metrics(export, model.config, metrics.get("decode_tokens_per_s")))
+    if p.runtime == "llama.cpp":  # the deployed file: exported here (or the stage's own), scored in llama.cpp
+        metrics, generations, units = _run_llamacpp(model, tokenizer, input_ref, examples, p, output_dir)
     else:
         from ptqlib.precision import cast_for_inference, resolve
 

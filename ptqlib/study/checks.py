@@ -110,7 +110,11 @@ def quantize_step(path, where: str, p: dict, state: _Input) -> list[int]:
     if state.grid:
         raise ConfigError(f"{path}: {where}: the input is already quantized; add a merge (finetune with "
                           "merge: true) first")
-    state.grid = quantize_methods()[p["method"]].grid
+    entry = quantize_methods()[p["method"]]
+    why = entry.check(p) if entry.check else None
+    if why:
+        raise ConfigError(f"{path}: {where}: {why}")
+    state.grid = entry.grid
     state.base_group = p["group_size"] if state.grid == "uniform" else None
     return [p["group_size"]] if state.grid == "uniform" else []
 

@@ -45,7 +45,7 @@ pipelines:
 
 
 def test_every_builtin_method_is_registered_once_in_the_studies_order():
-    assert list(methods.quantize_methods()) == ["rtn", "gptq", "nf4", "fp4", "awq", "autoround", "hqq"]
+    assert list(methods.quantize_methods()) == ["rtn", "gptq", "nf4", "fp4", "awq", "autoround", "hqq", "kquant"]
     assert list(methods.finetune_methods()) == ["full", "lora", "qlora", "dora", "qdora", "l4q", "qat_lora", "qblora", "qalora",
                                                 "qablora", "eora", "loftq"]
     with pytest.raises(ValueError, match="registered twice: by ptqlib.methods.full and by .*test_registry"):

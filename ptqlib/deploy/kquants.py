@@ -1,0 +1,141 @@
+"""llama.cpp's K-quants (Q4_K_M, Q3_K_M, ...), the formats most local models ship in, made by llama.cpp's own
+quantizer and read back into torch exactly.
+
+A K-quant file is what ``llama-quantize model-f16.gguf out.gguf Q4_K_M`` writes: super-blocks of 256 weights
+along the input dimension, each of 8 (Q4_K, Q5_K) or 16 (Q2_K, Q3_K, Q6_K) sub-blocks with their own scale
+(and min) coded in 4 to 8 bits against one fp16 ``d`` (and ``dmin``) per super-block:
+``w = d * sc_j * q - dmin * m_j``. A *mix* (``_S`` / ``_M`` / ``_L``) gives some tensors more bits: for
+``Q4_K_M`` half of the ``attn_v`` and ``ffn_down`` tensors and the embedding get Q6_K. A tensor whose input
+size is not a multiple of 256 cannot hold a K-quant; llama.cpp then writes its fallback type (``Q4_K`` ->
+``Q5_0``, ``Q3_K`` -> ``IQ4_NL``/``Q4_0``..., ``Q5_K`` -> ``Q5_1``, ``Q6_K`` -> ``Q8_0``): SmolLM2-135M's hidden
+size 576 puts every layer but ``ffn_down`` there (:func:`quantize_file` returns each tensor's type).
+
+Why this module: neither the ``gguf`` package nor transformers quantizes to K-quant *mixes* (``gguf.quants``
+has no Q*_K quantizer; the mix rules live in llama.cpp's ``llama_model_quantize``), so the file comes from
+llama.cpp through llama-cpp-python's binding, from the F16 export of :func:`ptqlib.deploy.gguf.export_gguf`.
+Reading it back uses ``gguf.quants.dequantize``, the reference de-quantizer, and undoes the export's name
+mapping and rotary row order, so the torch model holds exactly the weights llama.cpp computes with
+(``tests/deploy/test_kquants.py``).
+
+Importance matrix: llama.cpp takes one as ``llama_model_quantize_params.imatrix``, a pointer to a C++
+``std::unordered_map<std::string, std::vector<float>>``, which ctypes cannot build; the binding therefore
+quantizes without one here (docs/formats.md).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .blocks import _rope_rows
+from .gguf import _LAYER_NAMES, ExportReport, TensorReport
+from .types import ExportError
+
+# type name -> (llama_ftype value, nominal bits): llama.h's LLAMA_FTYPE_MOSTLY_* (a stable ABI enum)
+KQUANT_TYPES: dict[str, tuple[int, int]] = {
+    "Q2_K_S": (21, 2), "Q2_K": (10, 2), "Q3_K_S": (11, 3), "Q3_K_M": (12, 3), "Q3_K_L": (13, 3), "Q4_K_S": (14, 4),
+    "Q4_K_M": (15, 4), "Q5_K_S": (16, 5), "Q5_K_M": (17, 5), "Q6_K": (18, 6),
+}
+
+
+def quantize_file(src: str | Path, dst: str | Path, type: str, threads: int | None = None) -> None:
+    """llama.cpp's quantizer: the GGUF ``src`` (F16 / F32 weights) -> ``dst`` in the K-quant mix ``type``.
+    Written to a temp file beside ``dst`` and renamed: a failure leaves no half file."""
+    import llama_cpp
+
+    if type not in KQUANT_TYPES:
+        raise ExportError(f"K-quant type {type!r}: valid are {', '.join(KQUANT_TYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = KQUANT_TYPES[type][0]
+    params.nthread = threads or torch.get_num_threads()
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        with _quiet_llama():
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), ctypes.byref(params))
+        if rc != 0:
+            raise ExportError(f"llama.cpp could not quantize {src} to {type} (llama_model_quantize returned {rc})")
+        Path(tmp).replace(dst)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+class _quiet_llama:
+    """llama.cpp logs every tensor to stderr while it quantizes: its log callback is swapped for a silent one."""
+
+    def __enter__(self):
+        import llama_cpp
+
+        self._cb = llama_cpp.llama_log_callback(lambda level, text, user: None)
+        llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc):
+        import llama_cpp
+
+        llama_cpp.llama_log_set(ctypes.cast(0, llama_cpp.llama_log_callback), ctypes.c_void_p(0))
+        return False
+
+
+def gguf_names(model: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]]:
+    """transformers parameter name -> (GGUF tensor name, the row order the export applied or None), for the
+    weights :func:`ptqlib.deploy.gguf.export_gguf` writes (a Llama-style model; tied output: the embedding)."""
+    cfg = model.config
+    out = {"model.embed_tokens.weight": ("token_embd.weight", None), "model.norm.weight": ("output_norm.weight", None)}
+    if not getattr(cfg, "tie_word_embeddings", False):
+        out["lm_head.weight"] = ("output.weight", None)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads}
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in _LAYER_NAMES.items():
+            rows = _rope_rows(heads[hf] * head_dim, heads[hf]) if hf in heads else None
+            out[f"model.layers.{i}.{hf}.weight"] = (f"blk.{i}.{gg}.weight", rows)
+    return out
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
+    """Copy the de-quantized tensors of the GGUF file ``path`` into ``model`` (float layers, the same
+    architecture as the exported one) -> {GGUF tensor name: its type}; every mapped weight must be in the file."""
+    import gguf
+
+    names = gguf_names(model)
+    params = dict(model.named_parameters())
+    wanted = {g for g, _ in names.values()}
+    types = {}
+    tensors = {}
+    for t in gguf.GGUFReader(str(path)).tensors:  # one reader: parsing the vocabulary costs seconds
+        if t.name in wanted:
+            types[t.name] = t.tensor_type.name
+            tensors[t.name] = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+                                               ).reshape([int(x) for x in reversed(t.shape.tolist())])
+    missing = wanted - set(tensors)
+    if missing:
+        raise ExportError(f"{path}: no tensors {sorted(missing)}; it is not an export of this architecture")
+    for hf, (gname, rows) in names.items():
+        w = tensors[gname]
+        if rows is not None:  # the export wrote row rows[k] at k: put it back
+            back = torch.empty_like(w)
+            back[rows] = w
+            w = back
+        if w.shape != params[hf].shape:
+            raise ExportError(f"{path}: {gname} has shape {tuple(w.shape)}; the model's {hf} is {tuple(params[hf].shape)}")
+        params[hf].copy_(w.to(params[hf].dtype))
+    return {g: types[g] for g, _ in names.values()}
+
+
+def file_report(path: str | Path) -> ExportReport:
+    """An :class:`~ptqlib.deploy.gguf.ExportReport` of a GGUF file scored as it is (nothing exported): each
+    tensor's type and bytes; its weights are the model's own (exact, no error added)."""
+    import gguf
+
+    report = ExportReport(str(path), "as stored")
+    for t in gguf.GGUFReader(str(path)).tensors:
+        report.tensors.append(TensorReport(t.name, t.tensor_type.name, True, 0.0, int(t.n_bytes)))
+    return report
