@@ -55,6 +55,7 @@ class Claim:
     metric: str
     relation: str = ">"
     min_effect: float = 0.0
+    ref: str = ""  # a recovered-fraction claim: (a - b) / (ref - b) > min_effect (ptqlib.report.recovered)
 
 
 def _runs(results: pd.DataFrame, family: str) -> pd.DataFrame:
@@ -144,7 +145,10 @@ def decide(relation: str, lo: float, hi: float, min_effect: float = 0.0) -> str:
 
 def hypothesis(claim: Claim) -> str:
     """What "holds" accepts, in words, on the signed difference: e.g. ``a - b > -0.02 (not worse by
-    more than 0.02)``; where lower is better the difference is b - a."""
+    more than 0.02)``; where lower is better the difference is b - a. A recovered-fraction claim: on the fraction."""
+    if claim.ref:
+        return (f"({claim.a} - {claim.b}) / ({claim.ref} - {claim.b}) > {claim.min_effect:g} (the share of "
+                f"{claim.b}'s loss against {claim.ref} that {claim.a} recovers)")
     rel, lower = relations.relation(claim.relation), lower_is_better(claim.metric)
     d = f"{claim.b} - {claim.a}" if lower else f"{claim.a} - {claim.b}"
     text, notes = rel.words(d, claim.a, claim.b, claim.min_effect)
@@ -191,7 +195,8 @@ def _paired(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None, ra:
 
 def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = None) -> dict:
     """The difference a - b, its 95% interval (``ptqlib.report.inference``), the seed spread, the verdict and
-    the p-value of "holds" (NaN where the claim cannot be decided)."""
+    the p-value of "holds" (NaN where the claim cannot be decided); with ``ref``, the recovered fraction
+    (:func:`_recovered`) in the difference's columns."""
     ra, rb = _runs(results, claim.a), _runs(results, claim.b)
     row: dict = {"claim": claim.claim, "a": claim.a, "b": claim.b, "metric": claim.metric, "relation": claim.relation,
                  "min_effect": claim.min_effect, "tested": hypothesis(claim)}
@@ -209,6 +214,8 @@ def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = No
         row["verdict"] = data
         return row
     num_a, den_a, num_b, den_b, st = data
+    if claim.ref:
+        return _recovered(claim, row, results, units, ra, rb, pairs, data)
     trains = _trains(ra) or _trains(rb)
     # one run of pipelines that do not train is the whole distribution of a run-level number
     iv = paired_interval(num_a, den_a, num_b, den_b, st, exact=not trains and num_a.size == 1)
@@ -224,6 +231,40 @@ def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = No
     row["verdict"] = decide(claim.relation, slo, shi, claim.min_effect)
     row["p_holds"] = p_holds(claim.relation, sign * row["difference"], row["se"], row["df"], claim.min_effect)
     row["p_fails"] = p_fails(claim.relation, sign * row["difference"], row["se"], row["df"], claim.min_effect)
+    return row
+
+
+def _recovered(claim: Claim, row: dict, results: pd.DataFrame, units, ra, rb, pairs, data) -> dict:
+    """A recovered-fraction claim's row: ``difference`` is ``(a - b) / (ref - b)`` with its Fieller interval,
+    ``se`` / ``df`` the delta method's, and the p-values the t tests of ``(a - b) - m (ref - b)``; the ref runs
+    pair with a's seeds (a ref that does not train: its one run with every seed)."""
+    from ptqlib.report.recovered import p_recovers, recovered_interval
+
+    rr = _runs(results, claim.ref)
+    ref_pairs = _seed_pairs(ra, rr) if len(rr) else []
+    by_a = dict(ref_pairs)
+    kept = [(sa, sb, by_a[sa]) for sa, sb in pairs if sa in by_a]
+    ref = Claim(claim.claim, claim.ref, claim.b, claim.metric)
+    data_r = _paired(ref, results, units, rr, rb, [(sr, sb) for _, sb, sr in kept]) if kept else "undecided (no ref data)"
+    if isinstance(data_r, str) or len(kept) != len(pairs):
+        row["verdict"] = data_r if isinstance(data_r, str) else "undecided (ref lacks some of the paired seeds)"
+        return row
+    num_a, den_a, num_b, den_b, st = data
+    a, b, r = (num_a, den_a), (num_b, den_b), (data_r[0], data_r[1])
+    sign = -1.0 if lower_is_better(claim.metric) else 1.0
+    iv = recovered_interval(a, b, r, st, sign)
+    row.update(ref=claim.ref, mean_ref=st(r[0].ravel(), r[1].ravel()), n_seeds=len(pairs),
+               n_examples=num_a.shape[1] if st.group != "run" else 0, mean_a=st(num_a.ravel(), den_a.ravel()),
+               mean_b=st(num_b.ravel(), den_b.ravel()), difference=iv.fraction, ci_low=iv.lo, ci_high=iv.hi,
+               se=iv.se, df=iv.df)
+    trains = _trains(ra) or _trains(rb) or _trains(rr)
+    if trains and len(pairs) < MIN_SEEDS:
+        row["verdict"] = f"undecided (needs >= {MIN_SEEDS} seeds; has {len(pairs)})"
+    elif not iv.loss > 0:
+        row["verdict"] = f"undecided ({claim.ref} is not better than {claim.b}: no loss to recover)"
+    else:
+        row["verdict"] = decide(claim.relation, iv.lo, iv.hi, claim.min_effect)
+        row["p_holds"], row["p_fails"] = p_recovers(a, b, r, st, claim.min_effect, sign)
     return row
 
 

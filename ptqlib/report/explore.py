@@ -16,8 +16,9 @@ VERDICT_COLOURS = {"holds": "#2a9d4b", "does not hold": "#c0392b"}  # undecided:
 
 def plot_claims(table: pd.DataFrame, title: str = ""):
     """A forest plot of a study's claims (``claims.csv`` rows): one panel per claim, its own scale, the
-    difference a - b with its 95% interval, the boundaries of its relation (``min_effect``, sign-flipped
-    where lower is better) as dashed lines, green where it holds, red where it does not, grey undecided."""
+    difference a - b (or the recovered fraction of a ``ref`` claim) with its 95% interval, the boundaries of its
+    relation (``min_effect``, sign-flipped where lower is better) as dashed lines, green where it holds, red
+    where it does not, grey undecided."""
     import matplotlib.pyplot as plt
 
     rows = table[table["difference"].notna()] if len(table) else table
@@ -32,7 +33,8 @@ def plot_claims(table: pd.DataFrame, title: str = ""):
             ax.errorbar([d], [0], xerr=[[d - lo], [hi - d]], fmt="o", color=colour, capsize=4)
         else:
             ax.plot([d], [0], "o", color=colour)
-        sign = -1.0 if lower_is_better(str(r["metric"])) else 1.0
+        fraction = isinstance(r.get("ref"), str) and bool(r.get("ref"))  # a recovered fraction: no sign to flip
+        sign = -1.0 if lower_is_better(str(r["metric"])) and not fraction else 1.0
         bounds = [sign * b for b in relations.relation(str(r["relation"])).bounds(float(r["min_effect"]))]
         for b in bounds:
             if math.isfinite(b):

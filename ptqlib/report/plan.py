@@ -129,11 +129,18 @@ def _plan_row(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None, c
     num_a, den_a, num_b, den_b, st = data
     va, pa = influence(num_a, den_a, st)
     vb, pb = influence(num_b, den_b, st)
-    d = pa - pb
+    d, diff = pa - pb, float(va - vb)
+    rel, margin = claim.relation, claim.min_effect
+    if claim.ref:  # "(a - b) / (ref - b) > m" is the contrast claim "(a - b) - m (ref - b) > 0" (report.recovered)
+        ref = _ref_data(claim, results, units, ra, rb, pairs)
+        if isinstance(ref, str):
+            return row | {"note": ref}
+        vr, pr = influence(ref[0], ref[1], st)
+        d, diff, rel, margin = d - claim.min_effect * (pr - pb), diff - claim.min_effect * float(vr - vb), ">", 0.0
     S, N = d.shape
     n_eff = float(effective_units((den_a + den_b).mean(0)))
     comp = variance_components(d)
-    signed = (-1.0 if lower_is_better(claim.metric) else 1.0) * float(va - vb)
+    signed = (-1.0 if lower_is_better(claim.metric) else 1.0) * diff
     total = sum(0.0 if math.isnan(x) else x for x in (comp[0] / S, comp[1] / N, comp[2] / (S * N)))
     row.update(difference=float(va - vb), n_seeds=S, n_units=N, n_eff=n_eff,
                sigma_seed=math.sqrt(comp[0]) if not math.isnan(comp[0]) else math.nan,
@@ -145,26 +152,37 @@ def _plan_row(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None, c
         return row | {"note": "one paired seed: the seed part is not estimable; run >= 2 seeds first"}
     se_now, df_now = projected(comp, S, N, n_eff)
     half = stats.t.ppf(0.5 + LEVEL / 2, df_now) * se_now
-    row["verdict_now"] = decide(claim.relation, signed - half, signed + half, claim.min_effect) if S >= MIN_SEEDS \
+    row["verdict_now"] = decide(rel, signed - half, signed + half, margin) if S >= MIN_SEEDS \
         else f"undecided (needs >= {MIN_SEEDS} seeds; has {S})"
-    need = seeds_needed(signed, comp, N, n_eff, claim.relation, claim.min_effect)
+    need = seeds_needed(signed, comp, N, n_eff, rel, margin)
     row["seed_cpu_s"] = _seed_cost(claim, results, chains, cost) if chains else math.nan
     if need is None:
-        return row | {"note": _why_undecidable(claim, signed, comp, N)}
+        return row | {"note": _why_undecidable(rel, margin, signed, comp, N)}
     row.update(seeds_needed=need, extra_seeds=max(need - S, 0))
     if not math.isnan(row["seed_cpu_s"]):
         row["extra_cpu_h"] = row["extra_seeds"] * row["seed_cpu_s"] / 3600
     return row
 
 
-def _why_undecidable(claim: Claim, signed: float, comp, N: int) -> str:
+def _ref_data(claim: Claim, results: pd.DataFrame, units, ra, rb, pairs) -> tuple | str:
+    """A recovered-fraction claim's ref units, paired as a's seeds (``claims._recovered``), or why none."""
+    rr = _runs(results, claim.ref)
+    by_a = dict(_seed_pairs(ra, rr)) if len(rr) else {}
+    if any(sa not in by_a for sa, _ in pairs):
+        return f"no runs of {claim.ref} at every paired seed"
+    data = _paired(Claim(claim.claim, claim.ref, claim.b, claim.metric), results, units, rr, rb,
+                   [(by_a[sa], sb) for sa, sb in pairs])
+    return data if isinstance(data, str) else (data[0], data[1])
+
+
+def _why_undecidable(relation: str, min_effect: float, signed: float, comp, N: int) -> str:
     """Why no number of seeds up to MAX_SEEDS decides the claim at its estimate."""
     floor = math.sqrt(comp[1] / N)  # the interval's se with infinitely many seeds
     z = stats.norm.ppf(0.5 + LEVEL / 2)
-    if decide(claim.relation, signed - z * floor, signed + z * floor, claim.min_effect).startswith("undecided"):
+    if decide(relation, signed - z * floor, signed + z * floor, min_effect).startswith("undecided"):
         why = f"the example part alone (se {floor:.3g} at any number of seeds) keeps the interval across the boundary"
     else:
-        boundary = min(abs(signed - b) for b in {claim.min_effect, -claim.min_effect})
+        boundary = min(abs(signed - b) for b in {min_effect, -min_effect})
         why = f"the estimate sits {boundary:.3g} from the boundary, within the interval of {MAX_SEEDS} seeds"
     return (f"no number of seeds up to {MAX_SEEDS} decides it at this estimate: {why}; "
             "more examples, or an equivalence claim with a stated margin")

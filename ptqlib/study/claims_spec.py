@@ -9,7 +9,7 @@ from ptqlib.errors import ConfigError
 from ptqlib.metrics import evaluate_metric_names, known_evaluate_metric
 from ptqlib.study.loader import check_keys as _check_keys
 
-CLAIM_KEYS = {"claim", "a", "b", "metric", "relation", "min_effect"}
+CLAIM_KEYS = {"claim", "a", "b", "metric", "relation", "min_effect", "ref"}
 
 
 def claim_metric(metric: str) -> bool:
@@ -31,8 +31,8 @@ def checked_claims(path, raw: dict) -> list[dict]:
         for k in ("claim", "a", "b", "metric"):
             if not isinstance(c.get(k), str):
                 raise ConfigError(f"{path}: claims[{i}].{k}: required (a string)")
-        for k in ("a", "b"):
-            if c[k] not in {str(p) for p in raw["pipelines"]}:
+        for k in ("a", "b", "ref"):
+            if (k != "ref" or k in c) and c[k] not in {str(p) for p in raw["pipelines"]}:
                 raise ConfigError(f"{path}: claims[{i}].{k}: {c[k]!r} is not a pipeline; valid: "
                                   + ", ".join(map(str, raw["pipelines"])))
         if not claim_metric(c["metric"]):
@@ -48,6 +48,10 @@ def checked_claims(path, raw: dict) -> list[dict]:
             raise ConfigError(f"{path}: claims[{i}].min_effect: {m!r} must be a number >= 0 (the smallest difference "
                               "that counts, in the metric's units)")
         c["min_effect"] = float(m)
+        if "ref" in c and (c["ref"] in (c["a"], c["b"]) or c["relation"] != ">"):
+            raise ConfigError(f"{path}: claims[{i}].ref: {c['ref']!r} with a {c['a']!r}, b {c['b']!r}, relation "
+                              f"{c['relation']!r}: a recovered-fraction claim, (a - b) / (ref - b) > min_effect, needs "
+                              "a ref other than a and b and relation '>' (min_effect: the fraction, e.g. 0.5)")
         if c["a"] == c["b"]:
             raise ConfigError(f"{path}: claims[{i}]: a and b are both {c['a']!r}; a claim compares two pipelines "
                               "(a pipeline against itself 'holds' with p = 0)")

@@ -118,3 +118,24 @@ def test_the_plan_is_the_same_bytes_whatever_the_hash_seed(tmp_path):
         out.append((reports / "default" / "plan.csv").read_bytes())
     assert out[0] == out[1]
     assert out[0] == (ROOT / "reports" / "default" / "plan.csv").read_bytes()  # and the committed one
+
+
+def test_a_recovered_fraction_claim_is_planned_on_its_contrast():
+    """'(m - ptq) / (ref - ptq) > 0.3' with R = 0.5 is decided now; at a boundary equal to its estimate no number
+    of seeds decides it (the plan reads the contrast (m - ptq) - 0.3 (ref - ptq), not m - ptq)."""
+    rng = np.random.default_rng(5)
+    shared = rng.normal(0, 0.1, 128)
+    rows, units = [], []
+    for fam, mu in (("m", 0.7), ("ptq", 0.6), ("ref", 0.8)):
+        for s in range(5):
+            v = mu + rng.normal(0, 0.01) + shared + rng.normal(0, 0.05, 128)
+            rows.append({"pipeline": f"{fam}[seed={s}]", "family": fam, "seed": s, "status": "ok",
+                         "stages": "finetune(full) -> evaluate", "field_f1": v.mean()})
+            units += [{"family": fam, "seed": s, "group": "task", "unit": i, "field_f1": x} for i, x in enumerate(v)]
+    results, units = pd.DataFrame(rows), pd.DataFrame(units)
+    means = results.groupby("family")["field_f1"].mean()
+    frac = (means["m"] - means["ptq"]) / (means["ref"] - means["ptq"])
+    claim = {"claim": "c", "a": "m", "b": "ptq", "ref": "ref", "metric": "field_f1", "relation": ">"}
+    t = plan_claims([{**claim, "min_effect": 0.3}, {**claim, "min_effect": frac}], results, units)
+    assert t.loc[0, "verdict_now"] == "holds" and t.loc[0, "seeds_needed"] <= 5
+    assert "no number of seeds" in t.loc[1, "note"]
