@@ -147,8 +147,7 @@ def hypothesis(claim: Claim) -> str:
     """What "holds" accepts, in words, on the signed difference: e.g. ``a - b > -0.02 (not worse by
     more than 0.02)``; where lower is better the difference is b - a. A recovered-fraction claim: on the fraction."""
     if claim.ref:
-        return (f"({claim.a} - {claim.b}) / ({claim.ref} - {claim.b}) > {claim.min_effect:g} (the share of "
-                f"{claim.b}'s loss against {claim.ref} that {claim.a} recovers)")
+        return f"({claim.a} - {claim.b}) / ({claim.ref} - {claim.b}) > {claim.min_effect:g} (the share of the loss recovered)"
     rel, lower = relations.relation(claim.relation), lower_is_better(claim.metric)
     d = f"{claim.b} - {claim.a}" if lower else f"{claim.a} - {claim.b}"
     text, notes = rel.words(d, claim.a, claim.b, claim.min_effect)
