@@ -110,8 +110,10 @@ def machine_label(device: dict | None) -> str:
 def git_commit(cwd: str | Path | None = None) -> str | None:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=5)
+        # dirty: the library's code differs from the commit (its package, its notebooks); reports and study
+        # files being written by the very run that asks are not the code that computed it
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/ptqlib",
+                                ":/notebooks"], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     if sha.returncode:

@@ -90,3 +90,27 @@ def test_records_name_the_machine(monkeypatch):
     gpu = {"cpu": "Intel Xeon", "device": "cuda", "gpu": "NVIDIA H200"}
     assert record.machine_label(gpu) == "NVIDIA H200 (cuda; CPU Intel Xeon)"
     assert record.machine_label(None) == "unknown"
+
+
+def test_the_commit_is_dirty_only_where_the_library_changed(tmp_path):
+    """A report or study file the run itself writes does not mark its commit dirty; a change to the package or
+    its notebooks does."""
+    import subprocess
+
+    from ptqlib.engine.record import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    for d in ("ptqlib", "notebooks", "reports"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "f.txt").write_text("0")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = git_commit(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "reports" / "f.txt").write_text("1")
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "notebooks" / "f.txt").write_text("1")
+    assert git_commit(tmp_path) == clean + "-dirty"
