@@ -231,6 +231,16 @@ def write_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame 
                                   for lo, hi in zip(table.ci_low, table.ci_high)])
 
 
+def analysis_code() -> bytes:
+    """The source of the code that turns results into verdicts (this package, the metric and relation
+    registries): a report whose analysis ran on other code is stale (``tables.analyse``)."""
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parent.parent
+    return b"".join(f.read_bytes() for f in [*sorted((pkg / "report").glob("*.py")), pkg / "metrics.py",
+                                             pkg / "relations.py"])
+
+
 HISTORY_COLUMNS = ["date", "commit", "machines", "seeds", "claim", "metric", "difference", "ci_low", "ci_high",
                    "verdict", "verdict_holm"]
 

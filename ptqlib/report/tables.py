@@ -1,15 +1,13 @@
 """A study's results and report: ``results.csv``, ``units.csv``, the stage pages, ``index.html``.
 
-Reads the finished records of a ``Runner``'s graph; runs no stage (``python -m ptqlib analyse``
-is this module alone). A pipeline run whose stages are not in ``runs/`` (a fresh clone, a cache
-cleaned or lost, another machine's runs) keeps its row from the report already in
-``reports/<study>/`` when that row's evaluate stage id is the one the study computes now: the id
-hashes every parameter of the chain, so the row is the same computation. Failing that, it takes
-the row of another study's report under ``reports/`` with that evaluate stage id, as studies share
-``runs/`` (``previous_report``). The claims' statistics live in ``ptqlib.report.analysis``; the page is
-the ``04_analyse`` notebook, executed by papermill and rendered without its code. Selection
-pipelines (``ptqlib.study.selection``) are no rows of ``results.csv`` / ``units.csv``: their validation
-scores are ``selection.csv``.
+Reads the finished records of a ``Runner``'s graph; runs no stage (``python -m ptqlib analyse`` is this module alone).
+A pipeline run whose stages are not in ``runs/`` (a fresh clone, a cache cleaned or lost, another machine's runs)
+keeps its row from the report already in ``reports/<study>/`` when that row's evaluate stage id is the one the study
+computes now: the id hashes every parameter of the chain, so the row is the same computation. Failing that, it takes
+the row of another study's report under ``reports/`` with that evaluate stage id, as studies share ``runs/``
+(``previous_report``). The claims' statistics live in ``ptqlib.report.analysis``; the page is the ``04_analyse``
+notebook, executed by papermill and rendered without its code. Selection pipelines (``ptqlib.study.selection``) are no
+rows of ``results.csv`` / ``units.csv``: their validation scores are ``selection.csv``.
 """
 from __future__ import annotations
 
@@ -327,16 +325,17 @@ def _write_csv(path: Path, keys: list[str], rows: list[dict]) -> Path:
 
 
 def analyse(runner: "Runner", force: bool = False) -> Path | None:
-    """Run 04_analyse on results.csv -> reports/<study>/index.html (cached on the csv's content)."""
+    """Run 04_analyse on results.csv -> reports/<study>/index.html (cached on the csv's content, the claims,
+    the notebook and the analysis code)."""
     import papermill as pm
 
-    csv_path = runner.reports / "results.csv"
-    units_path = runner.reports / "units.csv"
-    sel_path = runner.reports / "selection.csv"
+    from ptqlib.report.analysis import analysis_code
+
+    csv_path, units_path, sel_path = (runner.reports / f for f in ("results.csv", "units.csv", "selection.csv"))
     digest = hashlib.sha256(csv_path.read_bytes() + (units_path.read_bytes() if units_path.exists() else b"")
                             + (sel_path.read_bytes() if sel_path.exists() else b"")
                             + json.dumps(runner.study.claims, sort_keys=True).encode()
-                            + (ROOT / "notebooks" / ANALYSE).read_bytes()).hexdigest()[:16]
+                            + (ROOT / "notebooks" / ANALYSE).read_bytes() + analysis_code()).hexdigest()[:16]
     stamp = runner.reports / ".analysis"
     index = runner.reports / "index.html"
     if not force and index.exists() and stamp.exists() and stamp.read_text() == digest:

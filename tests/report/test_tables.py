@@ -204,3 +204,17 @@ def test_a_shared_stage_id_is_taken_from_the_declared_final_report_and_a_disagre
         prev = previous_report(tmp_path / "mine")
     assert prev.others["abc123"][0] == "zzz" and prev.others["abc123"][1]["field_f1"] == "0.87"
     assert "reports aaa hold evaluate stage ids of report zzz with other numbers" in caplog.text
+
+
+def test_the_analysis_is_stale_when_the_verdicts_code_changes():
+    """The analysis cache keys on the code that decides verdicts, so a changed rule re-renders a report whose
+    results are the same (a new hypothesis text stayed unwritten before)."""
+    from pathlib import Path
+
+    from ptqlib import relations
+    from ptqlib.report import claims, recovered
+    from ptqlib.report.analysis import analysis_code
+
+    code = analysis_code()
+    for module in (claims, recovered, relations):
+        assert Path(module.__file__).read_bytes() in code
