@@ -159,6 +159,8 @@ def base_ref(output_dir: str | Path, input_ref: str | Path) -> str:
     """How an adapter artifact points at its base: a relative path for run dirs, else the name."""
     p = Path(input_ref)
     if p.is_dir():
+        if p.resolve().parent == Path(output_dir).resolve():  # its own part (a re-quantized base in base/)
+            return p.resolve().name
         return str(Path("..") / p.resolve().name) if p.resolve().parent == Path(output_dir).resolve().parent \
             else str(p.resolve())
     return str(input_ref)

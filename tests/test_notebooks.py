@@ -56,6 +56,7 @@ CASES = [
                                          pool_norm="sum")),
     ("02_finetune", FinetuneParams, dict(method="l4q", bits=3, group_size=32)),
     ("02_finetune", FinetuneParams, dict(method="qlora", merge=True)),
+    ("02_finetune", FinetuneParams, dict(method="loftq", loftq_iter=2)),
     ("02_finetune", FinetuneParams, dict(method="eora", steps=0, eora_samples=4, eora_seq_len=32)),
     ("03_evaluate", EvaluateParams, dict(precision="fp32", ppl_windows="first", kl_reference=False, ppl_samples=4,
                                          ppl_seq_len=64, ppl_sources=["stdlib"], task_samples=3, split="validation",

@@ -84,6 +84,61 @@ def test_start_is_closer_to_the_float_model_and_round_trips(nf4_run, tmp_path):
         assert torch.allclose(loaded(x).logits, out, atol=1e-5)
 
 
+def _start(nf4_run, iters):
+    from bitsandbytes.functional import dequantize_4bit
+
+    model = finetune.prepare(artifacts.load(nf4_run, "cpu")[0], "loftq", _params(loftq_iter=iters), str(nf4_run))
+    fp = dict(artifacts.load("tiny", "cpu")[0].named_modules())
+    out = {}
+    for name, m in _layers(model).items():
+        W = fp[name.removeprefix("base_model.model.")].weight.float()
+        qw = m.get_base_layer().weight
+        Q = dequantize_4bit(qw.data, qw.quant_state).float()
+        BA = m.lora_B["default"].weight @ m.lora_A["default"].weight
+        out[name] = (W, Q, m.scaling["default"] * BA)
+    return model, out
+
+
+def test_more_iterations_requantize_the_base_and_shrink_the_error(nf4_run):
+    """T alternating steps: the base becomes q(W - s B A) (new codes), the adapter stays the rank-r optimum for
+    the base it ends on, and the error the start leaves shrinks from T = 1 to 2 to 5 (on the tiny model)."""
+    _, one = _start(nf4_run, 1)
+    errors = {}
+    for iters in (2, 5):
+        _, layers = _start(nf4_run, iters)
+        moved = 0
+        for name, (W, Q, sBA) in layers.items():
+            S = torch.linalg.svdvals(W - Q)
+            assert torch.allclose(torch.linalg.norm(W - Q - sBA) ** 2, (S[4:] ** 2).sum(), rtol=1e-4), name
+            moved += not torch.equal(Q, one[name][1])
+        assert moved == len(layers)  # every layer's codes are LoftQ's now, not the PTQ stage's
+        errors[iters] = sum(torch.linalg.norm(W - Q - sBA) for W, Q, sBA in layers.values()).item()
+    errors[1] = sum(torch.linalg.norm(W - Q - sBA) for W, Q, sBA in one.values()).item()
+    assert errors[5] < errors[2] < errors[1]
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_requantized_base_is_saved_with_the_stage_and_loads_back(nf4_run, tmp_path, merge):
+    model, _ = _start(nf4_run, 2)
+    x = torch.randint(0, 1024, (2, 16))
+    with torch.no_grad():
+        out = model(x).logits
+    tok = artifacts.load("tiny", "cpu")[1]
+    info = finetune.save(model, tok, "loftq", _params(loftq_iter=2, merge=merge), tmp_path / "run", str(nf4_run))
+    if merge:
+        assert info["type"] == "hf"  # folded into the de-quantized LoftQ base, not the PTQ stage's
+    else:
+        assert info["base"] == "base" and artifacts.describe(tmp_path / "run" / "base")["type"] == "bnb"
+        assert artifacts.is_quantized(tmp_path / "run")
+    loaded, _, _ = artifacts.load(tmp_path / "run", "cpu")
+    if not merge:  # the stage keeps its 4-bit weights in the stored layout (bnb's unfused path): so does this
+        from ptqlib.methods.lora import keep_bnb_layout
+
+        keep_bnb_layout(loaded)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, out, atol=1e-4)
+
+
 def test_float_source_found_for_records_without_it(nf4_run, tmp_path):
     """Stages cached before artifact.json named its input: the runner's record names it."""
     import json
@@ -109,6 +164,8 @@ def test_float_source_found_for_records_without_it(nf4_run, tmp_path):
     ("[{quantize: {method: gptq, group_size: 32}}, {finetune: loftq}]", "needs a bitsandbytes 4-bit input"),
     ("[{finetune: loftq}]", "put a quantize stage before it"),
     ("[{quantize: nf4}, {finetune: loftq}, {quantize: rtn}]", "unmerged 'loftq' adapter"),
+    ("[{quantize: nf4}, {finetune: {method: loftq, loftq_iter: 0}}]", "loftq_iter: 0 must be an integer >= 1"),
+    ("[{quantize: nf4}, {finetune: {method: qlora, loftq_iter: 2}}]", "loftq_iter: 2 has no effect on method 'qlora'"),
 ])
 def test_study_validation(tmp_path, chain, error):
     from ptqlib.errors import ConfigError
