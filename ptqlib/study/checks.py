@@ -38,6 +38,10 @@ def _check_against_config(path, where, stages: list[Stage], model: str, cache: d
         if st.params.get("runtime") == "llama.cpp" and cfg.get("model_type") not in GGUF_ARCHITECTURES:
             raise ConfigError(f"{path}: {swhere}.runtime: 'llama.cpp' runs a GGUF export, which ptqlib writes for "
                               f"Llama-style models only; model {model!r} is {cfg.get('model_type')!r}: use runtime: torch")
+        quantizer = quantize_methods().get(st.params.get("method")) if kinds[st.kind].makes_grid(st.params) else None
+        if quantizer is not None and quantizer.grid == "gguf" and cfg.get("model_type") not in GGUF_ARCHITECTURES:
+            raise ConfigError(f"{path}: {swhere}.method: {st.params['method']!r} quantizes a GGUF export, which ptqlib "
+                              f"writes for Llama-style models only; model {model!r} is {cfg.get('model_type')!r}")
         unknown = [t for t in st.params.get("target_modules", []) if t not in layers]  # a stage with adapters
         if llama_like and unknown:
             raise ConfigError(f"{path}: {swhere}.target_modules: {', '.join(map(repr, unknown))} names no layer of "

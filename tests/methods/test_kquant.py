@@ -138,3 +138,10 @@ def test_llama_cpp_scores_the_stages_own_file_as_it_is(wide_dir, tmp_path):
     mine, _, _ = evaluate.run_stage(loaded, tok, str(tmp_path / "kq"), examples, EvaluateParams(**shared),
                                     tmp_path / "ev2")
     assert abs(metrics["ppl"] / mine["ppl"] - 1) < 0.02, (metrics["ppl"], mine["ppl"])
+
+
+def test_a_model_ptqlib_writes_no_gguf_for_is_refused_at_load(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny-gemma3\npipelines:\n  a: [{quantize: {method: kquant}}]\n")
+    with pytest.raises(ConfigError, match="'kquant' quantizes a GGUF export.*Llama-style models only.*gemma3_text"):
+        load_study(f)
