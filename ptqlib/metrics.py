@@ -217,10 +217,20 @@ def metric(name: str) -> Metric | None:
     return METRICS.get(name) or METRICS.get(name.rsplit(".", 1)[-1]) if isinstance(name, str) else None
 
 
+LMEVAL_ITEM = re.compile(r"lmeval\.([\w-]+)\.(\w+)(\.[\w-]+)?")  # lmeval.<task>.<metric>[.<filter>]
+
+
 def statistic(name: str) -> Statistic | None:
-    """The per-unit definition of ``name``, or None for a run-level metric (size, speed, loss)."""
+    """The per-unit definition of ``name``, or None for a run-level metric (size, speed, loss). An lm-eval
+    metric is the mean of its items (group ``lmeval.<task>``), which the evaluate stage records as units where
+    lm-eval's aggregate is that mean (``stages.lmeval.sample_units``); a report without them pairs runs."""
     m = METRICS.get(name)
-    return m.statistic if m else None
+    if m:
+        return m.statistic
+    hit = LMEVAL_ITEM.fullmatch(name) if isinstance(name, str) else None
+    if hit and not hit.group(2).endswith("_stderr") and hit.group(2) != "n_samples":
+        return Statistic(f"lmeval.{hit.group(1)}", name)
+    return None
 
 
 def ppl_statistic(name: str) -> Statistic | None:

@@ -339,5 +339,5 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
         metrics.update(run_lm_eval(model, tokenizer, list(p.lm_eval_tasks),
                                    num_fewshot=None if p.lm_eval_fewshot < 0 else p.lm_eval_fewshot,
                                    limit=p.lm_eval_limit or None, batch_size=p.batch_size,
-                                   include_path=p.lm_eval_include or None))
+                                   include_path=p.lm_eval_include or None, units=units))  # per-item units
     return metrics, generations, units

@@ -127,6 +127,26 @@ def flatten_results(results: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+def sample_units(samples: dict[str, list[dict]], flat: dict[str, float]) -> dict[str, dict[str, list[float]]]:
+    """lm-eval's logged samples -> per-item units, so that claims on an lm-eval metric pair the same items across
+    pipelines as task examples are paired: a group ``lmeval.<task>`` per task, a column ``lmeval.<task>.<metric>``
+    per metric, items in ``doc_id`` order. Only metrics whose aggregate (``flat``) is the mean of their items
+    (accuracies) become units; a corpus-level one (BLEU, F1 over the corpus) stays a run-level number."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for task, rows in samples.items():
+        cols: dict[str, list[float]] = {}
+        for r in sorted(rows, key=lambda r: (r.get("filter", "none"), r["doc_id"])):
+            filt = r.get("filter", "none")
+            for m in r.get("metrics", []):
+                v = r.get(m)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    cols.setdefault(f"lmeval.{task}.{m}" + ("" if filt in ("", "none") else f".{filt}"), []).append(float(v))
+        means = {k: v for k, v in cols.items() if k in flat and math.isclose(sum(v) / len(v), flat[k], abs_tol=1e-9)}
+        if means and len({len(v) for v in means.values()}) == 1:
+            out[f"lmeval.{task}"] = means
+    return out
+
+
 def run_lm_eval(
     model,
     tokenizer,
@@ -137,6 +157,7 @@ def run_lm_eval(
     include_path: str | None = None,
     *,
     include_defaults: bool = True,
+    units: dict | None = None,
     **eval_kwargs: Any,
 ) -> dict[str, float]:
     """Evaluate ``model`` with lm-evaluation-harness; returns ``{"lmeval.<task>.<metric>": value}``.
@@ -152,6 +173,7 @@ def run_lm_eval(
         include_path: a folder of extra task YAML files (e.g. a local offline task).
         include_defaults: also look names up among lm-eval's built-in tasks; False restricts
             the lookup to ``include_path`` and skips indexing the built-ins (15-30 s).
+        units: a dict to fill with the per-item units (:func:`sample_units`; lm-eval then logs its samples).
         **eval_kwargs: passed to ``lm_eval.simple_evaluate`` (e.g. ``apply_chat_template``).
 
     Raises:
@@ -165,7 +187,7 @@ def run_lm_eval(
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    eval_kwargs.setdefault("log_samples", False)  # per-sample logs are large and unused here
+    eval_kwargs.setdefault("log_samples", units is not None)  # per-sample logs: only for the units
     try:
         results = lm_eval.simple_evaluate(
             model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm, **eval_kwargs,
@@ -176,4 +198,9 @@ def run_lm_eval(
             "Face hub: run once online (without HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) to fill the datasets "
             "cache, or evaluate a local task with include_path."
         ) from e
-    return flatten_results(results) if results else {}  # None on non-zero distributed ranks
+    if not results:  # None on non-zero distributed ranks
+        return {}
+    flat = flatten_results(results)
+    if units is not None:
+        units.update(sample_units(results.get("samples") or {}, flat))
+    return flat

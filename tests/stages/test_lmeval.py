@@ -137,3 +137,63 @@ def test_scores_the_model_object_in_place(tiny, task_dir):
 
     assert run_biased("yes") == 1.0
     assert run_biased("no") == 0.0  # every question has 'no' among its wrong choices
+
+
+def test_per_item_units_are_the_items_of_the_aggregate(tiny, task_dir):
+    """With ``units``, lm-eval logs its samples and each task's accuracies become per-item units in doc order,
+    whose mean is lm-eval's own aggregate (so a claim pairs the same items across pipelines)."""
+    from ptqlib.stages.lmeval import run_lm_eval
+
+    model, tok = tiny
+    units: dict = {}
+    flat = run_lm_eval(model, tok, [TASK], include_path=task_dir, batch_size=4, units=units)
+    cols = units[f"lmeval.{TASK}"]
+    assert set(cols) == {f"lmeval.{TASK}.acc", f"lmeval.{TASK}.acc_norm"}
+    for name, items in cols.items():
+        assert len(items) == len(_rows()) and set(items) <= {0.0, 1.0}
+        assert sum(items) / len(items) == pytest.approx(flat[name], abs=1e-12)
+
+
+def test_a_corpus_level_metric_stays_a_run_number():
+    from ptqlib.stages.lmeval import sample_units
+
+    samples = {"t": [{"doc_id": i, "filter": "none", "metrics": ["acc", "bleu"], "acc": float(i % 2), "bleu": 0.5}
+                     for i in (2, 0, 1, 3)]}
+    units = sample_units(samples, {"lmeval.t.acc": 0.5, "lmeval.t.bleu": 0.31})  # bleu is no mean of its items
+    assert units == {"lmeval.t": {"lmeval.t.acc": [0.0, 1.0, 0.0, 1.0]}}  # doc order
+
+
+def test_a_claim_on_an_lm_eval_metric_pairs_its_items():
+    """Per-item units turn an lm-eval claim from a comparison of run means into a paired one over items."""
+    import numpy as np
+    import pandas as pd
+
+    from ptqlib.report.claims import check_claims
+
+    rng = np.random.default_rng(0)
+    hard = rng.random(200) < 0.5  # items both pipelines find hard
+    rows, units = [], []
+    for fam, p_easy in (("a", 0.95), ("b", 0.85)):
+        for seed in range(3):
+            acc = np.where(hard, rng.random(200) < 0.3, rng.random(200) < p_easy).astype(float)
+            rows.append({"pipeline": f"{fam}[seed={seed}]", "family": fam, "seed": seed, "status": "ok",
+                         "stages": "finetune(lora) -> evaluate", "lmeval.mc.acc": acc.mean()})
+            units += [{"pipeline": f"{fam}[seed={seed}]", "family": fam, "seed": seed, "group": "lmeval.mc",
+                       "unit": i, "lmeval.mc.acc": v} for i, v in enumerate(acc)]
+    claim = [{"claim": "c", "a": "a", "b": "b", "metric": "lmeval.mc.acc", "relation": ">"}]
+    paired = check_claims(claim, pd.DataFrame(rows), pd.DataFrame(units)).iloc[0]
+    runs_only = check_claims(claim, pd.DataFrame(rows), None).iloc[0]
+    assert paired["n_examples"] == 200 and runs_only["n_examples"] == 0
+    assert paired["difference"] == pytest.approx(runs_only["difference"])
+
+
+def test_the_evaluate_stage_records_the_items_beside_the_task_examples(tiny, task_dir, tmp_path):
+    from ptqlib.stages import evaluate
+    from ptqlib.study.params import EvaluateParams
+
+    model, tok = tiny
+    p = EvaluateParams(ppl_samples=2, ppl_seq_len=32, ppl_sources=[], task_samples=0, kl_reference=False, precision="fp32",
+                       lm_eval_tasks=[TASK], lm_eval_include=task_dir, batch_size=4)
+    metrics, _, units = evaluate.run_stage(model, tok, "tiny", [], p, tmp_path)
+    items = units[f"lmeval.{TASK}"][f"lmeval.{TASK}.acc"]
+    assert len(items) == len(_rows()) and sum(items) / len(items) == pytest.approx(metrics[f"lmeval.{TASK}.acc"])
