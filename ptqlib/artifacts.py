@@ -5,12 +5,10 @@
 - ``hf``     a float model (``model/``, transformers ``save_pretrained``);
 - ``quant``  a model with ``QuantLinear`` layers in the GPTQ checkpoint layout (``model/``);
 
-the others are registered by the method modules that write them (``ptqlib.methods``):
-
-- ``bnb``    a bitsandbytes NF4/FP4 model (``methods/bnb.py``);
-- ``peft``   a peft adapter (``adapter/``) on the artifact in ``base`` (``methods/lora.py``);
-- ``blora``  a ptqlib balanced / QA adapter on the artifact in ``base`` (``methods/blora.py``);
-- ``qat_lora`` a QuantLinear model plus a separate 16-bit LoRA branch (``methods/qat_lora.py``).
+the others are registered by the method modules that write them (``ArtifactType`` entries of
+``ptqlib.methods``: a bitsandbytes 4-bit model, a peft adapter or ptqlib's balanced / QA adapter on the
+artifact in ``base``, a QuantLinear model with a separate 16-bit LoRA branch, a llama.cpp GGUF file), each
+with its loader, so this module names none of them.
 
 A stage's input is either such a directory or a model name (the root of the pipeline); the
 artifact.json names it as ``input`` (a sibling run dir, relative, or the model name).

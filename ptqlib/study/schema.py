@@ -11,10 +11,10 @@ A study file (``parameters/<study>.yaml``)::
     pipelines:
       base: []                     # evaluate the model as it is
       ft16: [{finetune: full}]     # shorthand for {finetune: {method: full}}
-      ft_nf4_qlora:
+      ft_ptq_adapter:
         - finetune: {method: full, lr: 2.0e-5}
-        - quantize: {method: nf4}
-        - finetune: {method: qlora}
+        - quantize: {method: <quantize method>}   # python -m ptqlib methods lists them (parameters/ has
+        - finetune: {method: <adapter method>}    # the studies that run them)
 
 Every pipeline ends with an implicit ``evaluate`` stage; a last entry ``{evaluate: {...}}``
 overrides ``defaults.evaluate`` for that pipeline (e.g. ``runtime: llama.cpp``). A list value in a stage (``bits: [3, 4]``)
