@@ -254,3 +254,33 @@ def test_ppl_samples_beyond_the_held_out_text_are_refused_at_load(tmp_path):
         load_study(f)
     f.write_text(f.read_text().replace(f"ppl_samples: {most + 1}", f"ppl_samples: {most}"))
     load_study(f)
+
+
+class _BosTokenizer:
+    """tiny's tokenizer made to put a BOS before every text, as Gemma's does."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, text, add_special_tokens=True, **kw):
+        out = self.tok(text, add_special_tokens=False, **kw)
+        return {"input_ids": ([1] if add_special_tokens else []) + out["input_ids"]}
+
+
+def test_windows_start_with_the_bos_a_tokenizer_puts_before_every_text():
+    """Held-out and calibration windows of a BOS tokenizer (Gemma) begin with it and keep their length, the rest
+    of each window the plain one's tokens; a tokenizer without one (SmolLM2, tiny) gets its windows unchanged."""
+    import torch
+
+    from ptqlib.models import load_tokenizer, resolve_model
+    from ptqlib.text import held_out_windows, leading_bos, text_windows
+
+    tok = load_tokenizer(resolve_model("tiny"))
+    bos = _BosTokenizer(tok)
+    assert leading_bos(tok) is None and leading_bos(bos) == 1
+    for make in (lambda t: held_out_windows(t, "pydoc", 64, 4, seed=0)[0], lambda t: text_windows(t, "train", 64, 4, 3),
+                 lambda t: held_out_windows(t, "stdlib", 32, 3, layout="first")[0]):
+        plain, with_bos = make(tok), make(bos)
+        assert with_bos.shape == plain.shape
+        assert torch.equal(with_bos[:, 0], torch.ones(len(plain), dtype=torch.long))
+        assert torch.equal(with_bos[:, 1:], plain[:, :-1])
