@@ -136,13 +136,14 @@ def _plan_row(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None, c
         if isinstance(ref, str):
             return row | {"note": ref}
         vr, pr = influence(ref[0], ref[1], st)
+        row["fraction"] = float(va - vb) / float(vr - vb) if float(vr - vb) else math.nan
         d, diff, rel, margin = d - claim.min_effect * (pr - pb), diff - claim.min_effect * float(vr - vb), ">", 0.0
     S, N = d.shape
     n_eff = float(effective_units((den_a + den_b).mean(0)))
     comp = variance_components(d)
     signed = (-1.0 if lower_is_better(claim.metric) else 1.0) * diff
     total = sum(0.0 if math.isnan(x) else x for x in (comp[0] / S, comp[1] / N, comp[2] / (S * N)))
-    row.update(difference=float(va - vb), n_seeds=S, n_units=N, n_eff=n_eff,
+    row.update(difference=row.pop("fraction", float(va - vb)), n_seeds=S, n_units=N, n_eff=n_eff,
                sigma_seed=math.sqrt(comp[0]) if not math.isnan(comp[0]) else math.nan,
                sigma_example=math.sqrt(comp[1]), sigma_interaction=math.sqrt(comp[2]),
                seed_share=(comp[0] / S + comp[2] / (S * N)) / total if total > 0 and not math.isnan(comp[0]) else math.nan)

@@ -138,4 +138,5 @@ def test_a_recovered_fraction_claim_is_planned_on_its_contrast():
     claim = {"claim": "c", "a": "m", "b": "ptq", "ref": "ref", "metric": "field_f1", "relation": ">"}
     t = plan_claims([{**claim, "min_effect": 0.3}, {**claim, "min_effect": frac}], results, units)
     assert t.loc[0, "verdict_now"] == "holds" and t.loc[0, "seeds_needed"] <= 5
+    assert t.loc[0, "difference"] == pytest.approx(frac)  # the fraction, as in claims.csv
     assert "no number of seeds" in t.loc[1, "note"]
