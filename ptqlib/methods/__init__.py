@@ -45,7 +45,7 @@ Needs = Literal["float", "quantized", "uniform", "bnb"]
 # What the next stage gets from it:
 #   float      a float model (full fine-tuning)
 #   adapter    the input plus an unmerged adapter (merge: true makes it a float model, if can_merge)
-#   quantized  a new uniform grid of the method's own bits / group, plus an adapter if keeps_adapter
+#   quantized  a new grid (its `grid`: uniform, of the method's own bits / group; or bnb), plus an adapter if keeps_adapter
 #   merged     the input's uniform grid, the adapter merged into it (still quantized, same group)
 Gives = Literal["float", "adapter", "quantized", "merged"]
 Grid = Literal["uniform", "bnb", "gguf"]
@@ -88,6 +88,7 @@ class FinetuneMethod:
     why_needs: str = ""  # said when its input is not what it needs (why; what to use instead)
     options: type | None = None  # its own settings: a dataclass (``Options`` below) merged into FinetuneParams
     draws_init: bool = True  # its prepare draws random initial weights (an adapter); False: full fine-tuning
+    grid: Grid = "uniform"  # gives quantized: the grid its output is (uniform: QuantLinear; bnb: bitsandbytes 4-bit)
 
 
 def dense_weight(module):

@@ -154,7 +154,7 @@ def finetune_step(path, where: str, p: dict, state: _Input) -> list[int]:
     if m.gives == "float" or (m.gives == "adapter" and p["merge"]):
         state.grid, state.base_group = None, None
     elif m.gives == "quantized":
-        state.grid, state.base_group = "uniform", p["group_size"]
+        state.grid, state.base_group = m.grid, p["group_size"] if m.grid == "uniform" else None
         state.adapter = name if m.keeps_adapter else None
     elif m.gives == "adapter":
         state.adapter = name
