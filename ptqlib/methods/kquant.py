@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def quantize(input_ref: str, p: StageSettings, calib=None, progress: bool = Fals
         raise
     (tmp / "f16.gguf").unlink()
     model._ptqlib_gguf = tmp / "model.gguf"
+    weakref.finalize(model, shutil.rmtree, tmp, True)  # gone with the model if save never runs (a failed stage)
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1

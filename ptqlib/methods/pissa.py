@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,6 +62,7 @@ def prepare(model, p: StageSettings, input_ref: str | None):
                 m.lora_A["default"].weight.copy_(A.to(m.lora_A["default"].weight.dtype))
                 m.lora_B["default"].weight.copy_(B.to(m.lora_B["default"].weight.dtype))
     out._ptqlib_residual = residual
+    weakref.finalize(out, shutil.rmtree, residual, True)  # gone with the model if save never runs (a failed stage)
     return out
 
 
