@@ -293,8 +293,10 @@ def _write(gguf, model: nn.Module, tokenizer, cfg, tmp: str, type: str, lossy: b
     writer.close()
 
 
-def read_tensors(path: str | Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """De-quantize tensors of a GGUF file with the ``gguf`` package's own reader -> float32 ``(rows, cols)``.
+def read_tensors(path: str | Path, names: list[str] | None = None,
+                 types: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """De-quantize tensors of a GGUF file with the ``gguf`` package's own reader -> float32 ``(rows, cols)``;
+    ``types``, if given, receives each read tensor's stored type (``Q4_K``, ``F32``, ...).
 
     One reader for all: parsing a file's metadata (a 49k-token vocabulary) costs seconds.
     """
@@ -307,6 +309,8 @@ def read_tensors(path: str | Path, names: list[str] | None = None) -> dict[str, 
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
             out[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(
                 [int(x) for x in reversed(t.shape.tolist())])
+            if types is not None:
+                types[t.name] = t.tensor_type.name
     missing = set(names or []) - set(out)
     if missing:
         raise KeyError(f"{path}: no tensors {sorted(missing)}")

@@ -28,12 +28,11 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .blocks import _rope_rows
-from .gguf import _LAYER_NAMES, ExportReport, TensorReport
+from .gguf import _LAYER_NAMES, ExportReport, TensorReport, read_tensors
 from .types import ExportError
 
 # type name -> (llama_ftype value, nominal bits): llama.h's LLAMA_FTYPE_MOSTLY_* (a stable ABI enum)
@@ -103,21 +102,13 @@ def gguf_names(model: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]]:
 def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     """Copy the de-quantized tensors of the GGUF file ``path`` into ``model`` (float layers, the same
     architecture as the exported one) -> {GGUF tensor name: its type}; every mapped weight must be in the file."""
-    import gguf
-
     names = gguf_names(model)
     params = dict(model.named_parameters())
-    wanted = {g for g, _ in names.values()}
-    types = {}
-    tensors = {}
-    for t in gguf.GGUFReader(str(path)).tensors:  # one reader: parsing the vocabulary costs seconds
-        if t.name in wanted:
-            types[t.name] = t.tensor_type.name
-            tensors[t.name] = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-                                               ).reshape([int(x) for x in reversed(t.shape.tolist())])
-    missing = wanted - set(tensors)
-    if missing:
-        raise ExportError(f"{path}: no tensors {sorted(missing)}; it is not an export of this architecture")
+    types: dict[str, str] = {}
+    try:
+        tensors = read_tensors(path, [g for g, _ in names.values()], types)
+    except KeyError as e:
+        raise ExportError(f"{e.args[0]}; it is not an export of this architecture") from e
     for hf, (gname, rows) in names.items():
         w = tensors[gname]
         if rows is not None:  # the export wrote row rows[k] at k: put it back

@@ -50,8 +50,10 @@ def prepare(model, p: StageSettings, input_ref: str | None):
                                                        m.lora_B["default"].weight.detach().clone())
                  for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
     residual = Path(tempfile.mkdtemp(prefix="ptqlib-pissa-"))
-    peft_model.unload().save_pretrained(residual)  # W_res, no adapter (peft_model is spent)
-    base = _load_residual(residual, p.method == "qpissa")
+    base = peft_model.unload()  # W_res, no adapter (peft_model is spent)
+    base.save_pretrained(residual)
+    if p.method == "qpissa":
+        base = _nf4_residual(residual)
     out = lora.prepare(base, SimpleNamespace(**{**vars(p), "method": "qlora" if p.method == "qpissa" else "lora"}),
                        input_ref)
     with torch.no_grad():
@@ -66,16 +68,13 @@ def prepare(model, p: StageSettings, input_ref: str | None):
     return out
 
 
-def _load_residual(residual: Path, quantize: bool):
-    """The float residual model, or its bitsandbytes NF4 quantization (made from it, so the same codes each time)."""
-    import torch
+def _nf4_residual(residual: Path):
+    """The float residual's bitsandbytes NF4 quantization (made from the saved residual: the same codes each time)."""
     from transformers import AutoModelForCausalLM
 
     from ptqlib import artifacts
     from ptqlib.methods.bnb import bnb_config
 
-    if not quantize:
-        return AutoModelForCausalLM.from_pretrained(residual, dtype=torch.float32).to(artifacts.default_device())
     return AutoModelForCausalLM.from_pretrained(residual, device_map=artifacts.default_device(),
                                                 quantization_config=bnb_config("nf4", _NF4.double_quant, _NF4.blocksize))
 
@@ -90,7 +89,7 @@ def save(model, tokenizer, p: StageSettings, output_dir, input_ref: str) -> dict
     base_dir = Path(output_dir) / "base"
     try:
         if p.method == "qpissa":
-            bnb.save(_load_residual(residual, True), tokenizer, _NF4, base_dir)
+            bnb.save(_nf4_residual(residual), tokenizer, _NF4, base_dir)
             info = {"type": "bnb", "path": "model", "method": _NF4.method}
         else:
             shutil.copytree(residual, base_dir / "model")

@@ -233,23 +233,32 @@ def verdict(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None = No
     return row
 
 
+def ref_units(claim: Claim, results: pd.DataFrame, units, ra, rb, pairs) -> tuple | str:
+    """A recovered-fraction claim's reference: ``(num, den, its runs)`` paired as a's seeds (a reference that does
+    not train: its one run with every seed), or why there is none (an undecided verdict)."""
+    rr = _runs(results, claim.ref)
+    by_a = dict(_seed_pairs(ra, rr)) if len(rr) else {}
+    kept = [(by_a[sa], sb) for sa, sb in pairs if sa in by_a]
+    if not kept:
+        return "undecided (no ref data)"
+    if len(kept) != len(pairs):
+        return "undecided (ref lacks some of the paired seeds)"
+    data = _paired(Claim(claim.claim, claim.ref, claim.b, claim.metric), results, units, rr, rb, kept)
+    return data if isinstance(data, str) else (data[0], data[1], rr)
+
+
 def _recovered(claim: Claim, row: dict, results: pd.DataFrame, units, ra, rb, pairs, data) -> dict:
     """A recovered-fraction claim's row: ``difference`` is ``(a - b) / (ref - b)`` with its Fieller interval,
     ``se`` / ``df`` the delta method's, and the p-values the t tests of ``(a - b) - m (ref - b)``; the ref runs
     pair with a's seeds (a ref that does not train: its one run with every seed)."""
     from ptqlib.report.recovered import p_recovers, recovered_interval
 
-    rr = _runs(results, claim.ref)
-    ref_pairs = _seed_pairs(ra, rr) if len(rr) else []
-    by_a = dict(ref_pairs)
-    kept = [(sa, sb, by_a[sa]) for sa, sb in pairs if sa in by_a]
-    ref = Claim(claim.claim, claim.ref, claim.b, claim.metric)
-    data_r = _paired(ref, results, units, rr, rb, [(sr, sb) for _, sb, sr in kept]) if kept else "undecided (no ref data)"
-    if isinstance(data_r, str) or len(kept) != len(pairs):
-        row["verdict"] = data_r if isinstance(data_r, str) else "undecided (ref lacks some of the paired seeds)"
+    data_r = ref_units(claim, results, units, ra, rb, pairs)
+    if isinstance(data_r, str):
+        row["verdict"] = data_r
         return row
     num_a, den_a, num_b, den_b, st = data
-    a, b, r = (num_a, den_a), (num_b, den_b), (data_r[0], data_r[1])
+    a, b, r, rr = (num_a, den_a), (num_b, den_b), (data_r[0], data_r[1]), data_r[2]
     sign = -1.0 if lower_is_better(claim.metric) else 1.0
     iv = recovered_interval(a, b, r, st, sign)
     row.update(ref=claim.ref, mean_ref=st(r[0].ravel(), r[1].ravel()), n_seeds=len(pairs),

@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import stats
 
 from ptqlib.metrics import lower_is_better
-from ptqlib.report.claims import MIN_SEEDS, Claim, _paired, _runs, _seed_pairs, _trains, decide
+from ptqlib.report.claims import MIN_SEEDS, Claim, _paired, _runs, _seed_pairs, _trains, decide, ref_units
 from ptqlib.report.inference import LEVEL, effective_units, influence
 
 MAX_SEEDS = 200  # beyond this a claim counts as not decidable by seeds
@@ -132,7 +132,7 @@ def _plan_row(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None, c
     d, diff = pa - pb, float(va - vb)
     rel, margin = claim.relation, claim.min_effect
     if claim.ref:  # "(a - b) / (ref - b) > m" is the contrast claim "(a - b) - m (ref - b) > 0" (report.recovered)
-        ref = _ref_data(claim, results, units, ra, rb, pairs)
+        ref = ref_units(claim, results, units, ra, rb, pairs)
         if isinstance(ref, str):
             return row | {"note": ref}
         vr, pr = influence(ref[0], ref[1], st)
@@ -163,17 +163,6 @@ def _plan_row(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None, c
     if not math.isnan(row["seed_cpu_s"]):
         row["extra_cpu_h"] = row["extra_seeds"] * row["seed_cpu_s"] / 3600
     return row
-
-
-def _ref_data(claim: Claim, results: pd.DataFrame, units, ra, rb, pairs) -> tuple | str:
-    """A recovered-fraction claim's ref units, paired as a's seeds (``claims._recovered``), or why none."""
-    rr = _runs(results, claim.ref)
-    by_a = dict(_seed_pairs(ra, rr)) if len(rr) else {}
-    if any(sa not in by_a for sa, _ in pairs):
-        return f"no runs of {claim.ref} at every paired seed"
-    data = _paired(Claim(claim.claim, claim.ref, claim.b, claim.metric), results, units, rr, rb,
-                   [(by_a[sa], sb) for sa, sb in pairs])
-    return data if isinstance(data, str) else (data[0], data[1])
 
 
 def _why_undecidable(relation: str, min_effect: float, signed: float, comp, N: int) -> str:
