@@ -5,6 +5,10 @@ Task names (the ``task`` key of a study):
   example has a reference answer with 7 fields, so exact match, field F1 and factual
   consistency (are the numbers and names in the output in the transcript?) are measurable.
   The transcript mentions a list price and a negotiated price, so copying is not enough.
+  ``meetings-hard``: the same fields, revised during the call (the studies' generated task).
+- ``stdlib-docstrings``: real, human-written text: a standard-library function without its
+  docstring -> the docstring's summary as its author wrote it (``ptqlib.docstrings``). Its examples
+  carry their module as ``doc``, so its intervals cluster by source document.
 - ``jsonl:<path>``: the user's own prompt / completion pairs, one JSON object a line.
 - ``hf:<dataset>[:<config>]``: a hub dataset through ``datasets`` (online machines only).
 
@@ -23,7 +27,7 @@ from pathlib import Path
 
 from ptqlib.errors import ConfigError
 
-TASKS = ("meetings", "meetings-hard")
+TASKS = ("meetings", "meetings-hard", "stdlib-docstrings")
 TASK_PREFIXES = ("jsonl:", "hf:")
 SPLITS = ("train", "validation", "test")
 # seed bases of the generated tasks' splits: example i of a split is generated from base + i
@@ -32,12 +36,14 @@ MEETINGS_BASES = {"train": 0, "test": 1_000_000, "validation": 2_000_000}
 
 @dataclass
 class Example:
-    """One prompt / completion pair; ``source`` is the text the answer must be faithful to."""
+    """One prompt / completion pair; ``source`` is the text the answer must be faithful to, ``doc`` the
+    index of the source document it comes from (-1: none; examples of one document are not independent)."""
 
     prompt: str
     completion: str
     source: str = ""
     fields: dict[str, str] = field(default_factory=dict)
+    doc: int = -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +296,8 @@ def load_task(task: str, split: str, n: int) -> list[Example]:
     the three disjoint).
 
     ``meetings`` / ``meetings-hard``: generated from a seed range per split (:func:`meetings`);
-    train and test are unchanged by the validation split. ``jsonl:`` / ``hf:``: by line / row
+    train and test are unchanged by the validation split. ``stdlib-docstrings``: split by module
+    (``docstrings.split_of``), the first ``n`` spread over the split's modules. ``jsonl:`` / ``hf:``: by line / row
     index, so the splits are stable when lines are appended; test is every 5th line (hub: every
     10th row), as before, and validation is carved out of what was train (every 5th line from
     line 1; hub: every 10th row from row 5). So these tasks train on 3/5 (8/10) of the data
@@ -303,6 +310,11 @@ def load_task(task: str, split: str, n: int) -> list[Example]:
     check_task(task)
     if task in ("meetings", "meetings-hard"):
         return meetings(split, n, hard=task == "meetings-hard")
+    if task == "stdlib-docstrings":
+        from ptqlib import docstrings
+
+        return [Example(prompt=docstrings.prompt(r["code"]), completion=r["summary"], source=r["code"], doc=r["doc"])
+                for r in docstrings.extract()[split][:n]]
     if task.startswith("jsonl:"):
         rows = read_jsonl(task[len("jsonl:"):])
         out = [e for i, e in enumerate(rows) if _jsonl_split(i, len(rows)) == split]
@@ -311,6 +323,17 @@ def load_task(task: str, split: str, n: int) -> list[Example]:
                               "(every 5th line from line 1 is validation)")
         return out[:n]
     return _hf_examples(task[len("hf:"):], split)[:n]
+
+
+def task_digest(task: str) -> str | None:
+    """A digest of a task's content where it depends on this machine (the interpreter's standard library
+    for ``stdlib-docstrings``): it enters the stage ids, so other content never reuses a run. None for the
+    generated tasks (their content is the code's) and user files."""
+    if task == "stdlib-docstrings":
+        from ptqlib import docstrings
+
+        return docstrings.digest()
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

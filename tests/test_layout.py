@@ -24,7 +24,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "ptqlib"
 LAYERS = [
     ["ptqlib.errors", "ptqlib.files", "ptqlib.hub", "ptqlib.seeding"],
-    ["ptqlib.metrics", "ptqlib.relations", "ptqlib.precision", "ptqlib.text", "ptqlib.data", "ptqlib.models",
+    ["ptqlib.metrics", "ptqlib.relations", "ptqlib.precision", "ptqlib.text", "ptqlib.data", "ptqlib.docstrings",
+     "ptqlib.models",
      "ptqlib.tiny", "ptqlib.artifacts", "ptqlib.quant", "ptqlib.adapters", "ptqlib.methods", "ptqlib.deploy"],
     ["ptqlib.study"],
     ["ptqlib.engine"],

@@ -176,6 +176,8 @@ def _score_task(texts: list[str], examples: list[Example], n_tokens: int, second
     """
     refs, sources = [e.completion for e in examples], [e.source for e in examples]
     units["task"] = example_scores(texts, refs, sources)
+    if any(e.doc >= 0 for e in examples):  # examples of one source document: a cluster in the claims' interval
+        units["task"]["doc"] = [float(e.doc) for e in examples]
     metrics.update(task_scores(texts, refs, sources))
     metrics["gen_tokens_per_s"] = n_tokens / seconds if seconds else math.nan
     metrics["gen_tokens"] = n_tokens

@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from ptqlib.data import task_digest
 from ptqlib.study.kinds import KINDS, id_params, quantizes
 from ptqlib.study.pipeline import Study
 
@@ -38,6 +39,9 @@ def stage_id(kind: str, params: dict, input_id: str | None, model: str, task: st
     key: dict = {"kind": kind, "params": params, "input": input_id or {"model": model}}
     if KINDS[kind].reads_task:
         key["task"] = task  # quantize calibrates on pydoc text: the task does not change it
+        content = task_digest(task)
+        if content:  # a task read from this machine's files (stdlib-docstrings: the interpreter's library)
+            key["task_data"] = content
     if KINDS[kind].draws:
         key["seed"] = seed  # training; a calibration draw's seed is a parameter (calib_seed)
         if task.startswith(("jsonl:", "hf:")):

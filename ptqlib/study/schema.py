@@ -118,7 +118,7 @@ def _name(path: Path, raw: dict) -> str:
 
 def _header(path: Path, raw: dict, allow_network: bool) -> Header:
     """``model``, ``task``, ``seeds`` and ``selection_seed``, validated."""
-    from ptqlib.data import check_task
+    from ptqlib.data import TASKS, check_task
     from ptqlib.models import check_model_name
 
     models = raw.get("model", "smollm2-135m")
@@ -141,7 +141,7 @@ def _header(path: Path, raw: dict, allow_network: bool) -> Header:
             raise ConfigError(f"{path}: {key}: {', '.join(dup)} given twice; each value once (a repeat would be "
                               "counted as another replicate)")
     if not isinstance(task, str):
-        raise ConfigError(f"{path}: task: {task!r} is not a task name; valid: meetings, meetings-hard, "
+        raise ConfigError(f"{path}: task: {task!r} is not a task name; valid: {', '.join(TASKS)}, "
                           "'jsonl:<path>', 'hf:<dataset>[:<config>]'")
     try:
         check_task(task, allow_network=allow_network)

@@ -171,3 +171,16 @@ def test_chunked_scoring_gives_the_bits_of_the_whole_tensor():
         ce = torch.nn.functional.cross_entropy(lg[:, :-1].float().flatten(0, 1), x[:, 1:].flatten(), reduction="none")
         assert torch.equal(evaluate.next_token_nll(lg[:, :-1], x[:, 1:]), ce.view(b, L - 1))
         assert evaluate.window_nll(Fixed(lg), x)["nll"] == out["nll"]
+
+
+def test_task_units_carry_the_examples_documents_where_the_task_has_them(tiny):
+    """stdlib-docstrings examples come from modules: their units carry ``doc`` (the claims' interval clusters by
+    it, as perplexity's does by document); a generated task's units have none."""
+    model, tok = tiny
+    ex = load_task("stdlib-docstrings", "test", 4)
+    _, _, units = evaluate_model(model, tok, ex, ppl_samples=0, ppl_seq_len=32, max_new_tokens=2, batch_size=4,
+                                ppl_sources=())
+    assert units["task"]["doc"] == [float(e.doc) for e in ex] and min(units["task"]["doc"]) >= 0
+    _, _, units = evaluate_model(model, tok, load_task("meetings", "test", 2), ppl_samples=0, ppl_seq_len=32, ppl_sources=(),
+                                 max_new_tokens=2, batch_size=2)
+    assert "doc" not in units["task"]
