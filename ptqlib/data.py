@@ -325,6 +325,13 @@ def load_task(task: str, split: str, n: int) -> list[Example]:
     return _hf_examples(task[len("hf:"):], split)[:n]
 
 
+def primary_metric(task: str) -> str:
+    """The metric a task is scored by (``task_score`` in results and units, so one claim or selection reads each
+    task's own score in a study over several tasks): field F1 where the references are fields (the meetings
+    tasks), else ROUGE-L (stdlib-docstrings' summaries, user and hub tasks)."""
+    return "field_f1" if task in ("meetings", "meetings-hard") else "rouge_l"
+
+
 def task_digest(task: str) -> str | None:
     """A digest of a task's content where it depends on this machine (the interpreter's standard library
     for ``stdlib-docstrings``): it enters the stage ids, so other content never reuses a run. None for the

@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from ptqlib.data import parse_fields
+from ptqlib.data import parse_fields, primary_metric
 from ptqlib.text import TEXT_SOURCES
 
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?![\w])")
@@ -102,6 +102,13 @@ def example_scores(preds: list[str], refs: list[str], sources: list[str]) -> dic
     }
 
 
+def task_score(values: dict, task: str):
+    """The ``task_score`` of ``values`` (a record's metrics, or a task unit's scores) on ``task``: its primary
+    metric's value (``data.primary_metric``), None where that is not recorded. Read, not recorded, so records
+    written before the name existed serve a claim on it too."""
+    return values.get(primary_metric(task))
+
+
 @dataclass(frozen=True)
 class Statistic:
     """How a metric is computed from per-unit columns: ``transform(sum(num) / sum(den))``.
@@ -141,6 +148,7 @@ class Metric:
     needs: str = ""  # what the evaluate stage must do to record it: task, ppl, kl, speed, llama.cpp ("": always)
     source: str | None = None  # the held-out text source of a ppl / kl metric
     stage: str = "evaluate"  # the stage kind whose record holds it (results.csv: "<stage>.<name>" unless evaluate)
+    per_task: bool = False  # read as the task's own metric (task_score: data.primary_metric), not computed by a stage
 
     @property
     def column(self) -> str:
@@ -187,6 +195,9 @@ register(Metric("field_f1", "F1 of the (field, value) pairs", Statistic("task", 
                 shown="quality", plot="quality", needs="task"))
 register(Metric("rouge_l", "ROUGE-L F-measure", Statistic("task", "rouge_l"), bounded=True, shown="quality",
                 needs="task"))
+register(Metric("task_score", "the task's own score (data.primary_metric): field F1 on the meetings tasks, ROUGE-L on "
+                "stdlib-docstrings, jsonl and hf tasks; one name for a claim or selection over several tasks",
+                Statistic("task", "task_score"), bounded=True, needs="task", per_task=True))
 register(Metric("empty_outputs", "share of empty generations", Statistic("task", "empty_outputs"),
                 lower_is_better=True, needs="task"))
 register(Metric("fact_precision", "share of the output's numbers and names found in the source (micro-averaged)",
@@ -240,8 +251,9 @@ def ppl_statistic(name: str) -> Statistic | None:
 
 
 def task_statistics() -> dict[str, Statistic]:
-    """The task metrics (per-example units) -> their statistics, in registry order."""
-    return {n: m.statistic for n, m in METRICS.items() if m.statistic and m.statistic.group == "task"}
+    """The task metrics the evaluate stage computes (per-example units) -> their statistics, in registry order
+    (``task_score`` is read from them, not computed: :func:`task_score`)."""
+    return {n: m.statistic for n, m in METRICS.items() if m.statistic and m.statistic.group == "task" and not m.per_task}
 
 
 def task_scores(preds: list[str], refs: list[str], sources: list[str]) -> dict[str, float]:

@@ -115,3 +115,17 @@ def test_a_new_metric_is_one_register_call(monkeypatch):
     assert flags({"metric": "toy_f1", "mean_a": 0.0, "mean_b": 0.5}) == "a at floor (toy_f1 0.000)"
     res = pd.DataFrame({"family": ["x", "x"], "model": ["m", "m"], "toy_f1": [0.5, 0.7], "toy_seconds": [1.0, 2.0]})
     assert {"toy_f1", "toy_seconds"} <= {c[0] for c in summarise(res).columns}
+
+
+def test_task_score_reads_each_tasks_own_metric():
+    """One name for a claim or selection over several tasks: field F1 where the references are fields, ROUGE-L
+    elsewhere; read from what the stage recorded, never computed by it (records of before serve it too)."""
+    from ptqlib.data import primary_metric
+    from ptqlib.metrics import evaluate_metric_names, task_score, task_statistics
+
+    assert [primary_metric(t) for t in ("meetings", "meetings-hard", "stdlib-docstrings", "jsonl:x.jsonl")] == \
+        ["field_f1", "field_f1", "rouge_l", "rouge_l"]
+    rec = {"field_f1": 0.75, "rouge_l": 0.25}
+    assert task_score(rec, "meetings-hard") == 0.75 and task_score(rec, "stdlib-docstrings") == 0.25
+    assert task_score({}, "meetings") is None
+    assert "task_score" in evaluate_metric_names() and "task_score" not in task_statistics()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from ptqlib.data import primary_metric
 from ptqlib.errors import ConfigError
 
 
@@ -21,6 +22,8 @@ def recorded(runner) -> Callable[[str, str], float | None]:
         chain = runner.chains[pipeline]
         if all(runner.finished(s) for s in chain):
             metrics = runner.record(chain[-1]).get("metrics") or {}
+            if metric == "task_score":  # the task's own score (metrics.task_score): read, not recorded
+                metric = primary_metric(runner.nodes[chain[-1]].task)
             if metric not in metrics:  # load_study checked that the stage records it: an older or foreign record
                 raise ConfigError(
                     f"{runner.runs / chain[-1] / 'metrics.json'}: the validation record of selection pipeline "

@@ -12,6 +12,7 @@ import pandas as pd
 
 from ptqlib.files import write_atomic
 from ptqlib.metrics import lower_is_better, plotted, shown
+from ptqlib.report.cells import labelled
 from ptqlib.report.claims import check_claims
 from ptqlib.study.kinds import KINDS
 
@@ -261,6 +262,8 @@ def append_history(table: pd.DataFrame, results: pd.DataFrame, study_dir) -> boo
         m for v in results.get("machines", pd.Series(dtype=str)).fillna("").astype(str) for m in v.split(" | ") if m))
     seeds = " ".join(str(s) for s in sorted(set(pd.to_numeric(results["seed"], errors="coerce").dropna().astype(int))))
     new = table[["claim", "metric", "difference", "ci_low", "ci_high", "verdict", "verdict_holm"]].copy()
+    if "cell" in table:  # a study over several models or tasks: one row per claim and cell
+        new["claim"] = [labelled(c, cell) for c, cell in zip(table["claim"], table["cell"].fillna(""))]
     new.insert(0, "seeds", seeds)
     new.insert(0, "machines", machines or "unknown")
     new.insert(0, "commit", git_commit(ROOT) or "unknown")

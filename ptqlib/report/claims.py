@@ -40,6 +40,7 @@ import pandas as pd
 
 from ptqlib import relations
 from ptqlib.metrics import Statistic, bounded, lower_is_better, statistic
+from ptqlib.report.cells import per_cell
 from ptqlib.report.inference import holm, p_fails, p_holds, paired_interval
 
 MIN_SEEDS = 3  # paired seeds a claim on trained pipelines needs: fewer leave the seed variance unknown
@@ -291,15 +292,17 @@ def flags(row: dict) -> str:
 
 
 def check_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per claim (see :func:`verdict`), with Holm's adjustment over the claims given (one study's,
-    the family) in both directions, and the floor / ceiling flags.
+    """One row per claim (see :func:`verdict`), or per claim and cell in a study over several models or tasks
+    (``cells.per_cell``: a ``cell`` column), with Holm's adjustment over the rows (one study's, the family) in
+    both directions, and the floor / ceiling flags.
 
     Each tested claim enters Holm once, with the p-value of the direction its data favour,
     ``min(p_holds, p_fails)``; ``p_holm`` is that p-value adjusted. ``verdict_holm`` is "holds" or "does not
     hold" (the favoured direction) where ``p_holm < HOLM_ALPHA``, "undecided (after Holm)" where only the
     unadjusted verdict decided, and the unadjusted undecided verdict otherwise. Adjusting "holds" alone let
     four of the five "does not hold" verdicts of the committed studies stand on unadjusted p-values."""
-    rows = [verdict(Claim(**c), results, units) for c in claims]
+    rows = [{"claim": c["claim"], **({"cell": cell} if cell else {}), **verdict(Claim(**c), res, un)}
+            for c in claims for cell, res, un in per_cell(results, units, [c["a"], c["b"], c.get("ref")])]
     favoured = [min(r["p_holds"], r["p_fails"]) for r in rows]  # NaN where not tested
     for row, adjusted in zip(rows, holm(favoured)):
         row["p_holm"] = adjusted

@@ -4,7 +4,8 @@
 ``--check`` only compares (CI and tests/report/test_findings.py), so a finding is never copied by hand.
 Per study a line: how many claims there are, how many were tested (enough paired seeds and an
 interval), how many hold, how many hold and how many do not hold after Holm's correction over the
-study's claims (the study is the Holm family: every tested claim of it, both directions); then one
+study's claims (the study is the Holm family: every tested claim of it, both directions); a study over
+several models or tasks decides each claim per cell and says, per claim, in how many cells it holds; then one
 table of the claims decided after Holm, with their family, difference and 95% interval
 (docs/statistics.md). A claim flagged at the floor or ceiling of its metric (one side learned nothing,
 or both are at 1.000) says little and is left out of the table; the study's own README lists it.
@@ -18,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from ptqlib.files import write_atomic
+from ptqlib.report.cells import cell_counts, counts_text, labelled
 
 BEGIN, END = "<!-- findings:begin -->", "<!-- findings:end -->"
 NEEDED = ("claim", "tested", "metric", "difference", "ci_low", "ci_high", "verdict", "p_holds", "p_fails",
@@ -85,11 +87,18 @@ def decided_rows(name: str, table: pd.DataFrame) -> list[str]:
     adjusted p."""
     rows = []
     keep = table["verdict_holm"].isin(["holds", "does not hold"]) & ~_flagged(table)
-    for r in table[keep].itertuples():
+    cells = table["cell"].fillna("").astype(str) if "cell" in table else pd.Series("", index=table.index)
+    for r, cell in zip(table[keep].itertuples(), cells[keep]):
         ci = f"{_num(r.difference)} [{_num(r.ci_low)}, {_num(r.ci_high)}]"
-        rows.append(f"| {name} | {_cell(r.claim)} | `{_cell(r.tested)}` | {r.metric} | {r.verdict_holm} | {ci} "
-                    f"| {r.p_holm:.2g} |")
+        rows.append(f"| {name} | {_cell(labelled(r.claim, cell))} | `{_cell(r.tested)}` | {r.metric} | "
+                    f"{r.verdict_holm} | {ci} | {r.p_holm:.2g} |")
     return rows
+
+
+def cell_lines(table: pd.DataFrame) -> list[str]:
+    """For a study over several models or tasks: per claim, in how many cells it holds, does not hold or stays
+    undecided after Holm (``cells.cell_counts``): whether the finding generalises."""
+    return [f"  - {_cell(r.claim)}: {counts_text(r)}" for r in cell_counts(table).itertuples()]
 
 
 def _cell(text) -> str:
@@ -110,6 +119,7 @@ def render(reports: str | Path, relative_to: str | Path = ".") -> str:
         link = Path(os.path.relpath(path.parent / "index.html", Path(relative_to)))  # as the README links it
         try:
             lines.append(counts_line(path.parent.name, table, link.as_posix()) + run_line(path.parent))
+            lines += cell_lines(table)
             rows += decided_rows(path.parent.name, table)
         except (AttributeError, TypeError, ValueError, KeyError) as e:  # a hand-edited or truncated file
             raise ValueError(f"{path}: not a claims table as ptqlib writes it ({type(e).__name__}: {e}); re-decide it "

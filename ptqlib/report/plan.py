@@ -28,6 +28,7 @@ import pandas as pd
 from scipy import stats
 
 from ptqlib.metrics import lower_is_better
+from ptqlib.report.cells import labelled, per_cell
 from ptqlib.report.claims import MIN_SEEDS, Claim, _paired, _runs, _seed_pairs, _trains, decide, ref_units
 from ptqlib.report.inference import LEVEL, effective_units, influence
 
@@ -112,9 +113,15 @@ def _seed_cost(claim: Claim, results: pd.DataFrame, chains: dict[str, list[str]]
 
 def plan_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame | None,
                 chains: dict[str, list[str]] | None = None, kinds: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per claim: its variance components, the seeds that would decide it, and their CPU time."""
+    """One row per claim (per claim and cell over several models or tasks, ``cells.per_cell``: the claim's text
+    then carries its cell): its variance components, the seeds that would decide it, and their CPU time."""
     cost = stage_costs(results, chains or {}, kinds or {}) if chains else {}
-    return pd.DataFrame([_plan_row(Claim(**c), results, units, chains or {}, cost) for c in claims], columns=COLUMNS)
+    rows = []
+    for c in claims:
+        for cell, res, un in per_cell(results, units, [c["a"], c["b"], c.get("ref")]):
+            row = _plan_row(Claim(**c), res, un, chains or {}, cost)
+            rows.append({**row, "claim": labelled(row["claim"], cell)})
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def _plan_row(claim: Claim, results: pd.DataFrame, units: pd.DataFrame | None, chains: dict, cost: dict) -> dict:

@@ -25,7 +25,7 @@ from ptqlib.engine.record import complete, machine_label, versions_label
 from ptqlib.engine.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
 from ptqlib.errors import ConfigError
 from ptqlib.files import copy_atomic, write_atomic, write_json_atomic
-from ptqlib.metrics import METRICS
+from ptqlib.metrics import METRICS, task_score
 from ptqlib.study import selection
 from ptqlib.study.kinds import KINDS
 
@@ -67,6 +67,8 @@ def study_rows(runner: "Runner") -> list[dict]:
             prefix = node.kind + (str(seen_kinds[node.kind]) if seen_kinds[node.kind] > 1 else "")
             if KINDS[node.kind].implicit:  # the evaluate stage's metrics: results.csv's unprefixed columns
                 row.update({k: v for k, v in rec["metrics"].items()})
+                if (score := task_score(rec["metrics"], pl.task)) is not None:
+                    row["task_score"] = score
             else:
                 for k, v in rec["metrics"].items():
                     row[f"{prefix}.{k}"] = v
@@ -258,32 +260,30 @@ def write_results(runner: "Runner") -> Path:
 
 
 def write_units(runner: "Runner", kept: dict[str, list[dict]] | None = None) -> Path:
-    """``units.csv``: every finished pipeline run's per-unit scores (task examples, ppl windows).
-
-    One row per (pipeline run, group, unit); the columns are those of
-    ``metrics.example_scores`` and ``nll`` / ``tokens``. The claims' paired bootstrap reads it.
-    ``kept``: the rows of pipeline runs kept from the previous report (``keep_previous``).
+    """``units.csv``: every finished pipeline run's per-unit scores (task examples, ppl windows), one row per
+    (pipeline run, group, unit) with the columns of ``metrics.example_scores`` (and ``task_score``) and ``nll`` /
+    ``tokens``; the claims read it. ``kept``: the rows of runs kept from the previous report (``keep_previous``).
     """
     keys = ["pipeline", "family", "seed", "group", "unit"]
     rows: list[dict] = []
     for pl in runner.study.pipelines:
+        chain = runner.chains[pl.name]
         if selection.is_selection(pl):
             continue
-        chain = runner.chains[pl.name]
         if kept and pl.name in kept:
-            for row in kept[pl.name]:
-                keys += [c for c in row if c not in keys]
-            rows += kept[pl.name]
+            new = kept[pl.name]
+        elif all(runner.finished(s) for s in chain):
+            units = (runner.record(chain[-1]).get("outputs") or {}).get("units") or {}
+            new = [{"pipeline": pl.name, "family": pl.family, "seed": pl.seed, "group": group, "unit": i,
+                    **{c: v[i] for c, v in cols.items()}}
+                   for group, cols in units.items() for i in range(len(next(iter(cols.values()), [])))]
+        else:
             continue
-        if not all(runner.finished(s) for s in chain):
-            continue
-        units = (runner.record(chain[-1]).get("outputs") or {}).get("units") or {}
-        for group, cols in units.items():
-            keys += [c for c in cols if c not in keys]
-            for i in range(len(next(iter(cols.values()), []))):
-                row = {"pipeline": pl.name, "family": pl.family, "seed": pl.seed, "group": group, "unit": i}
-                row.update({c: v[i] for c, v in cols.items()})
-                rows.append(row)
+        for row in new:
+            if row["group"] == "task" and (score := task_score(row, pl.task)) not in (None, ""):
+                row["task_score"] = score  # the task's own score, one name over several tasks
+            keys += [c for c in row if c not in keys]
+        rows += new
     return _write_csv(runner.reports / "units.csv", keys, rows)
 
 

@@ -23,10 +23,11 @@ from ptqlib.study.pipeline import Pipeline, Stage
 
 @dataclass(frozen=True)
 class Header:
-    """What every pipeline of a study shares: its models, task, seeds and the selections' seed."""
+    """What every pipeline of a study shares: its models and tasks (a study sweeps both: each (model, task) is a
+    cell, and a claim is decided per cell), seeds and the selections' seed."""
 
     models: list
-    task: str
+    tasks: list[str]
     seeds: list[int]
     selection_seed: int | None
 
@@ -174,7 +175,7 @@ def _build_stages(path, where: str, parsed, explicit, point: dict, seed: int, dr
 
 def expand_pipeline(path, pname: str, stages, header: Header, defaults: dict, sizes_cache: dict,
                     check_models: bool, allow_network: bool) -> tuple[list[Pipeline], list]:
-    """One entry of ``pipelines:`` -> (its runs: every model x grid point x seed x draw, its selections)."""
+    """One entry of ``pipelines:`` -> (its runs: every model x task x grid point x seed x draw, its selections)."""
     from ptqlib.models import linear_input_sizes, model_config
 
     where = f"pipelines.{pname}"
@@ -193,7 +194,7 @@ def expand_pipeline(path, pname: str, stages, header: Header, defaults: dict, si
     run_seeds = seeds + [sel_seed] if select and sel_seed is not None and sel_seed not in seeds else seeds
     pipelines: list[Pipeline] = []
     names: set[str] = set()
-    for model in header.models:
+    for model, task in ((m, t) for m in header.models for t in header.tasks):
         for point in _grid(axes) or [{}]:
             # a pipeline is replicated over the seeds when a stage draws from the seed: training,
             # or a calibration left at the pipeline's seed (each seed its own GPTQ draw)
@@ -209,6 +210,8 @@ def expand_pipeline(path, pname: str, stages, header: Header, defaults: dict, si
                                functools.partial(model_config, allow_network=allow_network), check_models, KINDS)
                 if len(header.models) > 1:
                     label["model"] = model
+                if len(header.tasks) > 1:
+                    label["task"] = task
                 if draws and len(run_seeds) > 1:
                     label["seed"] = seed
                 if n_draws > 1:
@@ -217,7 +220,7 @@ def expand_pipeline(path, pname: str, stages, header: Header, defaults: dict, si
                 if f"{pname}{suffix}" in names:
                     continue  # the same stages as another point (it differs only in an option not read here)
                 names.add(f"{pname}{suffix}")
-                pipelines.append(Pipeline(f"{pname}{suffix}", pname, str(model), header.task, int(seed), label, built))
+                pipelines.append(Pipeline(f"{pname}{suffix}", pname, str(model), task, int(seed), label, built))
     if not select:
         return pipelines, []
     return split_selection(path, pipelines, select, int(seeds[0] if sel_seed is None else sel_seed), set(seeds))

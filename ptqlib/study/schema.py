@@ -74,17 +74,18 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                                     allow_network)
         pipelines += pls
         selections += sels
-    if selections and header.task.startswith("jsonl:"):  # before any candidate trains, not at its validation evaluate
-        from ptqlib.data import load_task
+    for task in header.tasks if selections else []:  # before any candidate trains, not at its validation evaluate
+        if task.startswith("jsonl:"):
+            from ptqlib.data import load_task
 
-        try:
-            load_task(header.task, "validation", 1)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: task: {e}; the study selects a setting on the validation split") from None
+            try:
+                load_task(task, "validation", 1)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: task: {e}; the study selects a setting on the validation split") from None
     _check_names(path, pipelines)
     claims = checked_claims(path, raw)
     return Study(name, path, str(raw.get("description", "")), pipelines, claims,
-                 _notes(sizes_cache, header.task, allow_network), _executor(path, raw), selections=selections,
+                 _notes(sizes_cache, header.tasks, allow_network), _executor(path, raw), selections=selections,
                  final=_final(path, raw))
 
 
@@ -117,13 +118,14 @@ def _name(path: Path, raw: dict) -> str:
 
 
 def _header(path: Path, raw: dict, allow_network: bool) -> Header:
-    """``model``, ``task``, ``seeds`` and ``selection_seed``, validated."""
+    """``model`` and ``task`` (each a name or a list), ``seeds`` and ``selection_seed``, validated."""
     from ptqlib.data import TASKS, check_task
     from ptqlib.models import check_model_name
 
     models = raw.get("model", "smollm2-135m")
     models = models if isinstance(models, list) else [models]
-    task = raw.get("task", "meetings")
+    tasks = raw.get("task", "meetings")
+    tasks = tasks if isinstance(tasks, list) else [tasks]
     seeds = raw.get("seeds", [0])
     seeds = seeds if isinstance(seeds, list) else [seeds]
     if not seeds:
@@ -135,24 +137,27 @@ def _header(path: Path, raw: dict, allow_network: bool) -> Header:
     if sel_seed is not None and (isinstance(sel_seed, bool) or not isinstance(sel_seed, int) or sel_seed < 0):
         raise ConfigError(f"{path}: selection_seed: {sel_seed!r} is not an integer >= 0 (a seed no test pipeline uses, "
                           "e.g. 100)")
-    for key, values in (("seeds", seeds), ("model", models)):
+    for key, values in (("seeds", seeds), ("model", models), ("task", tasks)):
         dup = sorted({str(v) for v in values if values.count(v) > 1})
         if dup:
             raise ConfigError(f"{path}: {key}: {', '.join(dup)} given twice; each value once (a repeat would be "
                               "counted as another replicate)")
-    if not isinstance(task, str):
-        raise ConfigError(f"{path}: task: {task!r} is not a task name; valid: {', '.join(TASKS)}, "
-                          "'jsonl:<path>', 'hf:<dataset>[:<config>]'")
-    try:
-        check_task(task, allow_network=allow_network)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: task: {e}") from None
+    if not tasks:
+        raise ConfigError(f"{path}: task: an empty list runs nothing; give a task name or a list of them")
+    for task in tasks:
+        if not isinstance(task, str):
+            raise ConfigError(f"{path}: task: {task!r} is not a task name; valid: {', '.join(TASKS)}, "
+                              "'jsonl:<path>', 'hf:<dataset>[:<config>]'")
+        try:
+            check_task(task, allow_network=allow_network)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: task: {e}") from None
     try:
         for m in models:
             check_model_name(str(m))
     except ConfigError as e:
         raise ConfigError(f"{path}: model: {e}") from None
-    return Header(models, task, seeds, sel_seed)
+    return Header(models, tasks, seeds, sel_seed)
 
 
 def _defaults(path: Path, raw: dict) -> dict:
@@ -179,14 +184,15 @@ def _check_names(path: Path, pipelines: list[Pipeline]) -> None:
                               "'[...]', which grid points and seeds add)")
 
 
-def _notes(sizes_cache: dict, task: str, allow_network: bool) -> list[str]:
+def _notes(sizes_cache: dict, tasks: list[str], allow_network: bool) -> list[str]:
     """What a dry run could not check (a model not cached locally, a hub task)."""
     uncached = dict.fromkeys(k[1] if isinstance(k, tuple) else k for k, cfg in sizes_cache.items() if cfg is None)
     notes = [f"model {m!r} is not in the local cache: it will be fetched at run time (its group sizes are checked then)"
              for m in uncached]
-    if not allow_network and task.startswith("hf:"):
-        notes.append(f"task {task!r}: not checked for a local copy (--dry-run); a real run refuses it at once where "
-                     "it is not cached and the hub is off or unreachable")
+    for task in tasks if not allow_network else []:
+        if task.startswith("hf:"):
+            notes.append(f"task {task!r}: not checked for a local copy (--dry-run); a real run refuses it at once "
+                         "where it is not cached and the hub is off or unreachable")
     return notes
 
 

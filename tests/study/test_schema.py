@@ -419,6 +419,31 @@ def test_duplicate_models_are_refused(tmp_path):
         load_study(write(tmp_path, "model: [tiny, tiny]\npipelines:\n  a: []\n"))
 
 
+def test_a_study_over_tasks_runs_every_pipeline_on_each_task_with_its_own_ids_and_selection(tmp_path):
+    text = ("model: tiny\ntask: [meetings, stdlib-docstrings]\nseeds: [0]\npipelines:\n  base: []\n"
+            "  ft: [{finetune: {method: full, lr: {select: [1.0e-4, 1.0e-3], metric: task_score}}}]\n")
+    s = load_study(write(tmp_path, text))
+    base = [p for p in s.pipelines if p.family == "base"]
+    assert [(p.name, p.task) for p in base] == [("base[task=meetings]", "meetings"),
+                                                 ("base[task=stdlib-docstrings]", "stdlib-docstrings")]
+    nodes, chains = build_graph(s)
+    assert chains["base[task=meetings]"] != chains["base[task=stdlib-docstrings]"]  # the task enters the ids
+    # one selection per task: each task's own candidates, scored on its own validation split
+    assert sorted(sel.point.get("task") for sel in s.selections) == ["meetings", "stdlib-docstrings"]
+    one = load_study(write(tmp_path, "model: tiny\ntask: meetings\npipelines:\n  base: []\n", "one.yaml"))
+    assert chains["base[task=meetings]"] == build_graph(one)[1]["base"]  # a single task: its ids of before
+
+
+@pytest.mark.parametrize("tasks, expect", [
+    ("[meetings, meetings]", r"task: meetings given twice"),
+    ("[]", r"task: an empty list runs nothing"),
+    ("[meetings, sales]", r"task: unknown task 'sales'; valid: meetings, meetings-hard, stdlib-docstrings"),
+])
+def test_bad_task_lists_are_refused(tmp_path, tasks, expect):
+    with pytest.raises(ConfigError, match=expect):
+        load_study(write(tmp_path, f"model: tiny\ntask: {tasks}\npipelines:\n  a: []\n"))
+
+
 def test_claim_metrics_of_stages_and_lmeval_are_accepted(tmp_path):
     text = ("model: tiny\npipelines:\n  a: [{finetune: full}]\n  b: []\nclaims:\n"
             "  - {claim: c, a: a, b: b, metric: finetune.train_loss_last}\n"
