@@ -42,7 +42,7 @@ log = logging.getLogger("ptqlib.engine.runner")
 class Reporter(Protocol):
     """What the runner asks of a report writer (``ptqlib.report.tables`` is one)."""
 
-    def write_results(self, runner: "Runner") -> Path: ...
+    def write_results(self, runner: "Runner", interrupted: bool = False) -> Path | None: ...
 
     def analyse(self, runner: "Runner", force: bool = False) -> Path | None: ...
 
@@ -290,15 +290,20 @@ class Runner:
 
     def interrupted(self) -> str:
         """After Ctrl-C / SIGTERM: say which stages were cut short and what finished, and write
-        results.csv / units.csv for the finished pipelines (``ptqlib analyse`` renders the report)."""
+        results.csv / units.csv for the finished pipelines (``ptqlib analyse`` renders the report), unless
+        that would replace a complete report with an incomplete one."""
         running = list(self.progress.started) if self.progress else []
         done = sum(v == "ok" for v in self.done.values())
         if self.reporter is None:
             written = "results.csv not written (no reporter)"
         else:
             try:
-                self.reporter.write_results(self)
-                written = f"{self.reports / 'results.csv'} holds what finished; python -m ptqlib analyse renders the report"
+                if self.reporter.write_results(self, interrupted=True) is None:
+                    written = (f"{self.reports} left as it was (a complete report of an earlier run, which this "
+                               "run's incomplete rows would replace); the next run reports the finished stages")
+                else:
+                    written = (f"{self.reports / 'results.csv'} holds what finished; python -m ptqlib analyse "
+                               "renders the report")
             except Exception as e:  # noqa: BLE001 — interrupted anyway: say so, do not hide the interruption
                 written = f"results.csv not written ({e})"
         cut = ", ".join(f"{sid} {self.nodes[sid].label()}" for sid in running) or "none"

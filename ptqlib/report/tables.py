@@ -1,13 +1,11 @@
 """A study's results and report: ``results.csv``, ``units.csv``, the stage pages, ``index.html``.
 
 Reads the finished records of a ``Runner``'s graph; runs no stage (``python -m ptqlib analyse`` is this module alone).
-A pipeline run whose stages are not in ``runs/`` (a fresh clone, a cache cleaned or lost, another machine's runs)
-keeps its row from the report already in ``reports/<study>/`` when that row's evaluate stage id is the one the study
-computes now: the id hashes every parameter of the chain, so the row is the same computation. Failing that, it takes
-the row of another study's report under ``reports/`` with that evaluate stage id, as studies share ``runs/``
-(``previous_report``). The claims' statistics live in ``ptqlib.report.analysis``; the page is the ``04_analyse``
-notebook, executed by papermill and rendered without its code. Selection pipelines (``ptqlib.study.selection``) are no
-rows of ``results.csv`` / ``units.csv``: their validation scores are ``selection.csv``.
+A pipeline run whose stages are not in ``runs/`` keeps its row from the report already written
+(``ptqlib.report.previous``); an interrupted run never replaces a complete report with its partial one. The claims'
+statistics live in ``ptqlib.report.analysis``; the page is the ``04_analyse`` notebook, executed by papermill and
+rendered without its code. Selection pipelines (``ptqlib.study.selection``) are no rows of ``results.csv`` /
+``units.csv``: their validation scores are ``selection.csv``.
 """
 from __future__ import annotations
 
@@ -16,7 +14,6 @@ import hashlib
 import io
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +22,8 @@ from ptqlib.engine.record import complete, machine_label, versions_label
 from ptqlib.engine.stage import ROOT, kernel_manager_kwargs, render_html, short_error, stage_environment
 from ptqlib.errors import ConfigError
 from ptqlib.files import copy_atomic, write_atomic, write_json_atomic
-from ptqlib.metrics import METRICS, task_score
+from ptqlib.metrics import task_score
+from ptqlib.report.previous import PreviousReport, keep_previous, previous_report
 from ptqlib.study import selection
 from ptqlib.study.kinds import KINDS
 
@@ -84,150 +82,18 @@ def study_rows(runner: "Runner") -> list[dict]:
     return rows
 
 
-@dataclass
-class PreviousReport:
-    """The finished pipeline runs of the reports already written, as written."""
+def write_results(runner: "Runner", interrupted: bool = False) -> Path | None:
+    """results.csv, units.csv, selection.csv, the stage pages and study.json of ``runner``'s study -> results.csv.
 
-    rows: dict[str, dict]  # pipeline -> its results.csv row in this study's report (status ok)
-    units: dict[str, list[dict]]  # pipeline -> its units.csv rows
-    # evaluate stage id -> (study, results.csv row, units.csv rows) in the other studies' reports
-    others: dict[str, tuple[str, dict, list[dict]]] = field(default_factory=dict)
-
-
-def _read_report(reports: Path) -> tuple[dict[str, dict], dict[str, list[dict]]]:
-    rows: dict[str, dict] = {}
-    units: dict[str, list[dict]] = {}
-    if (reports / "results.csv").exists():
-        with open(reports / "results.csv", newline="", encoding="utf-8") as f:
-            rows = {r["pipeline"]: r for r in csv.DictReader(f) if r.get("status") == "ok" and r.get("eval_stage")}
-    if (reports / "units.csv").exists():
-        with open(reports / "units.csv", newline="", encoding="utf-8") as f:
-            for r in csv.DictReader(f):
-                units.setdefault(r["pipeline"], []).append(r)
-    return rows, units
-
-
-def _preference(d: Path) -> tuple:
-    """Which sibling report a shared evaluate stage id is taken from first: a study declared final (its run is
-    the one its findings stand on), then one whose rows name their machine, then name order."""
-    try:
-        final = bool(json.loads((d / "study.json").read_text()).get("final"))
-    except (OSError, ValueError):
-        final = False
-    try:
-        with open(d / "results.csv", newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
-        header = []  # a damaged report: last, and skipped with a warning when it is read
-    return (not final, "machines" not in header, d.name)
-
-
-def _differ(a: dict, b: dict) -> bool:
-    """Do two results rows of one evaluate stage id hold other scores (per-unit metrics both recorded; times and
-    sizes vary from run to run, and a report written before a metric existed lacks it)?"""
-    both = [m.name for m in METRICS.values() if m.statistic and a.get(m.name) not in (None, "")
-            and b.get(m.name) not in (None, "")]
-    return any(str(a[k]) != str(b[k]) and float(a[k]) != float(b[k]) for k in both)  # "nan" equals "nan"
-
-
-def previous_report(reports: Path) -> PreviousReport:
-    """Read ``results.csv`` and ``units.csv`` of ``reports`` (empty when absent) and of every
-    sibling study's report, indexed by evaluate stage id. Where several reports hold one id, the
-    declared-final study's wins, then a report that records its machines, then name order (the same
-    id computed on another CPU or by older code can hold other numbers: a warning names them)."""
-    rows, units = _read_report(reports)
-    found: dict[str, tuple[str, dict, list[dict]]] = {}
-    differ: dict[str, set[str]] = {}
-    if reports.parent.is_dir():
-        siblings = [d for d in reports.parent.iterdir()
-                    if d.resolve() != reports.resolve() and (d / "results.csv").exists()]
-        for d in sorted(siblings, key=_preference):
-            try:
-                orows, ounits = _read_report(d)
-            except (UnicodeDecodeError, csv.Error, KeyError) as e:  # another study's damaged report: not ours to fail on
-                log.warning("skipping %s: its results.csv / units.csv cannot be read (%s)", d, e)
-                continue
-            for pipeline, row in orows.items():
-                first = found.setdefault(row["eval_stage"], (d.name, row, ounits.get(pipeline, [])))
-                if first[0] != d.name and _differ(first[1], row):
-                    differ.setdefault(first[0], set()).add(d.name)
-    for taken, others in differ.items():
-        log.warning("reports %s hold evaluate stage ids of report %s with other numbers (another CPU or older "
-                    "code); where a row is taken from another study's report, %s's are used", ", ".join(sorted(others)),
-                    taken, taken)
-    return PreviousReport(rows, units, found)
-
-
-def keep_previous(runner: "Runner", rows: list[dict], prev: PreviousReport) -> dict[str, list[dict]]:
-    """Replace, in place, each unfinished row by the previous report's finished row of the same
-    pipeline and evaluate stage id, or else by another study's row of that evaluate stage id
-    (renamed to this pipeline); returns the kept pipelines' units.csv rows. The ``source`` column
-    says ``runs``, ``previous report`` or ``report <study>``."""
-    kept: dict[str, list[dict]] = {}
-    for i, row in enumerate(rows):
-        p = row["pipeline"]
-        old = prev.rows.get(p)
-        if row["status"] == "ok":
-            row["source"] = "runs"
-        elif old is not None and old["eval_stage"] == row["eval_stage"]:
-            rows[i] = {**old, "source": "previous report"}
-            kept[p] = prev.units.get(p, [])
-        elif row["eval_stage"] in prev.others:
-            study, old, units = prev.others[row["eval_stage"]]
-            # the same computation under another study's name: this study's names and grid, its values
-            own = {k: v for k, v in row.items() if k in ("pipeline", "family", "model", "task", "seed")
-                   or k.startswith("grid.")}
-            rows[i] = {**{k: v for k, v in old.items() if not k.startswith("grid.")}, **own,
-                       "source": f"report {study}"}
-            kept[p] = [{**u, "pipeline": p, "family": row["family"]} for u in units]
-        else:
-            row["source"] = "runs"
-    by_name = {r["pipeline"]: r for r in rows}
-    for p, units in kept.items():  # a units.csv cut short would be rewritten with the rows it lost
-        if why := _short_units(runner, by_name[p], units):
-            raise ConfigError(f"{runner.reports / 'units.csv'} (or the report it was kept from): pipeline {p!r} has "
-                              f"{why}; the file does not match its runs: restore it (git checkout) or re-run the "
-                              "stages (--fresh-report), nothing was rewritten")
-    # a row the study can no longer reproduce (its chain changed) and that nothing replaces
-    stale = [r["pipeline"] for r in rows if r["status"] != "ok" and r["pipeline"] in prev.rows
-             and r["pipeline"] not in kept]
-    if kept:
-        log.info("kept %d pipeline runs from the reports in %s (same stage ids, stages not in %s): %s",
-                 len(kept), runner.reports.parent, runner.runs,
-                 ", ".join(f"{r['pipeline']} ({r['source']})" for r in rows if r["pipeline"] in kept))
-    if stale:
-        log.warning("dropped %d pipeline runs of the previous report whose stages the study file has since "
-                    "changed (another evaluate stage id): %s", len(stale), ", ".join(stale))
-    return kept
-
-
-def _short_units(runner: "Runner", row: dict, units: list[dict]) -> str:
-    """What a kept pipeline run's units lack against its own results row ("" when complete): as many task
-    examples as its ``task_examples``, and for each perplexity it reports, its evaluate stage's ``ppl_samples``
-    windows."""
-    ev = runner.nodes[runner.chains[row["pipeline"]][-1]].params
-    count: dict[str, int] = {}
-    for u in units:
-        count[str(u.get("group", ""))] = count.get(str(u.get("group", "")), 0) + 1
-    short = []
-    for src in ev.get("ppl_sources", []):
-        g = "ppl" if src == "pydoc" else f"ppl_{src}"
-        if row.get(g) not in (None, "") and count.get(g, 0) != ev["ppl_samples"]:
-            short.append(f"{count.get(g, 0)} of {ev['ppl_samples']} {g} windows")
-    try:
-        n = float(row.get("task_examples"))
-    except (TypeError, ValueError):  # absent or empty: no generation
-        n = float("nan")
-    if n == n and count.get("task", 0) != int(n):
-        short.append(f"{count.get('task', 0)} of {int(n)} task examples")
-    return "; ".join(short)
-
-
-def write_results(runner: "Runner") -> Path:
+    ``interrupted`` (Ctrl-C, SIGTERM): a run cut short does not replace a complete report (every row ok, as a
+    declared-final one is) with its incomplete rows; it writes nothing and returns None (its finished stages are
+    cached, and the next run reports them)."""
     runner.reports.mkdir(parents=True, exist_ok=True)
     prev = previous_report(runner.reports) if runner.keep_previous else PreviousReport({}, {})
     rows = study_rows(runner)
     kept = keep_previous(runner, rows, prev)
+    if interrupted and complete_report(runner.reports) and any(r["status"] != "ok" for r in rows):
+        return None
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -257,6 +123,16 @@ def write_results(runner: "Runner") -> Path:
         "runs_dir": str(runner.runs.resolve()), "final": runner.study.final,
         "claims": runner.study.claims, "pipelines": {p.name: runner.chains[p.name] for p in runner.study.pipelines}})
     return path
+
+
+def complete_report(reports: Path) -> bool:
+    """Does ``reports`` (one study's folder) hold a results.csv whose every row finished?"""
+    try:
+        with open(reports / "results.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return bool(rows) and all(r.get("status") == "ok" for r in rows)
 
 
 def write_units(runner: "Runner", kept: dict[str, list[dict]] | None = None) -> Path:

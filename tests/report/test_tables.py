@@ -192,7 +192,7 @@ def test_a_shared_stage_id_is_taken_from_the_declared_final_report_and_a_disagre
     import json
     import logging
 
-    from ptqlib.report.tables import previous_report
+    from ptqlib.report.previous import previous_report
 
     for name, f1, final in (("aaa", "0.88", False), ("zzz", "0.87", True)):
         d = tmp_path / name
@@ -218,3 +218,20 @@ def test_the_analysis_is_stale_when_the_verdicts_code_changes():
     code = analysis_code()
     for module in (claims, recovered, relations):
         assert Path(module.__file__).read_bytes() in code
+
+
+def test_an_interrupted_run_does_not_replace_a_complete_report(tmp_path):
+    """A run cut short after the study changed (new ids, some stages not run yet) leaves a complete report as it
+    was, so a declared-final report is never half replaced; without a complete report it writes what finished."""
+    r = _runner(tmp_path)
+    for p in r.study.pipelines:
+        _finish(r, p.name, [0.9, 0.8] if p.family == "ft16" else [0.1, 0.2])
+    tables.write_results(r)
+    before = (r.reports / "results.csv").read_bytes(), (r.reports / "units.csv").read_bytes()
+    assert tables.complete_report(r.reports)
+    changed = _runner(tmp_path, steps=6)  # ft16's ids change; only base is finished
+    assert tables.write_results(changed, interrupted=True) is None
+    assert ((r.reports / "results.csv").read_bytes(), (r.reports / "units.csv").read_bytes()) == before
+    assert tables.write_results(changed) is not None  # a run that ends reports what it has, failures marked
+    assert not tables.complete_report(r.reports)
+    assert tables.write_results(changed, interrupted=True) is not None  # nothing complete to keep: written
