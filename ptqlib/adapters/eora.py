@@ -22,6 +22,13 @@ Eigenvalues below ``eps * max(L)`` are raised to it (``H`` is singular when the 
 tokens than the layer has inputs, or dead channels): the directions with no input energy then weigh
 almost nothing, and ``P`` stays invertible, so full rank still gives ``dW`` exactly.
 
+CLoQ (Deng et al., "CLoQ: Enhancing Fine-Tuning of Quantized LLMs via Calibrated LoRA Initialization", arXiv
+2501.18475) initialises QLoRA from the minimiser of the same calibrated objective, in closed form, then trains:
+the product ``s B A`` is this one (the minimiser is unique where ``S_r > S_{r+1}``; any square root of ``H``
+gives it). ``split="even"`` puts ``S_r^{1/2}`` on each factor (``s B = U_r S_r^{1/2}``, ``A = S_r^{1/2} V_r^T
+P^{-1}``), so the two start at one scale, as PiSSA's factors do, for training; EoRA, which does not train, keeps
+``S_r`` on ``B``.
+
 Why not GPTQModel's EoRA: it needs a CUDA torch (see the developers' guide); peft has no EoRA.
 """
 from __future__ import annotations
@@ -40,15 +47,19 @@ def eigenbasis(H: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
 
 
 def eora_factors(dW: Tensor, H: Tensor, rank: int, scale: float = 1.0, eps: float = 1e-8,
-                 basis: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                 basis: tuple[Tensor, Tensor] | None = None, split: str = "eora") -> tuple[Tensor, Tensor]:
     """``(A (r, in), B (out, r))`` with ``scale * B @ A`` the rank-``rank`` correction of ``dW`` (out, in) that
     minimises the output error over inputs with second moment ``H = X^T X`` (in, in). float64 inside.
-    ``basis``: :func:`eigenbasis` of ``H`` when several layers share it (q, k and v read the same inputs)."""
+    ``basis``: :func:`eigenbasis` of ``H`` when several layers share it (q, k and v read the same inputs).
+    ``split``: ``eora`` (``S_r`` on ``B``) or ``even`` (``S_r^{1/2}`` on each, CLoQ's start; module docstring)."""
+    if split not in ("eora", "even"):
+        raise ValueError(f"split: {split!r} is not a split; valid: eora, even")
     root, QH = basis if basis is not None else eigenbasis(H, eps)
     U, S, Vh = torch.linalg.svd(dW.double() @ (QH * root), full_matrices=False)  # dW P, P = Q_H L^{1/2}
     r = min(rank, S.numel())
-    B = U[:, :r] * S[:r] / scale  # (out, r)
-    A = (Vh[:r] / root) @ QH.T  # (r, in): V_r^T L^{-1/2} Q_H^T
+    on_a = S[:r].sqrt() if split == "even" else torch.ones_like(S[:r])
+    B = U[:, :r] * (S[:r] / on_a) / scale  # (out, r)
+    A = (Vh[:r] * on_a[:, None] / root) @ QH.T  # (r, in): on_a V_r^T L^{-1/2} Q_H^T
     return A.to(dW.dtype), B.to(dW.dtype)
 
 

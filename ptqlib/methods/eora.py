@@ -2,6 +2,8 @@
 AutoRound, HQQ), every LoRA pair starts at the rank-r correction of the layer's quantization error in the
 eigenspace of its calibration inputs, computed from the float weights the base was quantized from.
 With ``steps: 0`` that is EoRA, training-free; with steps it is the start QLoRA then trains from (as LoftQ's is).
+``cloq`` is that start with the factors split evenly (CLoQ's calibrated initialisation, ``adapters.eora``) and
+trains, its steps those of any finetune stage.
 
 The calibration inputs are those of the float model (the quantize stage's input) on ``eora_samples``
 windows of pydoc's train text, the windows drawn from the stage's seeded stream (``ptqlib.seeding``), so
@@ -9,6 +11,7 @@ each pipeline seed is its own calibration draw, as GPTQ's is.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ptqlib.errors import check_positive
@@ -25,9 +28,11 @@ class EoRAOptions(lora.MergeOptions):
         check_positive("eora_seq_len", self.eora_seq_len)
 
 
-def eora_initialise(peft_model, float_ref: str, windows, adapter: str = "default", batch: int = 8) -> dict:
-    """Set every ``QuantLinear`` LoRA pair of ``peft_model`` to EoRA's correction, in place -> ``{layer: (output
-    error of Q, of Q + s B A)}``, each relative to the float layer's output energy over the windows."""
+def eora_initialise(peft_model, float_ref: str, windows, adapter: str = "default", batch: int = 8,
+                    split: str = "eora") -> dict:
+    """Set every ``QuantLinear`` LoRA pair of ``peft_model`` to EoRA's correction (``split``: see
+    ``adapters.eora.eora_factors``), in place -> ``{layer: (output error of Q, of Q + s B A)}``, each relative to
+    the float layer's output energy over the windows."""
     import torch
 
     from ptqlib import artifacts
@@ -56,7 +61,7 @@ def eora_initialise(peft_model, float_ref: str, windows, adapter: str = "default
             if id(H[name]) not in bases:
                 bases[id(H[name])] = eigenbasis(H[name])
             basis = bases[id(H[name])]
-            A, B = eora_factors(W - Q, H[name], r, s, basis=basis)
+            A, B = eora_factors(W - Q, H[name], r, s, basis=basis, split=split)
             a, b = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
             a.copy_(A.to(a.device, a.dtype))
             b.copy_(B.to(b.device, b.dtype))
@@ -65,7 +70,7 @@ def eora_initialise(peft_model, float_ref: str, windows, adapter: str = "default
     return errors
 
 
-def prepare(model, p: StageSettings, input_ref: str | None):
+def prepare(model, p: StageSettings, input_ref: str | None, split: str = "eora"):
     import torch
 
     from ptqlib import artifacts
@@ -79,10 +84,10 @@ def prepare(model, p: StageSettings, input_ref: str | None):
     tok = load_tokenizer(artifacts.float_model_dir(float_ref))
     windows = text_windows(tok, "train", p.eora_seq_len, p.eora_samples, seed=window_seed)
     model = lora.prepare(model, p, input_ref)  # LoRA pairs on the QuantLinear base
-    errors = eora_initialise(model, float_ref, windows)
+    errors = eora_initialise(model, float_ref, windows, split=split)
     before = sum(e[0] for e in errors.values()) / len(errors)
     after = sum(e[1] for e in errors.values()) / len(errors)
-    print(f"EoRA on {len(errors)} layers (rank {p.rank}, {p.eora_samples} x {p.eora_seq_len} calibration tokens): "
+    print(f"{'EoRA' if split == 'eora' else 'CLoQ start'} on {len(errors)} layers (rank {p.rank}, {p.eora_samples} x {p.eora_seq_len} calibration tokens): "
           f"mean relative output error {before:.3g} -> {after:.3g}")
     return model
 
@@ -93,3 +98,9 @@ register(FinetuneMethod("eora", "EoRA: the quantization error's rank-r correctio
                         can_merge=True, options=EoRAOptions,
                         why_needs="; EoRA corrects a QuantLinear grid from its de-quantized weights (rtn, gptq, awq, "
                                   "autoround, hqq); on nf4 / fp4 use loftq, the same idea without the inputs"))
+register(FinetuneMethod("cloq", "CLoQ: QLoRA from the calibrated closed-form start (EoRA's correction, its factors "
+                                "split evenly), then trained", needs="uniform", gives="adapter",
+                        prepare=functools.partial(prepare, split="even"), save=lora.save,
+                        settings=("steps", "rank", "alpha", "lr", "eora_samples"), can_merge=True, options=EoRAOptions,
+                        why_needs="; CLoQ calibrates a QuantLinear grid from its de-quantized weights (rtn, gptq, awq, "
+                                  "autoround, hqq); on nf4 / fp4 use loftq"))

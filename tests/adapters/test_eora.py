@@ -80,3 +80,23 @@ def test_layers_reading_one_input_share_one_sum():
     H = m.close()
     X = torch.cat([x.reshape(-1, 6) for x in xs]).double()
     assert H["q"] is H["k"] and torch.allclose(H["q"], X.T @ X) and H["o"] is not H["q"]
+
+
+def test_cloqs_start_is_the_calibrated_minimiser_by_cholesky_split_evenly():
+    """CLoQ's closed form written independently (H = R^T R by Cholesky: the rank-r minimiser of ||(dW - L) X^T||
+    is [dW R^T]_r R^{-T}) equals the even split's product; each factor then carries S_r^{1/2}, one scale."""
+    W, Q, X = _layer()
+    H, dW, r, s = X.T @ X, W - Q, 6, 2.0
+    A, B = eora_factors(dW, H, r, scale=s, split="even")
+    R = torch.linalg.cholesky(H).T  # upper: H = R^T R
+    U, S, Vh = torch.linalg.svd(dW @ R.T, full_matrices=False)
+    closed = torch.linalg.solve_triangular(R, ((U[:, :r] * S[:r]) @ Vh[:r]).T, upper=True).T  # [dW R^T]_r R^{-T}
+    assert torch.allclose(s * B @ A, closed, atol=1e-9 * float(dW.abs().max()))
+    A_e, B_e = eora_factors(dW, H, r, scale=s)
+    assert torch.allclose(B @ A, B_e @ A_e, atol=1e-10)  # EoRA's product: only the split differs
+    col, row = torch.linalg.norm(s * B, dim=0), torch.linalg.norm(A @ R.T, dim=1)  # in P's space: sqrt(S) each
+    assert torch.allclose(col, row, rtol=1e-8) and torch.allclose(col ** 2, S[:r], rtol=1e-8)
+    import pytest
+
+    with pytest.raises(ValueError, match="split: 'odd' is not a split; valid: eora, even"):
+        eora_factors(dW, H, r, split="odd")

@@ -75,3 +75,31 @@ def test_a_bitsandbytes_base_is_refused_with_its_reason(tmp_path):
     f.write_text("model: tiny\npipelines:\n  a: [{quantize: rtn}, {finetune: {method: eora, steps: -1}}]\n")
     with pytest.raises(ConfigError, match=r"steps: -1 must be an integer >= 0"):
         load_study(f)
+
+
+def test_cloq_starts_at_eoras_correction_split_evenly_and_then_trains(rtn_run):
+    """CLoQ on the same calibration windows starts at EoRA's product with other factors, and its steps train it."""
+    from ptqlib.data import load_task, sft_features
+    from ptqlib.methods.eora import eora_initialise
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 1024, (2, 32), generator=g)
+    windows = torch.randint(0, 1024, (4, 64), generator=g)
+    eora = finetune.prepare(artifacts.load(rtn_run, "cpu")[0], "eora", _params(), str(rtn_run), seed=3)
+    cloq = finetune.prepare(artifacts.load(rtn_run, "cpu")[0], "cloq", _params(method="cloq", steps=4, lr=1e-3),
+                            str(rtn_run), seed=3)
+    errors_e, errors_c = eora_initialise(eora, "tiny", windows), eora_initialise(cloq, "tiny", windows, split="even")
+    assert errors_c.keys() == errors_e.keys() and all(
+        errors_c[k] == pytest.approx(errors_e[k], rel=1e-6) for k in errors_e)  # the same output error left
+    key = "base_model.model.model.layers.0.mlp.down_proj.lora_{}.default.weight"
+    pe, pc = dict(eora.named_parameters()), dict(cloq.named_parameters())
+    assert not torch.allclose(pe[key.format("B")], pc[key.format("B")])
+    assert torch.allclose(pe[key.format("B")] @ pe[key.format("A")], pc[key.format("B")] @ pc[key.format("A")],
+                          atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(eora(x).logits, cloq(x).logits, atol=1e-4)
+    start = pc[key.format("A")].detach().clone()
+    tok = artifacts.load("tiny", "cpu")[1]
+    p = FinetuneParams(**_params(method="cloq", steps=4, lr=1e-3, batch_size=2, train_samples=8, max_length=128))
+    result = finetune.train(cloq, tok, sft_features(tok, load_task("meetings", "train", 8), 128), p, seed=3)
+    assert len(result["loss_history"]) == 4 and not torch.equal(start, pc[key.format("A")])

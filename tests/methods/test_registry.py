@@ -47,7 +47,7 @@ pipelines:
 def test_every_builtin_method_is_registered_once_in_the_studies_order():
     assert list(methods.quantize_methods()) == ["rtn", "gptq", "nf4", "fp4", "awq", "autoround", "hqq", "kquant"]
     assert list(methods.finetune_methods()) == ["full", "lora", "qlora", "dora", "qdora", "l4q", "qat_lora", "qblora", "qalora",
-                                                "qablora", "eora", "loftq", "pissa", "qpissa"]
+                                                "qablora", "eora", "cloq", "loftq", "pissa", "qpissa"]
     with pytest.raises(ValueError, match="registered twice: by ptqlib.methods.full and by .*test_registry"):
         methods.register(methods.FinetuneMethod("full", "another", "float", "float", lambda *a: None, print))
     with pytest.raises(ValueError, match="unknown fine-tuning method 'vera'; valid: full, lora"):
