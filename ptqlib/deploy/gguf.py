@@ -23,10 +23,13 @@ Why blocks are packed here: the ``gguf`` package quantizes floats (choosing its 
 exact export. Everything else (header, metadata, tensor layout, tokenizer) goes through
 ``gguf.GGUFWriter`` and ``gguf.SpecialVocab``.
 
-Architecture: Llama-style models (SmolLM2, the tiny test model). llama.cpp applies rotary
-embeddings to interleaved pairs where transformers rotates two halves, so the rows of the q
-and k projections are permuted per head (``_rope_rows``), as llama.cpp's own converter does;
-a row permutation moves whole rows, so it is exact for codes too.
+Architectures (``types.ARCHITECTURES``): Llama-style models (SmolLM2, the tiny test model), where llama.cpp
+applies rotary embeddings to interleaved pairs and transformers rotates two halves, so the rows of the q and k
+projections are permuted per head (``_rope_rows``), as llama.cpp's own converter does (a row permutation moves
+whole rows, so it is exact for codes too); and Gemma 3 (``gemma3``: QK-norm, pre- and post-norms, sliding and
+global layers), whose rotary halves llama.cpp keeps (NEOX), whose RMS norms compute ``x * (1 + w)`` (the file
+stores ``1 + w``, as llama.cpp's converter writes it) and whose layer pattern and rope bases llama.cpp fixes
+(``types.refusal`` says when a config differs).
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from torch import nn
 from ptqlib.quant.qlinear import QuantLinear
 
 from .blocks import _rope_rows, encode_exact, encode_float, exact_type
-from .types import ARCHITECTURES, TYPES, ExportError
+from .types import ARCHITECTURES, TYPES, ExportError, refusal, rope_theta
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,16 @@ _LAYER_NAMES = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
 }
+# transformers -> GGUF per llama.cpp architecture (LLM_ARCH_GEMMA3: QK-norm, a norm before and after each sublayer)
+LAYER_NAMES = {
+    "llama": _LAYER_NAMES,
+    "gemma3": {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "post_attention_norm",
+               "pre_feedforward_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "post_feedforward_layernorm": "post_ffw_norm"},
+}
+NORM_SHIFT = {"llama": 0.0, "gemma3": 1.0}  # Gemma's RMS norms scale by 1 + w: the file stores 1 + w
 
 
 @dataclass
@@ -106,19 +119,8 @@ class ExportReport:
 
 # ---- model -> file ----------------------------------------------------------------------------
 def _check_arch(cfg) -> None:
-    if cfg.model_type not in ARCHITECTURES:
-        raise ExportError(f"GGUF export supports Llama-style models (SmolLM2, tiny); got model_type {cfg.model_type!r}")
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if kind not in ("default", None):
-        raise ExportError(f"rope scaling {kind!r} is not mapped to GGUF metadata yet; valid: default")
-
-
-def _rope_theta(cfg) -> float:
-    rope = getattr(cfg, "rope_parameters", None)
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        return float(rope["rope_theta"])
-    return float(getattr(cfg, "rope_theta", 10000.0))
+    if why := refusal(cfg.to_dict()):
+        raise ExportError(f"cannot write this model to GGUF: {why}")
 
 
 def _linear_tensor(mod: nn.Module, name: str, rows: torch.Tensor | None, want: str, lossy: bool,
@@ -173,29 +175,41 @@ def _linear_tensor(mod: nn.Module, name: str, rows: torch.Tensor | None, want: s
 
 
 def _write_tokenizer(writer, tokenizer, report: ExportReport) -> None:
-    """Vocabulary, merges, special tokens and chat template (gguf.SpecialVocab reads the last three)."""
+    """Vocabulary, merges, special tokens and chat template (gguf.SpecialVocab reads the last three).
+
+    A byte-level BPE (SmolLM2, tiny) is llama.cpp's ``gpt2`` model; a SentencePiece-style BPE with byte
+    fallback (Gemma: ``▁``-marked pieces, ``<0xNN>`` bytes) its ``llama`` model, the pieces' scores their negated
+    ids (earlier pieces first; ptqlib's llama.cpp runtime tokenizes with the model's own tokenizer, so only
+    llama.cpp's own tokenizer would read them)."""
     import gguf
 
     n = len(tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    types = [int(gguf.TokenType.CONTROL) if i in special else int(gguf.TokenType.NORMAL) for i in range(n)]
-    writer.add_tokenizer_model("gpt2")
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    pt = backend.get("pre_tokenizer") or {}
+    spm = bool((backend.get("model") or {}).get("byte_fallback")) and pt.get("type") != "ByteLevel"
+    kinds = gguf.TokenType
+    types = [int(kinds.CONTROL) if i in special else int(kinds.UNKNOWN) if i == tokenizer.unk_token_id
+             else int(kinds.BYTE) if spm and len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+             else int(kinds.NORMAL) for i, t in enumerate(tokens)]
+    writer.add_tokenizer_model("llama" if spm else "gpt2")
     # llama.cpp splits text before BPE with a named regex; byte-level BPE with GPT-2's split
     # (SmolLM2, the tiny model) is "gpt-2". Anything else gets llama.cpp's default split.
-    pt = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
-    if pt.get("type") == "ByteLevel" and pt.get("use_regex", True):
-        pre = "gpt-2"
+    if spm or (pt.get("type") == "ByteLevel" and pt.get("use_regex", True)):
+        pre = "default" if spm else "gpt-2"
     else:
         pre = "default"
         report.notes.append(f"pre-tokenizer {pt.get('type')!r} not mapped: llama.cpp's default split is used "
                             "(ptqlib's llama.cpp runtime tokenizes with the model's own tokenizer)")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
+    if spm:
+        writer.add_token_scores([-float(i) for i in range(n)])
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        sv = gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=n)
+        sv = gguf.SpecialVocab(Path(tmp), load_merges=not spm, n_vocab=n)
         sv.add_to_gguf(writer)
     writer.add_add_bos_token(False)  # ptqlib's prompts come from the chat template, which has no BOS
 
@@ -238,23 +252,9 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, type: str = "auto
 def _write(gguf, model: nn.Module, tokenizer, cfg, tmp: str, type: str, lossy: bool, name: str,
            report: ExportReport) -> None:
     """The GGUF file's header, key-values and tensors, to ``tmp``."""
+    arch = ARCHITECTURES[cfg.model_type]
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    writer = gguf.GGUFWriter(tmp, "llama")
-    writer.add_name(name)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(_rope_theta(cfg))
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type({"auto": gguf.LlamaFileType.MOSTLY_Q4_1, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16}[type])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer = _header(gguf, tmp, arch, cfg, type, name)
     _write_tokenizer(writer, tokenizer, report)
 
     def add_float(gname: str, t: torch.Tensor, gtype: str) -> None:
@@ -266,22 +266,22 @@ def _write(gguf, model: nn.Module, tokenizer, cfg, tmp: str, type: str, lossy: b
     body = inner.model
     add_float("token_embd.weight", body.embed_tokens.weight, "F16")
     for i, layer in enumerate(body.layers):
-        for hf_name, g_name in _LAYER_NAMES.items():
+        for hf_name, g_name in LAYER_NAMES[arch].items():
             mod = layer.get_submodule(hf_name)
             gname = f"blk.{i}.{g_name}.weight"
             if g_name.endswith("_norm"):
-                add_float(gname, mod.weight, "F32")
+                add_float(gname, mod.weight.float() + NORM_SHIFT[arch], "F32")
                 continue
-            rows = None
-            if g_name == "attn_q":
+            rows = None  # llama.cpp's Llama rotates interleaved pairs: q and k rows reordered per head
+            if g_name == "attn_q" and arch == "llama":
                 rows = _rope_rows(mod.out_features, n_head)
-            elif g_name == "attn_k":
+            elif g_name == "attn_k" and arch == "llama":
                 rows = _rope_rows(mod.out_features, n_kv)
             data, raw, bias = _linear_tensor(mod, gname, rows, type, lossy, report)
             writer.add_tensor(gname, data, raw_dtype=raw)
             if bias is not None:
                 add_float(gname.replace(".weight", ".bias"), bias, "F32")
-    add_float("output_norm.weight", body.norm.weight, "F32")
+    add_float("output_norm.weight", body.norm.weight.float() + NORM_SHIFT[arch], "F32")
     tied = getattr(cfg, "tie_word_embeddings", False)
     if not tied:
         data, raw, _ = _linear_tensor(inner.lm_head, "output.weight", None,
@@ -291,6 +291,33 @@ def _write(gguf, model: nn.Module, tokenizer, cfg, tmp: str, type: str, lossy: b
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
     writer.close()
+
+
+def _header(gguf, tmp: str, arch: str, cfg, type: str, name: str):
+    """A ``GGUFWriter`` for ``arch`` with the model's hyper-parameters as llama.cpp reads them."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer = gguf.GGUFWriter(tmp, arch)
+    writer.add_name(name)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch == "gemma3":  # the global layers' rope base; the sliding layers' (10000) is llama.cpp's own
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_freq_base(rope_theta(cfg.to_dict(), "full_attention"))
+        writer.add_sliding_window(cfg.sliding_window)
+    else:
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(rope_theta(cfg.to_dict()))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type({"auto": gguf.LlamaFileType.MOSTLY_Q4_1, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16}[type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return writer
 
 
 def read_tensors(path: str | Path, names: list[str] | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ptqlib.deploy.types import ARCHITECTURES as GGUF_ARCHITECTURES
+from ptqlib.deploy.types import refusal as gguf_refusal
 from ptqlib.errors import ConfigError
 from ptqlib.methods import finetune_methods, quantize_methods
 
@@ -35,13 +35,13 @@ def _check_against_config(path, where, stages: list[Stage], model: str, cache: d
                                   f"has positions ({limit}); valid: 1 to {limit}")
         if st.params.get("ppl_samples"):  # a stage that scores held-out windows
             _check_held_out(path, swhere, st.params, model)
-        if st.params.get("runtime") == "llama.cpp" and cfg.get("model_type") not in GGUF_ARCHITECTURES:
-            raise ConfigError(f"{path}: {swhere}.runtime: 'llama.cpp' runs a GGUF export, which ptqlib writes for "
-                              f"Llama-style models only; model {model!r} is {cfg.get('model_type')!r}: use runtime: torch")
+        if st.params.get("runtime") == "llama.cpp" and (why := gguf_refusal(cfg)):
+            raise ConfigError(f"{path}: {swhere}.runtime: 'llama.cpp' runs a GGUF export, which ptqlib cannot write "
+                              f"for model {model!r}: {why}; use runtime: torch")
         quantizer = quantize_methods().get(st.params.get("method")) if kinds[st.kind].makes_grid(st.params) else None
-        if quantizer is not None and quantizer.grid == "gguf" and cfg.get("model_type") not in GGUF_ARCHITECTURES:
-            raise ConfigError(f"{path}: {swhere}.method: {st.params['method']!r} quantizes a GGUF export, which ptqlib "
-                              f"writes for Llama-style models only; model {model!r} is {cfg.get('model_type')!r}")
+        if quantizer is not None and quantizer.grid == "gguf" and cfg.get("model_type") != "llama":
+            raise ConfigError(f"{path}: {swhere}.method: {st.params['method']!r} quantizes a GGUF export, which ptqlib reads "
+                              f"back into torch for Llama-style models only; model {model!r} is {cfg.get('model_type')!r}")
         unknown = [t for t in st.params.get("target_modules", []) if t not in layers]  # a stage with adapters
         if llama_like and unknown:
             raise ConfigError(f"{path}: {swhere}.target_modules: {', '.join(map(repr, unknown))} names no layer of "
