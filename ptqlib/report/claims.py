@@ -57,6 +57,7 @@ class Claim:
     relation: str = ">"
     min_effect: float = 0.0
     ref: str = ""  # a recovered-fraction claim: (a - b) / (ref - b) > min_effect (ptqlib.report.recovered)
+    exploratory: bool = False  # decided and shown, outside the study's Holm family (declared so in the study file)
 
 
 def _runs(results: pd.DataFrame, family: str) -> pd.DataFrame:
@@ -294,19 +295,24 @@ def flags(row: dict) -> str:
 def check_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per claim (see :func:`verdict`), or per claim and cell in a study over several models or tasks
     (``cells.per_cell``: a ``cell`` column), with Holm's adjustment over the rows (one study's, the family) in
-    both directions, and the floor / ceiling flags.
+    both directions, and the floor / ceiling flags. A claim declared ``exploratory`` is decided and shown but
+    left out of the family: its ``verdict_holm`` says so, and it makes no other claim's adjustment stricter.
 
     Each tested claim enters Holm once, with the p-value of the direction its data favour,
     ``min(p_holds, p_fails)``; ``p_holm`` is that p-value adjusted. ``verdict_holm`` is "holds" or "does not
     hold" (the favoured direction) where ``p_holm < HOLM_ALPHA``, "undecided (after Holm)" where only the
     unadjusted verdict decided, and the unadjusted undecided verdict otherwise. Adjusting "holds" alone let
     four of the five "does not hold" verdicts of the committed studies stand on unadjusted p-values."""
-    rows = [{"claim": c["claim"], **({"cell": cell} if cell else {}), **verdict(Claim(**c), res, un)}
+    rows = [{"claim": c["claim"], **({"cell": cell} if cell else {}), **verdict(Claim(**c), res, un),
+             **({"exploratory": True} if c.get("exploratory") else {})}
             for c in claims for cell, res, un in per_cell(results, units, [c["a"], c["b"], c.get("ref")])]
-    favoured = [min(r["p_holds"], r["p_fails"]) for r in rows]  # NaN where not tested
+    # NaN where not tested, or exploratory: outside the family, so it neither is adjusted nor widens the others
+    favoured = [math.nan if r.get("exploratory") else min(r["p_holds"], r["p_fails"]) for r in rows]
     for row, adjusted in zip(rows, holm(favoured)):
         row["p_holm"] = adjusted
-        if adjusted < HOLM_ALPHA:  # NaN compares False: a claim not tested is never decided
+        if row.get("exploratory"):
+            row["verdict_holm"] = f"{row['verdict']} (exploratory: outside Holm)"
+        elif adjusted < HOLM_ALPHA:  # NaN compares False: a claim not tested is never decided
             row["verdict_holm"] = "holds" if row["p_holds"] <= row["p_fails"] else "does not hold"
         elif row["verdict"] in ("holds", "does not hold"):
             row["verdict_holm"] = "undecided (after Holm)"

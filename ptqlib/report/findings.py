@@ -54,7 +54,9 @@ def counts_line(name: str, table: pd.DataFrame, link: str) -> str:
     why += [f"{n - tested - seeds} without data or interval"] if n - tested - seeds else []
     decided = table["verdict_holm"].isin(["holds", "does not hold"])
     flagged = int((decided & _flagged(table)).sum())
-    return (f"- **{name}** ([report]({link})): {n} claim{'s' if n != 1 else ''}; {tested} tested"
+    explore = int(table["verdict_holm"].astype(str).str.endswith("(exploratory: outside Holm)").sum())
+    return (f"- **{name}** ([report]({link})): {n} claim{'s' if n != 1 else ''}"
+            + (f" ({explore} exploratory, outside Holm)" if explore else "") + f"; {tested} tested"
             + (f" ({', '.join(why)})" if why else "") + f"; {int((table['verdict'] == 'holds').sum())} hold; "
             f"after Holm {int((table['verdict_holm'] == 'holds').sum())} hold, "
             f"{int((table['verdict_holm'] == 'does not hold').sum())} do not"

@@ -9,7 +9,7 @@ from ptqlib.errors import ConfigError
 from ptqlib.metrics import evaluate_metric_names, known_evaluate_metric
 from ptqlib.study.loader import check_keys as _check_keys
 
-CLAIM_KEYS = {"claim", "a", "b", "metric", "relation", "min_effect", "ref"}
+CLAIM_KEYS = {"claim", "a", "b", "metric", "relation", "min_effect", "ref", "exploratory"}
 
 
 def claim_metric(metric: str) -> bool:
@@ -52,6 +52,9 @@ def checked_claims(path, raw: dict) -> list[dict]:
             raise ConfigError(f"{path}: claims[{i}].ref: {c['ref']!r} with a {c['a']!r}, b {c['b']!r}, relation "
                               f"{c['relation']!r}: a recovered-fraction claim, (a - b) / (ref - b) > min_effect, needs "
                               "a ref other than a and b and relation '>' (min_effect: the fraction, e.g. 0.5)")
+        if not isinstance(c.get("exploratory", False), bool):
+            raise ConfigError(f"{path}: claims[{i}].exploratory: {c['exploratory']!r} must be true or false (true: "
+                              "decided and shown, outside the study's Holm family)")
         if c["a"] == c["b"]:
             raise ConfigError(f"{path}: claims[{i}]: a and b are both {c['a']!r}; a claim compares two pipelines "
                               "(a pipeline against itself 'holds' with p = 0)")

@@ -479,3 +479,18 @@ def test_a_study_without_claims_keeps_no_stale_claims(tmp_path):
     assert sorted(drop_claims(tmp_path)) == ["claims.csv", "plan.csv"]
     assert not (tmp_path / "claims.csv").exists() and (tmp_path / "history.csv").exists()
     assert drop_claims(tmp_path) == []
+
+
+def test_an_exploratory_claim_is_decided_outside_the_holm_family():
+    """Declared exploratory: its own verdict stands beside the others', it gets no adjusted p, and the confirmatory
+    claims are adjusted as if it were not there; the findings count it and leave it out of the decided table."""
+    from ptqlib.report.findings import counts_line, decided_rows
+
+    res, units = records(np.clip(BASE + 0.05 + NOISE, 0, 1), BASE)
+    alone = check_claims(claim(">"), res, units)
+    both = check_claims(claim(">") + [{**claim(">")[0], "claim": "c again", "exploratory": True}], res, units)
+    assert both["p_holm"][0] == alone["p_holm"][0]  # the family is the confirmatory claim alone
+    assert np.isnan(both["p_holm"][1]) and both["verdict"][1] == "holds"
+    assert both["verdict_holm"][1] == "holds (exploratory: outside Holm)"
+    assert "2 claims (1 exploratory, outside Holm); 2 tested" in counts_line("s", both, "x.html")
+    assert len(decided_rows("s", both)) == 1

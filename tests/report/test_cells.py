@@ -67,3 +67,4 @@ def test_the_plan_has_a_row_per_cell():
     plan = plan_claims(CLAIM, res, units)
     assert plan["claim"].tolist() == ["a beats b [model=m1, task=t1]", "a beats b [model=m2, task=t1]"]
     assert plan["n_units"].tolist() == [96, 96]
+
