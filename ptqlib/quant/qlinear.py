@@ -10,16 +10,21 @@ became fractional (QA-LoRA / QA-BLoRA merges, L4Q export) hold them in a float b
 ``fzeros (G, out)`` instead of ``qzeros`` (``float_zeros=True``); fzeros are kept in float32
 because after a merge they carry the adapter's whole contribution.
 
-Forward dequantizes the full weight on every call, in the input's dtype and on its device,
+In training, forward dequantizes the full weight on every call, in the input's dtype and on its device,
 and caches nothing weight-sized: memory stays at the packed size between calls, which is the
-point of a quantized base under LoRA training. That costs one unpack per call; fine for a
-study, a fused kernel (GPTQModel / vLLM) is the deployment path.
+point of a quantized base under LoRA training. That costs one unpack per call and another in backward
+(a third of a QLoRA step on SmolLM2 on a CPU); :func:`kept_dequantized` trades it for memory, keeping each
+layer's de-quantized weight across the steps (the same numbers: the codes are frozen). A fused kernel
+(GPTQModel / vLLM) is the deployment path.
 
 There is deliberately no ``.weight`` attribute: writes to a dequantized copy would be silently
 lost, and peft then sees the int32 ``qweight`` and keeps LoRA adapters in float32 (as for GPTQ).
 Use ``dequantize_weight()``.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -39,13 +44,13 @@ class _DequantMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, layer: "QuantLinear") -> Tensor:
         ctx.layer = layer
-        return torch.matmul(x, layer.dequantize_weight_t(x.dtype))
+        return torch.matmul(x, layer.training_weight_t(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        w_t = ctx.layer.dequantize_weight_t(grad_y.dtype)  # (in, out)
+        w_t = ctx.layer.training_weight_t(grad_y.dtype)  # (in, out)
         return torch.matmul(grad_y, w_t.t()), None
 
 
@@ -60,6 +65,7 @@ class QuantLinear(nn.Module):
     """
 
     cache_dequantized: bool = True
+    keep_in_training: bool = False  # also keep it in training (kept_dequantized): the same numbers, its float size
 
     def __init__(
         self,
@@ -227,6 +233,10 @@ class QuantLinear(nn.Module):
             self._w_cache = cache
         return cache[1]
 
+    def training_weight_t(self, dtype: torch.dtype) -> Tensor:
+        """``W_hat.T`` for a training forward or backward: kept across calls under ``keep_in_training``."""
+        return self._cached_weight_t(dtype) if self.keep_in_training else self.dequantize_weight_t(dtype)
+
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """``W_hat (out, in)`` in ``dtype`` (default: the scales' dtype)."""
         return self.dequantize_weight_t(dtype).t()
@@ -238,7 +248,8 @@ class QuantLinear(nn.Module):
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if torch.is_grad_enabled():
-            self._w_cache = None  # training: never hold a float copy of the weight
+            if not self.keep_in_training:
+                self._w_cache = None  # training: never hold a float copy of the weight
             y = _DequantMatmul.apply(x, self)
         elif self.cache_dequantized:
             y = torch.matmul(x, self._cached_weight_t(x.dtype))
@@ -310,3 +321,23 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         del model.config.quantization_config
     return model
+
+
+@contextlib.contextmanager
+def kept_dequantized(model: nn.Module, keep: bool = True) -> Iterator[list[int]]:
+    """Within the block every ``QuantLinear`` of ``model`` keeps its de-quantized weight across training steps
+    (``keep``), instead of de-quantizing in every forward and backward: the same products bit for bit (the codes
+    are frozen), one de-quantization per layer instead of two a step, for the float size of the weights. Yields
+    a list that holds, once the block ends, the bytes those weights took; the copies are dropped then."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)] if keep else []
+    held: list[int] = []
+    for m in layers:
+        m.keep_in_training = True
+    try:
+        yield held
+    finally:
+        held.append(sum(m._w_cache[1].numel() * m._w_cache[1].element_size() for m in layers
+                        if getattr(m, "_w_cache", None) is not None))
+        for m in layers:
+            m.keep_in_training = False
+            m._w_cache = None

@@ -20,6 +20,7 @@ import torch
 from ptqlib import artifacts
 from ptqlib.data import collate
 from ptqlib.engine.record import peak_rss_mb
+from ptqlib.quant.qlinear import kept_dequantized
 from ptqlib.stages.sft_loss import LabelledRowsHead, causal_lm_loss, shifted_targets
 
 if TYPE_CHECKING:
@@ -82,12 +83,16 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        with rows or contextlib.nullcontext(), attention_kernels("cuda" if cuda else "cpu"):
+        keep = p.base_cache == "on" or (p.base_cache == "auto" and not cuda)  # a GPU's memory is the scarce part
+        with rows or contextlib.nullcontext(), attention_kernels("cuda" if cuda else "cpu"), \
+                kept_dequantized(model, keep) as held:
             trainer.train()
         secs = time.perf_counter() - t0
     hist = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     model.eval()
-    return {"loss_history": hist, "metrics": _train_metrics(model, features, p, hist, secs, precision, cuda)}
+    metrics = _train_metrics(model, features, p, hist, secs, precision, cuda)
+    metrics["base_cache_mb"] = held[0] / 2**20  # what keeping a quantized base's float weights cost (0: nothing kept)
+    return {"loss_history": hist, "metrics": metrics}
 
 
 def _training_args(p: FinetuneParams, seed: int, output_dir: str, precision: str, labelled_loss: bool,

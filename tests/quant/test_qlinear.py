@@ -159,6 +159,39 @@ def test_training_forward_saves_no_weight_and_matches_dense():
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-4)
 
 
+def test_kept_dequantized_gives_the_same_gradients_once_per_layer_and_frees_after():
+    """Kept across training calls: the same output and input gradient bit for bit, one de-quantization for two
+    forward / backward passes (instead of four), the float size reported, nothing kept after the block."""
+    from ptqlib.quant.qlinear import kept_dequantized
+
+    layer, x = _random_layer(), torch.randn(5, 128)
+    model = nn.Sequential(layer)
+    calls = []
+    real = layer.dequantize_weight_t
+
+    def counted(dtype=None):
+        calls.append(dtype)
+        return real(dtype)
+
+    layer.dequantize_weight_t = counted
+    outs = []
+    for keep in (False, True):
+        calls.clear()
+        with kept_dequantized(model, keep) as held:
+            grads = []
+            for _ in range(2):
+                xi = x.clone().requires_grad_(True)
+                y = layer(xi)
+                (y ** 2).sum().backward()
+                grads.append((y.detach(), xi.grad))
+        outs.append(grads)
+        assert len(calls) == (1 if keep else 4)
+        assert held == [layer.in_features * layer.out_features * 4 if keep else 0]
+        assert getattr(layer, "_w_cache", None) is None and not layer.keep_in_training
+    for (y0, g0), (y1, g1) in zip(*outs):
+        assert torch.equal(y0, y1) and torch.equal(g0, g1)
+
+
 @pytest.mark.parametrize("permuted", [False, True])
 def test_fold_group_offset_adds_a_constant_per_row_and_group(permuted, device):
     """W' = W + D[o, g_idx[i]] with codes and scales untouched: the QA-LoRA merge's one operation."""
