@@ -222,14 +222,18 @@ def write_summary(results: pd.DataFrame, study_dir) -> pd.DataFrame:
 
 def write_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame | None, study_dir) -> pd.DataFrame:
     """:func:`check_claims` -> ``claims.csv`` (machine-readable); returns the table with an
-    ``interval`` column (``[lo, hi]`` as text, empty where there is none) for display."""
+    ``interval`` column (``[lo, hi]`` as text, empty where there is none) and each claim's text naming its cell
+    (a study over several models or tasks) for display."""
     from pathlib import Path
 
     table = check_claims(claims, results, units)
     write_atomic(Path(study_dir) / "claims.csv", table.to_csv(index=False))
     append_history(table, results, study_dir)
-    return table.assign(interval=[f"[{lo:+.3f}, {hi:+.3f}]" if not (math.isnan(lo) or math.isnan(hi)) else ""
-                                  for lo, hi in zip(table.ci_low, table.ci_high)])
+    shown = table.assign(interval=[f"[{lo:+.3f}, {hi:+.3f}]" if not (math.isnan(lo) or math.isnan(hi)) else ""
+                                   for lo, hi in zip(table.ci_low, table.ci_high)])
+    if "cell" in table:  # a study over several models or tasks: each row names its cell
+        shown["claim"] = [labelled(c, cell) for c, cell in zip(table["claim"], table["cell"].fillna(""))]
+    return shown
 
 
 def analysis_code() -> bytes:

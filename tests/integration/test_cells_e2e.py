@@ -58,3 +58,6 @@ def test_a_study_over_two_tasks_decides_each_claim_per_task(tmp_path):
     assert claims[2]["verdict"].startswith("undecided (needs >= 3 seeds")
     text = render(tmp_path / "reports", tmp_path)
     assert "  - RTN 2-bit raises prose perplexity: holds in " in text and " of 2 cells" in text
+    html = (rep / "index.html").read_text()  # the report names each row's cell, and compares within one cell
+    assert "RTN 2-bit raises prose perplexity [task=stdlib-docstrings]" in html
+    assert "(task=meetings) on 6 examples (task_score)" in html
