@@ -42,11 +42,12 @@ def main() -> None:
           f"on RTN 4-bit g{S.group_size}, {S.train_batch} x {S.train_seq} tokens, precision auto")
     per_step: dict[str, list[float]] = {"off": [], "on": []}
     for r in range(args.rounds):
-        for cache in ("off", "on"):
+        for cache in (False, True):
             tps = train_speed(qbase, tok, "qlora", "auto", args.steps, S.train_batch, S.train_seq, S.train_labelled,
                               rank=S.rank, alpha=S.alpha, base_cache=cache)
-            per_step[cache].append(S.train_batch * S.train_seq / tps)
-            print(f"  round {r + 1}, base_cache {cache}: {per_step[cache][-1]:.3f} s per step")
+            per_step["on" if cache else "off"].append(S.train_batch * S.train_seq / tps)
+            print(f"  round {r + 1}, base_cache {'on' if cache else 'off'}: "
+                  f"{per_step['on' if cache else 'off'][-1]:.3f} s per step")
     kept = sum(m.in_features * m.out_features for m in qbase.modules() if hasattr(m, "qweight"))
     off, on = min(per_step["off"]), min(per_step["on"])
     print(f"best s per step: off {off:.3f}, on {on:.3f}; kept weights {kept * 2 / 2**20:.0f} MiB in bf16")

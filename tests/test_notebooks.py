@@ -43,7 +43,7 @@ def test_every_notebook_has_a_tagged_parameters_cell_and_no_outputs():
 SHARED_Q = dict(bits=3, group_size=32, calib_samples=8, calib_seq_len=64, calib_seed=3, precision="fp32")
 SHARED_F = dict(steps=3, lr=1e-3, warmup_ratio=0.2, weight_decay=0.1, batch_size=2, grad_accum=2, max_length=64,
                 train_samples=8, rank=4, alpha=8.0, dropout=0.1, target_modules=["q_proj"], precision="fp32",
-                base_cache="off")
+                base_cache=True)
 CASES = [
     ("01_quantize", QuantizeParams, dict(method="gptq", **SHARED_Q, sym=True, sym_grid="max", group_grid="updated",
                                          act_order=True, static_groups=False, true_sequential=False, damp=0.05,

@@ -13,8 +13,8 @@ because after a merge they carry the adapter's whole contribution.
 In training, forward dequantizes the full weight on every call, in the input's dtype and on its device,
 and caches nothing weight-sized: memory stays at the packed size between calls, which is the
 point of a quantized base under LoRA training. That costs one unpack per call and another in backward
-(a third of a QLoRA step on SmolLM2 on a CPU); :func:`kept_dequantized` trades it for memory, keeping each
-layer's de-quantized weight across the steps (the same numbers: the codes are frozen). A fused kernel
+(about 5% of a QLoRA step on SmolLM2 on a 2-core CPU); :func:`kept_dequantized` trades it for memory, keeping
+each layer's de-quantized weight across the steps (the same numbers: the codes are frozen). A fused kernel
 (GPTQModel / vLLM) is the deployment path.
 
 There is deliberately no ``.weight`` attribute: writes to a dequantized copy would be silently

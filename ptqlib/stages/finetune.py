@@ -83,9 +83,8 @@ def train(model, tokenizer, features: list[dict], p: FinetuneParams, seed: int, 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        keep = p.base_cache == "on" or (p.base_cache == "auto" and not cuda)  # a GPU's memory is the scarce part
         with rows or contextlib.nullcontext(), attention_kernels("cuda" if cuda else "cpu"), \
-                kept_dequantized(model, keep) as held:
+                kept_dequantized(model, p.base_cache) as held:
             trainer.train()
         secs = time.perf_counter() - t0
     hist = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]

@@ -7,13 +7,13 @@ and the study schema can both read it without importing each other."""
 # the zero >= 1 rule that came with them changes no code of a cached stage (none had a zero of 0).
 # ``precision: fp32`` is what every stage computed before the setting existed; ``generation: generate`` is
 # transformers' ``generate``, the path of every evaluate stage before ptqlib's own loop (its bf16 outputs differ);
-# ``loftq_iter: 1`` is LoftQ's one alternating step, all it did before the setting existed; ``base_cache: auto``
-# keeps or recomputes a quantized base's de-quantized weights, the same numbers either way (only speed and memory).
+# ``loftq_iter: 1`` is LoftQ's one alternating step, all it did before the setting existed; ``base_cache: false``
+# recomputes a quantized base's de-quantized weights each step, as before (``true`` keeps them: the same numbers).
 ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated", "precision": "fp32"},
               "evaluate": {"runtime": "torch", "gguf_type": "auto", "gguf_lossy": False, "speed_prompts": 0,
                            "speed_tokens": 64, "precision": "fp32", "split": "test", "ppl_windows": "first",
                            "kl_reference": False, "generation": "generate"},
-              "finetune": {"pool_norm": "mean", "precision": "fp32", "loftq_iter": 1, "base_cache": "auto"}}
+              "finetune": {"pool_norm": "mean", "precision": "fp32", "loftq_iter": 1, "base_cache": False}}
 
 # The settings each method-bearing kind's parameters had for every method before methods declared
 # their own (``ptqlib.methods.Options``): every stage id made before carries them, so they stay in

@@ -12,7 +12,7 @@ from ptqlib.study.params import FinetuneParams
 
 @pytest.mark.parametrize("prec", ["fp32", "bf16"])
 def test_keeping_the_bases_dequantized_weights_trains_the_same_adapter(tiny, monkeypatch, prec):
-    """QLoRA on a 4-bit QuantLinear base, 3 steps with base_cache on and off: every adapter weight and logged loss
+    """QLoRA on a 4-bit QuantLinear base, 3 steps with base_cache on and off (the default): every adapter weight and logged loss
     equal bit for bit; on, the kept weights' size is recorded (the memory it costs), off, 0."""
     from ptqlib.data import load_task, sft_features
     from ptqlib.quant import rtn_quantize_model
@@ -24,7 +24,7 @@ def test_keeping_the_bases_dequantized_weights_trains_the_same_adapter(tiny, mon
     rtn_quantize_model(base, bits=4, group_size=32, progress=False)
     feats = sft_features(tok, load_task("meetings", "train", 8), 128)
     runs = []
-    for cache in ("on", "off"):
+    for cache in (True, False):
         p = FinetuneParams(method="qlora", steps=3, batch_size=2, lr=1e-3, precision=prec, base_cache=cache)
         m = finetune.prepare(copy.deepcopy(base), "qlora", p, seed=0)
         out = finetune.train(m, tok, feats, p, seed=0)

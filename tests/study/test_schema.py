@@ -100,6 +100,8 @@ def test_stage_id_is_content_addressed():
     ("model: tiny\nseeds: [0, one]\npipelines:\n  a: []\n", ["seeds", "'one'"]),
     ("model: tiny\npipelines:\n  a: []\nclaims: [{claim: x, a: a, b: a, metric: ppl, min_effect: -0.1}]\n",
      ["claims[0].min_effect", "-0.1", ">= 0"]),
+    ("model: tiny\npipelines:\n  a: [{quantize: rtn}, {finetune: {method: qlora, base_cache: maybe}}]\n",
+     ["base_cache", "'maybe'"]),
     ("model: tiny\npipelines:\n  a: []\n  b: []\nclaims: [{claim: x, a: a, b: b, metric: ppl, exploratory: maybe}]\n",
      ["claims[0].exploratory", "'maybe'", "true or false"]),
     # QA-* pool over the base's groups: a different group_size is refused, naming both values
