@@ -55,7 +55,7 @@ CASES = [
     ("01_quantize", QuantizeParams, dict(method="autoround", iters=50, round_lr=0.01, batch_size=4)),
     ("02_finetune", FinetuneParams, dict(method="qablora", **SHARED_F, group_size=32, pool=2, repeat=1,
                                          pool_norm="sum")),
-    ("02_finetune", FinetuneParams, dict(method="l4q", bits=3, group_size=32)),
+    ("02_finetune", FinetuneParams, dict(method="l4q", bits=3, group_size=32, quantizer_kernel="eager")),
     ("02_finetune", FinetuneParams, dict(method="qlora", merge=True)),
     ("02_finetune", FinetuneParams, dict(method="loftq", loftq_iter=2)),
     ("02_finetune", FinetuneParams, dict(method="eora", steps=0, eora_samples=4, eora_seq_len=32)),

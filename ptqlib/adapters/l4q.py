@@ -46,20 +46,11 @@ from torch import Tensor, nn
 
 from ptqlib.quant.grid import SUPPORTED_BITS, effective_group_size, signed_range
 
+from .quantizer_kernels import compiled
 from .wrap import export_layers, wrap_linears
 
-__all__ = [
-    "SUPPORTED_BITS",
-    "signed_range",
-    "l4q_init",
-    "fake_quantize",
-    "L4QFunction",
-    "LearnedQuantLinear",
-    "L4QLinear",
-    "apply_l4q",
-    "export_l4q",
-    "count_trainable_parameters",
-]
+__all__ = ["SUPPORTED_BITS", "signed_range", "l4q_init", "fake_quantize", "L4QFunction", "LearnedQuantLinear",
+           "L4QLinear", "apply_l4q", "export_l4q", "count_trainable_parameters"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,9 +146,10 @@ class L4QFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, W0: Tensor, A: Tensor, B: Tensor, S: Tensor, b: Tensor,
-                scaling: float, qn: int, qp: int, grad_scale: float) -> Tensor:
+                scaling: float, qn: int, qp: int, grad_scale: float, kernel: str = "eager") -> Tensor:
         cd = compute_dtype(W0.dtype)
-        Wq = _l4q_weight(W0, A, B, S, b, scaling, qn, qp, cd)  # (out, in), transient
+        fused = compiled(kernel, W0.device)
+        Wq = _l4q_weight(W0, A, B, S, b, scaling, qn, qp, cd, fused)  # (out, in), transient
         # Under autocast the matmuls run in its dtype, as for any nn.Linear there: x is cast once
         # here and kept cast (half the activation memory), and backward's dY^T X runs in it too.
         dev = x.device.type
@@ -168,7 +160,7 @@ class L4QFunction(torch.autograd.Function):
         y = F.linear(x, Wq.to(x.dtype))  # (..., out)
         del Wq
         ctx.save_for_backward(x, W0, A, B, S, b)
-        ctx.scaling, ctx.qn, ctx.qp, ctx.grad_scale = scaling, qn, qp, grad_scale
+        ctx.scaling, ctx.qn, ctx.qp, ctx.grad_scale, ctx.fused = scaling, qn, qp, grad_scale, fused
         return y
 
     @staticmethod
@@ -182,6 +174,8 @@ class L4QFunction(torch.autograd.Function):
 
         # Recompute W_comb -> codes instead of having saved them.
         W = _fresh(W0, cd).addmm_(B.to(cd), A.to(cd), alpha=s)  # (out, in)
+        if ctx.fused is not None and any(ctx.needs_input_grad[2:6]):
+            return _fused_backward(ctx, dy, x, W, Sc, bc)
         w, wt = _codes(W, Sc, bc, qn, qp, inplace=True)  # (out, G, g) each; w reuses W
         del W
 
@@ -213,14 +207,41 @@ class L4QFunction(torch.autograd.Function):
                 db = db.to(b.dtype)
         else:
             del w, wt
-        return dx, None, dA, dB, dS, db, None, None, None, None
+        return dx, None, dA, dB, dS, db, None, None, None, None, None
+
+
+def _fused_backward(ctx, dy: Tensor, x: Tensor, W: Tensor, Sc: Tensor, bc: Tensor) -> tuple:
+    """:meth:`L4QFunction.backward` with the quantizer's element-wise work in one compiled kernel
+    (:mod:`ptqlib.adapters.quantizer_kernels`: the same numbers); ``W = W0 + s B A`` (out, in) in fp32."""
+    _, _, A, B, S, b = ctx.saved_tensors
+    need_x, _, need_A, need_B, need_S, need_b = ctx.needs_input_grad[:6]
+    out_f, in_f = W.shape
+    mm = ctx.mm_dtype or torch.promote_types(dy.dtype, x.dtype)
+    Gw = (dy.reshape(-1, out_f).t().to(mm) @ x.reshape(-1, in_f).to(mm)).to(W.dtype)  # dL/dW_q (out, in)
+    grouped = (out_f, Sc.shape[1], -1)
+    Wq, Gm, p_S, p_b = ctx.fused[1](W.view(grouped), Sc.unsqueeze(-1), bc.unsqueeze(-1), Gw.view(grouped),
+                                    ctx.qn, ctx.qp)
+    del W, Gw
+    dx = (dy @ Wq.view(out_f, in_f).to(dy.dtype)).to(ctx.x_dtype) if need_x else None  # dL/dX = dY W_q
+    del Wq
+    dS = (p_S.sum(-1) * ctx.grad_scale).to(S.dtype) if need_S else None
+    db = p_b.sum(-1).to(b.dtype) if need_b else None
+    del p_S, p_b
+    Gm = Gm.view(out_f, in_f)
+    dA = (B.to(Gm.dtype).t() @ Gm).mul_(ctx.scaling).to(A.dtype) if need_A else None  # (r, in)
+    dB = (Gm @ A.to(Gm.dtype).t()).mul_(ctx.scaling).to(B.dtype) if need_B else None  # (out, r)
+    return dx, None, dA, dB, dS, db, None, None, None, None, None
 
 
 def _l4q_weight(W0: Tensor, A: Tensor, B: Tensor, S: Tensor, b: Tensor, scaling: float,
-                qn: int, qp: int, cd: torch.dtype) -> Tensor:
-    """``W_q = S * round(clamp((W0 + s B A - b)/S)) + b`` as (out, in) in dtype ``cd``."""
+                qn: int, qp: int, cd: torch.dtype, fused=None) -> Tensor:
+    """``W_q = S * round(clamp((W0 + s B A - b)/S)) + b`` as (out, in) in dtype ``cd``; ``fused``: the
+    compiled kernels of :func:`ptqlib.adapters.quantizer_kernels.compiled` (None: eager, in place)."""
     W = _fresh(W0, cd).addmm_(B.to(cd), A.to(cd), alpha=scaling)
     Sc, bc = S.to(cd), b.to(cd)
+    if fused is not None:
+        grouped = (W.shape[0], Sc.shape[1], -1)
+        return fused[0](W.view(grouped), Sc.unsqueeze(-1), bc.unsqueeze(-1), qn, qp).view(W0.shape)
     w, wt = _codes(W, Sc, bc, qn, qp, inplace=True)
     del W, w
     return wt.mul_(Sc.unsqueeze(-1)).add_(bc.unsqueeze(-1)).reshape(W0.shape)
@@ -239,7 +260,7 @@ class LearnedQuantLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, bits: int = 4, group_size: int = 64, rank: int = 4,
-                 alpha: float = 8.0, lsq_grad_scale: bool = False) -> None:
+                 alpha: float = 8.0, lsq_grad_scale: bool = False, quantizer_kernel: str = "auto") -> None:
         super().__init__()
         self.qn, self.qp = signed_range(bits)
         self.bits = bits
@@ -250,6 +271,7 @@ class LearnedQuantLinear(nn.Module):
         self.rank, self.alpha = int(rank), float(alpha)
         self.scaling = self.alpha / self.rank
         self.lsq_grad_scale = lsq_grad_scale
+        self.quantizer_kernel = quantizer_kernel  # quantizer_kernels.KERNELS: how, never what, it computes
 
         W0 = base.weight.detach()
         # Keep W0 under the name "weight" so code that inspects `.weight` (dtype/device) works.
@@ -307,7 +329,8 @@ class L4QLinear(LearnedQuantLinear):
 
     def forward(self, x: Tensor) -> Tensor:  # x: (..., in) -> (..., out)
         y = L4QFunction.apply(x, self.weight, self.lora_A, self.lora_B, self.q_scale,
-                              self.q_offset, self.scaling, self.qn, self.qp, self.grad_scale)
+                              self.q_offset, self.scaling, self.qn, self.qp, self.grad_scale,
+                              self.quantizer_kernel)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
@@ -335,13 +358,14 @@ class L4QLinear(LearnedQuantLinear):
 # ---------------------------------------------------------------------------------------------
 def apply_l4q(model: nn.Module, bits: int = 4, group_size: int = 64, rank: int = 4,
               alpha: float = 8.0, target_modules: Sequence[str] | None = None,
-              lsq_grad_scale: bool = False) -> nn.Module:
+              lsq_grad_scale: bool = False, quantizer_kernel: str = "auto") -> nn.Module:
     """Replace decoder-layer ``nn.Linear`` layers by ``L4QLinear``, in place; returns ``model``.
 
     Everything except each layer's ``A, B, S, b`` is frozen (embeddings, norms, lm_head, W0).
+    ``quantizer_kernel``: :data:`ptqlib.adapters.quantizer_kernels.KERNELS` (the same numbers either way).
     """
     return wrap_linears(model, L4QLinear, target_modules, bits=bits, group_size=group_size, rank=rank,
-                        alpha=alpha, lsq_grad_scale=lsq_grad_scale)
+                        alpha=alpha, lsq_grad_scale=lsq_grad_scale, quantizer_kernel=quantizer_kernel)
 
 
 def export_l4q(model: nn.Module) -> nn.Module:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptqlib.adapters.l4q import LearnedQuantLinear, _codes, _fresh, _ste_grads, compute_dtype, fake_quantize
+from ptqlib.adapters.quantizer_kernels import compiled
 from ptqlib.adapters.wrap import export_layers, wrap_linears
 
 __all__ = ["FakeQuantFunction", "QATLoRALinear", "QuantLinearWithLoRA", "apply_qat_lora",
@@ -42,30 +43,43 @@ class FakeQuantFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, W: Tensor, S: Tensor, b: Tensor, qn: int, qp: int, grad_scale: float) -> Tensor:
+    def forward(ctx, W: Tensor, S: Tensor, b: Tensor, qn: int, qp: int, grad_scale: float,
+                kernel: str = "eager") -> Tensor:
         cd = compute_dtype(W.dtype)
-        w, wt = _codes(W.to(cd), S.to(cd), b.to(cd), qn, qp)
-        del w
-        Wq = wt.mul_(S.to(cd).unsqueeze(-1)).add_(b.to(cd).unsqueeze(-1)).reshape(W.shape)
+        ctx.fused = compiled(kernel, W.device)
+        if ctx.fused is not None:  # one compiled kernel, the same numbers (ptqlib.adapters.quantizer_kernels)
+            grouped = (W.shape[0], S.shape[1], -1)
+            Wq = ctx.fused[0](W.to(cd).view(grouped), S.to(cd).unsqueeze(-1), b.to(cd).unsqueeze(-1), qn, qp)
+        else:
+            w, wt = _codes(W.to(cd), S.to(cd), b.to(cd), qn, qp)
+            del w
+            Wq = wt.mul_(S.to(cd).unsqueeze(-1)).add_(b.to(cd).unsqueeze(-1))
         ctx.save_for_backward(W, S, b)
         ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
-        return Wq.to(W.dtype)
+        return Wq.reshape(W.shape).to(W.dtype)
 
     @staticmethod
     def backward(ctx, dWq: Tensor):
         W, S, b = ctx.saved_tensors
         need_W, need_S, need_b = ctx.needs_input_grad[:3]
         cd = compute_dtype(W.dtype)
-        w, wt = _codes(W.to(cd), S.to(cd), b.to(cd), ctx.qn, ctx.qp)
-        Gw = _fresh(dWq, cd).view_as(w)  # a copy: _ste_grads overwrites its input
-        Gm, dS, db = _ste_grads(Gw, w, wt, ctx.qn, ctx.qp, need_S, need_b)
+        if ctx.fused is not None:
+            grouped = (W.shape[0], S.shape[1], -1)
+            _, Gm, p_S, p_b = ctx.fused[1](W.to(cd).view(grouped), S.to(cd).unsqueeze(-1), b.to(cd).unsqueeze(-1),
+                                           dWq.to(cd).reshape(grouped), ctx.qn, ctx.qp)
+            dS, db = (p_S.sum(-1) if need_S else None), (p_b.sum(-1) if need_b else None)
+            del p_S, p_b
+        else:
+            w, wt = _codes(W.to(cd), S.to(cd), b.to(cd), ctx.qn, ctx.qp)
+            Gw = _fresh(dWq, cd).view_as(w)  # a copy: _ste_grads overwrites its input
+            Gm, dS, db = _ste_grads(Gw, w, wt, ctx.qn, ctx.qp, need_S, need_b)
         dW = Gm.reshape(W.shape).to(W.dtype) if need_W else None
         del Gm
         if dS is not None:
             dS = (dS * ctx.grad_scale).to(S.dtype)
         if db is not None:
             db = db.to(b.dtype)
-        return dW, dS, db, None, None, None
+        return dW, dS, db, None, None, None, None
 
 
 class QATLoRALinear(LearnedQuantLinear):
@@ -78,7 +92,7 @@ class QATLoRALinear(LearnedQuantLinear):
     def quantized_weight(self) -> Tensor:
         """``W_fq`` (out, in), differentiable w.r.t. S and b."""
         return FakeQuantFunction.apply(self.weight, self.q_scale, self.q_offset, self.qn,
-                                       self.qp, self.grad_scale)
+                                       self.qp, self.grad_scale, self.quantizer_kernel)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         y = F.linear(x, self.quantized_weight().to(x.dtype),
@@ -123,10 +137,11 @@ class QuantLinearWithLoRA(nn.Module):
 
 def apply_qat_lora(model: nn.Module, bits: int = 4, group_size: int = 64, rank: int = 4,
                    alpha: float = 8.0, target_modules: Sequence[str] | None = None,
-                   lsq_grad_scale: bool = False) -> nn.Module:
-    """Replace decoder-layer ``nn.Linear`` by ``QATLoRALinear`` in place; freeze all but A, B, S, b."""
+                   lsq_grad_scale: bool = False, quantizer_kernel: str = "auto") -> nn.Module:
+    """Replace decoder-layer ``nn.Linear`` by ``QATLoRALinear`` in place; freeze all but A, B, S, b.
+    ``quantizer_kernel``: :data:`ptqlib.adapters.quantizer_kernels.KERNELS` (the same numbers either way)."""
     return wrap_linears(model, QATLoRALinear, target_modules, bits=bits, group_size=group_size, rank=rank,
-                        alpha=alpha, lsq_grad_scale=lsq_grad_scale)
+                        alpha=alpha, lsq_grad_scale=lsq_grad_scale, quantizer_kernel=quantizer_kernel)
 
 
 def export_qat_lora(model: nn.Module) -> nn.Module:

@@ -13,7 +13,7 @@ def prepare(model, p: StageSettings, input_ref: str):
     from ptqlib.adapters.qat_lora import apply_qat_lora
 
     return apply_qat_lora(model, bits=p.bits, group_size=p.group_size, rank=p.rank, alpha=p.alpha,
-                          target_modules=list(p.target_modules))
+                          target_modules=list(p.target_modules), quantizer_kernel=p.quantizer_kernel)
 
 
 def save(model, tokenizer, p: StageSettings, output_dir, input_ref: str) -> dict:

@@ -11,7 +11,7 @@ from typing import Callable
 from ptqlib.methods import DEFAULT_FINETUNE_ON_QUANTIZED, FinetuneMethod, QuantizeMethod, finetune_method, quantize_methods
 from ptqlib.seeding import derive_seed
 from ptqlib.study.checks import finetune_step, quantize_step
-from ptqlib.study.neutral import HISTORIC, ID_NEUTRAL
+from ptqlib.study.neutral import HISTORIC, ID_FREE, ID_NEUTRAL
 from ptqlib.study.params import EvaluateParams, FinetuneSettings, QuantizeSettings, foreign_settings, params_class
 
 
@@ -115,8 +115,8 @@ def id_params(kind: str, params: dict) -> dict:
     that cannot act at these params (the kind's ``StageKind.inert``: a method's own, such as RTN's and
     GPTQ's ``sym_grid`` of an asymmetric run, or a precision nothing computes in), so adding those rules
     re-ran only the stages whose codes they change."""
-    neutral = ID_NEUTRAL.get(kind, {})
-    out = {k: v for k, v in params.items() if not (k in neutral and neutral[k] == v)}
+    neutral, free = ID_NEUTRAL.get(kind, {}), ID_FREE.get(kind, ())
+    out = {k: v for k, v in params.items() if not (k in neutral and neutral[k] == v) and k not in free}
     for k in foreign_settings(kind, params.get("method")) - set(HISTORIC.get(kind, ())):
         out.pop(k, None)  # another method's setting, at its default here: not what this stage computes from
     entry = KINDS.get(kind)

@@ -15,6 +15,11 @@ ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated", "precisio
                            "kl_reference": False, "generation": "generate"},
               "finetune": {"pool_norm": "mean", "precision": "fp32", "loftq_iter": 1, "base_cache": False}}
 
+# Settings that choose how a stage computes, never what: every value gives the same numbers bit for bit (a
+# test holds each to it), so no value enters a stage id. ``quantizer_kernel``: L4Q / QAT-LoRA's quantizer
+# compiled or eager (tests/adapters/test_quantizer_kernels.py).
+ID_FREE = {"finetune": ("quantizer_kernel",)}
+
 # The settings each method-bearing kind's parameters had for every method before methods declared
 # their own (``ptqlib.methods.Options``): every stage id made before carries them, so they stay in
 # every id (for a stage whose method does not read one: its default; before, a value from the study's

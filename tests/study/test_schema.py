@@ -102,6 +102,8 @@ def test_stage_id_is_content_addressed():
      ["claims[0].min_effect", "-0.1", ">= 0"]),
     ("model: tiny\npipelines:\n  a: [{quantize: rtn}, {finetune: {method: qlora, base_cache: maybe}}]\n",
      ["base_cache", "'maybe'"]),
+    ("model: tiny\npipelines:\n  a: [{finetune: {method: l4q, quantizer_kernel: fast}}]\n",
+     ["quantizer_kernel", "'fast'", "auto, compiled, eager"]),
     ("model: tiny\npipelines:\n  a: []\n  b: []\nclaims: [{claim: x, a: a, b: b, metric: ppl, exploratory: maybe}]\n",
      ["claims[0].exploratory", "'maybe'", "true or false"]),
     # QA-* pool over the base's groups: a different group_size is refused, naming both values
