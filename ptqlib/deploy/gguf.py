@@ -210,8 +210,10 @@ def _write_tokenizer(writer, tokenizer, report: ExportReport) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         sv = gguf.SpecialVocab(Path(tmp), load_merges=not spm, n_vocab=n)
-        sv.add_to_gguf(writer)
-    writer.add_add_bos_token(False)  # ptqlib's prompts come from the chat template, which has no BOS
+        # ptqlib's prompts come from the chat template, which has no BOS: set here, not after add_to_gguf, which
+        # writes the tokenizer's own add_bos_token where it has one (a second key: "Duplicated key" warning)
+        sv.add_special_token["bos"] = False
+        sv.add_to_gguf(writer, quiet=True)
 
 
 def export_gguf(model: nn.Module, tokenizer, path: str | Path, type: str = "auto", lossy: bool = False,

@@ -204,3 +204,16 @@ def test_an_export_onto_a_full_disk_leaves_nothing_behind(quantized_tiny, tiny_t
         export_gguf(model, tiny_tok, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
     assert out.read_bytes() == before
+
+
+def test_add_bos_token_is_written_once_and_false(quantized_tiny, tiny_tok, tmp_path, caplog):
+    """The chat template's prompts have no BOS: one ``add_bos_token`` key, false, even where the tokenizer's own
+    config asks for a BOS (it was written twice before: the reader's "Duplicated key" warning)."""
+    import copy
+    tok = copy.deepcopy(tiny_tok)
+    tok.add_bos_token = True  # saved into tokenizer_config.json, which gguf's SpecialVocab reads
+    with caplog.at_level("WARNING"):
+        export_gguf(quantized_tiny(4, 32), tok, tmp_path / "m.gguf")
+        r = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert "Duplicated key" not in caplog.text
+    assert r.fields["tokenizer.ggml.add_bos_token"].contents() is False
