@@ -24,6 +24,8 @@ The autograd Function saves only ``X, W0, A, B, S, b`` -- never ``W_q`` or a wei
 gradient -- and recomputes ``W_q`` in backward. So training memory is about LoRA's: one
 frozen weight per layer plus activations, instead of also storing ``W_comb``/``W_q``/masks
 (several weight-sized tensors per layer, what plain autograd through the fake quantizer keeps).
+The compiled path (``quantizer_kernel``: ``ptqlib.adapters.quantizer_kernels``, the same numbers) holds up to
+six weight-sized fp32 temporaries of one layer during its backward, the eager in-place path about four.
 
 Numerics: the clamp mask is inclusive (``Q_N <= w <= Q_P``, as torch.clamp's gradient), which
 matters because the paper's init puts each group's extreme exactly on ``Q_N`` or ``Q_P``
