@@ -49,11 +49,29 @@ def test_ptq_round_trips_and_gptq_beats_rtn_on_its_calibration_outputs(float_mod
     assert stats["mean_gptq_rel_err"] < stats["mean_rtn_rel_err"]  # GPTQ's update works on this architecture too
 
 
+@pytest.mark.parametrize("method, extra", [("fp4", {}), ("hqq", {}), ("awq", {"calib_samples": 4, "calib_seq_len": 64}),
+                                           ("autoround", {"calib_samples": 4, "calib_seq_len": 64, "iters": 2,
+                                                          "batch_size": 2})])
+def test_the_other_ptq_methods_quantize_gemma3_and_round_trip(float_model, method, extra, tmp_path):
+    """FP4, HQQ, AWQ and AutoRound on Gemma 3's layout: the saved model loads back to the logits quantized in
+    memory, which differ from the float model's by less than they are."""
+    p = QuantizeParams(method=method, bits=4, group_size=32, precision="fp32", calib_seed=0, **extra).__dict__
+    model, tok, _ = ptq.quantize(MODEL, p, ptq.calibration_windows(MODEL, p))
+    ptq.save(model, tok, p, tmp_path / method, MODEL)
+    x = _x()
+    with torch.no_grad():
+        ref, out = float_model[0](x).logits, model(x).logits
+        again = artifacts.load(tmp_path / method, "cpu")[0](x).logits
+    assert torch.allclose(again, out, atol=1e-4)
+    assert 0 < torch.linalg.norm(out - ref) < torch.linalg.norm(ref)
+
+
 @pytest.mark.parametrize("method, base", [("qlora", "gptq"), ("qlora", "nf4"), ("loftq", "nf4"), ("eora", "rtn"),
-                                          ("qblora", "gptq")])
+                                          ("qblora", "gptq"), ("qdora", "nf4"), ("qalora", "gptq"), ("cloq", "gptq")])
 def test_adapters_on_a_quantized_gemma3_train_and_round_trip(runs, method, base, tmp_path):
     d = runs[base][0]
-    extra = {"eora_samples": 4, "eora_seq_len": 64} if method == "eora" else {}
+    extra = {"eora_samples": 4, "eora_seq_len": 64} if method in ("eora", "cloq") else {}
+    extra.update({"group_size": 32} if method == "qalora" else {})
     p = FinetuneParams(method=method, rank=4, alpha=8.0, steps=0, **extra).__dict__
     model = finetune.prepare(artifacts.load(d, "cpu")[0], method, p, str(d), seed=0)
     trainable, _ = finetune.count_trainable(model)
@@ -89,8 +107,9 @@ def test_qablora_merges_exactly_into_the_gptq_grid(runs):
     assert torch.allclose(before, after, atol=1e-4)
 
 
-def test_full_fine_tuning_and_l4q_prepare_on_the_float_gemma3(float_model):
-    for method, extra in (("full", {}), ("lora", {}), ("l4q", {"bits": 4, "group_size": 32})):
+def test_the_float_input_methods_prepare_on_the_float_gemma3(float_model):
+    for method, extra in (("full", {}), ("lora", {}), ("dora", {}), ("pissa", {}), ("qpissa", {}),
+                          ("l4q", {"bits": 4, "group_size": 32}), ("qat_lora", {"bits": 4, "group_size": 32})):
         p = FinetuneParams(method=method, rank=4, alpha=8.0, steps=0, **extra).__dict__
         model = finetune.prepare(copy.deepcopy(float_model[0]), method, p, MODEL, seed=0)
         assert finetune.count_trainable(model)[0] > 0
