@@ -25,6 +25,27 @@ _NOT_NAMES = {"The", "A", "An", "I", "We", "They", "Our", "It", "He", "She", "Yo
               "Delivery", "Summarise", "In", "On", "At", "For", "And", "But", "If", "Yes", "No"}
 
 
+def next_token_closeness(logits, ref_logits, targets):
+    """Per position, how close a model's next-token distribution is to a reference's, as llama.cpp's
+    ``perplexity --kl-divergence`` reports it: ``(nll, kl, top1, dp)``, each shaped like ``targets`` (...,).
+
+    ``logits``, ``ref_logits`` (..., vocab), float32 at least; ``targets`` (...,) the actual next tokens.
+    ``nll``: the model's NLL of the target; ``kl``: ``KL(P_ref || P_model)`` over the whole vocabulary; ``top1``:
+    1 where both most likely tokens agree; ``dp`` (Delta-p): the model's probability of the target less the
+    reference's. One definition for the torch runtime and llama.cpp's (whose logits come back as numpy).
+    """
+    import torch  # here: reading the metric registry (a study file) imports no torch
+
+    lp = torch.log_softmax(logits, -1)
+    lr = torch.log_softmax(ref_logits, -1)
+    t = targets.unsqueeze(-1)
+    nll = -lp.gather(-1, t).squeeze(-1)
+    kl = (lr.exp() * (lr - lp)).sum(-1)
+    top1 = (lr.argmax(-1) == lp.argmax(-1)).float()
+    dp = (-nll).exp() - lr.gather(-1, t).squeeze(-1).exp()
+    return nll, kl, top1, dp
+
+
 def _norm(s: str) -> str:
     return " ".join(s.lower().split())
 

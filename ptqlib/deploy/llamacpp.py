@@ -115,15 +115,26 @@ class LlamaCppModel:
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def window_nll(self, windows: list[list[int]]) -> dict[str, list[float]]:
-        """Summed next-token NLL and predicted-token count per window (as ``evaluate.window_nll``)."""
-        nll = []
+    def window_nll(self, windows: list[list[int]], reference=None) -> dict[str, list[float]]:
+        """Summed next-token NLL and predicted-token count per window (as ``evaluate.window_nll``); with a
+        ``reference`` (a torch model) also the summed KL, top-1 agreement and Delta-p against its next-token
+        distributions (``metrics.next_token_closeness``) and every position's KL (``kl_tokens``)."""
+        out: dict[str, list[float]] = {"nll": [], "tokens": [float(len(w) - 1) for w in windows]}
+        if reference is not None:
+            out.update(kl=[], top1=[], dp=[], kl_tokens=[])
         for w in windows:
-            lg = self.logits(w)[:-1].astype(np.float64)  # (L-1, vocab)
-            m = lg.max(1, keepdims=True)
-            logz = (m[:, 0] + np.log(np.exp(lg - m).sum(1)))
-            nll.append(float((logz - lg[np.arange(len(w) - 1), w[1:]]).sum()))
-        return {"nll": nll, "tokens": [float(len(w) - 1) for w in windows]}
+            lg = self.logits(w)[:-1]  # (L-1, vocab) float32
+            lg64 = lg.astype(np.float64)
+            m = lg64.max(1, keepdims=True)
+            logz = (m[:, 0] + np.log(np.exp(lg64 - m).sum(1)))
+            out["nll"].append(float((logz - lg64[np.arange(len(w) - 1), w[1:]]).sum()))
+            if reference is not None:
+                _, kl, top1, dp = _closeness(lg, w, reference)
+                out["kl"].append(float(kl.sum()))
+                out["top1"].append(float(top1.sum()))
+                out["dp"].append(float(dp.sum()))
+                out["kl_tokens"] += kl.tolist()
+        return out
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos_id: int | None,
                  stop_at_eos: bool = True) -> tuple[list[int], float, float]:
@@ -142,25 +153,57 @@ class LlamaCppModel:
         return out, (t_first or t_end) - t0, t_end - (t_first or t_end)
 
 
+def _closeness(logits: np.ndarray, ids: list[int], reference):
+    """``metrics.next_token_closeness`` of llama.cpp's ``logits`` (L-1, vocab) against ``reference``'s forward
+    (a torch model, float32) on the same window ``ids`` (L)."""
+    import torch
+
+    from ptqlib.metrics import next_token_closeness
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = reference(input_ids=x).logits[0, :-1].float()  # (L-1, vocab)
+    return next_token_closeness(torch.from_numpy(logits), ref, x[0, 1:])
+
+
+def _load_reference(reference: str | None, n_threads: int | None):
+    """The pipeline's 16-bit reference in float32 (a model name or a stage's run directory), or None."""
+    if not reference:
+        return None
+    import torch
+
+    from ptqlib import artifacts
+
+    if n_threads:
+        torch.set_num_threads(n_threads)
+    return artifacts.load(reference, "cpu")[0].float().eval()
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _worker(path: str, windows: dict[str, list[list[int]]], prompts: list[list[int]], max_new_tokens: int,
-            eos_id: int | None, speed_prompts: list[list[int]], speed_tokens: int, n_threads: int | None,
-            n_ctx: int) -> dict:
-    """Everything llama.cpp computes for one evaluation, in one child process."""
+def _score_worker(path: str, windows: dict[str, list[list[int]]], n_threads: int | None, n_ctx: int,
+                  reference: str | None) -> dict:
+    """The perplexity windows scored by llama.cpp (every position's logits), and with a ``reference`` compared
+    with its torch forward, in a child process of its own: the generation process's peak memory is then what
+    deploying the file costs, not the scorer's all-positions logits or a torch model."""
+    ref = _load_reference(reference, n_threads)
+    scorer = LlamaCppModel(path, n_ctx=n_ctx, n_threads=n_threads, logits_all=True)
+    t0 = time.perf_counter()
+    res = {"windows": {k: scorer.window_nll(v, ref) for k, v in windows.items()}}
+    res["ppl_seconds"] = time.perf_counter() - t0
+    scorer.close()
+    return res
+
+
+def _worker(path: str, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
+            speed_prompts: list[list[int]], speed_tokens: int, n_threads: int | None, n_ctx: int) -> dict:
+    """Generation and batch-1 speed by llama.cpp for one evaluation, in one child process."""
     res: dict = {"rss_start_mb": _peak_rss_mb()}
     t0 = time.perf_counter()
-    if windows:
-        scorer = LlamaCppModel(path, n_ctx=n_ctx, n_threads=n_threads, logits_all=True)
-        res["load_seconds"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        res["windows"] = {k: scorer.window_nll(v) for k, v in windows.items()}
-        res["ppl_seconds"] = time.perf_counter() - t0
-        scorer.close()
     gen = LlamaCppModel(path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False)
-    res.setdefault("load_seconds", time.perf_counter() - t0)
+    res["load_seconds"] = time.perf_counter() - t0
     res["extra_buffers"] = gen.extra_buffers
     if speed_prompts:
         gen.generate(speed_prompts[0], 4, eos_id)  # warm-up, untimed
@@ -189,15 +232,22 @@ def _worker(path: str, windows: dict[str, list[list[int]]], prompts: list[list[i
 
 def run(path: str | Path, windows: dict[str, list[list[int]]], prompts: list[list[int]], max_new_tokens: int,
         eos_id: int | None, speed_prompts: list[list[int]] = (), speed_tokens: int = 64,
-        n_threads: int | None = None, n_ctx: int = 2048) -> dict:
-    """Score ``windows`` (per source) and generate from ``prompts`` in a fresh llama.cpp process.
+        n_threads: int | None = None, n_ctx: int = 2048, reference: str | None = None) -> dict:
+    """Score ``windows`` (per source) in one fresh llama.cpp process, then generate from ``prompts`` in another.
 
-    Returns ``windows`` (per source: ``nll``, ``tokens``), ``outputs`` (new ids per prompt, EOS
-    included when produced), ``gen_tokens``, ``gen_seconds``, ``ppl_seconds``, ``load_seconds``,
-    ``ttft_s`` (median prefill + first token), ``decode_tokens_per_s`` (batch 1, after the first
-    token), ``peak_rss_mb`` of that process and ``extra_buffers`` (repacked weights or not).
+    Returns ``windows`` (per source: ``nll``, ``tokens``; with a ``reference``, a model name or a stage's run
+    directory: also ``kl``, ``top1``, ``dp`` per window and ``kl_tokens`` per position, against its float32
+    torch forward), ``outputs`` (new ids per prompt, EOS included when produced), ``gen_tokens``,
+    ``gen_seconds``, ``ppl_seconds``, ``load_seconds``, ``ttft_s`` (median prefill + first token),
+    ``decode_tokens_per_s`` (batch 1, after the first token), ``peak_rss_mb`` of the generating process and
+    ``extra_buffers`` (repacked weights or not).
     """
     require()
+    res: dict = {}
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as ex:
-        return ex.submit(_worker, str(path), windows, [list(p) for p in prompts], max_new_tokens, eos_id,
-                         [list(p) for p in speed_prompts], speed_tokens, n_threads, n_ctx).result()
+        if windows:
+            res.update(ex.submit(_score_worker, str(path), windows, n_threads, n_ctx, reference).result())
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as ex:  # a fresh process: its RSS
+        res.update(ex.submit(_worker, str(path), [list(p) for p in prompts], max_new_tokens, eos_id,
+                             [list(p) for p in speed_prompts], speed_tokens, n_threads, n_ctx).result())
+    return res

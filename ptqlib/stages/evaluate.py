@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ptqlib.data import Example, format_prompt
-from ptqlib.metrics import example_scores, ppl_statistic, statistic, task_scores
+from ptqlib.metrics import example_scores, next_token_closeness, ppl_statistic, statistic, task_scores
 from ptqlib.precision import attention_kernels
 from ptqlib.stages.generation import model_device
 from ptqlib.stages.hf_generation import decode_speed, hf_generate
@@ -95,14 +95,9 @@ def _window_nll(model, windows: torch.Tensor, batch_size: int, progress: bool, r
             continue
         ref_logits = _reference_logits(reference, x)[:, :-1].to(dev)
         nll, kl, top1, dp = (torch.empty(y.shape, device=dev) for _ in range(4))  # (b, L-1) per position
-        for j, s in _row_chunks(*y.shape):
-            lp = torch.log_softmax(_at_least_fp32(logits[j, s]), -1)  # the kernel of next_token_nll: its bits
-            lr = torch.log_softmax(_at_least_fp32(ref_logits[j, s]), -1)
-            nll[j, s] = -lp.gather(-1, y[j, s].unsqueeze(-1)).squeeze(-1)
-            kl[j, s] = (lr.exp() * (lr - lp)).sum(-1)  # KL per position
-            top1[j, s] = (lr.argmax(-1) == lp.argmax(-1)).float()
-            # llama.cpp's Delta-p: the probability the model gives the actual next token, less the reference's
-            dp[j, s] = (-nll[j, s]).exp() - lr.gather(-1, y[j, s].unsqueeze(-1)).squeeze(-1).exp()
+        for j, s in _row_chunks(*y.shape):  # log_softmax in float32, the kernel of next_token_nll: its bits
+            nll[j, s], kl[j, s], top1[j, s], dp[j, s] = next_token_closeness(
+                _at_least_fp32(logits[j, s]), _at_least_fp32(ref_logits[j, s]), y[j, s])
         out["nll"] += nll.sum(1).tolist()
         out["kl"] += kl.sum(1).tolist()  # sum over tokens of KL per token
         out["top1"] += top1.sum(1).tolist()
@@ -118,6 +113,16 @@ def _reference_logits(reference, x: torch.Tensor) -> torch.Tensor:
     if isinstance(reference, CachedReference):
         return reference.logits(x)
     return reference(input_ids=x.to(model_device(reference))).logits
+
+
+def _closeness_metrics(unit: dict[str, list[float]], kl_tokens: list[float], suffix: str) -> dict[str, float]:
+    """``kl``, ``top1_agree``, ``delta_p`` and the KL's quantiles of one perplexity source (``suffix``: "" or
+    ``_<source>``) from its per-window units and every position's KL."""
+    out = {}
+    for metric in ("kl" + suffix, "top1_agree" + suffix, "delta_p" + suffix):
+        st = statistic(metric)
+        out[metric] = st(unit[st.num], unit[st.den])
+    return {**out, **kl_quantiles(kl_tokens, suffix)}
 
 
 def kl_quantiles(kl_tokens: list[float], suffix: str = "") -> dict[str, float]:
@@ -209,11 +214,7 @@ def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int =
         units[name] = {**w, "doc": [float(d) for d in docs]}
         metrics[name] = ppl_statistic(name)(units[name]["nll"], units[name]["tokens"])
         if reference is not None:
-            suffix = name[len("ppl"):]  # "" or "_<source>"
-            for metric in ("kl" + suffix, "top1_agree" + suffix, "delta_p" + suffix):
-                st = statistic(metric)
-                metrics[metric] = st(units[name][st.num], units[name][st.den])
-            metrics.update(kl_quantiles(kl_tokens, suffix))
+            metrics.update(_closeness_metrics(units[name], kl_tokens, name[len("ppl"):]))
     metrics["ppl_seconds"] = time.perf_counter() - t0
     rows: list[dict] = []
     if examples:
@@ -228,8 +229,10 @@ def evaluate_model(model, tokenizer, examples: list[Example], ppl_samples: int =
 def evaluate_gguf(path, tokenizer, examples: list[Example], ppl_samples: int = 16, ppl_seq_len: int = 256,
                   max_new_tokens: int = 64, ppl_sources: tuple[str, ...] = ("pydoc",),
                   speed_prompts: int = 4, speed_tokens: int = 64, n_threads: int | None = None,
-                  ppl_windows: str = "random") -> tuple[dict, list[dict], dict]:
-    """:func:`evaluate_model` for a GGUF file run by llama.cpp: the same windows, prompts and scores.
+                  ppl_windows: str = "random", reference: str | None = None) -> tuple[dict, list[dict], dict]:
+    """:func:`evaluate_model` for a GGUF file run by llama.cpp: the same windows, prompts and scores; with a
+    ``reference`` (a model name or a stage's run directory) the same KL, top-1 and Delta-p metrics against its
+    float32 torch forward, beside llama.cpp's logits.
 
     Adds ``ttft_s`` and ``decode_tokens_per_s`` (batch 1, see :func:`decode_speed`) and
     ``peak_rss_mb`` of the llama.cpp process, and ``llamacpp_extra_buffers`` (1.0 when llama.cpp
@@ -245,12 +248,15 @@ def evaluate_gguf(path, tokenizer, examples: list[Example], ppl_samples: int = 1
     n_ctx = max([ppl_seq_len] + [len(p) + max(max_new_tokens, speed_tokens) for p in prompt_ids]) + 8
     res = llamacpp.run(path, windows, prompt_ids, max_new_tokens, tokenizer.eos_token_id,
                        speed_prompts=prompt_ids[:speed_prompts], speed_tokens=speed_tokens,
-                       n_threads=n_threads, n_ctx=n_ctx)
+                       n_threads=n_threads, n_ctx=n_ctx, reference=reference)
     metrics: dict = {}
     units: dict[str, dict[str, list[float]]] = {}
     for name, w in res.get("windows", {}).items():
+        kl_tokens = w.pop("kl_tokens", None)
         units[name] = {**w, "doc": [float(d) for d in held[name][1]]}
         metrics[name] = ppl_statistic(name)(w["nll"], w["tokens"])
+        if kl_tokens is not None:
+            metrics.update(_closeness_metrics(units[name], kl_tokens, name[len("ppl"):]))
     metrics["ppl_seconds"] = res.get("ppl_seconds", 0.0)
     rows: list[dict] = []
     if examples:
@@ -272,9 +278,11 @@ def model_metrics(model, input_ref) -> dict[str, float]:
     return {**artifacts.size_metrics(model, input_ref), "model_params": sum(p.numel() for p in model.parameters())}
 
 
-def _run_llamacpp(model, tokenizer, input_ref, examples: list[Example], p: EvaluateParams, output_dir):
+def _run_llamacpp(model, tokenizer, input_ref, examples: list[Example], p: EvaluateParams, output_dir,
+                  reference: str | None = None):
     """Runtime llama.cpp: the model exported to ``output_dir/model.gguf`` (or, at ``gguf_type: auto``, the
-    GGUF file the input stage is: a K-quant) and scored in a llama.cpp process, with the file's metrics."""
+    GGUF file the input stage is: a K-quant) and scored in a llama.cpp process, with the file's metrics (and,
+    with ``p.kl_reference``, the KL against the pipeline's ``reference``)."""
     from pathlib import Path
 
     from ptqlib import artifacts
@@ -286,7 +294,8 @@ def _run_llamacpp(model, tokenizer, input_ref, examples: list[Example], p: Evalu
     export = file_report(own) if own else export_gguf(model, tokenizer, gguf, type=p.gguf_type, lossy=p.gguf_lossy)
     metrics, generations, units = evaluate_gguf(gguf, tokenizer, examples, p.ppl_samples, p.ppl_seq_len,
                                                 p.max_new_tokens, tuple(p.ppl_sources), p.speed_prompts,
-                                                p.speed_tokens, ppl_windows=p.ppl_windows)
+                                                p.speed_tokens, ppl_windows=p.ppl_windows,
+                                                reference=reference if p.kl_reference else None)
     metrics.update(deployed_metrics(export, model.config, metrics.get("decode_tokens_per_s")))
     return metrics, generations, units
 
@@ -301,7 +310,8 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
     tasks, if any (torch only).
     ``reference``: the pipeline's 16-bit reference (a model name or a stage's run directory; the
     runner passes the input of the pipeline's first quantizing stage): with ``p.kl_reference`` the
-    KL divergence and top-1 agreement against it on the perplexity windows (torch runtime).
+    KL divergence and top-1 agreement against it on the perplexity windows (in llama.cpp too, against
+    the reference's float32 forward).
     """
 
     from ptqlib.study.kinds import as_params
@@ -309,7 +319,7 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
     p = as_params("evaluate", p)
     sources = tuple(p.ppl_sources)
     if p.runtime == "llama.cpp":  # the deployed file: exported here (or the stage's own), scored in llama.cpp
-        metrics, generations, units = _run_llamacpp(model, tokenizer, input_ref, examples, p, output_dir)
+        metrics, generations, units = _run_llamacpp(model, tokenizer, input_ref, examples, p, output_dir, reference)
     else:
         from ptqlib.precision import cast_for_inference, resolve
 

@@ -168,8 +168,9 @@ def _build_stages(path, where: str, parsed, explicit, point: dict, seed: int, dr
         _check_types(KINDS[kind].params, path, swhere, p)
         obj = _build(KINDS[kind].params, path, swhere, p)
         built.append(Stage(kind, _resolve(path, swhere, kind, dataclasses.asdict(obj), seed, draw, p)))
-    if not any(quantizes(st.kind, st.params) for st in built) or built[-1].params["runtime"] != "torch":
-        built[-1].params["kl_reference"] = False  # nothing to compare with (or llama.cpp)
+    asked = "kl_reference" in parsed[-1][1]  # set in the study (its evaluate or defaults), not the default
+    if not any(quantizes(st.kind, st.params) for st in built) or (built[-1].params["runtime"] != "torch" and not asked):
+        built[-1].params["kl_reference"] = False  # nothing to compare with (llama.cpp: only where the study asks)
     return built, label
 
 

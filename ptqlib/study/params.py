@@ -231,7 +231,7 @@ class EvaluateParams:
     ppl_samples: int = 32  # held-out windows per perplexity source (2 sources: 64 x ppl_seq_len tokens in all)
     ppl_seq_len: int = 256  # tokens per window
     ppl_windows: str = "random"  # random: non-overlapping windows at seeded random positions over all held-out topics / modules (clustered by document in the claims); first: the first consecutive windows (before)
-    kl_reference: bool = True  # KL divergence and top-1 agreement of next-token distributions vs the pipeline's 16-bit reference (the input of its first quantizing stage) on the perplexity windows; off where nothing quantizes and for llama.cpp
+    kl_reference: bool = True  # KL divergence and top-1 agreement of next-token distributions vs the pipeline's 16-bit reference (the input of its first quantizing stage) on the perplexity windows; off where nothing quantizes; in llama.cpp only where set here (true), against the reference's float32 forward
     ppl_sources: list = field(default_factory=lambda: ["pydoc", "stdlib"])  # held-out text: pydoc (language reference -> ppl), stdlib (library source code -> ppl_stdlib); [] for no perplexity
     task_samples: int = 128  # held-out task examples generated greedily
     split: str = "test"  # test | validation: which held-out task examples are generated (validation: for select)

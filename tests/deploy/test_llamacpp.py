@@ -129,3 +129,30 @@ def test_evaluate_gguf_scores_the_same_units(tiny_tok, tmp_path):
         assert abs(m_g[k] / m_t[k] - 1) < 0.01, (k, m_g[k], m_t[k])
     assert m_g["decode_tokens_per_s"] > 0 and m_g["ttft_s"] > 0 and m_g["peak_rss_mb"] > 10
     assert m_g["llamacpp_extra_buffers"] == float(llamacpp.default_extra_buffers())
+
+
+def test_evaluate_gguf_measures_closeness_to_a_reference_as_torch_does(tiny_tok, tmp_path):
+    """llama.cpp's KL, top-1 agreement and Delta-p against the float model: near 0 / 1 / 0 for the float model's
+    own F16 export, and for an RTN 4-bit export within llama.cpp's kernel rounding of torch's figures for the same
+    weights; every position's KL gives the quantiles."""
+    import copy
+
+    from ptqlib.stages.evaluate import evaluate_gguf, evaluate_model
+    from ptqlib.tiny import build_tiny_model
+
+    model = build_tiny_model(seed=0)
+    q = copy.deepcopy(model)
+    rtn_quantize_model(q, bits=4, group_size=32)
+    export_gguf(model, tiny_tok, tmp_path / "f16.gguf")
+    export_gguf(q, tiny_tok, tmp_path / "q4.gguf")
+    kw = dict(ppl_samples=4, ppl_seq_len=64, max_new_tokens=2, speed_prompts=0, n_threads=1)
+    same, _, u = evaluate_gguf(tmp_path / "f16.gguf", tiny_tok, [], reference="tiny", **kw)
+    assert same["kl"] < 1e-3 and same["top1_agree"] > 0.95 and abs(same["delta_p"]) < 1e-3
+    assert set(u["ppl"]) >= {"nll", "tokens", "kl", "top1", "dp", "doc"}
+    m_g, _, _ = evaluate_gguf(tmp_path / "q4.gguf", tiny_tok, [], reference="tiny", **kw)
+    m_t, _, _ = evaluate_model(q, tiny_tok, [], ppl_samples=4, ppl_seq_len=64, reference=model)
+    assert m_g["kl"] > 10 * same["kl"] and abs(m_g["kl"] / m_t["kl"] - 1) < 0.05, (m_g["kl"], m_t["kl"])
+    assert abs(m_g["top1_agree"] - m_t["top1_agree"]) < 0.05
+    assert m_g["kl_p50"] <= m_g["kl_p90"] <= m_g["kl_p99"] <= m_g["kl_max"]
+    plain, _, _ = evaluate_gguf(tmp_path / "q4.gguf", tiny_tok, [], **kw)
+    assert "kl" not in plain and plain["ppl"] == m_g["ppl"]  # the NLL is the same with or without the reference

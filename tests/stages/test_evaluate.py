@@ -120,14 +120,16 @@ def test_the_runner_passes_the_input_of_the_first_quantizing_stage_as_reference(
     f = tmp_path / "s.yaml"
     f.write_text("model: tiny\ndefaults:\n  quantize: {group_size: 32}\npipelines:\n  base: []\n"
                  "  q: [{finetune: full}, {quantize: rtn}, {finetune: qlora}]\n  l4q: [{finetune: l4q}]\n"
-                 "  ll: [{quantize: rtn}, {evaluate: {runtime: llama.cpp}}]\n")
+                 "  ll: [{quantize: rtn}, {evaluate: {runtime: llama.cpp}}]\n"
+                 "  llkl: [{quantize: rtn}, {evaluate: {runtime: llama.cpp, kl_reference: true}}]\n")
     study = load_study(f)
     nodes, chains = build_graph(study)
     ev = {n: nodes[c[-1]] for n, c in chains.items()}
     assert ev["base"].reference is None and not ev["base"].params["kl_reference"]
     assert ev["q"].reference == chains["q"][0] and ev["q"].params["kl_reference"]  # the fine-tuned float model
     assert ev["l4q"].reference == "" and ev["l4q"].params["kl_reference"]  # the model itself
-    assert not ev["ll"].params["kl_reference"]  # llama.cpp: no logits to compare
+    assert not ev["ll"].params["kl_reference"]  # llama.cpp: off unless the study asks (the ids made before)
+    assert ev["llkl"].params["kl_reference"] and ev["llkl"].reference == ""  # asked: against the model itself
 
 
 def test_chunked_scoring_gives_the_bits_of_the_whole_tensor():
