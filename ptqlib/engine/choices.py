@@ -8,6 +8,7 @@ from typing import Callable
 
 from ptqlib.data import primary_metric
 from ptqlib.errors import ConfigError
+from ptqlib.metrics import METRICS
 
 
 def recorded(runner) -> Callable[[str, str], float | None]:
@@ -22,7 +23,7 @@ def recorded(runner) -> Callable[[str, str], float | None]:
         chain = runner.chains[pipeline]
         if all(runner.finished(s) for s in chain):
             metrics = runner.record(chain[-1]).get("metrics") or {}
-            if metric == "task_score":  # the task's own score (metrics.task_score): read, not recorded
+            if METRICS[metric].per_task:  # the task's own score (metrics.task_score): read, not recorded
                 metric = primary_metric(runner.nodes[chain[-1]].task)
             if metric not in metrics:  # load_study checked that the stage records it: an older or foreign record
                 raise ConfigError(
