@@ -16,6 +16,19 @@ from ptqlib.tiny import build_tiny_model
 SHAPES = [(64, 128, 32), (96, 64, 16), (128, 96, 32)]  # (out, in, group): square, wide and tall layers
 
 
+@pytest.fixture(autouse=True)
+def _needs_a_compiler(request):
+    """The compiled path needs torch.compile's C++ toolchain (gcc and Python headers, present on the project's
+    machines); where it is missing these comparisons cannot run, and the fallback test below still does."""
+    if request.node.name.startswith(("test_a_failing_compiler", "test_the_kernel")) or \
+            "forward" in quantizer_kernels._compiled:
+        return
+    try:
+        quantizer_kernels._compile()
+    except Exception as e:  # noqa: BLE001 -- the reason is the skip message
+        pytest.skip(f"torch.compile does not work here: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
 def _layer(out_f: int, in_f: int, g: int, bits: int, kernel: str, seed: int = 0) -> l4q.L4QLinear:
     torch.manual_seed(seed)
     base = torch.nn.Linear(in_f, out_f, bias=False)
