@@ -95,7 +95,9 @@ def test_two_runners_run_each_stage_once(serial, tmp_path_factory):
     procs = [subprocess.Popen(cmd, cwd=work, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    # the whole stderr of a failed runner (pytest would cut the pair's repr short of the error's cause)
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(
+        f"runner {i}: exit {p.returncode}\n{err[-4000:]}" for i, (p, (_, err)) in enumerate(zip(procs, outs)))
     ran = [line.split()[2] for _, err in outs for line in err.splitlines()
            if " ok " in line and " in " in line and "another runner" not in line]
     assert sorted(ran) == sorted(set(ran)) and len(ran) == N_STAGES, ran  # each stage ran once, in one runner
