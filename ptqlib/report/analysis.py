@@ -294,10 +294,11 @@ def drop_claims(study_dir) -> list[str]:
 
     gone = []
     for name in ("claims.csv", "plan.csv"):
-        f = Path(study_dir) / name
-        if f.exists():
-            f.unlink()
-            gone.append(name)
+        try:
+            (Path(study_dir) / name).unlink()
+        except FileNotFoundError:  # not there (or a second runner removed it first)
+            continue
+        gone.append(name)
     return gone
 
 

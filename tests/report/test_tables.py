@@ -235,3 +235,27 @@ def test_an_interrupted_run_does_not_replace_a_complete_report(tmp_path):
     assert tables.write_results(changed) is not None  # a run that ends reports what it has, failures marked
     assert not tables.complete_report(r.reports)
     assert tables.write_results(changed, interrupted=True) is not None  # nothing complete to keep: written
+
+
+def test_a_second_runner_writing_the_analysis_notebook_meanwhile_does_not_break_the_report(tmp_path, monkeypatch):
+    """Two runners of one study analyse it at once: papermill rewrites its output notebook as cells run, so
+    each runner executes into a file of its own and renames it into place; the other's half-written
+    ``_analysis/notebook.ipynb`` at that moment is never what this runner renders (it was, and the report's
+    copy then failed with FileNotFoundError, a rare failure of tests/integration/test_parallel.py)."""
+    import nbformat
+    import papermill
+
+    r = _runner(tmp_path)
+    for p in r.study.pipelines:
+        _finish(r, p.name, [0.5, 0.25])
+    tables.write_results(r)
+
+    def other_runner_meanwhile(input_path, output_path, **kw):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("the analysis of this runner")])
+        nbformat.write(nb, output_path)
+        (r.reports / "_analysis" / "notebook.ipynb").write_text('{"cells": [{"cell_')  # cut mid-write
+
+    monkeypatch.setattr(papermill, "execute_notebook", other_runner_meanwhile)
+    index = tables.analyse(r, force=True)
+    assert index is not None and "the analysis of this runner" in index.read_text()
+    assert [f.name for f in (r.reports / "_analysis").glob("notebook*.ipynb")] == ["notebook.ipynb"]
