@@ -168,71 +168,69 @@ class L4QFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, W0, A, B, S, b = ctx.saved_tensors
-        s, qn, qp = ctx.scaling, ctx.qn, ctx.qp
-        need_x, _, need_A, need_B, need_S, need_b = ctx.needs_input_grad[:6]
+        s = ctx.scaling
+        need_A, need_B = ctx.needs_input_grad[2:4]
         cd = compute_dtype(W0.dtype)
-        out_f, in_f = W0.shape
         Sc, bc = S.to(cd), b.to(cd)
 
         # Recompute W_comb -> codes instead of having saved them.
         W = _fresh(W0, cd).addmm_(B.to(cd), A.to(cd), alpha=s)  # (out, in)
-        if ctx.fused is not None and any(ctx.needs_input_grad[2:6]):
-            return _fused_backward(ctx, dy, x, W, Sc, bc)
-        w, wt = _codes(W, Sc, bc, qn, qp, inplace=True)  # (out, G, g) each; w reuses W
+        quantizer = _grads_fused if ctx.fused is not None and any(ctx.needs_input_grad[2:6]) else _grads_eager
+        dx, Gm, dS, db = quantizer(ctx, dy, x, W, Sc, bc)
         del W
 
-        dx = None
-        if need_x:
-            Wq = (wt * Sc.unsqueeze(-1)).add_(bc.unsqueeze(-1)).reshape(out_f, in_f)
-            dx = (dy @ Wq.to(dy.dtype)).to(ctx.x_dtype)  # dL/dX = dY W_q : (..., in)
-            del Wq
-
-        dA = dB = dS = db = None
-        if need_A or need_B or need_S or need_b:
-            # dL/dW_q = dY^T X over all batch/sequence positions: (out, in), freed below; in
-            # autocast's dtype when the forward ran under it (the weight gradient of an nn.Linear
-            # there), else in the wider of the two.
-            mm = ctx.mm_dtype or torch.promote_types(dy.dtype, x.dtype)
-            Gw = (dy.reshape(-1, out_f).t().to(mm) @ x.reshape(-1, in_f).to(mm)).to(cd)
-            Gm, dS, db = _ste_grads(Gw.view(out_f, Sc.shape[1], -1), w, wt, qn, qp,
-                                    need_S, need_b)
-            del Gw, w, wt
-            Gm = Gm.view(out_f, in_f)
+        dA = dB = None
+        if Gm is not None:
             if need_A:
                 dA = (B.to(cd).t() @ Gm).mul_(s).to(A.dtype)  # (r, in)
             if need_B:
                 dB = (Gm @ A.to(cd).t()).mul_(s).to(B.dtype)  # (out, r)
             del Gm
-            if dS is not None:
-                dS = (dS * ctx.grad_scale).to(S.dtype)
-            if db is not None:
-                db = db.to(b.dtype)
-        else:
-            del w, wt
+        if dS is not None:
+            dS = (dS * ctx.grad_scale).to(S.dtype)
+        if db is not None:
+            db = db.to(b.dtype)
         return dx, None, dA, dB, dS, db, None, None, None, None, None
 
 
-def _fused_backward(ctx, dy: Tensor, x: Tensor, W: Tensor, Sc: Tensor, bc: Tensor) -> tuple:
-    """:meth:`L4QFunction.backward` with the quantizer's element-wise work in one compiled kernel
-    (:mod:`ptqlib.adapters.quantizer_kernels`: the same numbers); ``W = W0 + s B A`` (out, in) in fp32."""
-    _, _, A, B, S, b = ctx.saved_tensors
+def _weight_grad(ctx, dy: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``dL/dW_q = dY^T X`` over all batch / sequence positions, (out, in) in ``dtype``: computed in autocast's
+    dtype when the forward ran under it (the weight gradient of an nn.Linear there), else in the wider of the two."""
+    mm = ctx.mm_dtype or torch.promote_types(dy.dtype, x.dtype)
+    return (dy.reshape(-1, dy.shape[-1]).t().to(mm) @ x.reshape(-1, x.shape[-1]).to(mm)).to(dtype)
+
+
+def _grads_eager(ctx, dy: Tensor, x: Tensor, W: Tensor, Sc: Tensor, bc: Tensor) -> tuple:
+    """``(dL/dX, m G_w (out, in), dL/dS, dL/db)`` of :meth:`L4QFunction.backward` (the last two per-group sums,
+    unscaled; None where not needed) by PyTorch's ops, in place: ``W = W0 + s B A`` (out, in) in the quantizer's
+    dtype becomes the real code. ``dL/dW_q`` is formed after ``dL/dX``'s ``W_q`` is freed (fewer at once)."""
     need_x, _, need_A, need_B, need_S, need_b = ctx.needs_input_grad[:6]
     out_f, in_f = W.shape
-    mm = ctx.mm_dtype or torch.promote_types(dy.dtype, x.dtype)
-    Gw = (dy.reshape(-1, out_f).t().to(mm) @ x.reshape(-1, in_f).to(mm)).to(W.dtype)  # dL/dW_q (out, in)
+    w, wt = _codes(W, Sc, bc, ctx.qn, ctx.qp, inplace=True)  # (out, G, g) each; w reuses W
+    dx = None
+    if need_x:
+        Wq = (wt * Sc.unsqueeze(-1)).add_(bc.unsqueeze(-1)).reshape(out_f, in_f)
+        dx = (dy @ Wq.to(dy.dtype)).to(ctx.x_dtype)  # dL/dX = dY W_q : (..., in)
+        del Wq
+    if not (need_A or need_B or need_S or need_b):
+        return dx, None, None, None
+    Gw = _weight_grad(ctx, dy, x, W.dtype)
+    Gm, dS, db = _ste_grads(Gw.view(out_f, Sc.shape[1], -1), w, wt, ctx.qn, ctx.qp, need_S, need_b)
+    return dx, Gm.view(out_f, in_f), dS, db
+
+
+def _grads_fused(ctx, dy: Tensor, x: Tensor, W: Tensor, Sc: Tensor, bc: Tensor) -> tuple:
+    """:func:`_grads_eager` with the quantizer's element-wise work in one compiled kernel
+    (:mod:`ptqlib.adapters.quantizer_kernels`: the same numbers)."""
+    need_x, need_S, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+    out_f, in_f = W.shape
     grouped = (out_f, Sc.shape[1], -1)
+    Gw = _weight_grad(ctx, dy, x, W.dtype)
     Wq, Gm, p_S, p_b = ctx.fused[1](W.view(grouped), Sc.unsqueeze(-1), bc.unsqueeze(-1), Gw.view(grouped),
                                     ctx.qn, ctx.qp)
-    del W, Gw
+    del Gw
     dx = (dy @ Wq.view(out_f, in_f).to(dy.dtype)).to(ctx.x_dtype) if need_x else None  # dL/dX = dY W_q
-    del Wq
-    dS = (p_S.sum(-1) * ctx.grad_scale).to(S.dtype) if need_S else None
-    db = p_b.sum(-1).to(b.dtype) if need_b else None
-    del p_S, p_b
-    Gm = Gm.view(out_f, in_f)
-    dA = (B.to(Gm.dtype).t() @ Gm).mul_(ctx.scaling).to(A.dtype) if need_A else None  # (r, in)
-    dB = (Gm @ A.to(Gm.dtype).t()).mul_(ctx.scaling).to(B.dtype) if need_B else None  # (out, r)
-    return dx, None, dA, dB, dS, db, None, None, None, None, None
+    return dx, Gm.view(out_f, in_f), p_S.sum(-1) if need_S else None, p_b.sum(-1) if need_b else None
 
 
 def _l4q_weight(W0: Tensor, A: Tensor, B: Tensor, S: Tensor, b: Tensor, scaling: float,

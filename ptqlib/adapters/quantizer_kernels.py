@@ -9,15 +9,15 @@ weight-sized fp32 tensors, grouped ``(out, G, g)`` with ``S, b`` broadcast as ``
 (``dL/dS`` and ``dL/db`` are the per-group sums of ``p_S`` and ``p_b``.) Eager PyTorch runs each op as its
 own pass over memory, the backward's bool-mask ``masked_fill`` slowly: on SmolLM2's 1536 x 576 MLP
 weight (AMD Zen 4, 2 threads) the forward's passes take 0.25 ms and the backward's 5.4 ms; compiled, 0.13 and
-0.33 ms. :func:`forward` and :func:`backward` are those formulas, compiled by inductor once per process
+0.33 ms. :func:`forward_eager` and :func:`backward_eager` are those formulas, compiled by inductor once per process
 (``dynamic=True``: one kernel for every layer shape).
 
 **The same numbers.** Each element goes through the same IEEE operations as in the eager path (sub, div,
 clamp, round half-to-even, mul, add; inductor's C++ is built without floating-point contraction, so
 ``S w~ + b`` is not turned into an FMA), so the outputs equal the eager ones bit for bit; the per-group sums
 stay eager (``sum(-1)``), because a reduction in another order would not. ``tests/adapters/
-test_quantizer_kernels.py`` checks it on every layer shape of the tiny model and at 2, 3, 4 and 8 bits, and
-L4Q's trained weights with either kernel; so the choice stays out of stage ids
+test_quantizer_kernels.py`` checks it on square, wide and tall layers at 2, 3, 4 and 8 bits, and L4Q's and
+QAT-LoRA's trained weights with either kernel; so the choice stays out of stage ids
 (``ptqlib.study.neutral.ID_FREE``).
 
 **Where no compiler works** (no C++ compiler on a CPU, no Triton on a GPU) the first call warns once and the

@@ -235,7 +235,7 @@ def analyse(runner: "Runner", force: bool = False) -> Path | None:
     work.mkdir(exist_ok=True)
     # papermill rewrites its output as cells run: into a file of this process's own, renamed into place when
     # done, so a second runner analysing the same study at once never renders half a notebook
-    mine = work / f"notebook.{os.getpid()}.ipynb"
+    mine, error = work / f"notebook.{os.getpid()}.ipynb", None
     try:
         with stage_environment(progress=False):
             pm.execute_notebook(
@@ -244,27 +244,22 @@ def analyse(runner: "Runner", force: bool = False) -> Path | None:
                             "description": runner.study.description},
                 kernel_name=runner.kernel_name(), progress_bar=False, **kernel_manager_kwargs(cwd=work.resolve()),
             )
-    except BaseException as e:
-        _publish(mine, work / "notebook.ipynb")  # the failed run's notebook, to read; never a stray file of ours
-        if not isinstance(e, Exception):
-            raise
-        log.error("analysis failed: %s (see %s)", short_error(e), work / "notebook.ipynb")
+    except Exception as e:  # noqa: BLE001
+        error = e
+    finally:  # a failed run's notebook too (to read it); never a stray file of ours
+        if mine.exists():
+            os.replace(mine, work / "notebook.ipynb")
+    if error is not None:
+        log.error("analysis failed: %s (see %s)", short_error(error), work / "notebook.ipynb")
         render_html(work, "index.html", exclude_input=True)
         copy_atomic(work / "index.html", index) if (work / "index.html").exists() else None
         return None
-    _publish(mine, work / "notebook.ipynb")
     render_html(work, "index.html", exclude_input=True)
     if not (work / "index.html").exists():  # rendering failed (logged): keep what the reports hold
         return None
     copy_atomic(work / "index.html", index)
     write_atomic(stamp, digest)
     return index
-
-
-def _publish(mine: Path, target: Path) -> None:
-    """``mine`` (this process's output, if written) renamed over ``target`` in one step."""
-    if mine.exists():
-        os.replace(mine, target)
 
 
 SELECTION_TABLE = ["family", "point", "key", "candidate", "metric", "validation", "gap", "tie", "tied", "chosen",
