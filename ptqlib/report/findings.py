@@ -55,12 +55,23 @@ def counts_line(name: str, table: pd.DataFrame, link: str) -> str:
     decided = table["verdict_holm"].isin(["holds", "does not hold"])
     flagged = int((decided & _flagged(table)).sum())
     explore = int(table["verdict_holm"].astype(str).str.endswith("(exploratory: outside Holm)").sum())
-    return (f"- **{name}** ([report]({link})): {n} claim{'s' if n != 1 else ''}"
+    return (f"- **{name}** ([report]({link})): {_claims_text(table)}"
             + (f" ({explore} exploratory, outside Holm)" if explore else "") + f"; {tested} tested"
             + (f" ({', '.join(why)})" if why else "") + f"; {int((table['verdict'] == 'holds').sum())} hold; "
             f"after Holm {int((table['verdict_holm'] == 'holds').sum())} hold, "
             f"{int((table['verdict_holm'] == 'does not hold').sum())} do not"
             + (f" ({flagged} at a floor or ceiling, left out below)" if flagged else "") + ".")
+
+
+def _claims_text(table: pd.DataFrame) -> str:
+    """``n claims``; in a model x task sweep (a ``cell`` column) ``k claims x c cells = n tests``, since every
+    row of the table is one claim decided in one cell and the counts after it are of those rows."""
+    n = len(table)
+    cells = table["cell"].fillna("").astype(str).nunique() if "cell" in table else 1
+    if cells > 1:
+        k = table["claim"].nunique()
+        return f"{k} claim{'s' if k != 1 else ''} x {cells} cells = {n} tests"
+    return f"{n} claim{'s' if n != 1 else ''}"
 
 
 def run_line(study_dir: Path) -> str:

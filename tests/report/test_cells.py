@@ -6,7 +6,7 @@ import pytest
 
 from ptqlib.report.cells import cell_counts, counts_text, factors, labelled, per_cell
 from ptqlib.report.claims import check_claims
-from ptqlib.report.findings import cell_lines, decided_rows
+from ptqlib.report.findings import cell_lines, counts_line, decided_rows
 from ptqlib.report.plan import plan_claims
 
 RNG = np.random.default_rng(7)
@@ -51,6 +51,9 @@ def test_a_claim_is_decided_in_each_cell_on_that_cells_runs():
     assert cell_lines(table) == ["  - a beats b: holds in 1 of 3 cells, does not hold in 1, undecided in 1"]
     rows = decided_rows("s", table)
     assert len(rows) == 2 and "a beats b [model=m1, task=t1]" in rows[0]
+    # the study's line counts claims and cells apart: its "tested / hold" counts are of claim x cell rows
+    line = counts_line("s", pd.concat([table, table.assign(claim="b beats a")]), "r")
+    assert line.startswith("- **s** ([report](r)): 2 claims x 3 cells = 6 tests; 6 tested;"), line
 
 
 def test_a_study_without_a_sweep_keeps_one_row_per_claim_and_no_cell_column():
