@@ -325,11 +325,18 @@ def load_task(task: str, split: str, n: int) -> list[Example]:
     return _hf_examples(task[len("hf:"):], split)[:n]
 
 
+def has_fields(task: str) -> bool | None:
+    """Whether ``task``'s references are "field: value" lines, which ``field_f1`` scores: True for the meetings
+    tasks, False for stdlib-docstrings (free text: every output would score 0), None for a user or hub task (not
+    known before its examples load)."""
+    return True if task in ("meetings", "meetings-hard") else False if task in TASKS else None
+
+
 def primary_metric(task: str) -> str:
     """The metric a task is scored by (``task_score`` in results and units, so one claim or selection reads each
     task's own score in a study over several tasks): field F1 where the references are fields (the meetings
     tasks), else ROUGE-L (stdlib-docstrings' summaries, user and hub tasks)."""
-    return "field_f1" if task in ("meetings", "meetings-hard") else "rouge_l"
+    return "field_f1" if has_fields(task) else "rouge_l"
 
 
 def task_digest(task: str) -> str | None:

@@ -170,6 +170,7 @@ class Metric:
     source: str | None = None  # the held-out text source of a ppl / kl metric
     stage: str = "evaluate"  # the stage kind whose record holds it (results.csv: "<stage>.<name>" unless evaluate)
     per_task: bool = False  # read as the task's own metric (task_score: data.primary_metric), not computed by a stage
+    fields: bool = False  # scores "field: value" references: undefined on a task without them (data.has_fields)
 
     @property
     def column(self) -> str:
@@ -213,7 +214,7 @@ for _src in TEXT_SOURCES:  # how llama.cpp's perplexity --kl-divergence describe
 register(Metric("exact_match", "every reference field present with the same value", Statistic("task", "exact_match"),
                 bounded=True, shown="quality", plot="quality", needs="task"))
 register(Metric("field_f1", "F1 of the (field, value) pairs", Statistic("task", "field_f1"), bounded=True,
-                shown="quality", plot="quality", needs="task"))
+                shown="quality", plot="quality", needs="task", fields=True))
 register(Metric("rouge_l", "ROUGE-L F-measure", Statistic("task", "rouge_l"), bounded=True, shown="quality",
                 needs="task"))
 register(Metric("task_score", "the task's own score (data.primary_metric): field F1 on the meetings tasks, ROUGE-L on "

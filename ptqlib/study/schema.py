@@ -84,9 +84,27 @@ def load_study(path: str | Path, check_models: bool = True, allow_network: bool 
                 raise ConfigError(f"{path}: task: {e}; the study selects a setting on the validation split") from None
     _check_names(path, pipelines)
     claims = checked_claims(path, raw)
+    _check_field_metrics(path, header.tasks, claims, selections)
     return Study(name, path, str(raw.get("description", "")), pipelines, claims,
                  _notes(sizes_cache, header.tasks, allow_network), _executor(path, raw), selections=selections,
                  final=_final(path, raw))
+
+
+def _check_field_metrics(path: Path, tasks: list[str], claims: list[dict], selections: list) -> None:
+    """Refuse a claim or a selection by a metric that scores "field: value" references (field F1) in a study over
+    a task whose references have none: every output would score 0 and the verdict would be about nothing."""
+    from ptqlib.data import has_fields
+    from ptqlib.metrics import metric
+
+    fieldless = [t for t in tasks if has_fields(t) is False]
+    uses = [(f"claims[{i}].metric", c["metric"]) for i, c in enumerate(claims)]
+    uses += [(f"the select of {s.where()}", s.metric) for s in selections]
+    for where, name in uses:
+        m = metric(name)
+        if fieldless and m is not None and m.fields:
+            raise ConfigError(f"{path}: {where}: {name!r} scores 'field: value' references, which task "
+                              f"{fieldless[0]!r} does not have (every output would score 0); valid there: rouge_l, "
+                              "or task_score (each task's own score) in a study over several tasks")
 
 
 def _read(path: Path) -> dict:

@@ -450,6 +450,25 @@ def test_bad_task_lists_are_refused(tmp_path, tasks, expect):
         load_study(write(tmp_path, f"model: tiny\ntask: {tasks}\npipelines:\n  a: []\n"))
 
 
+@pytest.mark.parametrize("task, claim_metric, select_metric, where", [
+    ("stdlib-docstrings", "field_f1", "rouge_l", r"claims\[0\]\.metric"),
+    ("[meetings, stdlib-docstrings]", "field_f1", "task_score", r"claims\[0\]\.metric"),  # one cell is enough
+    ("stdlib-docstrings", "rouge_l", "field_f1", r"the select of ft"),
+])
+def test_field_f1_is_refused_on_a_task_without_fields(tmp_path, task, claim_metric, select_metric, where):
+    def study(claim_metric, select_metric):
+        return (f"model: tiny\ntask: {task}\npipelines:\n  base: []\n  ft: [{{finetune: {{method: full, lr: "
+                f"{{select: [1.0e-4, 1.0e-3], metric: {select_metric}}}}}}}]\n"
+                f"claims:\n  - {{claim: c, a: ft, b: base, metric: {claim_metric}}}\n")
+
+    with pytest.raises(ConfigError, match=where + r": 'field_f1' scores 'field: value' references, which task "
+                       r"'stdlib-docstrings' does not have .*valid there: rouge_l, or task_score"):
+        load_study(write(tmp_path, study(claim_metric, select_metric)))
+    fixed = "task_score" if "," in task else "rouge_l"  # what the message offers
+    assert load_study(write(tmp_path, study(*(fixed if m == "field_f1" else m for m in (claim_metric, select_metric))),
+                            "ok.yaml")).claims
+
+
 def test_claim_metrics_of_stages_and_lmeval_are_accepted(tmp_path):
     text = ("model: tiny\npipelines:\n  a: [{finetune: full}]\n  b: []\nclaims:\n"
             "  - {claim: c, a: a, b: b, metric: finetune.train_loss_last}\n"
