@@ -14,7 +14,7 @@ Why this module: neither the ``gguf`` package nor transformers quantizes to K-qu
 has no Q*_K quantizer; the mix rules live in llama.cpp's ``llama_model_quantize``), so the file comes from
 llama.cpp through llama-cpp-python's binding, from the F16 export of :func:`ptqlib.deploy.gguf.export_gguf`.
 Reading it back uses ``gguf.quants.dequantize``, the reference de-quantizer, and undoes the export's name
-mapping and rotary row order, so the torch model holds exactly the weights llama.cpp computes with
+mapping, rotary row order (Llama) and norm shift (Gemma 3), so the torch model holds exactly the weights llama.cpp computes with
 (``tests/deploy/test_kquants.py``).
 
 Importance matrix: llama.cpp takes one as ``llama_model_quantize_params.imatrix``, a pointer to a C++
@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from .blocks import _rope_rows
-from .gguf import _LAYER_NAMES, ExportReport, TensorReport, read_tensors
-from .types import ExportError
+from .gguf import LAYER_NAMES, NORM_SHIFT, ExportReport, TensorReport, read_tensors
+from .types import ARCHITECTURES, ExportError
 
 # type name -> (llama_ftype value, nominal bits): llama.h's LLAMA_FTYPE_MOSTLY_* (a stable ABI enum)
 KQUANT_TYPES: dict[str, tuple[int, int]] = {
@@ -82,34 +82,42 @@ class _quiet_llama:
         return False
 
 
-def gguf_names(model: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]]:
-    """transformers parameter name -> (GGUF tensor name, the row order the export applied or None), for the
-    weights :func:`ptqlib.deploy.gguf.export_gguf` writes (a Llama-style model; tied output: the embedding)."""
+def gguf_names(model: nn.Module) -> dict[str, tuple[str, torch.Tensor | None, float]]:
+    """transformers parameter name -> (GGUF tensor name, the row order the export applied or None, the shift
+    the export added), for the weights :func:`ptqlib.deploy.gguf.export_gguf` writes: a Llama-style model (q and
+    k rows reordered for llama.cpp's interleaved rotary) or Gemma 3 (NEOX rotary, no reordering; its norms
+    stored as ``1 + w``); a tied output is the embedding."""
     cfg = model.config
-    out = {"model.embed_tokens.weight": ("token_embd.weight", None), "model.norm.weight": ("output_norm.weight", None)}
+    arch = ARCHITECTURES[cfg.model_type]
+    shift = NORM_SHIFT[arch]
+    out = {"model.embed_tokens.weight": ("token_embd.weight", None, 0.0),
+           "model.norm.weight": ("output_norm.weight", None, shift)}
     if not getattr(cfg, "tie_word_embeddings", False):
-        out["lm_head.weight"] = ("output.weight", None)
+        out["lm_head.weight"] = ("output.weight", None, 0.0)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads}
+    heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads} \
+        if arch == "llama" else {}
     for i in range(cfg.num_hidden_layers):
-        for hf, gg in _LAYER_NAMES.items():
+        for hf, gg in LAYER_NAMES[arch].items():
             rows = _rope_rows(heads[hf] * head_dim, heads[hf]) if hf in heads else None
-            out[f"model.layers.{i}.{hf}.weight"] = (f"blk.{i}.{gg}.weight", rows)
+            out[f"model.layers.{i}.{hf}.weight"] = (f"blk.{i}.{gg}.weight", rows, shift if gg.endswith("_norm") else 0.0)
     return out
 
 
 @torch.no_grad()
 def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     """Copy the de-quantized tensors of the GGUF file ``path`` into ``model`` (float layers, the same
-    architecture as the exported one) -> {GGUF tensor name: its type}; every mapped weight must be in the file."""
+    architecture as the exported one) -> {GGUF tensor name: its type}; every mapped weight must be in the file.
+    A Gemma norm gets ``stored - 1`` (exact in float32 wherever ``1 + w >= 0.5``), so torch's ``1 + w`` is the
+    scale llama.cpp uses."""
     names = gguf_names(model)
     params = dict(model.named_parameters())
     types: dict[str, str] = {}
     try:
-        tensors = read_tensors(path, [g for g, _ in names.values()], types)
+        tensors = read_tensors(path, [g for g, _, _ in names.values()], types)
     except KeyError as e:
         raise ExportError(f"{e.args[0]}; it is not an export of this architecture") from e
-    for hf, (gname, rows) in names.items():
+    for hf, (gname, rows, shift) in names.items():
         w = tensors[gname]
         if rows is not None:  # the export wrote row rows[k] at k: put it back
             back = torch.empty_like(w)
@@ -117,8 +125,8 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
             w = back
         if w.shape != params[hf].shape:
             raise ExportError(f"{path}: {gname} has shape {tuple(w.shape)}; the model's {hf} is {tuple(params[hf].shape)}")
-        params[hf].copy_(w.to(params[hf].dtype))
-    return {g: types[g] for g, _ in names.values()}
+        params[hf].copy_((w - shift if shift else w).to(params[hf].dtype))
+    return {g: types[g] for g, _, _ in names.values()}
 
 
 def file_report(path: str | Path) -> ExportReport:

@@ -7,8 +7,8 @@ tokenizer; loading it de-quantizes every tensor with the ``gguf`` package's refe
 float model of the same architecture, so torch scores, fine-tunes (QLoRA on the frozen de-quantized
 weights: its base is exactly the K-quant grid) and compares it with the 16-bit model, while
 ``runtime: llama.cpp`` scores the file as it is (``ArtifactType.gguf``). No calibration: llama.cpp's
-importance matrix cannot be passed through the Python binding (docs/formats.md). Llama-style models only
-(the GGUF export's architectures).
+importance matrix cannot be passed through the Python binding (docs/formats.md). The models the GGUF export
+writes (Llama-style and Gemma 3 of llama.cpp's layer pattern); another is refused at load with the export's reason.
 """
 from __future__ import annotations
 

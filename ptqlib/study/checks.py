@@ -39,9 +39,9 @@ def _check_against_config(path, where, stages: list[Stage], model: str, cache: d
             raise ConfigError(f"{path}: {swhere}.runtime: 'llama.cpp' runs a GGUF export, which ptqlib cannot write "
                               f"for model {model!r}: {why}; use runtime: torch")
         quantizer = quantize_methods().get(st.params.get("method")) if kinds[st.kind].makes_grid(st.params) else None
-        if quantizer is not None and quantizer.grid == "gguf" and cfg.get("model_type") != "llama":
-            raise ConfigError(f"{path}: {swhere}.method: {st.params['method']!r} quantizes a GGUF export, which ptqlib reads "
-                              f"back into torch for Llama-style models only; model {model!r} is {cfg.get('model_type')!r}")
+        if quantizer is not None and quantizer.grid == "gguf" and (why := gguf_refusal(cfg)):
+            raise ConfigError(f"{path}: {swhere}.method: {st.params['method']!r} quantizes a GGUF export, which ptqlib "
+                              f"cannot write for model {model!r}: {why}")
         unknown = [t for t in st.params.get("target_modules", []) if t not in layers]  # a stage with adapters
         if llama_like and unknown:
             raise ConfigError(f"{path}: {swhere}.target_modules: {', '.join(map(repr, unknown))} names no layer of "

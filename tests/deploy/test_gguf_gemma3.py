@@ -1,6 +1,7 @@
 """Gemma 3 to GGUF: a tiny Gemma 3 of llama.cpp's layer pattern (five sliding-window layers, one global) runs in
 llama.cpp with ptqlib's logits past the sliding window, float and with exact Q4_1 codes; a pattern llama.cpp
 cannot run is refused with the reason. Tolerances as in test_llamacpp.py (llama.cpp's activation rounding)."""
+import copy
 import os
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from ptqlib.deploy import llamacpp
 from ptqlib.deploy.gguf import export_gguf, read_tensors
+from ptqlib.deploy.kquants import gguf_names, load_weights, quantize_file
 from ptqlib.deploy.types import ExportError
 from ptqlib.quant import rtn_quantize_model
 
@@ -106,3 +108,57 @@ def test_the_real_gemma3_270m_runs_in_llama_cpp_with_ptqlibs_logits(tmp_path):
         got = lm.logits(ids)
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
     assert np.abs(got - want).max() / want.std() < 0.02
+
+
+def test_a_kquant_file_of_gemma3_reads_back_as_llama_cpp_computes_it(tok, tmp_path):
+    """K-quants on Gemma 3: the F16 export reads back into a fresh model as the fp16 weights bit for bit, and its
+    norms as the same float32 scale 1 + w (the file's, shifted back); from llama.cpp's Q4_K_M of it, torch's
+    logits are llama.cpp's up to its activation rounding, far closer than the 4-bit weights are to the float
+    ones."""
+    model = _gemma3_wide()
+    export_gguf(model, tok, tmp_path / "f16.gguf", type="f16")
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    load_weights(fresh, tmp_path / "f16.gguf")
+    names = gguf_names(model)
+    assert names["model.layers.0.self_attn.q_norm.weight"][1:] == (None, 1.0)  # no rotary reorder, norm shifted
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        if p.dim() == 2:
+            assert torch.equal(q, p.detach().half().float()), name
+        else:  # a norm: the scale Gemma computes with, 1 + w in float32, is the file's (w itself loses low bits)
+            assert torch.equal(1.0 + q, 1.0 + p.detach()) and (q - p).abs().max() < 1e-7, name
+
+    quantize_file(tmp_path / "f16.gguf", tmp_path / "q4km.gguf", "Q4_K_M")
+    kq = copy.deepcopy(model)
+    types = load_weights(kq, tmp_path / "q4km.gguf")
+    assert types["blk.0.ffn_up.weight"] in ("Q4_K", "Q6_K") and types["blk.0.attn_norm.weight"] == "F32"
+    ids = _ids(tok)
+    with torch.no_grad():
+        mine = kq(torch.tensor([ids])).logits[0].numpy()
+        floaty = model(torch.tensor([ids])).logits[0].numpy()
+    with llamacpp.LlamaCppModel(tmp_path / "q4km.gguf", n_ctx=128, n_threads=1, logits_all=True) as lm:
+        theirs = lm.logits(ids)
+    assert (mine.argmax(1) == theirs.argmax(1)).mean() >= 0.9
+    assert np.abs(mine - theirs).max() < 0.5 * np.abs(mine - floaty).max(), (np.abs(mine - theirs).max(),
+                                                                          np.abs(mine - floaty).max())
+
+
+@torch.no_grad()
+def _gemma3_wide():
+    """:func:`_gemma3` at hidden 256, MLP 512: K-quants need input sizes that are multiples of 256 (tiny's 128
+    would put every layer in llama.cpp's fallback type); sharp logits, shaped norms."""
+    cfg = copy.deepcopy(_gemma3().config)
+    cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.query_pre_attn_scalar = 256, 512, 64, 64
+    from transformers import Gemma3ForCausalLM
+
+    m = Gemma3ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    for name, p in m.named_parameters():
+        if name.endswith("norm.weight"):
+            p.uniform_(-0.5, 0.5, generator=g)
+        elif p.dim() == 2:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    m.model.embed_tokens.weight.mul_(20)
+    return m
