@@ -201,11 +201,23 @@ def tensor_bytes(model: torch.nn.Module, float_bytes: int | None = None) -> int:
 
 def size_metrics(model: torch.nn.Module, ref: str | Path) -> dict[str, float]:
     """``size_mb_deploy``: every tensor ``model`` holds, floats at 16 bits (:func:`tensor_bytes`), or the GGUF
-    file the artifact is (:func:`own_gguf`: a K-quant); ``size_mb_stored``: the weight files on disk of the
-    artifact at ``ref``, base chain included."""
+    file the artifact is (:func:`own_gguf`: a K-quant), or for an adapter on a K-quant that file plus the
+    adapter's tensors at 16 bits (torch holds the file's weights de-quantized, which are not what deploys);
+    ``size_mb_stored``: the weight files on disk of the artifact at ``ref``, base chain included."""
     own = own_gguf(ref)
     deploy = own.stat().st_size if own else tensor_bytes(model, float_bytes=2)
+    info = describe(ref)
+    base_file = own_gguf(base_of(ref, info)) if not own and "base" in info else None
+    if base_file is not None:  # the base's tensors are in the model at 16 bits: count them as the file instead
+        deploy += base_file.stat().st_size - 2 * gguf_elements(base_file)
     return {"size_mb_deploy": deploy / 2**20, "size_mb_stored": dir_bytes(ref) / 2**20}
+
+
+def gguf_elements(path: str | Path) -> int:
+    """Weights stored in a GGUF file (every tensor's element count; a tied embedding once)."""
+    import gguf
+
+    return sum(int(t.n_elements) for t in gguf.GGUFReader(str(path)).tensors)
 
 
 def dir_bytes(ref: str | Path) -> int:

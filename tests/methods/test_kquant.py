@@ -114,6 +114,14 @@ def test_qlora_trains_on_the_kquant_weights_and_leaves_them_frozen(wide_dir, tmp
     up = trained.base_model.model.model.layers[0].mlp.up_proj
     assert torch.equal(up.base_layer.weight, before)  # the K-quant grid stays as llama.cpp wrote it
     assert up.lora_B["default"].weight.abs().sum() > 0  # the adapter learned
+    # what deploys is llama.cpp's file and the adapter at 16 bits, not the de-quantized base torch holds
+    finetune.save(trained, tok, "qlora", fp, tmp_path / "ql", str(tmp_path / "kq"))
+    loaded, _, _ = artifacts.load(tmp_path / "ql", "cpu")
+    adapter = sum(p.numel() for n, p in loaded.named_parameters() if "lora_" in n)
+    want = (tmp_path / "kq" / "model.gguf").stat().st_size + 2 * adapter
+    assert artifacts.size_metrics(loaded, tmp_path / "ql")["size_mb_deploy"] == want / 2**20
+    assert artifacts.size_metrics(base, tmp_path / "kq")["size_mb_deploy"] < want / 2**20 < \
+        artifacts.tensor_bytes(base, float_bytes=2) / 2**20
 
 
 def test_llama_cpp_scores_the_stages_own_file_as_it_is(wide_dir, tmp_path):
