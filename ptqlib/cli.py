@@ -147,6 +147,7 @@ def methods_table() -> str:
     for m in quantize_methods().values():
         lines.append(f"  {m.name:<9} {m.grid:<8} bits {','.join(map(str, m.bits)):<8} {m.summary}")
         lines += own(m)
+        lines += [f"  {'':<9} formats: {m.variants}"] if m.variants else []
     lines.append("finetune:")
     for m in finetune_methods().values():
         lines.append(f"  {m.name:<9} {m.needs:>9} -> {m.gives:<9} {m.summary}")

@@ -69,6 +69,7 @@ class QuantizeMethod:
     dense_weight: Callable | None = None  # (module) -> its layer's de-quantized weight, or None if not its layer
     prepare_inference: Callable | None = None  # (model, dtype) -> None: its layers ready to score at dtype (CPU)
     check: Callable | None = None  # (params dict) -> why its settings do not go together, or None (study load)
+    variants: str = ""  # the named formats its settings select, for `python -m ptqlib methods` ("" none)
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ register(
     QuantizeMethod("kquant", "llama.cpp's K-quants (Q4_K_M, Q3_K_M, ...: bits and mix) by llama.cpp's own quantizer",
                    BITS, "gguf", quantize, save, settings=("bits", "mix"), label_keys=("bits", "mix"),
                    options=KQuantOptions, inert=lambda p: {"group_size"} | ({"mix"} if p.get("bits") == 6 else set()),
-                   check=_check, dense_weight=dense_weight),
+                   check=_check, dense_weight=dense_weight,
+                   variants=", ".join(f"{t} (bits {b}" + (f", mix {m})" if b != 6 else ")") for (b, m), t in _TYPES.items())),
     ArtifactType("gguf", load, quantized=True, gguf=lambda ref, info: Path(ref) / info["gguf"]),
 )

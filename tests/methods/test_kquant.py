@@ -20,6 +20,20 @@ def test_bits_and_mix_name_llama_cpps_types(bits, mix, want):
     assert kquant_type(bits, mix) == want
 
 
+def test_the_methods_listing_names_every_llama_cpp_type_with_the_settings_that_select_it():
+    """`python -m ptqlib methods` lists each K-quant type with its bits and mix, and each pair selects that type."""
+    import re
+
+    from ptqlib.cli import methods_table
+    from ptqlib.deploy.kquants import KQUANT_TYPES
+
+    line = next(x for x in methods_table().splitlines() if "formats:" in x and "Q4_K_M" in x)
+    listed = re.findall(r"(Q\d_K(?:_[SML])?) \(bits (\d)(?:, mix ([SML]))?\)", line)
+    assert {t for t, _, _ in listed} == set(KQUANT_TYPES)
+    for t, bits, mix in listed:
+        assert kquant_type(int(bits), mix or "M") == t
+
+
 @pytest.mark.parametrize("stage, error", [
     ("{method: kquant, bits: 4, mix: L}", r"bits 4 with mix 'L' is no llama.cpp K-quant; valid: .*Q4_K_M"),
     ("{method: kquant, mix: X}", r"mix: 'X'; valid: S, M, L"),
