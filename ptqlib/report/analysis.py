@@ -269,13 +269,13 @@ def append_history(table: pd.DataFrame, results: pd.DataFrame, study_dir) -> boo
     if "cell" in table:  # a study over several models or tasks: one row per claim and cell
         new["claim"] = [labelled(c, cell) for c, cell in zip(table["claim"], table["cell"].fillna(""))]
     new.insert(0, "seeds", seeds)
-    new.insert(0, "machines", machines or "unknown")
+    new.insert(0, "machines", machines or "not recorded")
     new.insert(0, "commit", git_commit(ROOT) or "unknown")
     if path.exists():
         old = pd.read_csv(path, keep_default_na=False, dtype=str)
         last = old[old["date"] == old["date"].iloc[-1]] if len(old) else old
         same = (len(last) == len(new) and (last["commit"] == new["commit"].iloc[0]).all()
-                and (last["machines"] == (machines or "unknown")).all() and (last["seeds"] == seeds).all()
+                and (last["machines"] == (machines or "not recorded")).all() and (last["seeds"] == seeds).all()
                 and last["verdict_holm"].tolist() == new["verdict_holm"].tolist()
                 and np.allclose(pd.to_numeric(last["difference"], errors="coerce"), new["difference"], equal_nan=True))
         if same:

@@ -450,6 +450,9 @@ def test_history_keeps_every_analysed_run(tmp_path):
     assert append_history(table, res2, tmp_path)  # another machine: a run of its own
     hist = pd.read_csv(tmp_path / "history.csv")
     assert len(hist) == 4 and hist.machines.nunique() == 2
+    # rows kept from an older report carry no machine: the history says so, as the backfilled rows do
+    assert append_history(table, res.drop(columns="machines"), tmp_path)
+    assert pd.read_csv(tmp_path / "history.csv").machines.iloc[-1] == "not recorded"
 
 
 def test_machines_note_warns_when_stages_ran_on_more_than_one():
