@@ -86,7 +86,8 @@ def _tool_parsers(sub) -> None:
     exp.add_argument("model", help="a run directory (runs/<id>) or a model name")
     exp.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default: gguf)")
     exp.add_argument("--type", default="auto", choices=GGUF_TYPES,
-                     help="weight type: auto keeps the codes (Q4_1 / Q8_0; float layers F16); default: auto")
+                     help="weight type: auto keeps the codes (Q4_1 / Q8_0; float layers F16; a K-quant stage's own "
+                          "llama.cpp file as it is); default: auto")
     exp.add_argument("--lossy", action="store_true",
                      help="re-quantize layers the type cannot hold exactly (NF4, act-order, groups not a multiple of 32)")
     exp.add_argument("-o", "--output", required=True, help="the .gguf file to write")
@@ -168,8 +169,14 @@ def _export(args) -> int:
         print(f"error: export {args.model!r}: cannot load a model from it ({e}); give a quantize or finetune "
               "stage's run directory (runs/<id>) or a model name", file=sys.stderr)
         return 2
+    own = artifacts.own_gguf(args.model) if Path(args.model).is_dir() else None
     try:
-        report = export_gguf(model, tok, args.output, type=args.type, lossy=args.lossy)
+        if own is not None and args.type == "auto":  # the stage *is* llama.cpp's file (a K-quant): auto keeps it
+            from ptqlib.deploy.kquants import copy_file
+
+            report = copy_file(own, args.output)
+        else:
+            report = export_gguf(model, tok, args.output, type=args.type, lossy=args.lossy)
     except (ExportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

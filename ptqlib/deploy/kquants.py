@@ -129,6 +129,23 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     return {g: types[g] for g, _, _ in names.values()}
 
 
+def copy_file(src: str | Path, dst: str | Path) -> ExportReport:
+    """A K-quant stage exported as it is: its llama.cpp file copied to ``dst`` (through a temp file beside it,
+    renamed at the end), with the :func:`file_report` of the copy."""
+    import shutil
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        Path(tmp).replace(dst)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return file_report(dst)
+
+
 def file_report(path: str | Path) -> ExportReport:
     """An :class:`~ptqlib.deploy.gguf.ExportReport` of a GGUF file scored as it is (nothing exported): each
     tensor's type and bytes; its weights are the model's own (exact, no error added)."""

@@ -170,3 +170,24 @@ def test_a_model_ptqlib_writes_no_gguf_for_is_refused_at_load(tmp_path):
     with pytest.raises(ConfigError, match="'kquant' quantizes a GGUF export, which ptqlib cannot write for model "
                                           "'tiny-gemma3': llama.cpp's Gemma 3 graph makes every 6th layer global"):
         load_study(f)
+
+
+def test_export_of_a_kquant_stage_writes_llama_cpps_file_as_it_is(wide_dir, tmp_path, capsys):
+    """`python -m ptqlib export runs/<kquant stage>` at type auto gives the stage's own Q4_K_M file (its codes as
+    llama.cpp made them), not an F16 export of the de-quantized weights torch holds; --type f16 still exports."""
+    _llamacpp_or_skip()
+    import json
+
+    from ptqlib.cli import main
+
+    p = QuantizeParams(method="kquant", bits=4).__dict__
+    model, tok, _ = ptq.quantize(wide_dir, p)
+    ptq.save(model, tok, p, tmp_path / "kq", wide_dir)
+    assert main(["export", str(tmp_path / "kq"), "-o", str(tmp_path / "out" / "m.gguf")]) == 0
+    assert (tmp_path / "out" / "m.gguf").read_bytes() == (tmp_path / "kq" / "model.gguf").read_bytes()
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["file_type"] == "as stored" and summary["tensor_types"].get("Q4_K", 0) > 0
+    assert main(["export", str(tmp_path / "kq"), "--type", "f16", "-o", str(tmp_path / "f16.gguf")]) == 0
+    assert json.loads(capsys.readouterr().out)["tensor_types"].get("F16", 0) > 0
+    assert list((tmp_path / "out").iterdir()) == [tmp_path / "out" / "m.gguf"]  # no temp file left
+
