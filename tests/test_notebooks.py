@@ -50,7 +50,7 @@ CASES = [
                                          block_size=64)),
     ("01_quantize", QuantizeParams, dict(method="nf4", double_quant=False, blocksize=128)),
     ("01_quantize", QuantizeParams, dict(method="hqq", optimize=False)),
-    ("01_quantize", QuantizeParams, dict(method="kquant", bits=5, mix="S")),
+    ("01_quantize", QuantizeParams, dict(method="kquant", bits=5, mix="S", imatrix=True)),
     ("01_quantize", QuantizeParams, dict(method="awq", clip=False, n_grid=10)),
     ("01_quantize", QuantizeParams, dict(method="autoround", iters=50, round_lr=0.01, batch_size=4)),
     ("02_finetune", FinetuneParams, dict(method="qablora", **SHARED_F, group_size=32, pool=2, repeat=1,

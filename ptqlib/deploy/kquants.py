@@ -17,9 +17,12 @@ Reading it back uses ``gguf.quants.dequantize``, the reference de-quantizer, and
 mapping, rotary row order (Llama) and norm shift (Gemma 3), so the torch model holds exactly the weights llama.cpp computes with
 (``tests/deploy/test_kquants.py``).
 
-Importance matrix: llama.cpp takes one as ``llama_model_quantize_params.imatrix``, a pointer to a C++
-``std::unordered_map<std::string, std::vector<float>>``, which ctypes cannot build; the binding therefore
-quantizes without one here (docs/formats.md).
+Importance matrix (``imatrix``): llama.cpp weighs each weight's rounding error by the mean square of the input
+column it multiplies, over calibration text (``llama-imatrix``'s statistic, ``in_sum2 / counts``), so the columns
+that carry large activations are rounded more carefully. :func:`importance` computes it with hooks on the float
+model's linear layers, keyed by GGUF tensor name; :func:`quantize_file` hands it to ``llama_model_quantize`` as its
+C array of ``llama_model_imatrix_data`` (name, values, size; a null name ends it), as ``llama-quantize --imatrix``
+does after reading its file.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,9 +46,11 @@ KQUANT_TYPES: dict[str, tuple[int, int]] = {
 }
 
 
-def quantize_file(src: str | Path, dst: str | Path, type: str, threads: int | None = None) -> None:
-    """llama.cpp's quantizer: the GGUF ``src`` (F16 / F32 weights) -> ``dst`` in the K-quant mix ``type``.
-    Written to a temp file beside ``dst`` and renamed: a failure leaves no half file."""
+def quantize_file(src: str | Path, dst: str | Path, type: str, threads: int | None = None,
+                  imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """llama.cpp's quantizer: the GGUF ``src`` (F16 / F32 weights) -> ``dst`` in the K-quant mix ``type``, with
+    the importance matrix ``imatrix`` ({GGUF tensor name: mean square of each input column}, :func:`importance`)
+    where given. Written to a temp file beside ``dst`` and renamed: a failure leaves no half file."""
     import llama_cpp
 
     if type not in KQUANT_TYPES:
@@ -52,6 +58,9 @@ def quantize_file(src: str | Path, dst: str | Path, type: str, threads: int | No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = KQUANT_TYPES[type][0]
     params.nthread = threads or torch.get_num_threads()
+    keep = _imatrix_array(imatrix) if imatrix else None  # alive until llama.cpp has read it
+    if keep is not None:
+        params.imatrix = ctypes.cast(keep[0], ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     dst = Path(dst)
     fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
     os.close(fd)
@@ -63,6 +72,56 @@ def quantize_file(src: str | Path, dst: str | Path, type: str, threads: int | No
         Path(tmp).replace(dst)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _imatrix_array(imatrix: dict[str, np.ndarray]) -> tuple:
+    """``imatrix`` as llama.cpp's C array of ``llama_model_imatrix_data`` ending in a null entry, with the buffers
+    its pointers point into (the caller keeps the tuple alive while llama.cpp reads it)."""
+    import llama_cpp
+
+    for name, v in imatrix.items():
+        if not np.all(np.isfinite(v)) or (v < 0).any():
+            raise ExportError(f"importance matrix of {name}: values must be finite and >= 0 (mean squares)")
+    values = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in imatrix.items()}
+    names = {n: ctypes.create_string_buffer(n.encode()) for n in values}
+    entries = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
+    for e, (n, v) in zip(entries, values.items()):
+        e.name = ctypes.cast(names[n], ctypes.c_char_p)
+        e.data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        e.size = v.size
+    entries[len(values)].name = None  # the terminator llama.cpp stops at
+    return entries, values, names
+
+
+@torch.no_grad()
+def importance(model: nn.Module, windows: torch.Tensor, precision: str = "fp32", batch: int = 8) -> dict[str, np.ndarray]:
+    """llama-imatrix's statistic on ``windows`` (token ids, ``(n, seq)``): for each linear layer the export
+    writes, the mean over every token of each input column's square, ``mean_t x_tj^2`` (``in_sum2 / counts``),
+    keyed by its GGUF tensor name (``blk.0.attn_q.weight``; llama.cpp's q / k row order permutes outputs, not
+    these input columns). The forwards run at ``precision`` (``ptqlib.precision``); sums in float64."""
+    from ptqlib.precision import autocast
+
+    names = {hf.removesuffix(".weight"): g for hf, (g, _, _) in gguf_names(model).items()}
+    mods = {n: m for n, m in model.named_modules() if n in names and isinstance(m, nn.Linear)}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def fn(mod, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (tokens, in)
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    try:
+        with autocast(precision, windows.device.type):
+            for i in range(0, len(windows), batch):
+                model(windows[i:i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return {names[n]: (sums[n] / counts[n]).float().cpu().numpy() for n in sums}
 
 
 class _quiet_llama:

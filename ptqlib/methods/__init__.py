@@ -62,7 +62,8 @@ class QuantizeMethod:
     save: Callable  # (model, tokenizer, p, output_dir) -> artifact info (artifact.json)
     settings: tuple[str, ...] = ()  # the params a reader needs next to its numbers (report, results.csv)
     label_keys: tuple[str, ...] = ()  # params shown in the stage label: bits -> "4b", group_size -> "g64"
-    calibration: bool = False  # needs calibration windows (calib_samples x calib_seq_len tokens)
+    calibration: bool | Callable = False  # needs calibration windows (calib_samples x calib_seq_len tokens); a
+    #                                       callable (params dict) -> bool where a setting decides (kquant's imatrix)
     options: type | None = None  # its own settings: a dataclass (``Options`` below) merged into QuantizeParams
     fixed_precision: str = ""  # computes in this precision whatever ``precision`` says (not in its stage ids)
     inert: Callable | None = None  # (params dict) -> its settings that cannot act there (left out of its stage id)
@@ -70,6 +71,11 @@ class QuantizeMethod:
     prepare_inference: Callable | None = None  # (model, dtype) -> None: its layers ready to score at dtype (CPU)
     check: Callable | None = None  # (params dict) -> why its settings do not go together, or None (study load)
     variants: str = ""  # the named formats its settings select, for `python -m ptqlib methods` ("" none)
+
+    def calibrates(self, p) -> bool:
+        """Whether it reads calibration windows at params ``p`` (a dict, or a params object)."""
+        return bool(self.calibration(p if isinstance(p, dict) else vars(p))) if callable(self.calibration) \
+            else self.calibration
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ The stage keeps the GGUF file itself (``model.gguf``, what a user deploys) besid
 tokenizer; loading it de-quantizes every tensor with the ``gguf`` package's reference de-quantizer into a
 float model of the same architecture, so torch scores, fine-tunes (QLoRA on the frozen de-quantized
 weights: its base is exactly the K-quant grid) and compares it with the 16-bit model, while
-``runtime: llama.cpp`` scores the file as it is (``ArtifactType.gguf``). No calibration: llama.cpp's
-importance matrix cannot be passed through the Python binding (docs/formats.md). The models the GGUF export
+``runtime: llama.cpp`` scores the file as it is (``ArtifactType.gguf``). ``imatrix: true`` takes an importance matrix from the calibration windows (llama-imatrix's mean squared
+inputs per column, ``deploy.kquants.importance``; calib_samples x calib_seq_len tokens drawn by the pipeline's
+seed, so each seed is its own draw, as GPTQ's), without it none (docs/formats.md). The models the GGUF export
 writes (Llama-style and Gemma 3 of llama.cpp's layer pattern); another is refused at load with the export's reason.
 """
 from __future__ import annotations
@@ -32,10 +33,14 @@ BITS = (2, 3, 4, 5, 6)
 @dataclass
 class KQuantOptions(Options):
     mix: str = "M"  # kquant: llama.cpp's K-quant mix (S, M, L: how many tensors get more bits): bits 4, mix M -> Q4_K_M
+    imatrix: bool = False  # kquant: weigh the rounding by the calibration windows' mean squared inputs (llama-imatrix)
 
     def __post_init__(self) -> None:
         if self.mix not in MIXES:
             raise ConfigError(f"mix: {self.mix!r}; valid: {', '.join(MIXES)}")
+        if not isinstance(self.imatrix, bool):
+            raise ConfigError(f"imatrix: {self.imatrix!r} must be true or false (true: an importance matrix from the "
+                              "calibration windows, calib_samples x calib_seq_len tokens)")
 
 
 def kquant_type(bits: int, mix: str) -> str:
@@ -57,19 +62,21 @@ def _check(p: dict) -> str | None:
 
 
 def quantize(input_ref: str, p: StageSettings, calib=None, progress: bool = False):
-    """The float model -> F16 GGUF (ptqlib's export) -> llama.cpp's K-quant file -> its weights de-quantized
-    into the model; the file waits in a temp directory for :func:`save`."""
+    """The float model -> F16 GGUF (ptqlib's export) -> llama.cpp's K-quant file (with the importance matrix of
+    the calibration windows where ``imatrix``) -> its weights de-quantized into the model; the file waits in a
+    temp directory for :func:`save`."""
     from ptqlib import artifacts
     from ptqlib.deploy import export_gguf
-    from ptqlib.deploy.kquants import load_weights, quantize_file
+    from ptqlib.deploy.kquants import importance, load_weights, quantize_file
 
     ktype = kquant_type(p.bits, p.mix)
     model, tok, _ = artifacts.load(input_ref)
     t0 = time.perf_counter()
+    imatrix = importance(model, calib.to(next(model.parameters()).device), p.precision) if p.imatrix else None
     tmp = Path(tempfile.mkdtemp(prefix="ptqlib-kquant-"))
     try:
         export_gguf(model, tok, tmp / "f16.gguf", type="f16")
-        quantize_file(tmp / "f16.gguf", tmp / "model.gguf", ktype)
+        quantize_file(tmp / "f16.gguf", tmp / "model.gguf", ktype, imatrix=imatrix)
         types = load_weights(model, tmp / "model.gguf")
         _mark(model)
     except BaseException:
@@ -81,7 +88,8 @@ def quantize(input_ref: str, p: StageSettings, calib=None, progress: bool = Fals
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
-    return model, tok, {"method": "kquant", "type": ktype, "tensor_types": counts, "time_s": time.perf_counter() - t0}
+    return model, tok, {"method": "kquant", "type": ktype, "tensor_types": counts, "time_s": time.perf_counter() - t0,
+                        "imatrix_tensors": len(imatrix or {})}
 
 
 def save(model, tokenizer, p: StageSettings, output_dir) -> dict:
@@ -128,7 +136,8 @@ def dense_weight(module):
 
 register(
     QuantizeMethod("kquant", "llama.cpp's K-quants (Q4_K_M, Q3_K_M, ...: bits and mix) by llama.cpp's own quantizer",
-                   BITS, "gguf", quantize, save, settings=("bits", "mix"), label_keys=("bits", "mix"),
+                   BITS, "gguf", quantize, save, settings=("bits", "mix", "imatrix"), label_keys=("bits", "mix", "imatrix"),
+                   calibration=lambda p: bool(p.get("imatrix")),
                    options=KQuantOptions, inert=lambda p: {"group_size"} | ({"mix"} if p.get("bits") == 6 else set()),
                    check=_check, dense_weight=dense_weight,
                    variants=", ".join(f"{t} (bits {b}" + (f", mix {m})" if b != 6 else ")") for (b, m), t in _TYPES.items())),

@@ -29,7 +29,7 @@ def calibration_windows(input_ref: str, p: QuantizeParams) -> torch.Tensor | Non
     from ptqlib.text import text_windows
 
     p = as_params("quantize", p)
-    if not quantize_method(p.method).calibration:
+    if not quantize_method(p.method).calibrates(p):
         return None
     tok = load_tokenizer(artifacts.float_model_dir(input_ref))
     return text_windows(tok, "train", p.calib_seq_len, p.calib_samples, seed=p.calib_seed)
@@ -46,7 +46,7 @@ def quantize(input_ref: str, p: QuantizeParams, calib: torch.Tensor | None = Non
     model, tok, stats = method.quantize(input_ref, p, calib, progress)
     stats = dict(stats or {})
     stats["quant_seconds"] = time.perf_counter() - t0
-    if method.calibration:  # the precision of the calibration forwards (the codes' arithmetic is fp32)
+    if method.calibrates(p):  # the precision of the calibration forwards (the codes' arithmetic is fp32)
         from ptqlib.precision import resolve
 
         stats["precision"] = method.fixed_precision or resolve(p.precision)

@@ -93,6 +93,13 @@ def _at(point: dict, i: int, kind: str, params: dict, key: str):
     return point.get(f"{i}.{key}", params.get(key, f.default if f else None))
 
 
+def _settings_at(point: dict, i: int, kind: str, params: dict) -> dict:
+    """Stage ``i``'s given settings at a grid ``point``, its method and calibration seed always (what
+    ``StageKind.seeded`` reads: whether it calibrates can depend on a method's own setting, kquant's imatrix)."""
+    keys = {"method", "calib_seed", *params, *(k.split(".", 1)[1] for k in point if k.startswith(f"{i}."))}
+    return {k: _at(point, i, kind, params, k) for k in keys}
+
+
 def _resolve(path, where: str, kind: str, p: dict, seed: int, draw: int, given: dict) -> dict:
     """Values that depend on the pipeline or the machine, made concrete for the stage id and record:
     ``precision: auto`` -> fp32 / bf16 (``ptqlib.precision``), then the kind's own (``StageKind.resolve``:
@@ -199,9 +206,8 @@ def expand_pipeline(path, pname: str, stages, header: Header, defaults: dict, si
         for point in _grid(axes) or [{}]:
             # a pipeline is replicated over the seeds when a stage draws from the seed: training,
             # or a calibration left at the pipeline's seed (each seed its own GPTQ draw)
-            draws = trains or any(
-                KINDS[kind].seeded({k: _at(point, i, kind, params, k) for k in ("method", "calib_seed")})
-                for i, (kind, params) in enumerate(parsed))
+            draws = trains or any(KINDS[kind].seeded(_settings_at(point, i, kind, params))
+                                  for i, (kind, params) in enumerate(parsed))
             # calibration draws per seed (``draws: K`` on a calibrating quantize stage): draw 0 keeps the
             # pipeline's seed as its calib_seed (the stage ids of a study without draws), draw k a derived one
             n_draws = max([int(_at(point, i, kind, params, "draws") or 1) for i, (kind, params) in enumerate(parsed)])

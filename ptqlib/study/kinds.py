@@ -58,7 +58,7 @@ def _quantize_resolve(p: dict, seed: int, draw: int, given: dict) -> dict:
     if entry.fixed_precision:
         p["precision"] = entry.fixed_precision  # what it computes in (not in its id)
     if p["calib_seed"] == -1:
-        p["calib_seed"] = seed if entry.calibration else 0
+        p["calib_seed"] = seed if entry.calibrates(p) else 0
     p.pop("draws")
     if draw and given.get("calib_seed", -1) == -1 and p["calib_seed"] == seed:
         p["calib_seed"] = derive_seed(seed, "calibration", str(draw))
@@ -68,7 +68,7 @@ def _quantize_resolve(p: dict, seed: int, draw: int, given: dict) -> dict:
 def _quantize_seeded(p: dict) -> bool:
     """Calibration windows left at the pipeline's seed, for a method that calibrates: each seed its own draw."""
     entry = quantize_methods().get(p.get("method"))
-    return p.get("calib_seed", -1) == -1 and bool(entry and entry.calibration)
+    return p.get("calib_seed", -1) == -1 and bool(entry and entry.calibrates(p))
 
 
 def _quantize_inert(p: dict) -> set[str]:
@@ -78,7 +78,7 @@ def _quantize_inert(p: dict) -> set[str]:
     if entry is None:
         return set()
     out = set(entry.inert(p)) if entry.inert else set()
-    if not entry.calibration or entry.fixed_precision:
+    if not entry.calibrates(p) or entry.fixed_precision:
         out.add("precision")
     return out
 

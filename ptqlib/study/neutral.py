@@ -8,8 +8,9 @@ and the study schema can both read it without importing each other."""
 # ``precision: fp32`` is what every stage computed before the setting existed; ``generation: generate`` is
 # transformers' ``generate``, the path of every evaluate stage before ptqlib's own loop (its bf16 outputs differ);
 # ``loftq_iter: 1`` is LoftQ's one alternating step, all it did before the setting existed; ``base_cache: false``
-# recomputes a quantized base's de-quantized weights each step, as before (``true`` keeps them: the same numbers).
-ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated", "precision": "fp32"},
+# recomputes a quantized base's de-quantized weights each step, as before (``true`` keeps them: the same numbers);
+# ``imatrix: false`` is llama.cpp's K-quant without an importance matrix, all kquant did before the setting existed.
+ID_NEUTRAL = {"quantize": {"sym_grid": "max", "group_grid": "updated", "precision": "fp32", "imatrix": False},
               "evaluate": {"runtime": "torch", "gguf_type": "auto", "gguf_lossy": False, "speed_prompts": 0,
                            "speed_tokens": 64, "precision": "fp32", "split": "test", "ppl_windows": "first",
                            "kl_reference": False, "generation": "generate"},

@@ -42,10 +42,10 @@ class QuantizeSettings:
         check_choice("method", self.method, quantize_methods())
         if isinstance(self.draws, bool) or not isinstance(self.draws, int) or self.draws < 1:
             raise ConfigError(f"draws: {self.draws!r} must be an integer >= 1 (calibration draws per seed)")
-        if self.draws > 1 and not (quantize_methods()[self.method].calibration and self.calib_seed == -1):
+        calibrates = quantize_methods()[self.method].calibrates(self)
+        if self.draws > 1 and not (calibrates and self.calib_seed == -1):
             raise ConfigError(f"draws: {self.draws} needs a method that calibrates with calib_seed -1 (each draw its "
-                              f"own windows); {self.method!r} " + ("calibrates on no windows" if not
-                                                                    quantize_methods()[self.method].calibration
+                              f"own windows); {self.method!r} " + ("calibrates on no windows" if not calibrates
                                                                     else f"has calib_seed {self.calib_seed}"))
         if self.bits not in quantize_methods()[self.method].bits:
             raise ConfigError(

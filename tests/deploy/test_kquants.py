@@ -9,7 +9,7 @@ import torch
 
 from ptqlib.deploy import llamacpp
 from ptqlib.deploy.gguf import export_gguf, read_tensors
-from ptqlib.deploy.kquants import KQUANT_TYPES, file_report, gguf_names, load_weights, quantize_file
+from ptqlib.deploy.kquants import KQUANT_TYPES, file_report, gguf_names, importance, load_weights, quantize_file
 from ptqlib.deploy.types import ExportError
 
 if not llamacpp.available():
@@ -106,3 +106,39 @@ def test_an_unknown_type_is_refused_before_llama_cpp_runs(files, tmp_path):
     with pytest.raises(ExportError, match="Q4_K_X.*valid are.*Q4_K_M"):
         quantize_file(files / "f16.gguf", tmp_path / "x.gguf", "Q4_K_X")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_importance_matrix_is_each_input_columns_mean_square_keyed_by_gguf_name(wide, tok):
+    """llama-imatrix's statistic: for layer 0's q / k / v (one input: the normed embeddings) the mean over every
+    token of each column's square, computed here without hooks; every linear the export writes has its entry."""
+    ids = torch.tensor([tok("def read(path): return open(path).read() if path else None. " * 4,
+                            add_special_tokens=False)["input_ids"][:48]] * 3)
+    imatrix = importance(wide, ids, batch=2)
+    with torch.no_grad():
+        x = wide.model.layers[0].input_layernorm(wide.model.embed_tokens(ids)).reshape(-1, 256).double()
+    want = (x * x).mean(0).float().numpy()
+    for t in ("attn_q", "attn_k", "attn_v"):
+        np.testing.assert_allclose(imatrix[f"blk.0.{t}.weight"], want, rtol=1e-5)
+    linear = {g for hf, (g, _, _) in gguf_names(wide).items() if hf.endswith("proj.weight")}
+    assert set(imatrix) == linear and imatrix["blk.1.ffn_down.weight"].shape == (512,)
+
+
+def test_an_importance_matrix_reaches_llama_cpp_and_lowers_the_weighted_error(wide, files, tmp_path):
+    """Columns marked important are rounded more carefully: with an imatrix that weighs 1 column in 8 by 10^4,
+    llama.cpp's Q4_K rows err less on those columns (the weighted error falls) than without it."""
+    n_in = 256
+    w = np.ones(n_in, dtype=np.float32)
+    w[::8] = 1e4
+    imatrix = {g: (w if wide.get_parameter(hf).shape[1] == n_in else np.ones(512, np.float32))
+               for hf, (g, _, _) in gguf_names(wide).items() if hf.endswith("proj.weight")}
+    quantize_file(files / "f16.gguf", tmp_path / "im.gguf", "Q4_K_M", imatrix=imatrix)
+    name = "blk.0.ffn_up.weight"
+    plain = read_tensors(files / "Q4_K_M.gguf", [name])[name]
+    weighted = read_tensors(tmp_path / "im.gguf", [name])[name]
+    ref = wide.model.layers[0].mlp.up_proj.weight.detach().half().float()
+    err = {k: float(((ref - q) ** 2 * torch.from_numpy(w)).sum()) for k, q in (("plain", plain), ("imatrix", weighted))}
+    assert not torch.equal(plain, weighted) and err["imatrix"] < 0.7 * err["plain"], err
+    with pytest.raises(ExportError, match="blk.0.attn_q.weight: values must be finite and >= 0"):
+        quantize_file(files / "f16.gguf", tmp_path / "bad.gguf", "Q4_K_M",
+                      imatrix={"blk.0.attn_q.weight": -w})
+

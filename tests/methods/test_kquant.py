@@ -39,6 +39,8 @@ def test_the_methods_listing_names_every_llama_cpp_type_with_the_settings_that_s
     ("{method: kquant, mix: X}", r"mix: 'X'; valid: S, M, L"),
     ("{method: kquant, bits: 8}", r"bits: 8 is not supported by method 'kquant'; valid: 2, 3, 4, 5, 6"),
     ("{method: rtn, mix: S}", r"mix: 'S' has no effect on method 'rtn'; it applies to kquant only"),
+    ("{method: kquant, imatrix: 1}", r"imatrix: 1 has type int; expected bool"),
+    ("{method: gptq, imatrix: true}", r"imatrix: True has no effect on method 'gptq'; it applies to kquant only"),
 ])
 def test_bad_settings_are_refused_before_anything_runs(tmp_path, stage, error):
     f = tmp_path / "s.yaml"
@@ -190,4 +192,25 @@ def test_export_of_a_kquant_stage_writes_llama_cpps_file_as_it_is(wide_dir, tmp_
     assert main(["export", str(tmp_path / "kq"), "--type", "f16", "-o", str(tmp_path / "f16.gguf")]) == 0
     assert json.loads(capsys.readouterr().out)["tensor_types"].get("F16", 0) > 0
     assert list((tmp_path / "out").iterdir()) == [tmp_path / "out" / "m.gguf"]  # no temp file left
+
+
+def test_an_importance_matrix_makes_the_stage_calibrate_on_each_seeds_windows(tmp_path, wide_dir):
+    """imatrix: true reads calibration windows drawn by the pipeline's seed (each seed its own draw, the
+    calibration's size and precision in its id); without it the stage reads none and runs once for all seeds."""
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\nseeds: [0, 1]\npipelines:\n  plain: [{quantize: {method: kquant}}]\n"
+                 "  im: [{quantize: {method: kquant, imatrix: true, calib_samples: 4, calib_seq_len: 32}}]\n")
+    stages = {pl.name: pl.stages[0].params for pl in load_study(f).pipelines}
+    assert [stages[f"im[seed={s}]"]["calib_seed"] for s in (0, 1)] == [0, 1]
+    assert stages["plain"]["calib_seed"] == 0 and "plain[seed=1]" not in stages  # nothing drawn: one run
+    _llamacpp_or_skip()
+    p = QuantizeParams(method="kquant", bits=4, imatrix=True, calib_samples=4, calib_seq_len=32, calib_seed=0,
+                       precision="fp32").__dict__
+    calib = ptq.calibration_windows(wide_dir, p)
+    assert calib.shape == (4, 32) and ptq.calibration_windows(wide_dir, {**p, "imatrix": False}) is None
+    model, _, stats = ptq.quantize(wide_dir, p, calib)
+    plain, _, _ = ptq.quantize(wide_dir, {**p, "imatrix": False})
+    assert stats["imatrix_tensors"] == 14 and stats["precision"] == "fp32"  # 2 layers x 7 linears
+    up, up0 = model.model.layers[0].mlp.up_proj.weight, plain.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(up, up0)  # the windows changed llama.cpp's rounding
 
