@@ -82,17 +82,34 @@ def cpu_model() -> str:
 
 def device_info() -> dict[str, Any]:
     """Where a stage ran: the CPU model (always: the CPU computes part of every stage), the GPU if any,
-    the core count and torch's thread count."""
+    the core count, torch's thread count and the 1-minute load average as the stage ended (above the
+    stage's own threads, other work shared the cores: its times are no cost figures)."""
     import torch
 
     info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                             "torch_threads": torch.get_num_threads(), "cpu": cpu_model()}
+    if hasattr(os, "getloadavg"):
+        info["load_1min"] = round(os.getloadavg()[0], 2)
     if torch.cuda.is_available():
         info["device"] = "cuda"
         info["gpu"] = torch.cuda.get_device_name(0)
     else:
         info["device"] = "cpu"
     return info
+
+
+def busy_cpu() -> str | None:
+    """A warning when other work already holds at least half of this machine's cores (the 1-minute load
+    average), None otherwise: a run beside it shares the cores, so its stage times are no cost figures, and
+    two processes of several torch threads each on few cores slow each other several-fold (docs/parallel.md)."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load < cores / 2:
+        return None
+    return (f"the CPU is already busy (1-minute load {load:.1f} on {cores} cores): this run's stages will share it, "
+            "so their times are no cost figures, and torch threads of two processes on these cores slow both "
+            "several-fold; run studies one after the other (or --jobs N in one runner: docs/parallel.md)")
 
 
 def machine_label(device: dict | None) -> str:

@@ -19,7 +19,7 @@ from typing import Protocol
 from ptqlib.engine.choices import recorded
 from ptqlib.engine.executors import Handle, InlineExecutor
 from ptqlib.engine.progress import Progress
-from ptqlib.engine.record import version_changes, versions
+from ptqlib.engine.record import busy_cpu, version_changes, versions
 from ptqlib.engine.stage import (
     BUSY,
     DONE_ELSEWHERE,
@@ -206,6 +206,8 @@ class Runner:
                  len(todo), f" ({executor.slots} at a time)" if executor.slots > 1 else "")
         if drift := self.version_drift([s for s in plan if s not in todo and s not in self.done]):
             log.warning(drift)
+        if todo and (busy := busy_cpu()):
+            log.warning(busy)
         self.progress = Progress(self, todo, executor.slots)
         sched = _Schedule(status={sid: self.done.get(sid, "cached") for sid in plan}, pending=list(todo))
         while sched.pending or sched.running or sched.elsewhere:

@@ -92,6 +92,20 @@ def test_records_name_the_machine(monkeypatch):
     assert record.machine_label(None) == "unknown"
 
 
+def test_a_busy_cpu_is_recorded_and_warned_of(monkeypatch):
+    """Each record keeps the 1-minute load as its stage ended; a run that starts on cores half held by other work
+    is told that its times are no cost figures (two torch processes on 2 cores slowed stages 3-7x here)."""
+    from ptqlib.engine import record
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.6, 2.0, 1.0))
+    assert record.device_info()["load_1min"] == 3.6
+    warning = record.busy_cpu()
+    assert "1-minute load 3.6 on 2 cores" in warning and "no cost figures" in warning and "docs/parallel.md" in warning
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.5, 0.5))
+    assert record.busy_cpu() is None
+
+
 def test_the_commit_is_dirty_only_where_the_library_changed(tmp_path):
     """A report or study file the run itself writes does not mark its commit dirty; a change to the package or
     its notebooks does."""

@@ -7,6 +7,7 @@ import os
 import nbformat
 import pytest
 
+from ptqlib.engine.executors import InlineExecutor
 from ptqlib.engine.progress import Progress
 from ptqlib.engine.runner import Runner
 from ptqlib.engine.stage import kernel_manager_kwargs, render_html, stage_environment
@@ -125,6 +126,32 @@ def test_cached_stages_under_other_package_versions_are_named(tmp_path, monkeypa
     rows = {row["pipeline"]: row["versions"] for row in csv.DictReader(open(tmp_path / "reports" / "s" / "results.csv"))}
     assert rows["ft16[seed=0]"].count(" | ") == 1 and "transformers 0.0.1" in rows["ft16[seed=0]"]  # a mixed chain
     assert rows["ft16[seed=1]"] == versions_label(versions())
+
+
+def test_a_run_that_starts_on_a_busy_cpu_says_its_times_are_no_cost_figures(tmp_path, monkeypatch, caplog):
+    """Other work holding the cores when stages are to run: one warning before the first stage (the 1-minute
+    load, the cores); nothing to run, nothing said."""
+    from ptqlib.engine import runner as runner_mod
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 2.0, 2.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    sids = _cached_study(tmp_path, {})
+    r = Runner(load_study(tmp_path / "s.yaml"), tmp_path / "runs", tmp_path / "reports")
+    with caplog.at_level(logging.WARNING):
+        r._run_stages(None, False, InlineExecutor(r.runs), report=False)
+    assert "already busy" not in caplog.text
+    (r.runs / sids[-1] / "metrics.json").unlink()  # one stage to run: stopped at its start, after the warning
+
+    class Started(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(runner_mod.Runner, "_start_ready", stop)
+    with caplog.at_level(logging.WARNING), pytest.raises(Started):
+        r._run_stages(None, False, InlineExecutor(r.runs), report=False)
+    assert "the CPU is already busy (1-minute load 2.5 on 2 cores)" in caplog.text
 
 
 def test_sockets_of_dead_runners_are_removed(tmp_path):
