@@ -97,7 +97,8 @@ def stage_costs(results: pd.DataFrame, chains: dict[str, list[str]], kinds: dict
 
 
 def _seed_cost(claim: Claim, results: pd.DataFrame, chains: dict[str, list[str]], cost: dict[str, float]) -> float:
-    """Mean over the recorded seeds of the wall seconds of one seed of a and b (shared stages once)."""
+    """Median over the recorded seeds of the wall seconds of one seed of a and b (shared stages once): a stage
+    slowed by other work on the cores, or paused, sets no seed's cost."""
     per_seed = []
     for s in sorted(set(_runs(results, claim.a)["seed"]) | set(_runs(results, claim.b)["seed"])):
         ids: set[str] = set()
@@ -108,7 +109,7 @@ def _seed_cost(claim: Claim, results: pd.DataFrame, chains: dict[str, list[str]]
                     ids |= set(chains.get(str(name), []))
         if ids:
             per_seed.append(sum(cost.get(i, 0.0) for i in sorted(ids)))  # sorted: a set's order moves with the hash seed
-    return float(np.mean(per_seed)) if per_seed else math.nan
+    return float(np.median(per_seed)) if per_seed else math.nan
 
 
 def plan_claims(claims: list[dict], results: pd.DataFrame, units: pd.DataFrame | None,

@@ -84,6 +84,10 @@ def test_plan_of_synthetic_records():
         (t.loc[0, "seeds_needed"] - 3) * 170 / 3600)
     assert 0 < t.loc[0, "seed_share"] <= 1
     assert "no number of seeds" in t.loc[1, "note"] and pd.isna(t.loc[1, "seeds_needed"])
+    # one seed's fine-tuning slowed 20-fold (a paused run, another process on the cores): the cost of a seed is
+    # the typical seed's, not pulled up by the outlier (a mean would say 170 + 1900 / 3)
+    slow = results.assign(**{"wall_s.finetune": np.where(results["seed"] == 2, 2000.0, 100.0)})
+    assert plan_claims(claims[:1], slow, units, chains, kinds).loc[0, "seed_cpu_s"] == 170
 
 
 def test_plan_command_on_the_committed_default_study(tmp_path, capsys):
