@@ -70,6 +70,9 @@ def quantize(input_ref: str, p: StageSettings, calib=None, progress: bool = Fals
     from ptqlib.deploy.kquants import importance, load_weights, quantize_file
 
     ktype = kquant_type(p.bits, p.mix)
+    if p.imatrix and calib is None:
+        raise ConfigError("kquant with imatrix: true needs calibration windows (ptqlib.stages.quantize."
+                          "calibration_windows gives the stage's); none were passed")
     model, tok, _ = artifacts.load(input_ref)
     t0 = time.perf_counter()
     imatrix = importance(model, calib.to(next(model.parameters()).device), p.precision) if p.imatrix else None

@@ -206,6 +206,8 @@ def test_an_importance_matrix_makes_the_stage_calibrate_on_each_seeds_windows(tm
     _llamacpp_or_skip()
     p = QuantizeParams(method="kquant", bits=4, imatrix=True, calib_samples=4, calib_seq_len=32, calib_seed=0,
                        precision="fp32").__dict__
+    with pytest.raises(ConfigError, match="imatrix: true needs calibration windows"):
+        ptq.quantize(wide_dir, p)  # before any work
     calib = ptq.calibration_windows(wide_dir, p)
     assert calib.shape == (4, 32) and ptq.calibration_windows(wide_dir, {**p, "imatrix": False}) is None
     model, _, stats = ptq.quantize(wide_dir, p, calib)
