@@ -189,20 +189,12 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
 
 
 def copy_file(src: str | Path, dst: str | Path) -> ExportReport:
-    """A K-quant stage exported as it is: its llama.cpp file copied to ``dst`` (through a temp file beside it,
-    renamed at the end), with the :func:`file_report` of the copy."""
-    import shutil
+    """A K-quant stage exported as it is: its llama.cpp file copied to ``dst`` (``files.copy_atomic``: no half
+    file under the name), with the :func:`file_report` of the copy."""
+    from ptqlib.files import copy_atomic
 
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        Path(tmp).replace(dst)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return file_report(dst)
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    return file_report(copy_atomic(src, dst))
 
 
 def file_report(path: str | Path) -> ExportReport:
