@@ -37,6 +37,10 @@ def _study_parsers(sub) -> None:
     run.add_argument("--force", action="store_true", help="re-run the selected stages even if cached")
     run.add_argument("--only", nargs="+", metavar="PIPELINE",
                      help="run only these pipelines (names or globs, e.g. 'ft_*' or 'base')")
+    run.add_argument("--missing", action="store_true",
+                     help="run only the pipelines whose results the reports lack (a row, or a selection value, of "
+                          "the same stage ids): a long study goes on from its committed partial report on a fresh "
+                          "clone, whose stage cache is empty")
     run.add_argument("--runs", default="runs", help="stage cache directory (default: runs)")
     run.add_argument("--reports", default="reports", help="reports directory (default: reports)")
     run.add_argument("--kernel", default=None, help="Jupyter kernel name (default: 'ptqlib' if registered, else python3)")
@@ -276,6 +280,9 @@ def _run(args, study) -> int:
 
     runner = Runner(study, args.runs, args.reports, kernel=args.kernel, keep_previous=not args.fresh_report,
                     reporter=tables)
+    if args.missing:
+        left = runner.leave_reported()
+        print(f"--missing: {len(left)} pipelines are in the reports already and do not run", file=sys.stderr)
     if args.dry_run:
         print(runner.describe(args.only, args.force))
         for note in study.notes:

@@ -48,6 +48,8 @@ class Reporter(Protocol):
 
     def previous_choices(self, runner: "Runner") -> dict[tuple[str, str, str], float]: ...
 
+    def reported(self, runner: "Runner") -> set[str]: ...
+
 
 @dataclass
 class _Schedule:
@@ -74,6 +76,7 @@ class Runner:
         self.done: dict[str, str] = {}
         self.analysis_ok = True  # False when the last run's report could not be written (run exits non-zero)
         self.progress: Progress | None = None  # the running phase's progress (which stages run now)
+        self.skip: set[str] = set()  # pipelines left out of every plan (leave_reported: the reports hold them)
         self.nodes, self.chains = build_graph(study)
         self.resolve_selections()
 
@@ -104,10 +107,23 @@ class Runner:
                               + ", ".join(sorted({p.family for p in pls})))
         return chosen
 
+    def leave_reported(self) -> list[str]:
+        """Leave out of every plan the pipelines whose results the reports already hold (``Reporter.reported``;
+        ``ptqlib run --missing``) -> their names. Their rows are kept from the report when it is written."""
+        if self.reporter is None or not self.keep_previous:
+            from ptqlib.errors import ConfigError
+
+            raise ConfigError("--missing runs what the report already written lacks: it needs that report "
+                              "(not --fresh-report)")
+        self.skip = self.reporter.reported(self)
+        return [p.name for p in self.study.pipelines if p.name in self.skip]
+
     def plan(self, only: list[str] | None = None) -> list[str]:
-        """Stage ids needed by the selected pipelines, in dependency order."""
+        """Stage ids needed by the selected pipelines (less those in ``skip``), in dependency order."""
         want: list[str] = []
         for pl in self.selected(only):
+            if pl.name in self.skip:
+                continue
             for sid in self.chains[pl.name]:
                 if sid not in want:
                     want.append(sid)
@@ -147,6 +163,9 @@ class Runner:
         plan = self.plan(only)
         todo = set(self.to_run(plan, force))
         for pl in self.selected(only):
+            if pl.name in self.skip:
+                lines.append(f"  {pl.name}: in the report already (--missing leaves it out)")
+                continue
             parts = []
             for sid in self.chains[pl.name]:
                 parts.append(f"{self.nodes[sid].label()} [{sid} {'to run' if sid in todo else 'cached'}]")

@@ -8,7 +8,8 @@ study's claims (the study is the Holm family: every tested claim of it, both dir
 several models or tasks decides each claim per cell and says, per claim, in how many cells it holds; then one
 table of the claims decided after Holm, with their family, difference and 95% interval
 (docs/statistics.md). A claim flagged at the floor or ceiling of its metric (one side learned nothing,
-or both are at 1.000) says little and is left out of the table; the study's own README lists it.
+or both are at 1.000) says little and is left out of the table; the study's own README lists it. A report whose
+run is not finished (rows of ``results.csv`` not ok) gives a line saying how far it got and no verdicts.
 """
 from __future__ import annotations
 
@@ -95,6 +96,23 @@ def run_line(study_dir: Path) -> str:
             + (", declared final in the study file." if final else ", not declared final."))
 
 
+def unfinished(study_dir: Path) -> tuple[int, int] | None:
+    """(finished, all) pipeline runs of a report whose ``results.csv`` has rows not finished (a run cut short
+    and committed so that ``ptqlib run --missing`` goes on from it), else None."""
+    try:
+        status = pd.read_csv(study_dir / "results.csv", usecols=["status"], keep_default_na=False)["status"]
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None  # no results table (a claims table alone): nothing says the run is unfinished
+    done = int((status == "ok").sum())
+    return (done, len(status)) if done < len(status) else None
+
+
+def partial_line(name: str, link: str, counts: tuple[int, int]) -> str:
+    """The line of a study whose run is not finished: its verdicts would be those of fewer seeds than it declares."""
+    return (f"- **{name}** ([report]({link})): run in progress, {counts[0]} of {counts[1]} pipeline runs finished; "
+            "its verdicts wait for the rest (`python -m ptqlib run parameters/" + name + ".yaml --missing`).")
+
+
 def decided_rows(name: str, table: pd.DataFrame) -> list[str]:
     """Table rows of a study's claims decided after Holm and not flagged: verdict, difference, interval,
     adjusted p."""
@@ -130,6 +148,9 @@ def render(reports: str | Path, relative_to: str | Path = ".") -> str:
     for path in paths:
         table = _claims(path)
         link = Path(os.path.relpath(path.parent / "index.html", Path(relative_to)))  # as the README links it
+        if counts := unfinished(path.parent):
+            lines.append(partial_line(path.parent.name, link.as_posix(), counts))
+            continue
         try:
             lines.append(counts_line(path.parent.name, table, link.as_posix()) + run_line(path.parent))
             lines += cell_lines(table)

@@ -174,6 +174,25 @@ def write_selection(runner: "Runner") -> Path | None:
     return _write_csv(path, SELECTION_TABLE, selection_rows(runner))
 
 
+def reported(runner: "Runner") -> set[str]:
+    """The pipelines whose result the reports already hold, so ``ptqlib run --missing`` leaves their stages out:
+    a test pipeline whose finished row :func:`keep_previous` would keep (this study's report, or another's with
+    the same evaluate stage id), and a selection pipeline whose validation value ``selection.csv`` records for
+    its evaluate stage id. A study run over several sessions, each on a fresh clone, goes on from its committed
+    partial report instead of starting again."""
+    prev = previous_report(runner.reports)
+    choices = {(p, sid) for p, sid, _ in previous_choices(runner)}
+    done = set()
+    for pl in runner.study.pipelines:
+        sid = runner.chains[pl.name][-1]
+        if selection.is_selection(pl):
+            if (pl.name, sid) in choices:
+                done.add(pl.name)
+        elif (pl.name in prev.rows and prev.rows[pl.name]["eval_stage"] == sid) or sid in prev.others:
+            done.add(pl.name)
+    return done
+
+
 def previous_choices(runner: "Runner") -> dict[tuple[str, str, str], float]:
     """(selection pipeline, evaluate stage id, metric) -> validation value, from the report's ``selection.csv``
     (``write_selection``'s columns): the choice of a study whose runs are gone (a fresh clone). Keyed on the

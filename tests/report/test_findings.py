@@ -142,3 +142,19 @@ def test_final_must_be_true_or_false(tmp_path):
         load_study(f)
     f.write_text("model: tiny\nfinal: true\npipelines:\n  base: []\n")
     assert load_study(f).final is True
+
+
+def test_an_unfinished_run_gives_its_progress_and_no_verdicts(tmp_path):
+    """A report committed part-way (rows of results.csv not ok, so that ``run --missing`` goes on from it) would
+    quote verdicts of fewer seeds than the study declares: its line says how far it got, its claims stay out."""
+    reports = tmp_path / "reports"
+    _study(reports, "three", seeds=3, shift=0.1)
+    results = reports / "three" / "results.csv"
+    pd.DataFrame([{"pipeline": f"a[seed={s}]", "status": "ok"} for s in range(3)]
+                 + [{"pipeline": "a[seed=3]", "status": "missing"}]).to_csv(results, index=False)
+    text = findings.render(reports, relative_to=tmp_path)
+    assert ("- **three** ([report](reports/three/index.html)): run in progress, 3 of 4 pipeline runs finished; its "
+            "verdicts wait for the rest (`python -m ptqlib run parameters/three.yaml --missing`).") in text
+    assert "| three |" not in text and "No claim is decided after Holm" in text
+    pd.DataFrame([{"pipeline": f"a[seed={s}]", "status": "ok"} for s in range(4)]).to_csv(results, index=False)
+    assert "| three |" in findings.render(reports, relative_to=tmp_path)  # finished: its verdicts are quoted

@@ -368,3 +368,41 @@ def test_a_validation_record_without_the_select_metric_is_refused_naming_it(tmp_
     assert code == 2, err
     assert "metrics.json: the validation record of selection pipeline 'ft~select[lr=0.0001]' has no 'field_f1' " \
            "(it records rouge_l)" in err and "Delete that stage directory" in err and "Traceback" not in err
+
+
+def test_missing_goes_on_from_a_partial_report_on_a_fresh_clone(tmp_path, monkeypatch):
+    """``ptqlib run --missing``: a study cut short, its partial report committed, continued on a fresh clone (no
+    stage cache) runs only the pipelines the report lacks; the selection and the finished rows are not re-run."""
+    from ptqlib.errors import ConfigError
+
+    monkeypatch.setattr(report, "analyse", lambda runner, force=False: None)
+    study = _study(tmp_path)
+    score = lambda lr, split: {1e-4: 0.3, 3e-4: 0.6, 1e-3: 0.4}[lr] if split == "validation" else 0.5  # noqa: E731
+    ex = FakeExecutor(score)
+    first = Runner(study, tmp_path / "runs", tmp_path / "reports", reporter=report)
+    ex.runner = first
+    assert first.run(["base", "ft[seed=0]"], executor=ex) == 0  # the session ends before ft[seed=1]
+    assert {x["pipeline"]: x["status"] for x in csv.DictReader(open(first.reports / "results.csv"))} == {
+        "base": "ok", "ft[seed=0]": "ok", "ft[seed=1]": "missing"}
+
+    fresh = Runner(study, tmp_path / "clone-runs", tmp_path / "reports", reporter=report)  # the next session
+    assert sorted(fresh.leave_reported()) == ["base", "ft[seed=0]", "ft~select[lr=0.0001]", "ft~select[lr=0.0003]",
+                                              "ft~select[lr=0.001]"]
+    dry = fresh.describe()
+    assert "  ft[seed=0]: in the report already (--missing leaves it out)" in dry
+    assert "2 distinct stages: 0 cached, 2 to run" in dry  # ft[seed=1]'s finetune and evaluate
+    ex2 = FakeExecutor(score)
+    ex2.runner = fresh
+    assert fresh.run(executor=ex2) == 0
+    assert [(n.kind, n.seed) for n in ex2.ran] == [("finetune", 1), ("evaluate", 1)]
+    rows = {x["pipeline"]: x for x in csv.DictReader(open(fresh.reports / "results.csv"))}
+    assert {p: (x["status"], x["source"]) for p, x in rows.items()} == {
+        "base": ("ok", "previous report"), "ft[seed=0]": ("ok", "previous report"), "ft[seed=1]": ("ok", "runs")}
+    assert rows["ft[seed=1]"]["finetune.lr"] == "0.0003"  # the choice recorded by the first session
+
+    # a changed study: its new ids are in no report, so everything of ft runs again; without the report, refused
+    changed = _study(tmp_path, STUDY.replace("steps: 4", "steps: 5"))
+    again = Runner(changed, tmp_path / "clone-runs", tmp_path / "reports", reporter=report)
+    assert again.leave_reported() == ["base"]
+    with pytest.raises(ConfigError, match=r"--missing .* \(not --fresh-report\)"):
+        Runner(study, tmp_path / "clone-runs", tmp_path / "reports", reporter=report, keep_previous=False).leave_reported()
