@@ -20,6 +20,8 @@ What each precision means per stage kind (the papers' mixed precision):
 ``auto`` is resolved when the study file is loaded (``study.schema.load_study``), so the stage id and the
 record carry the precision that runs. Asking for ``bf16`` where the hardware lacks it is an error
 naming the flags looked for, unless ``PTQLIB_FORCE_BF16=1`` (emulated bf16: correct, slow).
+``PTQLIB_AUTO_PRECISION=bf16|fp32`` resolves ``auto`` as another machine did, to read a report it made
+(``ptqlib analyse``); the ids carry the resolved precision, so without it every id of that report differs.
 This module imports torch only to ask CUDA, so the study file validates without it.
 """
 from __future__ import annotations
@@ -34,6 +36,9 @@ from ptqlib.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 FORCE_ENV = "PTQLIB_FORCE_BF16"
+# what ``auto`` resolves to, whatever this machine computes: to analyse a report made on another CPU (its stage
+# ids carry the precision ``auto`` was there); running a bf16 stage where bf16 is not native is still refused
+AUTO_ENV = "PTQLIB_AUTO_PRECISION"
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,11 +83,17 @@ def forced() -> bool:
 
 
 def resolve(precision: str, device: str | None = None) -> str:
-    """``auto`` -> ``bf16`` where native, else ``fp32``; ``bf16`` is checked (:data:`FORCE_ENV` to force)."""
+    """``auto`` -> ``bf16`` where native, else ``fp32`` (or :data:`AUTO_ENV`'s value); ``bf16`` is checked
+    (:data:`FORCE_ENV` to force)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision: {precision!r} is not valid; valid: {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return "fp32"
+    if precision == "auto" and (given := os.environ.get(AUTO_ENV)):
+        if given not in ("fp32", "bf16"):
+            raise ConfigError(f"{AUTO_ENV}={given!r} is not valid; valid: fp32, bf16 (or unset: what this machine "
+                              "computes natively)")
+        return given
     native, looked = bf16_native(device)
     if precision == "auto":
         return "bf16" if native else "fp32"
@@ -91,6 +102,20 @@ def resolve(precision: str, device: str | None = None) -> str:
                           f"(looked at {looked}); use precision: auto or fp32, or set {FORCE_ENV}=1 to run "
                           "emulated bf16 (slower than fp32)")
     return "bf16"
+
+
+@contextlib.contextmanager
+def auto_as(precision: str):
+    """Resolve ``auto`` to ``precision`` inside the block (:data:`AUTO_ENV`), as another machine did."""
+    old = os.environ.get(AUTO_ENV)
+    os.environ[AUTO_ENV] = precision
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(AUTO_ENV, None)
+        else:
+            os.environ[AUTO_ENV] = old
 
 
 def dtype(precision: str):

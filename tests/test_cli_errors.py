@@ -155,3 +155,45 @@ def test_the_help_names_every_command(capsys):
     usage = ap.format_help()
     assert all(c in usage.split("\n\n")[0] for c in cmds), usage  # the usage line
     assert all(c in ap.description for c in cmds if c != "run")
+
+
+def test_a_report_made_where_auto_was_bf16_is_not_rewritten_on_a_cpu_without_it(tmp_path, monkeypatch, capsys):
+    """``precision: auto`` enters the stage ids as the machine resolves it: on a CPU without bf16 every id of a
+    report made on one with it differs, and analyse (or run --missing) would drop its rows. It refuses, names the
+    way to render it here, and rewrites nothing; with that setting the rows are kept."""
+    import shutil
+
+    from ptqlib import precision
+    from ptqlib.files import write_json_atomic
+    from ptqlib.report import tables
+    from ptqlib.study.schema import load_study
+
+    monkeypatch.setattr(precision, "_cuda_device", lambda: False)
+    monkeypatch.setattr(tables, "analyse", lambda runner, force=False: runner.reports / "index.html")
+    monkeypatch.delenv(precision.AUTO_ENV, raising=False)
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\nseeds: [0]\npipelines:\n  ft: [{finetune: {method: full, steps: 2}}]\n")
+    args = [str(f), "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")]
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # the machine that ran it
+    r = Runner(load_study(f), tmp_path / "runs", tmp_path / "reports", reporter=tables)
+    for sid in r.chains["ft"]:
+        n = r.nodes[sid]
+        write_json_atomic(r.runs / sid / "metrics.json", {
+            "status": "ok", "kind": n.kind, "label": n.label(), "model": n.model, "timings": {"wall_s": 1.0},
+            "metrics": {"field_f1": 0.5} if n.kind == "evaluate" else {}, "outputs": {"units": {}}})
+    tables.write_results(r)
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone
+    results = tmp_path / "reports" / "s" / "results.csv"
+    before = results.read_bytes()
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))  # this machine: no bf16
+    for cmd in (["analyse", *args], ["run", *args, "--missing", "--dry-run"]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert "1 of its rows were computed with precision auto = bf16" in err and "resolves auto to fp32" in err
+        assert f"PTQLIB_AUTO_PRECISION=bf16 python -m ptqlib analyse {f}" in err and "Traceback" not in err
+        assert results.read_bytes() == before
+    monkeypatch.setenv(precision.AUTO_ENV, "bf16")
+    assert main(["analyse", *args]) == 0
+    row = next(iter(__import__("csv").DictReader(open(results))))
+    assert (row["status"], row["source"], row["field_f1"]) == ("ok", "previous report", "0.5")

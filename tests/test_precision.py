@@ -150,3 +150,16 @@ def test_bf16_training_agrees_with_fp32_and_says_so(tiny, monkeypatch):
     for a, b in zip(out["fp32"], out["bf16"]):
         assert abs(a - b) / a < 0.02, out
     assert fused == {"fp32": False, "bf16": True}
+
+
+def test_auto_can_be_resolved_as_another_machine_did(no_bf16, monkeypatch):
+    """PTQLIB_AUTO_PRECISION (precision.auto_as): what ``auto`` resolves to when a report made elsewhere is read;
+    an explicit bf16 stays refused where it is not native, a bad value is named."""
+    with precision.auto_as("bf16"):
+        assert precision.resolve("auto") == "bf16"
+        with pytest.raises(ConfigError, match="'bf16' asked for"):
+            precision.resolve("bf16")
+    assert precision.resolve("auto") == "fp32" and precision.AUTO_ENV not in __import__("os").environ
+    monkeypatch.setenv(precision.AUTO_ENV, "fp16")
+    with pytest.raises(ConfigError, match=r"PTQLIB_AUTO_PRECISION='fp16' is not valid; valid: fp32, bf16"):
+        precision.resolve("auto")
