@@ -265,34 +265,19 @@ def _plan(args, study) -> int:
 
 
 def _auto_elsewhere(study, runner) -> str:
-    """Why rewriting the report already written would lose rows that only ``precision: auto`` makes stale: its
-    stage ids carry what ``auto`` resolved to on the machine that made it, and this machine resolves it otherwise
-    (a CPU without bf16 after one with it, or back). '' when no row would be lost so, or when nothing is kept."""
+    """Why rewriting the report already written would lose rows that only ``precision: auto`` makes stale
+    (``report.previous.auto_elsewhere``), or ''."""
     from ptqlib import precision
-    from ptqlib.engine.runner import Runner
-    from ptqlib.report import tables
-    from ptqlib.report.previous import previous_report
-    from ptqlib.study.schema import load_study
+    from ptqlib.report.previous import auto_elsewhere
 
-    if not runner.keep_previous:
+    if not runner.keep_previous or not (found := auto_elsewhere(study, runner)):
         return ""
-    rows = previous_report(runner.reports).rows
-    lost = [p for p, r in rows.items() if runner.chains.get(p, [""])[-1] != r["eval_stage"]]
-    if not lost:
-        return ""
-    here = precision.resolve("auto")
-    other = "fp32" if here == "bf16" else "bf16"
-    with precision.auto_as(other):  # the study as the other machine computed it (a select's choice included)
-        chains = Runner(load_study(study.path, allow_network=False), runner.runs, runner.reports.parent,
-                        reporter=tables).chains
-    n = sum(chains.get(p, [""])[-1] == rows[p]["eval_stage"] for p in lost)
-    if not n:
-        return ""
+    other, n = found
     return (f"{runner.reports}: {n} of its rows were computed with precision auto = {other} (results.csv's machines "
-            f"column names the CPU); this machine resolves auto to {here}, so their stage ids differ and rewriting "
-            f"the report would drop them: nothing was rewritten. To render it here (nothing runs): "
-            f"{precision.AUTO_ENV}={other} python -m ptqlib analyse {study.path}; to continue it, run on a machine "
-            f"where auto is {other}, or pin a precision in the study file and re-run it")
+            f"column names the CPU); this machine resolves auto to {precision.resolve('auto')}, so their stage ids "
+            "differ and rewriting the report would drop them: nothing was rewritten. To render it here (nothing "
+            f"runs): {precision.AUTO_ENV}={other} python -m ptqlib analyse {study.path}; to continue it, run on a "
+            f"machine where auto is {other}, or pin a precision in the study file and re-run it")
 
 
 def _analyse(args, study) -> int:

@@ -188,11 +188,15 @@ def _why_undecidable(relation: str, min_effect: float, signed: float, comp, N: i
 
 def plan_study(study, reports: str | Path, reporter) -> pd.DataFrame:
     """The plan of a loaded study (``study.schema.load_study``) from ``reports/<study>/``; writes ``plan.csv``.
-    ``reporter`` (``ptqlib.report.tables``) reads the report's selection choices, so the chains are as run."""
+    ``reporter`` (``ptqlib.report.tables``) reads the report's selection choices, so the chains are as run, with
+    ``precision: auto`` resolved as on the machine that made the report (``previous.auto_elsewhere``)."""
     import tempfile
 
+    from ptqlib import precision
     from ptqlib.engine.runner import Runner
     from ptqlib.report.analysis import load_outputs
+    from ptqlib.report.previous import auto_elsewhere
+    from ptqlib.study.schema import load_study
 
     out_dir = Path(reports) / study.name
     if not (out_dir / "results.csv").exists():
@@ -201,6 +205,9 @@ def plan_study(study, reports: str | Path, reporter) -> pd.DataFrame:
     out = load_outputs(out_dir)
     with tempfile.TemporaryDirectory() as runs:  # the chains as run: selections read from selection.csv
         runner = Runner(study, runs, reports, reporter=reporter)
+        if found := auto_elsewhere(study, runner):  # made where `auto` resolved otherwise: its ids, its costs
+            with precision.auto_as(found[0]):
+                runner = Runner(load_study(study.path, allow_network=False), runs, reports, reporter=reporter)
         chains, kinds = runner.chains, {sid: n.kind for sid, n in runner.nodes.items()}
     claims = [dict(c) for c in (out.meta.get("claims") or [])]
     if not claims:

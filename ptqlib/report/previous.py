@@ -141,6 +141,27 @@ def keep_previous(runner: "Runner", rows: list[dict], prev: PreviousReport) -> d
     return kept
 
 
+def auto_elsewhere(study, runner: "Runner") -> tuple[str, int] | None:
+    """(precision, rows): where this machine resolves ``precision: auto`` otherwise than the machine that wrote the
+    report in ``runner.reports`` did, the precision ``auto`` was there and how many of the report's rows have the
+    stage ids of that precision and not of this machine's (the resolved precision enters the ids, so those rows
+    would be dropped as stale); None when no row is stale, or none so. ``study`` is reloaded from its file with
+    ``auto`` resolved the other way (``precision.auto_as``), its selections read from the report as ``runner``'s."""
+    from ptqlib import precision
+    from ptqlib.study.schema import load_study
+
+    rows = previous_report(runner.reports).rows
+    stale = [p for p, r in rows.items() if runner.chains.get(p, [""])[-1] != r["eval_stage"]]
+    if not stale:
+        return None
+    other = "fp32" if precision.resolve("auto") == "bf16" else "bf16"
+    with precision.auto_as(other):
+        again = type(runner)(load_study(study.path, allow_network=False), runner.runs, runner.reports.parent,
+                             reporter=runner.reporter)
+    n = sum(again.chains.get(p, [""])[-1] == rows[p]["eval_stage"] for p in stale)
+    return (other, n) if n else None
+
+
 def _short_units(runner: "Runner", row: dict, units: list[dict]) -> str:
     """What a kept pipeline run's units lack against its own results row ("" when complete): as many task
     examples as its ``task_examples``, and for each perplexity it reports, its evaluate stage's ``ppl_samples``
