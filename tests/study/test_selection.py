@@ -406,3 +406,35 @@ def test_missing_goes_on_from_a_partial_report_on_a_fresh_clone(tmp_path, monkey
     assert again.leave_reported() == ["base"]
     with pytest.raises(ConfigError, match=r"--missing .* \(not --fresh-report\)"):
         Runner(study, tmp_path / "clone-runs", tmp_path / "reports", reporter=report, keep_previous=False).leave_reported()
+
+
+def test_missing_goes_on_from_a_run_cut_short_in_its_selection(tmp_path, monkeypatch):
+    """Interrupted before every candidate is recorded: the runner writes selection.csv with the finished candidates'
+    values, and the next session's --missing trains only the others, then the test pipelines of the choice."""
+    monkeypatch.setattr(report, "analyse", lambda runner, force=False: None)
+    study = _study(tmp_path)
+    score = lambda lr, split: {1e-4: 0.3, 3e-4: 0.6, 1e-3: 0.4}[lr] if split == "validation" else 0.5  # noqa: E731
+
+    class CutShort(FakeExecutor):
+        def submit(self, node, force=False):
+            if len(self.ran) == 2:  # the first candidate trained and evaluated: Ctrl-C
+                raise KeyboardInterrupt
+            return super().submit(node, force)
+
+    first = Runner(study, tmp_path / "runs", tmp_path / "reports", reporter=report)
+    ex = CutShort(score)
+    ex.runner = first
+    with pytest.raises(KeyboardInterrupt):
+        first.run(executor=ex)
+    assert "results.csv holds what finished" in first.interrupted()
+    sel = {x["candidate"]: x["validation"] for x in csv.DictReader(open(first.reports / "selection.csv"))}
+    assert sel == {"0.0001": "0.3", "0.0003": "", "0.001": ""}
+
+    fresh = Runner(study, tmp_path / "clone-runs", tmp_path / "reports", reporter=report)
+    assert fresh.leave_reported() == ["ft~select[lr=0.0001]"]
+    ex2 = FakeExecutor(score)
+    ex2.runner = fresh
+    assert fresh.run(executor=ex2) == 0
+    trained = [(n.seed, n.params["lr"]) for n in ex2.ran if n.kind == "finetune"]
+    assert trained == [(0, 3e-4), (0, 1e-3), (1, 3e-4)]  # lr 1e-4 not again; 3e-4 chosen; its seed-0 model shared
+    assert [p.stages[0].params["lr"] for p in fresh.study.pipelines if p.family == "ft"] == [3e-4, 3e-4]

@@ -34,8 +34,11 @@ def test_committed_report_rows_keep_their_stage_ids(study, tmp_path, monkeypatch
     runner = Runner(load_study(ROOT / "parameters" / f"{study}.yaml", allow_network=False), tmp_path / "runs",
                     ROOT / "reports", reporter=tables)
     now = {name: chain[-1] for name, chain in runner.chains.items()}
-    with open(ROOT / "reports" / study / "results.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("eval_stage")]
+    rows = []  # the test pipelines' rows, and the selection candidates' (a run cut short in its selection has only those)
+    for table in ("results.csv", "selection.csv"):
+        if (ROOT / "reports" / study / table).exists():
+            with open(ROOT / "reports" / study / table, newline="") as f:
+                rows += [r for r in csv.DictReader(f) if r.get("eval_stage")]
     assert rows
     changed = [(r["pipeline"], r["eval_stage"], now.get(r["pipeline"])) for r in rows
                if now.get(r["pipeline"]) != r["eval_stage"]]
