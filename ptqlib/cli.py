@@ -264,20 +264,24 @@ def _plan(args, study) -> int:
     return 0
 
 
-def _auto_elsewhere(study, runner) -> str:
-    """Why rewriting the report already written would lose rows that only ``precision: auto`` makes stale
-    (``report.previous.auto_elsewhere``), or ''."""
+def _auto_elsewhere(study, runner, refuse: bool = True) -> str:
+    """Why the report already written loses rows that only ``precision: auto`` makes stale
+    (``report.previous.auto_elsewhere``): an error's text (``refuse``: nothing is rewritten) or a warning's, or ''."""
     from ptqlib import precision
     from ptqlib.report.previous import auto_elsewhere
 
     if not runner.keep_previous or not (found := auto_elsewhere(study, runner)):
         return ""
-    other, n = found
-    return (f"{runner.reports}: {n} of its rows were computed with precision auto = {other} (results.csv's machines "
-            f"column names the CPU); this machine resolves auto to {precision.resolve('auto')}, so their stage ids "
-            "differ and rewriting the report would drop them: nothing was rewritten. To render it here (nothing "
-            f"runs): {precision.AUTO_ENV}={other} python -m ptqlib analyse {study.path}; to continue it, run on a "
-            f"machine where auto is {other}, or pin a precision in the study file and re-run it")
+    (other, n), here = found, precision.resolve("auto")
+    why = (f"{runner.reports}: {n} of its rows were computed with precision auto = {other} (results.csv's machines "
+           f"column names the CPU); this machine resolves auto to {here}, so their stage ids differ")
+    render = f"{precision.AUTO_ENV}={other} python -m ptqlib analyse {study.path}"
+    if refuse:
+        return (f"{why} and rewriting the report would drop them: nothing was rewritten. To render it here (nothing "
+                f"runs): {render}; to continue it, run on a machine where auto is {other}, or pin a precision in "
+                "the study file and re-run it")
+    return (f"{why}: this run computes those pipelines again at {here}, and its report replaces theirs (pin a "
+            f"precision in the study file for one set of ids on every machine; {render} renders the committed one)")
 
 
 def _analyse(args, study) -> int:
@@ -305,6 +309,8 @@ def _run(args, study) -> int:
             return 2
         left = runner.leave_reported()
         print(f"--missing: {len(left)} pipelines are in the reports already and do not run", file=sys.stderr)
+    elif why := _auto_elsewhere(study, runner, refuse=False):
+        print(f"warning: {why}", file=sys.stderr)
     if args.dry_run:
         print(runner.describe(args.only, args.force))
         for note in study.notes:

@@ -193,6 +193,9 @@ def test_a_report_made_where_auto_was_bf16_is_not_rewritten_on_a_cpu_without_it(
         assert "1 of its rows were computed with precision auto = bf16" in err and "resolves auto to fp32" in err
         assert f"PTQLIB_AUTO_PRECISION=bf16 python -m ptqlib analyse {f}" in err and "Traceback" not in err
         assert results.read_bytes() == before
+    assert main(["run", *args, "--dry-run"]) == 0  # a plain run may re-run it here, and is told what that replaces
+    err = capsys.readouterr().err
+    assert "warning: " in err and "this run computes those pipelines again at fp32" in err
     monkeypatch.setenv(precision.AUTO_ENV, "bf16")
     assert main(["analyse", *args]) == 0
     row = next(iter(__import__("csv").DictReader(open(results))))
