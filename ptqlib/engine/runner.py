@@ -319,6 +319,7 @@ class Runner:
             written = "results.csv not written (no reporter)"
         else:
             try:
+                self.resolve_selections()  # a select whose candidates all finished: its choice and test rows shown
                 if self.reporter.write_results(self, interrupted=True) is None:
                     written = (f"{self.reports} left as it was (a complete report of an earlier run, which this "
                                "run's incomplete rows would replace); the next run reports the finished stages")

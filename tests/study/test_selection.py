@@ -438,3 +438,28 @@ def test_missing_goes_on_from_a_run_cut_short_in_its_selection(tmp_path, monkeyp
     trained = [(n.seed, n.params["lr"]) for n in ex2.ran if n.kind == "finetune"]
     assert trained == [(0, 3e-4), (0, 1e-3), (1, 3e-4)]  # lr 1e-4 not again; 3e-4 chosen; its seed-0 model shared
     assert [p.stages[0].params["lr"] for p in fresh.study.pipelines if p.family == "ft"] == [3e-4, 3e-4]
+
+
+def test_a_run_cut_short_in_its_selection_shows_the_choices_it_can_make(tmp_path, monkeypatch):
+    """Interrupted after one select's candidates all finished and before another's: selection.csv marks the first
+    select's choice (not 'False' everywhere) and results.csv lists its test pipelines as still to run."""
+    monkeypatch.setattr(report, "analyse", lambda runner, force=False: None)
+    study = _study(tmp_path, STUDY.replace("  ft: [{finetune: full}]",
+                                           "  ft: [{finetune: full}]\n  ft5: [{finetune: {method: full, steps: 5}}]"))
+
+    class CutShort(FakeExecutor):
+        def submit(self, node, force=False):
+            if len(self.ran) == 6:  # ft's three candidates trained and evaluated, none of ft5's
+                raise KeyboardInterrupt
+            return super().submit(node, force)
+
+    r = Runner(study, tmp_path / "runs", tmp_path / "reports", reporter=report)
+    ex = CutShort(lambda lr, split: {1e-4: 0.3, 3e-4: 0.6, 1e-3: 0.4}[lr])
+    ex.runner = r
+    with pytest.raises(KeyboardInterrupt):
+        r.run(executor=ex)
+    r.interrupted()
+    sel = [(x["family"], x["candidate"], x["chosen"]) for x in csv.DictReader(open(r.reports / "selection.csv"))]
+    assert [x for x in sel if x[2] == "True"] == [("ft", "0.0003", "True")]
+    rows = {x["pipeline"]: x["status"] for x in csv.DictReader(open(r.reports / "results.csv"))}
+    assert rows == {"base": "missing", "ft[seed=0]": "missing", "ft[seed=1]": "missing"}
