@@ -34,12 +34,17 @@ class PreviousReport:
     others: dict[str, tuple[str, dict, list[dict]]] = field(default_factory=dict)
 
 
+def _read_rows(reports: Path) -> dict[str, dict]:
+    """pipeline -> its finished results.csv row (with an evaluate stage id) of one study's report."""
+    if not (reports / "results.csv").exists():
+        return {}
+    with open(reports / "results.csv", newline="", encoding="utf-8") as f:
+        return {r["pipeline"]: r for r in csv.DictReader(f) if r.get("status") == "ok" and r.get("eval_stage")}
+
+
 def _read_report(reports: Path) -> tuple[dict[str, dict], dict[str, list[dict]]]:
-    rows: dict[str, dict] = {}
+    rows = _read_rows(reports)
     units: dict[str, list[dict]] = {}
-    if (reports / "results.csv").exists():
-        with open(reports / "results.csv", newline="", encoding="utf-8") as f:
-            rows = {r["pipeline"]: r for r in csv.DictReader(f) if r.get("status") == "ok" and r.get("eval_stage")}
     if (reports / "units.csv").exists():
         with open(reports / "units.csv", newline="", encoding="utf-8") as f:
             for r in csv.DictReader(f):
@@ -150,7 +155,7 @@ def auto_elsewhere(study, runner: "Runner") -> tuple[str, int] | None:
     from ptqlib import precision
     from ptqlib.study.schema import load_study
 
-    rows = previous_report(runner.reports).rows
+    rows = _read_rows(runner.reports)  # this study's rows only: no sibling report or units.csv at a run's start
     stale = [p for p, r in rows.items() if runner.chains.get(p, [""])[-1] != r["eval_stage"]]
     if not stale:
         return None
