@@ -80,24 +80,30 @@ def dense_weight(module):
 
 
 def prepare_inference(model, dtype) -> None:
-    """The evaluate stage's hook: at bf16, every CPU ``Linear4bit`` from its weight de-quantized once
-    (:func:`dense_inference`); at fp32 bitsandbytes' own path stays."""
-    import torch
+    """The evaluate stage's hook, at every precision: every CPU ``Linear4bit`` multiplies by its weight
+    de-quantized once, in ``dtype`` (:func:`dense_inference`).
 
-    if dtype == torch.bfloat16:
-        dense_inference(model, dtype)
+    At fp32 too, so that an fp32 stage computes in fp32 on every CPU. bitsandbytes (0.50) on a CPU with
+    AVX512-BF16 repacks a ``Linear4bit`` at its first inference forward and runs its fused kernel, which
+    casts the input and the absmax constants to bf16 whatever the compute dtype ("cpu fused op only
+    support bf16"); on a CPU without AVX512-BF16 the same layer de-quantizes in fp32 and multiplies in
+    fp32. One evaluate stage id computed in bf16 on the Zen 4 and AMX machines and in fp32 on an AVX2 one.
+    The dense fp32 weight is the second path's arithmetic, bit for bit (``tests/methods/test_bnb.py``).
+    """
+    dense_inference(model, dtype)
 
 
 def dense_inference(model, dtype) -> int:
     """Every bitsandbytes ``Linear4bit`` of ``model`` on a CPU computes ``x @ W_hat.T + b`` from its
     weight de-quantized once, in ``dtype``; returns how many (0, without importing bitsandbytes, when
-    it was never loaded). For the evaluate stage at bf16, after ``precision.cast_for_inference``: on a
-    CPU with AVX512-BF16 bitsandbytes otherwise runs its fused 4-bit kernel
-    (``gemv_4bit``) at every call, far slower than the dense bf16 matmul at the study's shapes
-    (``bench/nf4_eval.py``: perplexity windows 4.6x, generation 2.7x). The dense weight is what
-    bitsandbytes' own non-fused path multiplies by (``dequantize_4bit``, then ``linear``), so this is
-    bnb's arithmetic, not an approximation of it; it holds a 16-bit copy of the weights, as
-    ``QuantLinear``'s inference cache does. Adapters around the layer (peft) are untouched.
+    it was never loaded). For the evaluate stage, after ``precision.cast_for_inference``: on a CPU with
+    AVX512-BF16 bitsandbytes otherwise runs its fused 4-bit kernel (``gemv_4bit``, in bf16) at every
+    call, far slower than the dense bf16 matmul at the study's shapes (``bench/nf4_eval.py``:
+    perplexity windows 4.6x, generation 2.7x); without it, bnb de-quantizes the weight again at every
+    call (0.2 s per forward of SmolLM2's 210 layers). The dense weight is what bitsandbytes' own
+    non-fused path multiplies by (``dequantize_4bit``, then ``linear``), so this is bnb's arithmetic,
+    not an approximation of it; it holds a ``dtype`` copy of the weights (fp32: the 16-bit model's
+    size twice), as ``QuantLinear``'s inference cache does. Adapters around the layer (peft) are untouched.
     """
     import sys
 

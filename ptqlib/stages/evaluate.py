@@ -321,13 +321,11 @@ def run_stage(model, tokenizer, input_ref, examples: list[Example], p: EvaluateP
     if p.runtime == "llama.cpp":  # the deployed file: exported here (or the stage's own), scored in llama.cpp
         metrics, generations, units = _run_llamacpp(model, tokenizer, input_ref, examples, p, output_dir, reference)
     else:
-        from ptqlib.precision import cast_for_inference, resolve
+        from ptqlib.methods import prepare_inference
+        from ptqlib.precision import cast_for_inference, dtype, resolve
 
         cast_for_inference(model, p.precision)  # bf16: the float weights in bf16, QuantLinear codes as they are
-        if resolve(p.precision) == "bf16":
-            from ptqlib.methods import prepare_inference
-
-            prepare_inference(model, torch.bfloat16)  # each method's layers (NF4 / FP4: weights de-quantized once)
+        prepare_inference(model, dtype(resolve(p.precision)))  # each method's layers (NF4 / FP4: de-quantized once)
         ref = None
         if p.kl_reference and reference:
             from ptqlib import artifacts

@@ -1,12 +1,13 @@
-"""bitsandbytes NF4 at evaluation: in bf16 each Linear4bit multiplies by its weight de-quantized once
-(bitsandbytes' own arithmetic, without its fused CPU kernel at every call); fp32 keeps bnb's path."""
+"""bitsandbytes NF4 at evaluation: each Linear4bit multiplies by its weight de-quantized once, in the
+stage's precision (bitsandbytes' own non-fused arithmetic); never by bnb's fused CPU kernel, which
+computes in bf16 on a CPU with AVX512-BF16 even where the stage says fp32."""
 import copy
 
 import pytest
 import torch
 
 from ptqlib import artifacts, precision
-from ptqlib.methods.bnb import dense_inference
+from ptqlib.methods.bnb import dense_inference, prepare_inference
 from ptqlib.stages import quantize as ptq
 from ptqlib.study.params import QuantizeParams
 
@@ -39,8 +40,7 @@ def test_bf16_inference_multiplies_by_the_weight_dequantized_once(nf4_dir, monke
         for m in own.modules():
             if isinstance(m, Linear4bit):
                 m.compute_dtype = torch.bfloat16
-        precision.cast_for_inference(own, "fp32")  # fp32: bitsandbytes' own forward, untouched
-        assert not any(getattr(m, "_ptqlib_dense", False) for m in own.modules())
+        precision.cast_for_inference(own, "fp32")  # bitsandbytes' own forward, untouched
         for m in own.modules():  # the float parameters in bf16 as cast_for_inference does
             for prm in m.parameters(recurse=False):
                 if prm.is_floating_point():
@@ -48,3 +48,62 @@ def test_bf16_inference_multiplies_by_the_weight_dequantized_once(nf4_dir, monke
         ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(0))
         ours, theirs = model(input_ids=ids).logits.float(), own(input_ids=ids).logits.float()
     assert ((ours - theirs).norm() / theirs.norm()) < 2e-2  # bf16 rounding of two orders of the same sums
+
+
+def _as_on_a_cpu_with_avx512_bf16(model):
+    """Every Linear4bit of ``model`` as bitsandbytes builds it on a CPU with AVX512-BF16 (its first
+    inference forward repacks the weight for the fused kernel, which computes in bf16)."""
+    from bitsandbytes.nn import Linear4bit
+
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.support_avx512bf16_for_cpu = True
+    return model
+
+
+def _bnb_fp32_path(model):
+    """bitsandbytes' own fp32 path on a CPU without AVX512-BF16: de-quantize at each call, then ``linear``."""
+    from bitsandbytes.nn import Linear4bit
+
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def test_fp32_inference_is_bitsandbytes_fp32_arithmetic_bit_for_bit_on_every_cpu(nf4_dir):
+    """The evaluate stage's hook at fp32: on a machine where bnb would repack for its bf16 kernel, the
+    logits equal bnb's fp32 path (the one CPUs without AVX512-BF16 run) bit for bit, and no layer is
+    repacked; before, the same stage computed in bf16 there and in fp32 elsewhere."""
+    from bitsandbytes.nn import Linear4bit
+
+    model = _as_on_a_cpu_with_avx512_bf16(artifacts.load(nf4_dir, "cpu")[0]).eval()
+    own = _bnb_fp32_path(artifacts.load(nf4_dir, "cpu")[0]).eval()
+    prepare_inference(model, torch.float32)
+    ids = torch.randint(0, 1024, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids).logits, own(input_ids=ids).logits
+        one_row = model(input_ids=ids[:1, :1]).logits, own(input_ids=ids[:1, :1]).logits  # a decode step, batch 1
+    assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+    assert torch.equal(*one_row)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in model.modules() if isinstance(m, Linear4bit))
+
+
+def test_an_fp32_evaluate_stage_of_nf4_scores_as_on_a_cpu_without_avx512_bf16(nf4_dir):
+    """The whole stage (perplexity, KL-free, greedy generation) at fp32: the same metrics and outputs
+    whether bitsandbytes would take its bf16 kernel on this CPU or not."""
+    from ptqlib.data import load_task
+    from ptqlib.stages.evaluate import run_stage
+    from ptqlib.study.params import EvaluateParams
+
+    ex = load_task("meetings-hard", "test", 3)
+    p = EvaluateParams(ppl_samples=2, ppl_seq_len=32, ppl_sources=["pydoc"], task_samples=3, max_new_tokens=6,
+                       batch_size=2, precision="fp32").__dict__
+    model, tok, _ = artifacts.load(nf4_dir, "cpu")
+    zen4 = run_stage(_as_on_a_cpu_with_avx512_bf16(model), tok, str(nf4_dir), ex, p, output_dir=None)
+    model, tok, _ = artifacts.load(nf4_dir, "cpu")
+    avx2 = run_stage(_bnb_fp32_path(model), tok, str(nf4_dir), ex, p, output_dir=None)
+    assert zen4[0]["ppl"] == avx2[0]["ppl"] and zen4[0]["precision"] == "fp32"
+    assert [r["output"] for r in zen4[1]] == [r["output"] for r in avx2[1]]
+    assert zen4[2]["ppl"]["nll"] == avx2[2]["ppl"]["nll"]
