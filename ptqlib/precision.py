@@ -140,7 +140,7 @@ def cast_for_inference(model, precision: str):
     Buffers are left as they are: ``QuantLinear``'s scales / zero points (de-quantized to the
     input's dtype in its forward), and rotary ``inv_freq`` (bf16 would shift the angle of position
     256 by up to half a radian). bitsandbytes 4-bit layers compute in the new dtype (the evaluate
-    stage then has them multiply by their weights de-quantized once at bf16 on a CPU:
+    stage then has them multiply by their weights de-quantized once, in its precision, on a CPU:
     ``methods.bnb.dense_inference``).
     """
     import torch
