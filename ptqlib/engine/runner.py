@@ -225,7 +225,7 @@ class Runner:
                  len(todo), f" ({executor.slots} at a time)" if executor.slots > 1 else "")
         if drift := self.version_drift([s for s in plan if s not in todo and s not in self.done]):
             log.warning(drift)
-        if todo and (busy := busy_cpu()):
+        if todo and not self.done and (busy := busy_cpu()):  # after stages of this run, their own load would count
             log.warning(busy)
         self.progress = Progress(self, todo, executor.slots)
         sched = _Schedule(status={sid: self.done.get(sid, "cached") for sid in plan}, pending=list(todo))
