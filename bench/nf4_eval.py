@@ -3,7 +3,8 @@
     python bench/nf4_eval.py [--precision bf16|fp32] [--windows 8] [--prompts 32] [--new 56]
 
 Quantizes SmolLM2-135M to NF4 (bitsandbytes, block 64, double quantization: the study's setting), then
-times, at bf16 and in the order A B B A, perplexity windows of 256 pydoc tokens and one batch of greedy
+times, at the given precision (bf16 unless told) and in the order A B B A, perplexity windows of 256
+pydoc tokens and one batch of greedy
 generation of the task's test prompts with (A) bitsandbytes' forward (on a CPU with AVX512-BF16 its fused
 ``gemv_4bit`` kernel at every call) and (B) ``ptqlib.methods.bnb.dense_inference`` (what the evaluate
 stage does). Prints seconds per path and the ratio, and how far the two paths' perplexities are apart.
