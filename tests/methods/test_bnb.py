@@ -8,6 +8,7 @@ import torch
 
 from ptqlib import artifacts, precision
 from ptqlib.methods.bnb import dense_inference, prepare_inference
+from ptqlib.methods.lora import keep_bnb_layout  # bnb's own fp32 path (no repack for its bf16 kernel)
 from ptqlib.stages import quantize as ptq
 from ptqlib.study.params import QuantizeParams
 
@@ -61,16 +62,6 @@ def _as_on_a_cpu_with_avx512_bf16(model):
     return model
 
 
-def _bnb_fp32_path(model):
-    """bitsandbytes' own fp32 path on a CPU without AVX512-BF16: de-quantize at each call, then ``linear``."""
-    from bitsandbytes.nn import Linear4bit
-
-    for m in model.modules():
-        if isinstance(m, Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-    return model
-
-
 def test_fp32_inference_is_bitsandbytes_fp32_arithmetic_bit_for_bit_on_every_cpu(nf4_dir):
     """The evaluate stage's hook at fp32: on a machine where bnb would repack for its bf16 kernel, the
     logits equal bnb's fp32 path (the one CPUs without AVX512-BF16 run) bit for bit, and no layer is
@@ -78,7 +69,7 @@ def test_fp32_inference_is_bitsandbytes_fp32_arithmetic_bit_for_bit_on_every_cpu
     from bitsandbytes.nn import Linear4bit
 
     model = _as_on_a_cpu_with_avx512_bf16(artifacts.load(nf4_dir, "cpu")[0]).eval()
-    own = _bnb_fp32_path(artifacts.load(nf4_dir, "cpu")[0]).eval()
+    own = keep_bnb_layout(artifacts.load(nf4_dir, "cpu")[0]).eval()
     prepare_inference(model, torch.float32)
     ids = torch.randint(0, 1024, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -103,7 +94,7 @@ def test_an_fp32_evaluate_stage_of_nf4_scores_as_on_a_cpu_without_avx512_bf16(nf
     model, tok, _ = artifacts.load(nf4_dir, "cpu")
     zen4 = run_stage(_as_on_a_cpu_with_avx512_bf16(model), tok, str(nf4_dir), ex, p, output_dir=None)
     model, tok, _ = artifacts.load(nf4_dir, "cpu")
-    avx2 = run_stage(_bnb_fp32_path(model), tok, str(nf4_dir), ex, p, output_dir=None)
+    avx2 = run_stage(keep_bnb_layout(model), tok, str(nf4_dir), ex, p, output_dir=None)
     assert zen4[0]["ppl"] == avx2[0]["ppl"] and zen4[0]["precision"] == "fp32"
     assert [r["output"] for r in zen4[1]] == [r["output"] for r in avx2[1]]
     assert zen4[2]["ppl"]["nll"] == avx2[2]["ppl"]["nll"]
