@@ -62,6 +62,18 @@ class _Schedule:
     elsewhere: set[str] = field(default_factory=set)  # stages another runner holds: waited for, then taken if unfinished
 
 
+def seed_major(pipelines: list[Pipeline]) -> list[Pipeline]:
+    """The order stages run in: the selection pipelines first, then every test pipeline of the first seed, then
+    of the second, ... (in the study's order within a seed; a seed's place is where it first appears). A run cut
+    short then leaves whole seeds, each a paired replicate of every claim, rather than all seeds of the first
+    pipelines and none of the last; what each stage computes does not depend on the order."""
+    rank: dict[int, int] = {}
+    for pl in pipelines:
+        if not selection.is_selection(pl):
+            rank.setdefault(pl.seed, len(rank))
+    return sorted(pipelines, key=lambda pl: -1 if selection.is_selection(pl) else rank[pl.seed])
+
+
 class Runner:
     def __init__(self, study: Study, runs_dir: str | Path = "runs", reports_dir: str | Path = "reports",
                  kernel: str | None = None, keep_previous: bool = True, reporter: Reporter | None = None):
@@ -119,9 +131,10 @@ class Runner:
         return [p.name for p in self.study.pipelines if p.name in self.skip]
 
     def plan(self, only: list[str] | None = None) -> list[str]:
-        """Stage ids needed by the selected pipelines (less those in ``skip``), in dependency order."""
+        """Stage ids needed by the selected pipelines (less those in ``skip``), in dependency order, seed by seed
+        (``seed_major``)."""
         want: list[str] = []
-        for pl in self.selected(only):
+        for pl in seed_major(self.selected(only)):
             if pl.name in self.skip:
                 continue
             for sid in self.chains[pl.name]:

@@ -176,3 +176,27 @@ def test_sockets_of_dead_runners_are_removed(tmp_path):
         (tmp_path / n).write_text("")
     assert remove_stale_sockets(str(tmp_path)) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+
+
+def test_a_run_goes_seed_by_seed_so_a_cut_short_run_leaves_whole_seeds(tmp_path):
+    """Stages are submitted seed by seed across pipelines (the study's order within a seed), not pipeline by
+    pipeline: a run stopped after k seeds' stages holds k paired replicates of every claim."""
+    from ptqlib.engine.executors import _Done
+    from ptqlib.engine.stage import OK
+
+    f = tmp_path / "s.yaml"
+    f.write_text("model: tiny\nseeds: [2, 0, 1]\npipelines:\n  ft16: [{finetune: {method: full, steps: 4}}]\n"
+                 "  lora: [{finetune: {method: lora, steps: 4}}]\n")
+    r = Runner(load_study(f), tmp_path / "runs", tmp_path / "reports")
+    submitted = []
+
+    class Recording:
+        slots = 1
+
+        def submit(self, node, force=False):
+            submitted.append((node.seed, node.kind, node.params.get("method")))
+            return _Done(OK)
+
+    r._run_stages(None, False, Recording(), report=False)
+    one_seed = [("finetune", "full"), ("evaluate", None), ("finetune", "lora"), ("evaluate", None)]
+    assert submitted == [(seed, kind, method) for seed in (2, 0, 1) for kind, method in one_seed]
