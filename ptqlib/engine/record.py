@@ -98,18 +98,63 @@ def device_info() -> dict[str, Any]:
     return info
 
 
-def busy_cpu() -> str | None:
-    """A warning when other work already holds at least half of this machine's cores (the 1-minute load
-    average), None otherwise: a run beside it shares the cores, so its stage times are no cost figures, and
-    two processes of several torch threads each on few cores slow each other several-fold (docs/parallel.md)."""
+def busy_cpu(sample_s: float = 0.3) -> str | None:
+    """A warning when other work already holds at least half of this machine's cores, None otherwise: a run
+    beside it shares the cores, so its stage times are no cost figures, and two processes of several torch
+    threads each on few cores slow each other several-fold (docs/parallel.md). Other work is the 1-minute load
+    average and, where ``/proc`` tells, the cores busy outside this process and its children over ``sample_s``
+    seconds now: the load average lags by a minute, so without that a run started just after another one ended
+    (a study stopped and run again) would warn of work that is gone."""
     if not hasattr(os, "getloadavg"):
         return None
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load < cores / 2:
         return None
-    return (f"the CPU is already busy (1-minute load {load:.1f} on {cores} cores): this run's stages will share it, "
-            "so their times are no cost figures, and torch threads of two processes on these cores slow both "
-            "several-fold; run studies one after the other (or --jobs N in one runner: docs/parallel.md)")
+    now = others_busy_cores(sample_s)
+    if now is not None and now < cores / 2:
+        return None
+    return (f"the CPU is already busy (1-minute load {load:.1f} on {cores} cores"
+            + (f", {now:.1f} cores busy with other work now" if now is not None else "") + "): this run's stages "
+            "will share it, so their times are no cost figures, and torch threads of two processes on these cores "
+            "slow both several-fold; run studies one after the other (or --jobs N in one runner: docs/parallel.md)")
+
+
+def others_busy_cores(sample_s: float = 0.3) -> float | None:
+    """Cores busy over the next ``sample_s`` seconds with work other than this process and its descendants (a
+    zygote importing torch as the run starts), from ``/proc/stat`` and ``/proc/<pid>/stat``; None without them."""
+    try:
+        total0, own0 = _busy_jiffies(), _tree_jiffies(os.getpid())
+        time.sleep(sample_s)
+        total1, own1 = _busy_jiffies(), _tree_jiffies(os.getpid())
+    except (OSError, ValueError, IndexError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return max(0.0, (total1 - total0) - (own1 - own0)) / hz / sample_s
+
+
+def _busy_jiffies() -> int:
+    """All CPUs' non-idle time so far (user, nice, system, irq, softirq, steal; not idle or iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[:8]) - fields[3] - fields[4]
+
+
+def _tree_jiffies(root: int) -> int:
+    """User + system time so far of ``root`` and every live descendant (processes that vanish meanwhile skipped)."""
+    parent, spent = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            rest = (d / "stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": comm may hold spaces
+        except (OSError, IndexError):
+            continue
+        parent[int(d.name)], spent[int(d.name)] = int(rest[1]), int(rest[11]) + int(rest[12])
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [pid for pid, ppid in parent.items() if ppid in frontier and pid not in tree]
+        tree.update(kids)
+        frontier = kids
+    return sum(spent.get(pid, 0) for pid in tree)
 
 
 def machine_label(device: dict | None) -> str:

@@ -99,11 +99,44 @@ def test_a_busy_cpu_is_recorded_and_warned_of(monkeypatch):
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (3.6, 2.0, 1.0))
+    monkeypatch.setattr(record, "others_busy_cores", lambda sample_s=0.3: 1.9)
     assert record.device_info()["load_1min"] == 3.6
     warning = record.busy_cpu()
-    assert "1-minute load 3.6 on 2 cores" in warning and "no cost figures" in warning and "docs/parallel.md" in warning
+    assert "1-minute load 3.6 on 2 cores, 1.9 cores busy with other work now" in warning
+    assert "no cost figures" in warning and "docs/parallel.md" in warning
+    monkeypatch.setattr(record, "others_busy_cores", lambda sample_s=0.3: None)  # no /proc: the load alone
+    assert "1-minute load 3.6 on 2 cores)" in record.busy_cpu()
+    # the load of work that ended in the last minute (a study stopped and started again): nothing busy now
+    monkeypatch.setattr(record, "others_busy_cores", lambda sample_s=0.3: 0.1)
+    assert record.busy_cpu() is None
     monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.5, 0.5))
     assert record.busy_cpu() is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux's /proc")
+def test_the_cores_busy_now_leave_out_this_process_and_its_children():
+    """A child burning a core is this run's own work (a zygote importing torch): its CPU time counts in this
+    process tree's, which ``others_busy_cores`` takes out of the machine's."""
+    import subprocess
+    import sys
+    import time
+
+    from ptqlib.engine import record
+
+    hz = os.sysconf("SC_CLK_TCK")
+    before = record._tree_jiffies(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.6: pass\ntime.sleep(30)"])
+    try:
+        time.sleep(1.5)  # the child has burnt its 0.6 s of CPU and sleeps, still alive
+        spent = (record._tree_jiffies(os.getpid()) - before) / hz
+    finally:
+        child.kill()
+        child.wait()
+    assert spent >= 0.5
+    assert record._tree_jiffies(os.getpid() + 10**7) == 0  # no such process: nothing
+    busy = record.others_busy_cores(0.2)
+    assert busy is not None and 0.0 <= busy <= os.cpu_count() + 0.5
 
 
 def test_the_commit_is_dirty_only_where_the_library_changed(tmp_path):

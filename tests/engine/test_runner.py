@@ -132,10 +132,12 @@ def test_a_run_that_starts_on_a_busy_cpu_says_its_times_are_no_cost_figures(tmp_
     """Other work holding the cores when stages are to run: one warning before the first stage (the 1-minute
     load, the cores); nothing to run, nothing said; none before a later phase of the same run (a selection
     phase's stages raised the load themselves)."""
+    from ptqlib.engine import record
     from ptqlib.engine import runner as runner_mod
 
     monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 2.0, 2.0))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(record, "others_busy_cores", lambda sample_s=0.3: 1.5)
     sids = _cached_study(tmp_path, {})
     r = Runner(load_study(tmp_path / "s.yaml"), tmp_path / "runs", tmp_path / "reports")
     with caplog.at_level(logging.WARNING):
@@ -152,7 +154,7 @@ def test_a_run_that_starts_on_a_busy_cpu_says_its_times_are_no_cost_figures(tmp_
     monkeypatch.setattr(runner_mod.Runner, "_start_ready", stop)
     with caplog.at_level(logging.WARNING), pytest.raises(Started):
         r._run_stages(None, False, InlineExecutor(r.runs), report=False)
-    assert "the CPU is already busy (1-minute load 2.5 on 2 cores)" in caplog.text
+    assert "the CPU is already busy (1-minute load 2.5 on 2 cores, 1.5 cores busy with other work now)" in caplog.text
     caplog.clear()  # the test-set phase after a selection phase of this run: the load is the run's own
     r.done[sids[0]] = "ok"
     with caplog.at_level(logging.WARNING), pytest.raises(Started):
