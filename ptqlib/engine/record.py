@@ -123,12 +123,12 @@ def others_busy_cores(sample_s: float = 0.3) -> float | None:
     """Cores busy over the next ``sample_s`` seconds with work other than this process and its descendants (a
     zygote importing torch as the run starts), from ``/proc/stat`` and ``/proc/<pid>/stat``; None without them."""
     try:
+        hz = os.sysconf("SC_CLK_TCK")
         total0, own0 = _busy_jiffies(), _tree_jiffies(os.getpid())
         time.sleep(sample_s)
         total1, own1 = _busy_jiffies(), _tree_jiffies(os.getpid())
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc, no sysconf (not Linux)
         return None
-    hz = os.sysconf("SC_CLK_TCK")
     return max(0.0, (total1 - total0) - (own1 - own0)) / hz / sample_s
 
 
