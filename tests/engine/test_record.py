@@ -119,16 +119,16 @@ def test_the_cores_busy_now_leave_out_this_process_and_its_children():
     process tree's, which ``others_busy_cores`` takes out of the machine's."""
     import subprocess
     import sys
-    import time
 
     from ptqlib.engine import record
 
     hz = os.sysconf("SC_CLK_TCK")
     before = record._tree_jiffies(os.getpid())
     child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
-                              "while time.process_time() - t < 0.6: pass\ntime.sleep(30)"])
+                              "while time.process_time() - t < 0.6: pass\nprint('burnt', flush=True)\ntime.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)  # the child has burnt its 0.6 s of CPU and sleeps, still alive
+        assert child.stdout.readline() == "burnt\n"  # it has burnt its 0.6 s of CPU and sleeps, still alive
         spent = (record._tree_jiffies(os.getpid()) - before) / hz
     finally:
         child.kill()
