@@ -99,6 +99,7 @@ def save(model, tokenizer, p: StageSettings, output_dir) -> dict:
     out = Path(output_dir)
     (out / "model").mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out / "model")
+    model.generation_config.save_pretrained(out / "model")  # from_config at load would derive one from config.json
     tokenizer.save_pretrained(out / "model")
     src = model._ptqlib_gguf
     shutil.move(str(src), out / "model.gguf")
@@ -108,9 +109,10 @@ def save(model, tokenizer, p: StageSettings, output_dir) -> dict:
 
 
 def load(ref, info: dict, device: str):
-    """A float model of the saved config with the GGUF file's weights, de-quantized (exactly)."""
+    """A float model of the saved config with the GGUF file's weights, de-quantized (exactly), and the saved
+    generation config: the one ``from_config`` derives from a trained ``config.json`` has ``use_cache: false``."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from ptqlib.deploy.kquants import load_weights
     from ptqlib.models import load_tokenizer
@@ -119,6 +121,8 @@ def load(ref, info: dict, device: str):
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
     load_weights(model, Path(ref) / info["gguf"])
     _mark(model)
+    if (path / "generation_config.json").exists():  # stages saved before 2026-12-06 have none
+        model.generation_config = GenerationConfig.from_pretrained(path)
     return model.to(device), load_tokenizer(path)
 
 

@@ -111,6 +111,21 @@ def test_the_stage_saves_llama_cpps_file_and_loads_it_back_exactly(wide_dir, tmp
     assert sizes["size_mb_stored"] == own.stat().st_size / 2**20  # the only weight file of the stage
 
 
+def test_the_loaded_stage_keeps_the_generation_config_a_trained_config_would_lose(wide_dir, tmp_path):
+    """A fine-tuned model's config.json says ``use_cache: false`` (training turns the cache off); a stage loaded
+    from its config alone would then generate without a KV cache (a validation evaluate of 11 min instead of
+    100 s). The stage saves the model's generation config and the load restores it."""
+    _llamacpp_or_skip()
+    p = QuantizeParams(method="kquant", bits=4).__dict__
+    model, tok, _ = ptq.quantize(wide_dir, p)
+    model.config.use_cache = False  # as the Trainer leaves it
+    model.generation_config.eos_token_id = 7
+    ptq.save(model, tok, p, tmp_path / "kq", wide_dir)
+    loaded, _, _ = artifacts.load(tmp_path / "kq", "cpu")
+    assert loaded.config.use_cache is False
+    assert loaded.generation_config.use_cache is True and loaded.generation_config.eos_token_id == 7
+
+
 def test_qlora_trains_on_the_kquant_weights_and_leaves_them_frozen(wide_dir, tmp_path):
     _llamacpp_or_skip()
     from ptqlib.data import load_task, sft_features
