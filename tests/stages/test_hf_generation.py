@@ -31,4 +31,3 @@ def test_generation_uses_the_cache_when_the_trained_config_turned_it_off():
     lengths.clear()
     decode_speed(model, tok, prompts[:1], new_tokens=4)
     assert sum(n > 1 for n in lengths) == 3 and lengths.count(1) == 1 + 3  # warm-up, ttft and the run's prefills
-
