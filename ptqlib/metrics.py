@@ -138,6 +138,9 @@ class Statistic:
     perplexity windows). A mean has no ``den`` (each unit counts 1); micro-averaged ratios and
     perplexity (``exp(total NLL / total tokens)``) do. Written once so the report's numbers and
     the bootstrap over examples compute every metric the same way.
+
+    Called with ``den`` where the metric has none, ``den`` holds the units' sizes: the claims sum a mean's
+    examples per document (``report.claims._unit_arrays``), and a document of k examples counts k.
     """
 
     group: str
@@ -146,7 +149,7 @@ class Statistic:
     exp: bool = False
 
     def __call__(self, num, den=None):
-        value = sum(num) / (sum(den) if self.den else len(num))
+        value = sum(num) / (sum(den) if den is not None else len(num))
         return math.exp(value) if self.exp else value
 
 

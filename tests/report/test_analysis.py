@@ -433,6 +433,30 @@ def test_windows_of_one_document_are_one_cluster():
     assert clustered["ci_high"] - clustered["ci_low"] > 1.5 * (flat["ci_high"] - flat["ci_low"])
 
 
+def test_a_clustered_mean_reports_the_mean_of_its_examples():
+    """Task examples grouped by ``doc`` (documents of unequal size, as in stdlib-docstrings): the claim's
+    mean_a / mean_b / mean_ref are the examples' means, as without the documents, not sums per document
+    divided by the number of documents."""
+    rng = np.random.default_rng(7)
+    doc = np.repeat(np.arange(6), [1, 2, 3, 5, 8, 13])  # 32 examples in 6 documents
+    vals = {"a": rng.uniform(0.2, 0.5, (3, len(doc))), "b": rng.uniform(0.0, 0.3, (3, len(doc))),
+            "r": rng.uniform(0.5, 0.9, (3, len(doc)))}
+    units = pd.DataFrame([{"pipeline": f"{f}[seed={s}]", "family": f, "seed": s, "group": "task", "unit": i,
+                           "doc": float(d), "rouge_l": v} for f, per_seed in vals.items()
+                          for s, row in enumerate(per_seed) for i, (v, d) in enumerate(zip(row, doc))])
+    res = pd.DataFrame([{"pipeline": f"{f}[seed={s}]", "family": f, "model": "m", "seed": s, "status": "ok",
+                         "stages": "finetune(lora) -> evaluate", "rouge_l": float(vals[f][s].mean())}
+                        for f in vals for s in range(3)])
+    for c in (claim(">", metric="rouge_l"), claim(">", metric="rouge_l", ref="r", min_effect=0.5)):
+        clustered = check_claims(c, res, units).iloc[0]
+        flat = check_claims(c, res, units.drop(columns="doc")).iloc[0]
+        assert clustered["n_examples"] == 6 and flat["n_examples"] == len(doc)
+        assert clustered["mean_a"] == pytest.approx(vals["a"].mean(), rel=1e-12)
+        assert clustered["mean_b"] == pytest.approx(vals["b"].mean(), rel=1e-12)
+        assert clustered["difference"] == pytest.approx(flat["difference"], rel=1e-12)
+    assert clustered["mean_ref"] == pytest.approx(vals["r"].mean(), rel=1e-12)
+
+
 def test_history_keeps_every_analysed_run(tmp_path):
     """history.csv gains one row per claim for each analysis that differs from the last (date, commit,
     machines, seeds, verdicts); repeating an analysis adds nothing."""
