@@ -141,3 +141,40 @@ def test_rows_decoded_together_are_bounded_by_the_kv_cache(lively, monkeypatch):
     per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 300 * 4
     monkeypatch.setattr(G, "DECODE_KV_BYTES", 40 * per_row)
     assert G.rows_per_decode(model, 300, 32) == 40 and G.rows_per_decode(model, 300, 64) == 64
+
+
+def test_a_frozen_head_gets_a_contiguous_input_and_the_same_tokens(lively):
+    """The head's input at ``logits_to_keep=1`` is a strided view of the hidden states, and PyTorch's CPU
+    ``linear`` by a frozen weight (every peft-wrapped model) then takes a path 140x slower in bf16: both
+    generation loops and the batch-1 latency hand the frozen head a contiguous copy, and give the tokens
+    of the same model with trainable weights."""
+    from ptqlib.stages.hf_generation import decode_speed
+
+    model, tok = lively
+    prompts = [e.prompt[: 40 + 17 * i] for i, e in enumerate(load_task("meetings", "test", 4))]
+    head = model.get_output_embeddings()
+    trainable = generate(model, tok, prompts, max_new_tokens=6, batch_size=2)[0]
+    seen: list[bool] = []
+
+    def spy(x):
+        seen.append(x.is_contiguous())
+        return torch.nn.functional.linear(x, head.weight, head.bias)
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    head.forward = spy
+    try:
+        with torch.no_grad():  # the setting the copy is for: a prefill's last position is a strided view
+            model(input_ids=torch.tensor([[5, 6, 7], [8, 9, 10]]), logits_to_keep=1)
+        assert seen == [False]
+        seen.clear()
+        frozen = [generate(model, tok, prompts, max_new_tokens=6, batch_size=2, generation=g)[0]
+                  for g in ("prefix", "generate")]
+        decode_speed(model, tok, prompts[:1], new_tokens=3)
+    finally:
+        del head.forward
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+    assert frozen == [trainable, trainable]
+    assert len(seen) > 10 and all(seen)
+    assert not head._forward_pre_hooks  # removed on exit
