@@ -25,6 +25,12 @@ def hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch
                  progress: bool) -> tuple[list[str], int, float]:
     """transformers' ``generate`` on left-padded batches; the KV cache appends in place
     (:class:`~ptqlib.stages.kv_cache.GrowingCache`): the same tokens as its default cache without a copy per step."""
+    with contiguous_head(model):  # a peft model's frozen head: see contiguous_head
+        return _hf_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+
+
+def _hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                 progress: bool) -> tuple[list[str], int, float]:
     dev = model_device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -34,29 +40,28 @@ def hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     texts: list[str] = [""] * len(prompts)
     n_tokens, seconds = 0, 0.0
-    with contiguous_head(model):  # a peft model's frozen head: see contiguous_head
-        try:
-            if prompts:  # warm-up, untimed: the first call pays for allocator growth and kernel selection
-                enc = tokenizer(formatted[order[0]], return_tensors="pt", add_special_tokens=False).to(dev)
-                model.generate(**enc, max_new_tokens=2, do_sample=False, num_beams=1, use_cache=True,
-                               pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-            for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-                idx = order[i : i + batch_size]
-                enc = tokenizer([formatted[j] for j in idx], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(dev)
-                t0 = time.perf_counter()
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                                     cache=GrowingCache(model.config))
-                seconds += time.perf_counter() - t0
-                new = out[:, enc["input_ids"].shape[1]:]
-                for j, row in zip(idx, new):
-                    row = row.tolist()
-                    k = row.index(eos) + 1 if eos in row else len(row)  # tokens actually generated
-                    n_tokens += k
-                    texts[j] = tokenizer.decode(row[:k], skip_special_tokens=True).strip()
-        finally:
-            tokenizer.padding_side = side
+    try:
+        if prompts:  # warm-up, untimed: the first call pays for allocator growth and kernel selection
+            enc = tokenizer(formatted[order[0]], return_tensors="pt", add_special_tokens=False).to(dev)
+            model.generate(**enc, max_new_tokens=2, do_sample=False, num_beams=1, use_cache=True,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+        for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+            idx = order[i : i + batch_size]
+            enc = tokenizer([formatted[j] for j in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(dev)
+            t0 = time.perf_counter()
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                                 cache=GrowingCache(model.config))
+            seconds += time.perf_counter() - t0
+            new = out[:, enc["input_ids"].shape[1]:]
+            for j, row in zip(idx, new):
+                row = row.tolist()
+                k = row.index(eos) + 1 if eos in row else len(row)  # tokens actually generated
+                n_tokens += k
+                texts[j] = tokenizer.decode(row[:k], skip_special_tokens=True).strip()
+    finally:
+        tokenizer.padding_side = side
     return texts, n_tokens, seconds
 
 
