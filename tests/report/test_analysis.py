@@ -489,6 +489,21 @@ def test_machines_note_warns_when_stages_ran_on_more_than_one():
     assert note.startswith("**The stages ran on more than one machine**") and "- AMD EPYC (cpu, 2 threads): a" in note
 
 
+def test_the_models_note_names_each_models_licence():
+    """Every embedded model has its licence, and a report over Gemma 3 names the Gemma terms (issue 43)."""
+    from ptqlib.models import EMBEDDED, LICENCES
+    from ptqlib.report.analysis import models_note
+
+    assert set(LICENCES) == set(EMBEDDED)
+    res = pd.DataFrame({"pipeline": ["a", "b", "c", "d"],
+                        "model": ["smollm2-135m", "gemma3-270m", "gemma3-270m", "<b>org/model</b>"]})
+    note = models_note(res)
+    assert note.startswith("**Models**") and len(note.splitlines()) == 4  # the heading and each model once
+    assert "`gemma3-270m`" in note and "Gemma Terms of Use" in note and "Apache 2.0" in note
+    assert "&lt;b&gt;org/model&lt;/b&gt;: not embedded" in note and "<b>" not in note
+    assert models_note(res.drop(columns="model")) == ""
+
+
 def test_notes_show_pipeline_names_as_text():
     from ptqlib.report.analysis import machines_note, versions_note
 
